@@ -1,0 +1,335 @@
+"""The ``slimlm`` command: train, eval, generate, bench and demo.
+
+Every sub-command validates its arguments before doing any work and explains every
+option in ``--help``. Run folders hold everything needed to reload a model::
+
+    RUN/checkpoint/      model.safetensors, config.json, tokenizer.json, trainer state
+    RUN/history.jsonl    one JSON row per logged step / evaluation
+    RUN/data/            the tokenized corpus (memory-mapped), reused between runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: no CUDA GPU is available on this machine; "
+                         "use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise SystemExit(f"error: --device {name!r}: expected auto, cpu or cuda[:N]")
+    return name
+
+
+def _checkpoint_dir(run: str | os.PathLike) -> Path:
+    """Accept either a run folder (holding checkpoint/) or a checkpoint folder itself."""
+    p = Path(run)
+    if (p / "checkpoint" / "config.json").exists():
+        return p / "checkpoint"
+    if (p / "config.json").exists():
+        return p
+    raise SystemExit(f"error: RUN={str(run)!r}: no checkpoint found (expected {p}/checkpoint/"
+                     "config.json or {p}/config.json); train one with `slimlm train --out RUN`")
+
+
+# ---------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
+    from slimlm.model import PRESETS
+
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="model shape (see slimlm.model.PRESETS); default: tiny (~1M params)")
+    p.add_argument("--data", default=None,
+                   help="text file, folder of text files, or JSONL with a 'text' field; "
+                        "default: the Python standard library sources of this interpreter")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help="use at most this many bytes of the corpus (a deterministic subset)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="BPE vocabulary size (default: the preset's)")
+    p.add_argument("--tokenizer", choices=("bpe", "byte"), default="bpe",
+                   help="byte-level BPE trained on the corpus, or plain bytes")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 | bf16-mixed (bf16 autocast, fp32 master weights)")
+    p.add_argument("--checkpointing", default="none",
+                   help="activation checkpointing: none | full (every block)")
+    p.add_argument("--attention", default=None, choices=("eager", "sdpa", "flash"),
+                   help="attention implementation (default: sdpa)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights, batches)")
+    if not demo:
+        p.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<time>)")
+        p.add_argument("--resume", default=None,
+                       help="resume from a run folder or checkpoint (same model config)")
+
+
+def _train_defaults(preset: str) -> dict[str, Any]:
+    if preset in ("tiny", "small"):
+        return dict(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=100)
+    return dict(steps=2000, batch_size=8, seq_len=1024, lr=6e-4, warmup_steps=100, eval_every=250)
+
+
+def _run_training(args: argparse.Namespace, out: Path, *, progress: bool = True):
+    import torch
+
+    from slimlm import data as sdata
+    from slimlm import train as strain
+    from slimlm.model import ModelConfig, Transformer
+
+    device = _device(args.device)
+    defaults = _train_defaults(args.preset)
+    overrides: dict[str, Any] = {}
+    if args.vocab_size is not None:
+        overrides["vocab_size"] = args.vocab_size
+    if args.attention is not None:
+        overrides["attention"] = args.attention
+    try:
+        model_cfg = ModelConfig.from_preset(args.preset, **overrides)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    seq_len = args.seq_len or min(defaults["seq_len"], model_cfg.max_seq_len)
+    try:
+        tcfg = strain.TrainConfig(
+            batch_size=args.batch_size or defaults["batch_size"], seq_len=seq_len,
+            steps=args.steps if args.steps is not None else defaults["steps"],
+            lr=args.lr or defaults["lr"],
+            warmup_steps=(args.warmup_steps if args.warmup_steps is not None
+                          else defaults["warmup_steps"]),
+            grad_accum=args.grad_accum,
+            eval_every=args.eval_every or defaults["eval_every"],
+            precision=args.precision, checkpointing=args.checkpointing, device=device,
+            compile=args.compile, seed=args.seed, out_dir=str(out))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    tokenizer_folder = None
+    if getattr(args, "resume", None):
+        tokenizer_folder = _checkpoint_dir(args.resume)
+    bundle = sdata.prepare_data(
+        args.data, out / "data", vocab_size=model_cfg.vocab_size, tokenizer=args.tokenizer,
+        max_bytes=args.max_bytes, tokenizer_folder=tokenizer_folder)
+    if bundle.tokenizer.vocab_size != model_cfg.vocab_size:
+        model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(),
+                                           "vocab_size": bundle.tokenizer.vocab_size})
+    torch.manual_seed(args.seed)
+    model = Transformer(model_cfg)
+    resume = _checkpoint_dir(args.resume) if getattr(args, "resume", None) else None
+    result = strain.train(model, bundle, tcfg, resume_from=resume, progress=progress)
+    return model, bundle, result
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    model, bundle, result = _run_training(args, out)
+    print(json.dumps({"out": str(out), **{k: v for k, v in result.final_eval.items()}}, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# eval / generate
+# ---------------------------------------------------------------------------------------
+
+
+def _load_run(run: str, device: str):
+    from slimlm import data as sdata
+    from slimlm import train as strain
+
+    ckpt = _checkpoint_dir(run)
+    try:
+        model = strain.load_model(ckpt, device=device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    tokenizer = sdata.load_tokenizer(ckpt)
+    return model, tokenizer, ckpt
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from slimlm import data as sdata
+    from slimlm import train as strain
+
+    device = _device(args.device)
+    model, tokenizer, ckpt = _load_run(args.run, device)
+    folder = Path(args.run) / "data" if args.data is None else Path(args.cache or
+                                                                    Path(args.run) / "data-eval")
+    bundle = sdata.prepare_data(args.data, folder, vocab_size=tokenizer.vocab_size,
+                                tokenizer_folder=ckpt, max_bytes=args.max_bytes)
+    seq_len = args.seq_len or min(256, model.cfg.max_seq_len)
+    res = strain.evaluate(model, bundle.val, batch_size=args.batch_size, seq_len=seq_len,
+                          max_batches=args.batches, device=device)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm import generate as sgen
+
+    device = _device(args.device)
+    model, tokenizer, _ = _load_run(args.run, device)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise SystemExit("error: --prompt is empty after tokenization; give some text")
+    if len(ids) >= model.cfg.max_seq_len:
+        raise SystemExit(f"error: --prompt is {len(ids)} tokens long; the model's context is "
+                         f"{model.cfg.max_seq_len} tokens (max_seq_len)")
+    max_new = min(args.max_new_tokens, model.cfg.max_seq_len - len(ids))
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    printed = [args.prompt]
+
+    def stream(step: int, toks: list[int]) -> None:
+        if args.stream:
+            print(tokenizer.decode([toks[0]]), end="", flush=True)
+
+    if args.stream:
+        print(args.prompt, end="", flush=True)
+    res = sgen.generate(model, [ids], max_new, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, stop_tokens=[tokenizer.eos_id], cache=args.kv,
+                        stream=stream, generator=gen)
+    if args.stream:
+        print()
+    else:
+        printed.append(tokenizer.decode(res.tokens[0]))
+        print("".join(printed))
+    print(f"[{res.num_new_tokens} tokens, {res.tokens_per_second:.1f} tok/s, "
+          f"KV cache {res.cache_bytes / 2**20:.2f} MiB]", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from slimlm import bench
+
+    if args.list:
+        print("\n".join(bench.list_suites()))
+        return 0
+    if args.report:
+        path = bench.render_report(args.results, args.report_out)
+        print(f"wrote {path}")
+        return 0
+    if not args.suite:
+        raise SystemExit("error: give a suite name (or `all`), --list or --report")
+    names = bench.list_suites() if args.suite == "all" else [args.suite]
+    for name in names:
+        if name not in bench.list_suites():
+            raise SystemExit(f"error: suite={name!r}: unknown; expected one of "
+                             f"{bench.list_suites()} or all")
+    for name in names:
+        path = bench.run_suite(name, quick=args.quick, out_dir=args.out)
+        print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from slimlm import demo
+
+    demo.run_demo(Path(args.out), quick=args.quick, device=_device(args.device), steps=args.steps)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimlm", description="Make language models smaller, cheaper and faster.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from scratch on a corpus",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained run",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="run folder (or its checkpoint folder)")
+    p.add_argument("--data", default=None,
+                   help="evaluate on this text/folder/JSONL (its validation split) instead of "
+                        "the run's own validation data")
+    p.add_argument("--cache", default=None, help="folder for the tokenized --data")
+    p.add_argument("--max-bytes", type=int, default=None, help="cap the corpus size")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
+    p.add_argument("--batches", type=int, default=None, help="at most this many batches")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text from a trained run",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="run folder (or its checkpoint folder)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--kv", default="static", help="KV cache kind: static | dense")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="run benchmark suites (see shared MEASURING protocol)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("suite", nargs="?", default=None, help="suite name, or `all`")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, seconds, CPU-friendly")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
+    p.add_argument("--list", action="store_true", help="list the suites")
+    p.add_argument("--report", action="store_true",
+                   help="render benchmarks/RESULTS.md (tables, plots) from the results")
+    p.add_argument("--results", default="benchmarks/results", help="results folder for --report")
+    p.add_argument("--report-out", default="benchmarks/RESULTS.md", help="report path")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="train, evaluate, compress and compare a small model "
+                                    "on this machine (about 5 minutes on 2 CPU cores)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="run folder to write")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: auto)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
