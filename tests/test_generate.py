@@ -1,0 +1,367 @@
+"""Tests for slimlm.generate: cached decoding equals uncached, sampling, stop tokens,
+streaming, cache memory accounting and input validation (tiny model, CPU, fp64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from slimlm.generate import (
+    DenseCache,
+    KVCache,
+    SamplingConfig,
+    StaticCache,
+    cache_kinds,
+    generate,
+    make_cache,
+    register_cache,
+    sample_next,
+)
+from slimlm.model import ModelConfig, Transformer
+
+
+def _model(attention: str = "sdpa", seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    # A larger init than the default makes logits far from uniform, so greedy argmax has
+    # no near-ties and the token comparisons below are meaningful.
+    cfg = ModelConfig.from_preset("tiny", n_layers=2, max_seq_len=64, attention=attention,
+                                  init_std=0.2)
+    return Transformer(cfg).double().eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return _model()
+
+
+def _prompts(lengths: list[int], seed: int = 1, vocab: int = 2048) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+# -- cached == uncached ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache", ["static", "dense"])
+def test_greedy_cached_equals_uncached_equal_lengths(model: Transformer, cache: str) -> None:
+    prompts = torch.tensor(_prompts([7, 7, 7]))  # (3, 7)
+    ref = generate(model, prompts, 10, use_cache=False, return_logits=True)
+    out = generate(model, prompts, 10, cache=cache, return_logits=True)
+    assert out.tokens == ref.tokens
+    assert all(len(t) == 10 for t in out.tokens)
+    assert out.logits is not None and ref.logits is not None
+    assert out.logits.shape == (3, 10, model.cfg.vocab_size)
+    assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-10)
+    # The uncached logits of the first step are the model's plain forward on the prompt.
+    assert_close(ref.logits[:, 0], model(prompts)[:, -1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_left_padded_batch_equals_rows_alone(attention: str) -> None:
+    model = _model(attention)
+    prompts = _prompts([5, 9, 3, 9])
+    batch = generate(model, prompts, 8, return_logits=True)
+    uncached = generate(model, prompts, 8, use_cache=False, return_logits=True)
+    assert batch.logits is not None and uncached.logits is not None
+    assert torch.isfinite(batch.logits).all()
+    assert batch.tokens == uncached.tokens
+    assert_close(batch.logits, uncached.logits, rtol=1e-10, atol=1e-10)
+    for b, p in enumerate(prompts):
+        alone = generate(model, [p], 8, return_logits=True)
+        assert batch.tokens[b] == alone.tokens[0]
+        assert batch.sequences[b] == p + alone.tokens[0]
+        assert alone.logits is not None
+        assert_close(batch.logits[b], alone.logits[0], rtol=1e-10, atol=1e-10)
+
+
+class NaiveAttendCache(DenseCache):
+    """A cache that attends itself (the hook compressed caches use), with a plain softmax
+    that turns a fully masked query row into NaN, as many attention kernels do."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        k, v = self.append(layer, k, v)  # (B, Hkv, Tk, D)
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # (B, H, Tk, D)
+        s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # (B, H, Tq, Tk)
+        tq, tk = s.shape[-2:]
+        keep = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+        if mask is not None:
+            assert mask.shape[-1] == self.seq_len + tq  # covers every position seen
+            keep = keep & mask
+        return torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v  # (B, H, Tq, D)
+
+
+def test_custom_attend_cache_and_no_fully_masked_rows(model: Transformer) -> None:
+    cfg = model.cfg
+    prompts = _prompts([2, 7, 4])
+    cache = NaiveAttendCache(cfg.n_layers, 3, cfg.n_kv_heads, cfg.head_dim, dtype=torch.float64)
+    out = generate(model, prompts, 5, cache=cache, return_logits=True)
+    ref = generate(model, prompts, 5, use_cache=False, return_logits=True)
+    assert out.logits is not None and ref.logits is not None
+    assert torch.isfinite(cache.read(0)[0]).all()  # pad positions hold finite keys too
+    assert out.tokens == ref.tokens
+    assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-10)
+
+
+def test_static_equals_dense_and_user_cache(model: Transformer) -> None:
+    prompts = _prompts([4, 6])
+    gen = torch.Generator().manual_seed(3)
+    static = generate(model, prompts, 6, cache="static", temperature=1.0, generator=gen,
+                      return_logits=True)
+    gen = torch.Generator().manual_seed(3)
+    dense = generate(model, prompts, 6, cache="dense", temperature=1.0, generator=gen,
+                     return_logits=True)
+    assert static.tokens == dense.tokens
+    assert static.logits is not None and dense.logits is not None
+    assert_close(static.logits, dense.logits, rtol=1e-12, atol=1e-12)
+    cfg = model.cfg
+    mine = StaticCache(cfg.n_layers, 2, cfg.n_kv_heads, cfg.head_dim, 20, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    user = generate(model, prompts, 6, cache=mine, temperature=1.0, generator=gen)
+    assert user.tokens == static.tokens
+    assert mine.seq_len == 6 + 6 - 1  # padded prompt + fed-back tokens
+    assert user.cache_bytes == mine.memory_bytes()
+
+
+def test_max_new_tokens_zero(model: Transformer) -> None:
+    out = generate(model, [[1, 2, 3]], 0)
+    assert out.tokens == [[]] and out.sequences == [[1, 2, 3]] and out.steps == 0
+    assert out.num_new_tokens == 0 and out.finished == [False]
+
+
+def test_model_mode_restored(model: Transformer) -> None:
+    model.train()
+    try:
+        generate(model, [[1, 2]], 2)
+        assert model.training
+    finally:
+        model.eval()
+
+
+# -- sampling --------------------------------------------------------------------------------
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(model: Transformer) -> None:
+    prompts = _prompts([5, 8])
+    greedy = generate(model, prompts, 6)
+    gen = torch.Generator().manual_seed(0)
+    k1 = generate(model, prompts, 6, temperature=1.5, top_k=1, generator=gen)
+    p_tiny = generate(model, prompts, 6, temperature=1.5, top_p=1e-9, generator=gen)
+    assert k1.tokens == greedy.tokens
+    assert p_tiny.tokens == greedy.tokens
+
+
+def test_sampling_reproducible(model: Transformer) -> None:
+    prompts = _prompts([5, 8])
+    runs = [generate(model, prompts, 8, temperature=5.0, generator=torch.Generator().manual_seed(s))
+            for s in (7, 7, 8)]
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].tokens != runs[2].tokens  # 16 draws at a high temperature over 2048 ids
+
+
+def test_sample_next_filters() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4000))  # (4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    assert sample_next(logits, SamplingConfig()).tolist() == [0] * 4000
+    full = sample_next(logits, SamplingConfig(temperature=1.0), gen)
+    assert set(full.tolist()) == {0, 1, 2, 3}
+    freq = torch.bincount(full, minlength=4).double() / 4000
+    assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64), atol=0.03,
+                 rtol=0)
+    assert set(sample_next(logits, SamplingConfig(1.0, top_k=2), gen).tolist()) == {0, 1}
+    # Nucleus 0.7: 0.5 alone is short of it, 0.5 + 0.3 reaches it -> {0, 1}.
+    assert set(sample_next(logits, SamplingConfig(1.0, top_p=0.7), gen).tolist()) == {0, 1}
+    assert set(sample_next(logits, SamplingConfig(1.0, top_p=0.5), gen).tolist()) == {0}
+    # Rows are filtered independently (the permutation of each row is undone).
+    mixed = torch.log(torch.tensor([[0.05, 0.15, 0.3, 0.5], [0.5, 0.3, 0.15, 0.05]]))
+    mixed = mixed.repeat(500, 1)  # (1000, 4)
+    got = sample_next(mixed, SamplingConfig(1.0, top_p=0.7), gen).view(500, 2)
+    assert set(got[:, 0].tolist()) == {2, 3} and set(got[:, 1].tolist()) == {0, 1}
+    assert sample_next(logits.half(), SamplingConfig()).dtype == torch.long
+
+
+# -- stop tokens and streaming -----------------------------------------------------------------
+
+
+def test_stop_tokens_stop_rows(model: Transformer) -> None:
+    prompts = _prompts([5, 8, 6])
+    free = generate(model, prompts, 10)
+    stop = free.tokens[0][3]
+    out = generate(model, prompts, 10, stop_tokens=[stop])
+    for b in range(3):
+        row = free.tokens[b]
+        if stop in row:
+            assert out.tokens[b] == row[:row.index(stop)]
+            assert out.finished[b]
+        else:
+            assert out.tokens[b] == row
+            assert not out.finished[b]
+    assert out.finished[0] and len(out.tokens[0]) <= 3
+    assert out.num_new_tokens == sum(len(t) for t in out.tokens)
+    assert out.sequences[0] == prompts[0] + out.tokens[0]
+    # Every row stopping ends generation early.
+    first = [t[0] for t in free.tokens]
+    early = generate(model, prompts, 10, stop_tokens=first)
+    assert early.tokens == [[], [], []] and early.finished == [True] * 3 and early.steps == 1
+
+
+def test_stream_called_once_per_step(model: Transformer) -> None:
+    prompts = _prompts([5, 8])
+    free = generate(model, prompts, 7)
+    stop = free.tokens[0][2]
+    calls: list[tuple[int, list[int]]] = []
+    out = generate(model, prompts, 7, stop_tokens=[stop],
+                   stream=lambda step, toks: calls.append((step, toks)))
+    assert [s for s, _ in calls] == list(range(out.steps))
+    for b in range(2):
+        streamed = [toks[b] for _, toks in calls]
+        n = len(out.tokens[b])
+        assert streamed[:n] == out.tokens[b]
+        if out.finished[b]:
+            assert streamed[n] == stop  # the stop token is streamed, then -1
+            assert all(t == -1 for t in streamed[n + 1:])
+    plain: list[list[int]] = []
+    out = generate(model, prompts, 4, stream=lambda step, toks: plain.append(toks))
+    assert plain == [list(t) for t in zip(*out.tokens)]
+
+
+# -- caches ------------------------------------------------------------------------------------
+
+
+def test_static_cache_memory_and_full() -> None:
+    cfg = ModelConfig.from_preset("tiny")
+    L, Hkv, D = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    for dtype in (torch.float32, torch.float16):
+        c = make_cache("static", cfg, batch_size=3, max_len=10, dtype=dtype)
+        item = torch.empty((), dtype=dtype).element_size()
+        assert isinstance(c, StaticCache) and not hasattr(c, "attend")
+        assert c.bytes_per_token() == 2 * L * Hkv * D * item
+        assert c.memory_bytes() == 2 * L * 3 * Hkv * 10 * D * item
+    c = make_cache("static", cfg, 2, 5, dtype=torch.float64)
+    k = torch.randn(2, Hkv, 4, D, dtype=torch.float64)  # (B, Hkv, T, D)
+    v = torch.randn(2, Hkv, 4, D, dtype=torch.float64)
+    for layer in range(L):
+        kk, vv = c.append(layer, k, v)
+        assert kk.shape == (2, Hkv, 4, D)
+    c.advance(4)
+    assert_close(c.read(1)[0], k)
+    assert_close(c.read(1)[1], v)
+    with pytest.raises(ValueError, match="cache full"):
+        c.append(0, k[:, :, :2], v[:, :, :2])
+    assert_close(c.read(0)[0], k)  # nothing written by the failed append
+    with pytest.raises(ValueError, match="cache full"):
+        c.advance(2)
+    kk, _ = c.append(0, k[:, :, :1], v[:, :, :1])
+    assert_close(kk, torch.cat([k, k[:, :, :1]], dim=2))
+    with pytest.raises(ValueError, match="dtype"):
+        c.append(1, k.float()[:, :, :1], v.float()[:, :, :1])
+    with pytest.raises(ValueError, match="shape"):
+        c.append(1, k[:1, :, :1], v[:1, :, :1])
+    with pytest.raises(ValueError, match="layer"):
+        c.append(L, k[:, :, :1], v[:, :, :1])
+    c.reset()
+    assert c.seq_len == 0 and c.read(0)[0].shape == (2, Hkv, 0, D)
+
+
+def test_dense_cache_memory_grows() -> None:
+    cfg = ModelConfig.from_preset("tiny")
+    L, Hkv, D = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    c = make_cache("dense", cfg, 2, 100, dtype=torch.float32)
+    assert isinstance(c, DenseCache) and c.memory_bytes() == 0 and c.max_len is None
+    assert c.read(0)[0].shape == (2, Hkv, 0, D)
+    for t in (3, 1, 1):
+        for layer in range(L):
+            c.append(layer, torch.randn(2, Hkv, t, D), torch.randn(2, Hkv, t, D))
+        c.advance(t)
+    assert c.seq_len == 5 and c.read(L - 1)[0].shape == (2, Hkv, 5, D)
+    assert c.memory_bytes() == 2 * 5 * c.bytes_per_token()
+    c.reset()
+    assert c.memory_bytes() == 0
+
+
+def test_generation_result_cache_bytes(model: Transformer) -> None:
+    cfg = model.cfg
+    out = generate(model, _prompts([3, 5]), 4)
+    # Static cache sized for padded prompt 5 + 4 new - 1 (the last token is never fed).
+    assert out.cache_bytes == 2 * (5 + 4 - 1) * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 8
+    assert generate(model, _prompts([3, 5]), 4, use_cache=False).cache_bytes == 0
+    assert out.tokens_per_second > 0 and out.seconds > 0 and out.num_new_tokens == 8
+
+
+def test_registry_and_gather_mask(model: Transformer) -> None:
+    assert {"dense", "static"} <= set(cache_kinds())
+    with pytest.raises(ValueError, match="already registered"):
+        register_cache("dense", lambda *a, **k: None)
+    with pytest.raises(ValueError, match="kind='nope'"):
+        make_cache("nope", model.cfg, 1, 4)
+    with pytest.raises(TypeError, match="unexpected options"):
+        make_cache("static", model.cfg, 1, 4, bits=2)
+    mask = torch.rand(2, 1, 3, 6) > 0.5  # (B, 1, Tq, T_all)
+    idx = torch.tensor([0, 4, 5])
+    assert torch.equal(KVCache.gather_mask(mask, idx), mask[..., idx])
+    per_row = torch.tensor([[0, 1, 5], [2, 3, 5]])  # (B, Tk)
+    got = KVCache.gather_mask(mask, per_row)
+    assert got is not None and got.shape == (2, 1, 3, 3)
+    assert torch.equal(got[1], mask[1][..., per_row[1]])
+    per_head = torch.tensor([[[0, 5], [1, 5]], [[2, 5], [3, 5]]])  # (B, H, Tk)
+    got = KVCache.gather_mask(mask, per_head)
+    assert got is not None and got.shape == (2, 2, 3, 2)
+    assert torch.equal(got[1, 0], mask[1, 0][:, per_head[1, 0]])
+    assert KVCache.gather_mask(None, idx) is None
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(prompts=[[]]), ValueError, r"prompts\[0\] is empty"),
+    (dict(prompts=[]), ValueError, "at least one prompt"),
+    (dict(prompts=torch.zeros(1, 0, dtype=torch.long)), ValueError, "at least one row"),
+    (dict(prompts=torch.zeros(1, 3)), TypeError, "dtype"),
+    (dict(prompts=[[1, 5000]]), ValueError, "vocab_size=2048"),
+    (dict(max_new_tokens=-1), ValueError, "max_new_tokens=-1"),
+    (dict(temperature=-0.5), ValueError, "temperature=-0.5"),
+    (dict(temperature=1.0, top_p=0.0), ValueError, "top_p=0.0"),
+    (dict(temperature=1.0, top_p=1.5), ValueError, "top_p=1.5"),
+    (dict(temperature=1.0, top_k=0), ValueError, "top_k=0"),
+    (dict(prompts=[[1] * 65]), ValueError, "prompt length 65 exceeds the model's max_seq_len=64"),
+    (dict(prompts=[[1] * 60], max_new_tokens=5), ValueError, "60 \\+ max_new_tokens 5 = 65"),
+    (dict(prompts=[[1] * 60], max_new_tokens=5, use_cache=False), ValueError, "65"),
+    (dict(cache="nope"), ValueError, "cache='nope'"),
+    (dict(stop_tokens=[-1]), ValueError, "stop_tokens"),
+    (dict(stop_tokens=5), TypeError, "stop_tokens=5"),
+])
+def test_bad_inputs(model: Transformer, kwargs: dict, err: type, match: str) -> None:
+    args = dict(prompts=[[1, 2, 3]], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        generate(model, args.pop("prompts"), args.pop("max_new_tokens"), **args)
+
+
+def test_bad_user_cache(model: Transformer) -> None:
+    cfg = model.cfg
+    small = StaticCache(cfg.n_layers, 1, cfg.n_kv_heads, cfg.head_dim, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cache full"):
+        generate(model, [[1, 2, 3]], 4, cache=small)  # needs 3 + 4 - 1 = 6 positions
+    assert small.seq_len == 0
+    with pytest.raises(ValueError, match="batch_size=1"):
+        generate(model, [[1], [2]], 2, cache=small)
+    small.advance(1)
+    with pytest.raises(ValueError, match="reset"):
+        generate(model, [[1]], 2, cache=small)
+    small.reset()
+    out = generate(model, [[1, 2, 3]], 3, cache=small)  # exactly fits: 3 + 3 - 1 = 5
+    assert len(out.tokens[0]) == 3
+    # The dense cache has no length limit: prompt + max_new_tokens may pass max_seq_len as
+    # long as the positions fed (60 + 5 - 1) stay inside it.
+    assert len(generate(model, [[1] * 60], 5, cache="dense").tokens[0]) == 5
+
+
+def test_sampling_config_validation() -> None:
+    with pytest.raises(ValueError, match="top_k=True"):
+        SamplingConfig(top_k=True)
+    with pytest.raises(ValueError, match="temperature=inf"):
+        SamplingConfig(temperature=float("inf"))
+    assert SamplingConfig(temperature=0).greedy
