@@ -1,0 +1,527 @@
+"""The benchmark harness: a registry of suites, timers, memory probes and result files.
+
+A suite is a generator ``suite(quick, device, **options)`` that yields one dict per
+measured configuration (a *row*). Each row names its shape and settings, the baseline it
+is compared with, slimlm's figure and the ratio between them; the harness adds nothing
+but the suite name. ``run_suite`` runs a suite, prints each row as it arrives and writes
+``<out_dir>/<suite>-<gpu>.json`` with an environment header (GPU, driver, CUDA, torch,
+triton, Python, slimlm version and git commit, date, command line), so that every figure
+in ``benchmarks/RESULTS.md`` can be traced to the machine and code that produced it.
+
+Timing follows ``shared/MEASURING.md``: CUDA events around each call after a warm-up,
+synchronised before reading, and the median (with p10/p90) of at least 10 runs. On the
+CPU the same interface uses ``time.perf_counter``. The trade-off of per-call events over
+one event pair around a loop is a few microseconds of launch overhead per call, which is
+noise at the shapes the suites use (milliseconds per call) and buys a spread, not just a
+mean.
+
+Example::
+
+    from slimlm.bench import run_suite
+    path = run_suite("train", quick=True, out_dir="/tmp/bench")   # seconds, on the CPU
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SuiteFn = Callable[..., Iterator[dict[str, Any]]]
+
+# Suites register here when their module is imported (see slimlm.bench.SUITE_MODULES).
+# This is the one piece of module state: a name -> function table filled by decorators.
+_REGISTRY: dict[str, SuiteFn] = {}
+
+#: Dense bf16 tensor-core peak of an H100/H200 SXM (datasheet, without sparsity). MFU is
+#: defined against this figure; the fraction of the *measured* ceiling is reported beside it.
+H100_BF16_PEAK_FLOPS = 989e12
+
+#: Datasheet figures by GPU slug: (dense bf16 FLOP/s, HBM bytes/s).
+DATASHEET: dict[str, tuple[float, float]] = {
+    "h100": (989e12, 3.35e12),
+    "h200": (989e12, 4.8e12),
+    "a100": (312e12, 2.039e12),
+}
+
+DEFAULT_RESULTS_DIR = "benchmarks/results"
+
+
+# ---------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------
+
+
+def register(name: str) -> Callable[[SuiteFn], SuiteFn]:
+    """Decorator: register a suite generator under ``name``.
+
+    Example::
+
+        @register("train")
+        def train_suite(quick: bool, device: torch.device, **options) -> Iterator[dict]:
+            yield {"model": "tiny", "tokens_per_s": 1.0}
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"register(name={name!r}): expected a lower-case identifier")
+
+    def deco(fn: SuiteFn) -> SuiteFn:
+        old = _REGISTRY.get(name)
+        same = old is not None and (old.__module__, old.__qualname__) == (fn.__module__,
+                                                                           fn.__qualname__)
+        if old is not None and not same:
+            raise ValueError(f"register: suite {name!r} is already registered by "
+                             f"{old.__module__}.{old.__qualname__}")
+        _REGISTRY[name] = fn  # a reload replaces the same function
+        return fn
+
+    return deco
+
+
+def _load_suites() -> dict[str, SuiteFn]:
+    """Import every known suite module (lazily, once per process) and return the registry."""
+    from slimlm.bench import SUITE_MODULES
+
+    for mod in SUITE_MODULES:
+        full = f"slimlm.bench.{mod}"
+        if full in sys.modules:
+            continue
+        try:
+            importlib.import_module(full)
+        except ModuleNotFoundError as e:
+            # A suite listed before its module landed is skipped; a missing dependency of a
+            # suite that exists is a real error and propagates.
+            if e.name != full:
+                raise
+    return _REGISTRY
+
+
+def list_suites() -> list[str]:
+    """Names of all registered suites, in ``SUITE_MODULES`` order then alphabetical."""
+    from slimlm.bench import SUITE_MODULES
+
+    reg = _load_suites()
+    order = {m: i for i, m in enumerate(SUITE_MODULES)}
+    return sorted(reg, key=lambda n: (order.get(n, len(order)), n))
+
+
+def get_suite(name: str) -> SuiteFn:
+    """The suite function registered as ``name``; ValueError listing the suites if unknown."""
+    reg = _load_suites()
+    if name not in reg:
+        raise ValueError(f"suite={name!r}: unknown benchmark suite; expected one of "
+                         f"{list_suites()}")
+    return reg[name]
+
+
+# ---------------------------------------------------------------------------------------
+# Timing and memory
+# ---------------------------------------------------------------------------------------
+
+
+def _check_counts(warmup: int, rep: int) -> None:
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"warmup={warmup!r}: expected a non-negative integer")
+    if not isinstance(rep, int) or isinstance(rep, bool) or rep < 1:
+        raise ValueError(f"rep={rep!r}: expected a positive integer (>= 10 for GPU figures)")
+
+
+def _summary(times_ms: list[float]) -> dict[str, float | int]:
+    s = sorted(times_ms)
+
+    def q(p: float) -> float:  # linear-interpolated quantile
+        x = p * (len(s) - 1)
+        lo, hi = math.floor(x), math.ceil(x)
+        return s[lo] + (s[hi] - s[lo]) * (x - lo)
+
+    return {"median_ms": statistics.median(s), "p10": q(0.1), "p90": q(0.9),
+            "min_ms": s[0], "n": len(s)}
+
+
+def time_cpu(fn: Callable[[], Any], *, warmup: int = 2, rep: int = 10) -> dict[str, float | int]:
+    """Time ``fn()`` with ``time.perf_counter``: ``warmup`` untimed calls, then ``rep`` timed.
+    Returns ``{"median_ms", "p10", "p90", "min_ms", "n"}`` (p10/p90 in ms)."""
+    _check_counts(warmup, rep)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _summary(times)
+
+
+def time_cuda(fn: Callable[[], Any], *, warmup: int = 3, rep: int = 10,
+              device: torch.device | str | None = None, flush_l2: bool = False
+              ) -> dict[str, float | int]:
+    """Time ``fn()`` on the GPU with CUDA events, one event pair per call.
+
+    ``warmup`` untimed calls (compilation, autotuning, allocator growth), then ``rep`` timed
+    ones; synchronises before reading the events. ``flush_l2`` overwrites a 256 MiB buffer
+    before every timed call so that no input stays resident in the 50 MB L2 (the write is
+    outside the timed interval). On a CPU device (or without CUDA) falls back to
+    :func:`time_cpu` with the same return value: ``{"median_ms", "p10", "p90", "min_ms", "n"}``.
+    """
+    _check_counts(warmup, rep)
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if dev.type != "cuda":
+        return time_cpu(fn, warmup=warmup, rep=rep)
+    with torch.cuda.device(dev):
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev) if flush_l2 else None
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+        for i in range(rep):
+            if flush is not None:
+                flush.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        del flush
+    return _summary(times)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 3,
+            rep: int = 10, flush_l2: bool = False) -> dict[str, float | int]:
+    """:func:`time_cuda` on a CUDA device, :func:`time_cpu` otherwise."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return time_cuda(fn, warmup=warmup, rep=rep, device=dev, flush_l2=flush_l2)
+    return time_cpu(fn, warmup=warmup, rep=rep)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None) -> int | None:
+    """Peak bytes allocated by PyTorch while ``fn()`` runs (everything live counts, including
+    tensors allocated before the call). ``None`` on the CPU, where PyTorch keeps no such
+    statistic; ``fn`` still runs."""
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if dev.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    fn()
+    torch.cuda.synchronize(dev)
+    return int(torch.cuda.max_memory_allocated(dev))
+
+
+def tflops(flops: float, ms: float) -> float:
+    """FLOP count and milliseconds -> TFLOP/s."""
+    return flops / (ms * 1e-3) / 1e12
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    """Bytes moved and milliseconds -> GB/s (10^9 bytes per second)."""
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def fraction(value: float | None, ceiling: float | None) -> float | None:
+    """``value / ceiling`` (both in the same unit), or None when either is unknown."""
+    if value is None or ceiling is None or ceiling <= 0:
+        return None
+    return value / ceiling
+
+
+def free_memory(device: torch.device | str | None = None) -> None:
+    """Memory hygiene between configurations: collect garbage and return cached CUDA blocks,
+    so one configuration's leftovers neither inflate the next one's peak nor OOM it.
+    A no-op on the CPU, where a full collection costs more than the tiny shapes it frees."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        gc.collect()  # compiled graphs and optimizers hold reference cycles
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def guarded(base: dict[str, Any], fn: Callable[[], dict[str, Any]],
+            device: torch.device | str | None = None, *, errors: bool = False
+            ) -> dict[str, Any]:
+    """Run one configuration: ``{**base, **fn()}``, or ``{**base, "oom": True, "error": msg}``
+    when it runs out of GPU memory, so that one large configuration does not end the suite.
+    With ``errors=True`` any other exception is recorded as ``{"error": "Type: msg"}`` too
+    (for long GPU runs, where one failing configuration should not cost the others).
+    Frees memory afterwards either way."""
+    result: dict[str, Any] | None = None
+    failure: dict[str, Any] = {}
+    try:
+        result = fn()
+    except torch.cuda.OutOfMemoryError as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "CUDA out of memory"
+        failure = {"oom": True, "error": first}
+    except Exception as e:
+        if not errors:
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        failure = {"error": f"{type(e).__name__}: {first}"}
+    # Cleanup happens outside the except blocks: the traceback (and the tensors its frames
+    # hold) is released by then.
+    free_memory(device)
+    if result is None:
+        return {**base, **failure}
+    return {**base, **result}
+
+
+# ---------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------
+
+
+def gpu_slug(device: torch.device | str | None = None) -> str:
+    """Short lower-case GPU name for file names: "NVIDIA H200" -> "h200",
+    "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA GeForce RTX 4090" -> "rtx-4090"; "cpu" off GPU."""
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if dev.type != "cuda":
+        return "cpu"
+    return slugify_gpu_name(torch.cuda.get_device_name(dev))
+
+
+def slugify_gpu_name(name: str) -> str:
+    """See :func:`gpu_slug`; pure string work, tested on the CPU."""
+    drop = {"nvidia", "geforce", "tesla", "quadro", "amd", "radeon", "instinct"}
+    tokens = [t for t in re.split(r"[\s\-_/]+", name.lower()) if t and t not in drop]
+    picked: list[str] = []
+    for t in tokens:
+        picked.append(re.sub(r"[^a-z0-9]", "", t))
+        if any(c.isdigit() for c in t):
+            break
+    slug = "-".join(p for p in picked if p)
+    return slug or "gpu"
+
+
+def _run(cmd: list[str], cwd: str | None = None) -> str | None:
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment(device: torch.device | str | None = None, *, quick: bool = False,
+                options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The environment header written with every result file. Holds no host name."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    env: dict[str, Any] = {
+        "device": str(dev),
+        "gpu": None, "gpu_count": 0, "gpu_memory_gib": None, "compute_capability": None,
+        "driver": None,
+        "cuda": torch.version.cuda,
+        "cudnn": None,
+        "torch": torch.__version__,
+        "triton": None,
+        "transformers": None,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "cpu_threads": torch.get_num_threads(),
+        "slimlm": None,
+        "git_commit": None,
+        "git_dirty": None,
+        "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "quick": bool(quick),
+        "options": options or {},
+    }
+    if dev.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(dev)
+        env.update(gpu=torch.cuda.get_device_name(dev), gpu_count=torch.cuda.device_count(),
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   compute_capability=f"{props.major}.{props.minor}")
+        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        env["driver"] = smi.splitlines()[0].strip() if smi else None
+    if torch.backends.cudnn.is_available():
+        env["cudnn"] = torch.backends.cudnn.version()
+    for mod in ("triton", "transformers"):
+        # Installed versions from package metadata: importing transformers takes seconds.
+        try:
+            env[mod] = importlib.metadata.version(mod)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        import slimlm
+
+        env["slimlm"] = slimlm.__version__
+    except Exception:
+        pass
+    repo = str(Path(__file__).resolve().parents[2])
+    env["git_commit"] = _run(["git", "rev-parse", "HEAD"], cwd=repo)
+    if env["git_commit"] is not None:
+        # Only the package counts: result files and notes beside it do not change figures.
+        status = _run(["git", "status", "--porcelain", "--", "slimlm"], cwd=repo)
+        env["git_dirty"] = bool(status) if status is not None else None
+    return env
+
+
+# ---------------------------------------------------------------------------------------
+# Running and writing
+# ---------------------------------------------------------------------------------------
+
+
+def _jsonable(x: Any) -> Any:
+    """JSON-safe copy: tensors -> numbers, non-finite floats -> "nan"/"inf" strings (strict
+    JSON has no NaN), paths and other objects -> str."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = x.item()
+    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else str(x)
+    if hasattr(x, "item") and callable(x.item):  # numpy scalars
+        try:
+            return _jsonable(x.item())
+        except Exception:
+            pass
+    return str(x)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(obj), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def default_out_dir(quick: bool) -> Path:
+    """Committed results for real runs; a scratch folder for quick runs, so a smoke test
+    never overwrites GPU figures."""
+    if quick:
+        return Path(tempfile.gettempdir()) / "slimlm-bench-runs"
+    return Path(DEFAULT_RESULTS_DIR)
+
+
+def result_filename(suite: str, device: torch.device | str, quick: bool) -> str:
+    """``<suite>-<gpu>.json``, or ``<suite>-<gpu>-quick.json`` for a quick run."""
+    return f"{suite}-{gpu_slug(device)}{'-quick' if quick else ''}.json"
+
+
+class _TablePrinter:
+    """Prints rows as they arrive: a header whenever the set of columns changes."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.cols: list[str] | None = None
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        from slimlm.bench.report import format_value
+
+        cols = [k for k in row if k != "suite"]
+        cells = [format_value(row[k]) for k in cols]
+        widths = [max(len(c), len(v)) for c, v in zip(cols, cells)]
+        if cols != self.cols:
+            self.cols = cols
+            print("  ".join(c.rjust(w) for c, w in zip(cols, widths)), file=self.stream)
+        print("  ".join(v.rjust(w) for v, w in zip(cells, widths)), file=self.stream, flush=True)
+
+
+def _resolve_device(device: torch.device | str | None, quick: bool) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: expected cpu or cuda[:N]")
+    return dev
+
+
+def run_suite(name: str, *, quick: bool = False, out_dir: str | os.PathLike | None = None,
+              device: torch.device | str | None = None, options: dict[str, Any] | None = None,
+              echo: bool = True) -> Path:
+    """Run one suite and write its results; returns the JSON path.
+
+    ``quick`` runs tiny shapes (on the CPU unless ``device`` says otherwise) and writes
+    ``<suite>-<gpu>-quick.json``, by default to a scratch folder (``default_out_dir``).
+    ``options`` are passed to the suite as keyword arguments and recorded in the header.
+    A row that runs out of GPU memory is recorded as ``{"oom": true}``; an exception that
+    ends the suite is recorded (``"status": "error"``, partial rows kept) and re-raised.
+    """
+    fn = get_suite(name)  # ValueError for an unknown name, before any work
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"options={options!r}: expected a dict of suite keyword arguments")
+    dev = _resolve_device(device, quick)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(quick)
+    path = out / result_filename(name, dev, quick)
+    env = environment(dev, quick=quick, options=options)
+    printer = _TablePrinter(sys.stdout) if echo else None
+    if echo:
+        print(f"== {name} on {env['gpu'] or 'cpu'} (torch {env['torch']}"
+              f"{', quick' if quick else ''})", flush=True)
+    rows: list[dict[str, Any]] = []
+    status, error = "ok", None
+    t0 = time.perf_counter()
+    try:
+        for row in fn(quick, dev, **(options or {})):
+            if not isinstance(row, dict):
+                raise TypeError(f"suite {name!r} yielded {type(row).__name__}; expected dict")
+            row = {"suite": name, **row}
+            rows.append(row)
+            if printer is not None:
+                printer(row)
+    except BaseException as e:
+        status, error = "error", "".join(traceback.format_exception_only(type(e), e)).strip()
+        raise
+    finally:
+        doc = {"suite": name, "gpu_slug": gpu_slug(dev), "status": status, "error": error,
+               "elapsed_s": round(time.perf_counter() - t0, 3), "env": env, "rows": rows}
+        write_json_atomic(path, doc)
+        free_memory(dev)
+    return path
+
+
+def run_all(*, quick: bool = False, out_dir: str | os.PathLike | None = None,
+            device: torch.device | str | None = None, suites: list[str] | None = None,
+            echo: bool = True) -> list[Path]:
+    """Run every registered suite (or ``suites``) in order, "ceiling" first. A suite that
+    fails does not stop the others; a RuntimeError naming the failures is raised at the end."""
+    names = list_suites() if suites is None else list(suites)
+    for n in names:
+        get_suite(n)  # validate every name before running anything
+    paths: list[Path] = []
+    failures: list[str] = []
+    for n in names:
+        try:
+            paths.append(run_suite(n, quick=quick, out_dir=out_dir, device=device, echo=echo))
+        except Exception as e:  # keep going: one broken suite should not cost the others
+            failures.append(f"{n}: {type(e).__name__}: {e}")
+            if echo:
+                print(f"!! suite {n} failed: {e}", file=sys.stderr)
+    if failures:
+        raise RuntimeError("benchmark suites failed (partial results written):\n  "
+                           + "\n  ".join(failures))
+    return paths

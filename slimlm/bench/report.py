@@ -1,0 +1,217 @@
+"""Render ``benchmarks/RESULTS.md`` (tables and PNG plots) from the JSON result files.
+
+Each ``<suite>-<gpu>.json`` written by :func:`slimlm.bench.harness.run_suite` becomes a
+section: the environment it was measured in (GPU, driver, CUDA, torch, date, commit,
+command), a table of its rows (the suite module's ``REPORT_COLUMNS`` if it names them, else every
+column that holds a value; numbers formatted by magnitude) and, when the suite's module defines ``plot(rows, ax) -> bool``,
+a PNG beside the report (``benchmarks/<suite>-<gpu>.png``). Quick (CPU smoke) results are
+left out unless asked for, since their figures mean nothing. Every file is written to a
+temporary name and renamed, so a failed render never leaves half a report.
+
+Example::
+
+    from slimlm.bench import render_report
+    render_report("benchmarks/results", "benchmarks/RESULTS.md")
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Columns that say what a row is come first in tables, in this order.
+_LEAD_COLS = ("model", "op", "impl", "method", "sdpa_backend", "shape", "dtype", "batch",
+              "seq_len", "precision")
+_FAILURE_COLS = ("oom", "skipped", "error")
+
+
+def format_value(v: Any) -> str:
+    """A table cell: thousands separators for large numbers, 3 significant digits for
+    small ones, "-" for missing values."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        a = abs(v)
+        if a == 0:
+            return "0"
+        if a >= 1000:
+            return f"{v:,.0f}"
+        if a >= 100:
+            return f"{v:.1f}"
+        if a >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3g}"
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+def _cell(v: Any) -> str:
+    return format_value(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _columns(rows: list[dict[str, Any]], only: Sequence[str] | None = None) -> list[str]:
+    """Columns holding a value in some row: ``only`` (a suite's ``REPORT_COLUMNS``) in its
+    order plus any failure columns, else every key with the identifying ones first."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            seen.setdefault(k, None)
+    cols = [k for k in seen if k != "suite" and any(r.get(k) is not None for r in rows)]
+    if only is not None:
+        return [c for c in (*only, *_FAILURE_COLS) if c in cols]
+    lead = [c for c in _LEAD_COLS if c in cols]
+    return lead + [c for c in cols if c not in lead]
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of ``rows``; ``columns`` picks and orders the columns (failure
+    columns are always kept), default: every column that holds a value."""
+    if not rows:
+        return "_no rows_\n"
+    cols = _columns(rows, columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _env_line(env: dict[str, Any]) -> str:
+    gpu = env.get("gpu") or "CPU"
+    extra = [f"driver {env['driver']}" if env.get("driver") else None,
+             f"CUDA {env['cuda']}" if env.get("cuda") and env.get("gpu") else None]
+    extra = [e for e in extra if e]
+    parts = [f"**{gpu}**" + (f" ({', '.join(extra)})" if extra else "")]
+    for key, label in (("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"),
+                       ("python", "Python"), ("slimlm", "slimlm")):
+        if env.get(key):
+            parts.append(f"{label} {env[key]}")
+    if env.get("date"):
+        parts.append(str(env["date"]))
+    if env.get("git_commit"):
+        parts.append(f"commit `{str(env['git_commit'])[:10]}`"
+                     + (" (uncommitted changes)" if env.get("git_dirty") else ""))
+    if env.get("command"):
+        parts.append(f"`{env['command']}`")
+    return " · ".join(parts)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _suite_module(suite: str) -> Any:
+    """The suite's module (for its optional ``plot`` and ``REPORT_COLUMNS``), or None."""
+    try:
+        return importlib.import_module(f"slimlm.bench.{suite}")
+    except ImportError:
+        return None
+
+
+def _plot(suite: str, rows: list[dict[str, Any]], path: Path) -> bool:
+    """Draw the suite's plot (its module's ``plot(rows, ax)``) into ``path``, atomically.
+    False when the suite has no plot or nothing to draw."""
+    plot = getattr(_suite_module(suite), "plot", None)
+    if plot is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on the GPU machine or in CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    try:
+        if not plot(rows, ax):
+            return False
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format="png", dpi=120)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return True
+    finally:
+        plt.close(fig)
+
+
+def load_results(results_dir: str | os.PathLike = "benchmarks/results", *,
+                 include_quick: bool = False) -> list[tuple[Path, dict[str, Any]]]:
+    """Every result document in ``results_dir`` as (path, document), in suite order."""
+    d = Path(results_dir)
+    if not d.is_dir():
+        raise ValueError(f"results_dir={str(results_dir)!r}: not a folder (expected the folder "
+                         "of <suite>-<gpu>.json files that `slimlm bench` writes)")
+    docs = []
+    for p in sorted(d.glob("*.json")):
+        try:
+            doc = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or "suite" not in doc or "rows" not in doc:
+            raise ValueError(f"{p}: not a slimlm benchmark result (expected keys suite, rows)")
+        if doc.get("env", {}).get("quick") and not include_quick:
+            continue
+        docs.append((p, doc))
+    from slimlm.bench import SUITE_MODULES
+
+    order = {m: i for i, m in enumerate(SUITE_MODULES)}
+    docs.sort(key=lambda pd: (order.get(pd[1]["suite"], len(order)), pd[1]["suite"], pd[0].name))
+    return docs
+
+
+def render_report(results_dir: str | os.PathLike = "benchmarks/results",
+                  out: str | os.PathLike = "benchmarks/RESULTS.md", *,
+                  include_quick: bool = False) -> Path:
+    """Write the markdown report (and one PNG per plotted result beside it); returns its path."""
+    out = Path(out)
+    docs = load_results(results_dir, include_quick=include_quick)
+    lines = ["# slimlm benchmark results", "",
+             "Rendered by `slimlm bench --report` from the JSON files in "
+             f"`{Path(results_dir).as_posix()}`; do not edit by hand. Every ratio is against a "
+             "baseline measured in the same run on the same GPU (see MEASURING.md).", ""]
+    if not docs:
+        lines += ["_No results yet: run `slimlm bench all` on a GPU._", ""]
+    for path, doc in docs:
+        suite, env, rows = doc["suite"], doc.get("env", {}), doc.get("rows", [])
+        stem = path.stem  # <suite>-<gpu>[-quick]
+        lines += [f"## {suite} ({env.get('gpu') or 'CPU'}{', quick' if env.get('quick') else ''})",
+                  "", _env_line(env), ""]
+        if doc.get("status") not in (None, "ok"):
+            lines += [f"> incomplete run: {doc.get('error') or doc.get('status')}", ""]
+        if env.get("options"):
+            lines += [f"Options: `{json.dumps(env['options'], separators=(',', ':'))}`", ""]
+        table = markdown_table(rows, getattr(_suite_module(suite), "REPORT_COLUMNS", None))
+        lines.append(table.rstrip("\n"))
+        lines += ["", f"All fields: `{path.name}`.", ""]
+        png = out.parent / f"{stem}.png"
+        if rows and _plot(suite, rows, png):
+            rel = os.path.relpath(png, out.parent)
+            lines += [f"![{suite} on {env.get('gpu') or 'CPU'}]({Path(rel).as_posix()})", ""]
+    _atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
+    return out

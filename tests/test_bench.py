@@ -1,0 +1,254 @@
+"""Tests for the benchmark harness, the report renderer and every registered suite (quick)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from slimlm import bench
+from slimlm.bench import harness, report
+
+ENV_KEYS = {"gpu", "driver", "cuda", "torch", "triton", "python", "slimlm", "git_commit",
+            "date", "command", "quick"}
+TRAIN_KEYS = {"suite", "model", "impl", "batch", "seq_len", "tokens_per_s", "mfu",
+              "frac_of_measured_ceiling", "peak_mem_gib", "step_ms", "ratio_vs_hf", "loss",
+              "baseline"}
+
+
+@pytest.fixture
+def one_thread():
+    """The CPU is shared by several processes: one intra-op thread avoids oversubscription,
+    which otherwise makes tiny steps 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_list_suites_has_first_suites():
+    names = bench.list_suites()
+    assert names[:2] == ["ceiling", "train"]
+    assert len(names) == len(set(names))
+
+
+def test_unknown_suite_lists_known(tmp_path):
+    with pytest.raises(ValueError, match=r"suite='nope'.*'ceiling'.*'train'"):
+        bench.run_suite("nope", quick=True, out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing written before the error
+
+
+def test_register_rejects_a_second_function_under_a_taken_name():
+    with pytest.raises(ValueError, match="already registered"):
+        harness.register("train")(lambda quick, device: iter(()))
+    with pytest.raises(ValueError, match="lower-case identifier"):
+        harness.register("Bad Name")
+
+
+@pytest.mark.parametrize("name", bench.list_suites())
+def test_every_suite_runs_quick_on_cpu(name, tmp_path, one_thread):
+    path = bench.run_suite(name, quick=True, out_dir=tmp_path, device="cpu", echo=False)
+    assert path == tmp_path / f"{name}-cpu-quick.json"
+    doc = json.loads(path.read_text())
+    assert doc["suite"] == name and doc["status"] == "ok"
+    assert ENV_KEYS <= set(doc["env"]), ENV_KEYS - set(doc["env"])
+    assert doc["env"]["quick"] is True and doc["env"]["torch"] == torch.__version__
+    assert "hostname" not in json.dumps(doc["env"]).lower()
+    assert doc["rows"], "a suite must yield at least one row"
+    for row in doc["rows"]:
+        assert row["suite"] == name
+        assert not row.get("oom") and "error" not in row, row
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic write
+
+
+def test_train_quick_rows(tmp_path, one_thread):
+    path = bench.run_suite("train", quick=True, out_dir=tmp_path, device="cpu", echo=False)
+    rows = json.loads(path.read_text())["rows"]
+    impls = [r["impl"] for r in rows]
+    assert impls == ["hf-sdpa", "slimlm-eager-mode"]
+    for r in rows:
+        assert TRAIN_KEYS <= set(r), TRAIN_KEYS - set(r)
+        assert (r["model"], r["batch"], r["seq_len"]) == ("tiny", 2, 64)
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0
+        assert r["tokens_per_s"] == pytest.approx(2 * 64 / (r["step_ms"] / 1e3))
+        assert r["mfu"] is None and r["peak_mem_gib"] is None  # CPU: no datasheet, no stats
+        assert 0 < r["frac_of_measured_ceiling"]
+        # random tokens over a 2048-token vocabulary: loss near ln(2048) = 7.6
+        assert 5.0 < r["loss"] < 9.0
+    assert rows[0]["ratio_vs_hf"] == 1.0
+    assert rows[1]["ratio_vs_hf"] == pytest.approx(
+        rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+
+
+def test_train_options_are_validated_before_work(tmp_path):
+    with pytest.raises(ValueError, match="models: 'gpt-9'"):
+        bench.run_suite("train", quick=True, out_dir=tmp_path, echo=False,
+                        options={"models": ["gpt-9"]})
+    with pytest.raises(ValueError, match="seq_len=4096"):
+        bench.run_suite("train", quick=True, out_dir=tmp_path, echo=False,
+                        options={"seq_len": 4096})
+    with pytest.raises(ValueError, match="sdpa_backends"):
+        bench.run_suite("train", quick=True, out_dir=tmp_path, echo=False,
+                        options={"sdpa_backends": ["fastest"]})
+
+
+def test_failing_suite_keeps_partial_rows(tmp_path, monkeypatch):
+    def broken(quick, device):
+        yield {"x": 1}
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(harness._REGISTRY, "broken", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        harness.run_suite("broken", quick=True, out_dir=tmp_path, echo=False)
+    doc = json.loads((tmp_path / "broken-cpu-quick.json").read_text())
+    assert doc["status"] == "error" and "boom" in doc["error"]
+    assert doc["rows"] == [{"suite": "broken", "x": 1}]
+
+
+def test_quick_default_out_dir_is_not_the_committed_results():
+    assert harness.default_out_dir(True) != harness.default_out_dir(False)
+    assert str(harness.default_out_dir(False)) == "benchmarks/results"
+
+
+def test_guarded_records_oom_and_errors():
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    row = harness.guarded({"model": "m"}, oom)
+    assert row == {"model": "m", "oom": True,
+                   "error": "CUDA out of memory. Tried to allocate 80 GiB"}
+    assert harness.guarded({"a": 1}, lambda: {"b": 2}) == {"a": 1, "b": 2}
+
+    def bad():
+        raise RuntimeError("no kernel")
+
+    with pytest.raises(RuntimeError):
+        harness.guarded({}, bad)
+    assert harness.guarded({}, bad, errors=True) == {"error": "RuntimeError: no kernel"}
+
+
+def test_cpu_timer_medians_are_sane():
+    calls = []
+
+    def sleep_2ms():
+        calls.append(1)
+        time.sleep(0.002)
+
+    t = harness.time_cuda(sleep_2ms, warmup=2, rep=10, device="cpu")  # CPU fallback
+    assert len(calls) == 12 and t["n"] == 10
+    assert 1.9 <= t["median_ms"] < 50
+    assert t["min_ms"] <= t["p10"] <= t["median_ms"] <= t["p90"]
+    assert harness.time_cpu(lambda: None, warmup=0, rep=3)["n"] == 3
+    with pytest.raises(ValueError, match="rep=0"):
+        harness.time_cpu(lambda: None, rep=0)
+    with pytest.raises(ValueError, match="warmup=-1"):
+        harness.time_fn(lambda: None, "cpu", warmup=-1)
+
+
+def test_units_and_slugs():
+    assert harness.tflops(2e12, 1000.0) == pytest.approx(2.0)
+    assert harness.gbps(4e9, 1.0) == pytest.approx(4000.0)
+    assert harness.fraction(1.0, 4.0) == 0.25 and harness.fraction(None, 4.0) is None
+    assert harness.peak_memory(lambda: None, "cpu") is None
+    assert harness.slugify_gpu_name("NVIDIA H200") == "h200"
+    assert harness.slugify_gpu_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert harness.slugify_gpu_name("NVIDIA A100-SXM4-80GB") == "a100"
+    assert harness.slugify_gpu_name("NVIDIA GeForce RTX 4090") == "rtx-4090"
+    assert harness.gpu_slug("cpu") == "cpu"
+
+
+def test_json_is_strict(tmp_path):
+    p = harness.write_json_atomic(tmp_path / "x.json",
+                                  {"a": float("nan"), "t": torch.tensor(2.5), "p": tmp_path})
+    text = p.read_text()
+    assert "NaN" not in text
+    assert json.loads(text) == {"a": "nan", "t": 2.5, "p": str(tmp_path)}
+
+
+def _synthetic(results, suite, gpu, rows, quick=False):
+    env = harness.environment("cpu", quick=quick)
+    env.update(gpu=gpu, driver="570.1", cuda="12.8", command="slimlm bench " + suite)
+    doc = {"suite": suite, "status": "ok", "env": env, "rows": rows}
+    harness.write_json_atomic(results / f"{suite}-h200{'-quick' if quick else ''}.json", doc)
+
+
+def test_render_report_tables_and_plot(tmp_path):
+    results = tmp_path / "results"
+    rows = []
+    for model in ("llama-160m", "llama-1b"):
+        for impl, tps in (("hf-sdpa", 1e5), ("slimlm-compiled", 1.5e5)):
+            rows.append({"suite": "train", "model": model, "impl": impl,
+                         "sdpa_backend": "default", "batch": 4, "seq_len": 2048,
+                         "tokens_per_s": tps, "mfu": 0.41234, "peak_mem_gib": 12.3456,
+                         "ratio_vs_hf": tps / 1e5, "oom": None})
+    rows.append({"suite": "train", "model": "llama-8b", "impl": "hf-sdpa", "batch": 4,
+                 "seq_len": 2048, "oom": True, "error": "CUDA out of memory | 80 GiB"})
+    _synthetic(results, "train", "NVIDIA H200", rows)
+    _synthetic(results, "ceiling", "NVIDIA H200",
+               [{"suite": "ceiling", "op": "matmul", "tflops": 791.23}])
+    _synthetic(results, "train", "cpu", [{"suite": "train", "x": 1}], quick=True)
+    out = bench.render_report(results, tmp_path / "RESULTS.md")
+    md = out.read_text()
+    assert md.index("## ceiling") < md.index("## train")  # suite order
+    assert "quick" not in md.split("\n## ", 1)[1]  # quick results left out by default
+    assert "NVIDIA H200" in md and "driver 570.1" in md and "`slimlm bench train`" in md
+    assert "| model | impl | sdpa_backend | batch | seq_len | tokens_per_s |" in md
+    assert "| llama-1b | slimlm-compiled | default | 4 | 2048 | 150,000 | 0.412 | 12.35 | 1.50 | - | - |" in md
+    assert "| llama-8b | hf-sdpa | - | 4 | 2048 | - | - | - | - | yes |" in md
+    assert "CUDA out of memory \\| 80 GiB" in md  # pipes escaped inside cells
+    png = tmp_path / "train-h200.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![train on NVIDIA H200](train-h200.png)" in md
+    assert not (tmp_path / "ceiling-h200.png").exists()  # no plot for ceiling
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_render_report_rejects_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="results_dir"):
+        bench.render_report(tmp_path / "none", tmp_path / "R.md")
+
+
+def test_format_value():
+    f = report.format_value
+    assert [f(None), f(True), f(12345), f(7), f(1234.5), f(123.45), f(1.2345), f(0.012345)] == \
+        ["-", "yes", "12,345", "7", "1,234", "123.5", "1.23", "0.0123"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_ceiling_and_timer_on_gpu():
+    from slimlm.bench.ceiling import measured_ceilings
+
+    c = measured_ceilings("cuda")
+    assert 50 < c["matmul_tflops"] < 2000 and 100 < c["copy_gbps"] < 10000
+    assert measured_ceilings(torch.device("cuda")) == c  # cached per process
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    t = harness.time_cuda(lambda: x @ x, warmup=3, rep=10)
+    assert t["n"] == 10 and 0 < t["p10"] <= t["median_ms"] <= t["p90"]
+    peak = harness.peak_memory(lambda: torch.empty(2**28, dtype=torch.uint8, device="cuda"))
+    assert peak >= 2**28
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_suite_small_on_gpu(tmp_path):
+    path = bench.run_suite("train", out_dir=tmp_path, echo=False,
+                           options={"models": ["llama-50m"], "seq_len": 512, "batch": 2,
+                                    "steps": 10, "compile": [False, True],
+                                    "sdpa_backends": ["cudnn", "flash"]})
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["impl"], r["sdpa_backend"]) for r in rows] == [
+        ("hf-sdpa", "default"), ("slimlm-eager-mode", "default"),
+        ("slimlm-compiled", "default"), ("slimlm-compiled", "cudnn"),
+        ("slimlm-compiled", "flash")]
+    for r in rows:
+        if "skipped" in r:
+            continue
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mem_gib"] > 0
+        assert 8.0 < r["loss"] < 10.0  # ~ln(8192) = 9.0 on random tokens
