@@ -11,6 +11,7 @@ option in ``--help``. Run folders hold everything needed to reload a model::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -93,8 +94,8 @@ def _train_defaults(preset: str) -> dict[str, Any]:
 def _run_training(args: argparse.Namespace, out: Path, *, progress: bool = True):
     import torch
 
-    from slimlm import data as sdata
-    from slimlm import train as strain
+    sdata = importlib.import_module("slimlm.data")
+    strain = importlib.import_module("slimlm.train")
     from slimlm.model import ModelConfig, Transformer
 
     device = _device(args.device)
@@ -151,8 +152,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_run(run: str, device: str):
-    from slimlm import data as sdata
-    from slimlm import train as strain
+    sdata = importlib.import_module("slimlm.data")
+    strain = importlib.import_module("slimlm.train")
 
     ckpt = _checkpoint_dir(run)
     try:
@@ -164,8 +165,8 @@ def _load_run(run: str, device: str):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from slimlm import data as sdata
-    from slimlm import train as strain
+    sdata = importlib.import_module("slimlm.data")
+    strain = importlib.import_module("slimlm.train")
 
     device = _device(args.device)
     model, tokenizer, ckpt = _load_run(args.run, device)
@@ -183,7 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from slimlm import generate as sgen
+    sgen = importlib.import_module("slimlm.generate")
 
     device = _device(args.device)
     model, tokenizer, _ = _load_run(args.run, device)
@@ -222,7 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from slimlm import bench
+    bench = importlib.import_module("slimlm.bench")
 
     if args.list:
         print("\n".join(bench.list_suites()))
@@ -238,8 +239,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if name not in bench.list_suites():
             raise SystemExit(f"error: suite={name!r}: unknown; expected one of "
                              f"{bench.list_suites()} or all")
+    options: dict[str, Any] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --option {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
     for name in names:
-        path = bench.run_suite(name, quick=args.quick, out_dir=args.out)
+        path = bench.run_suite(name, quick=args.quick, out_dir=args.out, options=options or None)
         print(f"wrote {path}")
     return 0
 
@@ -250,7 +260,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from slimlm import demo
+    demo = importlib.import_module("slimlm.demo")
 
     demo.run_demo(Path(args.out), quick=args.quick, device=_device(args.device), steps=args.steps)
     return 0
@@ -302,7 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("suite", nargs="?", default=None, help="suite name, or `all`")
     p.add_argument("--quick", action="store_true", help="tiny shapes, seconds, CPU-friendly")
-    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
+    p.add_argument("--out", default=None,
+                   help="folder for the JSON results (default: benchmarks/results; "
+                        "--quick runs go to a temporary folder)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="suite option, repeatable; VALUE is parsed as JSON when it can be "
+                        "(e.g. --option models='[\"llama-1b\"]' --option batch=4)")
     p.add_argument("--list", action="store_true", help="list the suites")
     p.add_argument("--report", action="store_true",
                    help="render benchmarks/RESULTS.md (tables, plots) from the results")

@@ -15,6 +15,7 @@ On a 2-core CPU it takes about 5 minutes (``--quick``: seconds, for smoke tests)
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -150,8 +151,8 @@ def render_table(rows: list[DemoRow], base_bpb: float) -> str:
 def run_demo(out: Path, *, quick: bool = False, device: str = "cpu",
              steps: int | None = None) -> dict[str, Any]:
     """Train, evaluate, generate, compress and compare; returns the figures it wrote."""
-    from slimlm import data as sdata
-    from slimlm import train as strain
+    sdata = importlib.import_module("slimlm.data")
+    strain = importlib.import_module("slimlm.train")
     from slimlm.model import ModelConfig, Transformer
 
     if steps is not None and steps < 1:
