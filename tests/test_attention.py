@@ -298,3 +298,15 @@ def test_validation_shapes():
                                   cu_seqlens_k=torch.tensor([0, 5]))
     with pytest.raises(TypeError, match="one dtype"):
         attention.flash_attention(q, k.float(), v)
+
+
+def test_bench_suite_quick_rows():
+    from slimlm.bench.attention import attention_flops, attention_suite
+
+    assert attention_flops(2, 4, 8, 8, 16, causal=False) == 4 * 2 * 4 * 8 * 8 * 16
+    assert attention_flops(2, 4, 8, 8, 16, causal=True, backward=True) == 3.5 * 4 * 2 * 4 * 8 * 8 * 16 / 2
+    rows = list(attention_suite(True, torch.device("cpu"), seq_lens=(64,), causal=(True,),
+                                warmup=0, rep=1))
+    assert [r["impl"] for r in rows] == ["sdpa-default", "slimlm-ref"]
+    for r in rows:
+        assert r["fwd_ms"] > 0 and r["fwdbwd_tflops"] > 0 and r["err_rel"] < 1e-5
