@@ -1,0 +1,108 @@
+"""``QuantLinear``: a drop-in replacement for ``nn.Linear`` holding packed integer weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimlm.kernels.quant_matmul import (
+    dequantize_ref,
+    packed_cols,
+    quant_matmul,
+    w8a8_matmul,
+)
+
+__all__ = ["QuantLinear"]
+
+
+class QuantLinear(nn.Module):
+    """y = (x * input_scale) @ dequant(qweight)^T + bias, with weights stored packed.
+
+    Buffers (state-dict keys ``<path>.<name>``, so a swapped model keeps its key paths):
+
+    - ``qweight``: weight-only: uint8 (N, K*bits/8), the packed layout of
+      ``slimlm.kernels.quant_matmul``; W8A8: int8 (N, K) symmetric codes.
+    - ``scales``: (N, K/group_size) (W8A8: (N, 1)) in ``scale_dtype``.
+    - ``zeros``: (N, K/group_size) zero points, or absent when symmetric.
+    - ``bias``: (N,) in the original weight dtype, or absent.
+    - ``input_scale``: (K,) AWQ per-input-channel multiplier (1/s), or absent.
+
+    Build one from an ``nn.Linear`` with :func:`slimlm.quant.quantize_`; the constructor
+    makes empty buffers of the right shapes (on ``device``, which may be "meta") for loading.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int = 4,
+                 group_size: int | None = None, symmetric: bool = False, bias: bool = False,
+                 input_scale: bool = False, w8a8: bool = False,
+                 scale_dtype: torch.dtype = torch.float16,
+                 compute_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        gs = group_size or in_features
+        if in_features % gs != 0:
+            raise ValueError(f"group_size={group_size}: expected a divisor of "
+                             f"in_features={in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, gs, symmetric
+        self.w8a8 = w8a8
+        n, k = out_features, in_features
+        if w8a8:
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(n, 1, dtype=scale_dtype, device=device))
+            self.register_buffer("zeros", None)
+        else:
+            self.register_buffer("qweight", torch.empty(n, packed_cols(k, bits),
+                                                        dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(n, k // gs, dtype=scale_dtype,
+                                                       device=device))
+            self.register_buffer("zeros", None if symmetric else torch.empty(
+                n, k // gs, dtype=scale_dtype, device=device))
+        self.register_buffer("bias", torch.empty(n, dtype=compute_dtype, device=device)
+                             if bias else None)
+        self.register_buffer("input_scale", torch.empty(k, dtype=compute_dtype, device=device)
+                             if input_scale else None)
+
+    def spec(self) -> dict:
+        """Constructor arguments (JSON-serialisable) that rebuild this module's buffers."""
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "bias": self.bias is not None, "input_scale": self.input_scale is not None,
+                "w8a8": self.w8a8, "scale_dtype": str(self.scales.dtype).removeprefix("torch."),
+                "compute_dtype": str((self.bias if self.bias is not None else
+                                      self.input_scale if self.input_scale is not None else
+                                      self.scales).dtype).removeprefix("torch.")}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        if self.w8a8:
+            return w8a8_matmul(x, self.qweight, self.scales, self.bias)
+        return quant_matmul(x, self.qweight, self.scales, self.zeros, self.bits,
+                            self.group_size, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """The effective fp32 weight (N, K) (with AWQ's input scale folded back in)."""
+        if self.w8a8:
+            w = self.qweight.float() * self.scales.float()
+        else:
+            w = dequantize_ref(self.qweight, self.scales, self.zeros, self.bits,
+                               self.group_size, self.in_features)
+        if self.input_scale is not None:
+            w = w * self.input_scale.float()[None, :]
+        return w
+
+    def storage_bytes(self) -> int:
+        """Bytes of the weight and its metadata (codes, scales, zeros, input scale)."""
+        return sum(t.numel() * t.element_size() for t in
+                   (self.qweight, self.scales, self.zeros, self.input_scale) if t is not None)
+
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight, scales, zero points and AWQ scales included (not bias).
+        E.g. int4, group 128, fp16 scales and zeros: 4 + 2*16/128 = 4.25."""
+        return 8.0 * self.storage_bytes() / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = "w8a8" if self.w8a8 else f"int{self.bits}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}, "
+                f"bias={self.bias is not None}, awq={self.input_scale is not None}")

@@ -1,0 +1,455 @@
+"""Tests for slimlm.quant (weight quantization) and slimlm.kernels.quant_matmul on the CPU."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from slimlm import ModelConfig, Transformer
+from slimlm.kernels.quant_matmul import (
+    dequantize_ref,
+    pack_bits,
+    quant_matmul,
+    quant_matmul_ref,
+    unpack_bits,
+    w8a8_matmul,
+    w8a8_matmul_ref,
+)
+from slimlm.quant import (
+    QuantConfig,
+    QuantLinear,
+    awq_search,
+    dequantize,
+    gptq_quantize,
+    hqq_quantize,
+    load_quantized,
+    model_size_bytes,
+    quant_stats,
+    quantize_,
+    rtn_quantize,
+    save_quantized,
+    select_targets,
+)
+from slimlm.quant.calibrated import rtn_dequant_fn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Transformer, torch.Tensor]:
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", n_layers=2)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (4, 32))
+    return model, ids
+
+
+def correlated_x(rows: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Activations with a few large-variance channels and correlated columns."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g)
+    x[:, :6] *= 15.0
+    return x @ (torch.eye(k) + 0.15 * torch.randn(k, k, generator=g))  # (R, K)
+
+
+# ---------------------------------------------------------------------------------------
+# Formats
+# ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), rows=st.integers(1, 4), chunks=st.integers(1, 6),
+       seed=st.integers(0, 2**31 - 1))
+def test_pack_unpack_exact(bits: int, rows: int, chunks: int, seed: int) -> None:
+    k = 8 * chunks
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 1 << bits, (rows, 2, k), generator=g, dtype=torch.int64).to(torch.uint8)
+    packed = pack_bits(q, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, 2, k * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits, k), q)
+
+
+def test_pack_layout_is_little_endian_bit_stream() -> None:
+    q = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8)
+    assert pack_bits(q, 4).tolist() == [[0x21, 0x43, 0x65, 0x07]]
+    assert pack_bits(q % 4, 2).tolist() == [[1 | 2 << 2 | 3 << 4 | 0 << 6, 1 | 2 << 2 | 3 << 4]]
+    word = sum(int(v) << (3 * i) for i, v in enumerate(q[0].tolist()))
+    assert pack_bits(q, 3).tolist() == [[word & 255, (word >> 8) & 255, word >> 16]]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, None])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dequantize_matches_reference(bits: int, group: int | None, symmetric: bool) -> None:
+    torch.manual_seed(bits)
+    w = torch.randn(16, 64) * 0.05
+    gs = group or 64
+    q, s, z = rtn_quantize(w, bits, gs, symmetric)
+    deq = dequantize(q, s, z, bits, gs)
+    # the packed path and an independent per-element formula agree exactly
+    torch.testing.assert_close(dequantize_ref(pack_bits(q, bits), s.half(),
+                                              None if z is None else z.half(), bits, gs, 64), deq)
+    zz = z if z is not None else torch.full_like(s, 2 ** (bits - 1))
+    manual = torch.stack([(q[:, j].float() - zz[:, j // gs]) * s[:, j // gs] for j in range(64)], 1)
+    torch.testing.assert_close(deq, manual)
+    # RTN error is at most half a step (plus clipping of the symmetric positive end)
+    step = s.repeat_interleave(gs, 1)
+    bound = step * (1.0 if symmetric else 0.5) + 1e-6
+    assert ((deq - w).abs() <= bound).all()
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(quant_matmul(x, pack_bits(q, bits), s.half(),
+                                            None if z is None else z.half(), bits, gs),
+                               x @ deq.t())
+
+
+def test_width_ordering_of_rtn_error() -> None:
+    w = torch.randn(64, 128)
+    errs = [rel(dequantize(*rtn_quantize(w, b, 32, False), b, 32), w) for b in (8, 4, 3, 2)]
+    assert errs == sorted(errs) and errs[0] < 0.01 and errs[-1] < 0.6
+
+
+# ---------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits,group,act_order,symmetric", [
+    (4, 32, False, False), (4, None, False, True), (3, 64, True, False), (2, 32, True, True)])
+def test_gptq_beats_rtn_on_layer_output(bits: int, group: int | None, act_order: bool,
+                                        symmetric: bool) -> None:
+    torch.manual_seed(1)
+    n, k = 64, 128
+    w = torch.randn(n, k) * 0.02
+    x = correlated_x(1024, k)
+    h = 2 * x.t() @ x / x.shape[0]  # (K, K)
+    gs = group or k
+    ref = x @ w.t()
+    e_rtn = rel(x @ dequantize(*rtn_quantize(w, bits, gs, symmetric), bits, gs).t(), ref)
+    q, s, z = gptq_quantize(w, h, bits, gs, symmetric, act_order=act_order, block_size=32)
+    e_gptq = rel(x @ dequantize(q, s, z, bits, gs).t(), ref)
+    assert q.dtype == torch.uint8 and int(q.max()) < 2**bits
+    assert e_gptq < 0.6 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_gptq_block_size_is_only_an_implementation_detail() -> None:
+    torch.manual_seed(2)
+    w = torch.randn(32, 64, dtype=torch.float32) * 0.02
+    x = correlated_x(256, 64)
+    h = 2 * x.t() @ x / 256
+    a = gptq_quantize(w, h, 4, 32, False, block_size=64)
+    b = gptq_quantize(w, h, 4, 32, False, block_size=16)
+    da, db = dequantize(*a, 4, 32), dequantize(*b, 4, 32)
+    assert rel(da, db) < 0.02  # same algorithm; lazy batching only reorders fp32 sums
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 128])
+def test_hqq_beats_rtn_on_weight_error(bits: int, group: int) -> None:
+    torch.manual_seed(3)
+    w = torch.randn(64, 256) * 0.02
+    w[:, ::29] *= 6.0  # outliers, as in real weights
+    e_rtn = rel(dequantize(*rtn_quantize(w, bits, group, False), bits, group), w)
+    q, s, z = hqq_quantize(w, bits, group)
+    e_hqq = rel(dequantize(q, s, z, bits, group), w)
+    assert e_hqq < e_rtn, (e_hqq, e_rtn)
+
+
+def test_awq_scaling_reduces_output_error() -> None:
+    torch.manual_seed(4)
+    n, k = 64, 128
+    w = torch.randn(n, k) * 0.02
+    x = torch.randn(512, k)
+    x[:, :4] *= 30.0  # salient input channels
+    fn = rtn_dequant_fn(3, 32, False, torch.float16)
+    s = awq_search(w, x, fn)
+    base = rel(x @ fn(w).t(), x @ w.t())
+    scaled = rel((x / s) @ fn(w * s).t(), x @ w.t())
+    assert scaled < 0.9 * base, (scaled, base)
+
+
+# ---------------------------------------------------------------------------------------
+# Modules, accounting, the model
+# ---------------------------------------------------------------------------------------
+
+
+def test_bits_per_weight_accounting() -> None:
+    lin = nn.Linear(256, 64, bias=True)
+    expect = {(4, 128, False): 4 + 32 / 128, (4, 128, True): 4 + 16 / 128,
+              (2, 32, False): 2 + 32 / 32, (3, None, False): 3 + 32 / 256,
+              (8, 64, True): 8 + 16 / 64}
+    for (bits, gs, sym), bpw in expect.items():
+        m = nn.Sequential(copy.deepcopy(lin))
+        quantize_(m, QuantConfig(bits=bits, group_size=gs, symmetric=sym))
+        assert m[0].bits_per_weight() == pytest.approx(bpw)
+        qbytes = 256 * 64 * bits // 8
+        stats = quant_stats(m)
+        assert stats["quantized_modules"] == 1 and stats["bits_per_weight"] == pytest.approx(bpw)
+        assert model_size_bytes(m) == m[0].storage_bytes() + 64 * 4  # + fp32 bias
+        assert m[0].qweight.numel() == qbytes
+    m = nn.Sequential(copy.deepcopy(lin))
+    quantize_(m, QuantConfig(w8a8=True, scale_dtype="float32"))
+    assert m[0].bits_per_weight() == pytest.approx(8 + 32 / 256)
+
+
+def test_tiny_model_logits_close_and_ordered_by_width(tiny) -> None:
+    model, ids = tiny
+    ref = model(ids)
+    errs = {}
+    for bits in (8, 4, 2):
+        m = quantize_(copy.deepcopy(model), QuantConfig(bits=bits, group_size=32))
+        assert isinstance(m.layers[0].mlp.up_proj, QuantLinear)
+        assert isinstance(m.lm_head, nn.Linear)  # LM head skipped by default
+        errs[bits] = rel(m(ids), ref)
+    assert errs[8] < 0.01 and errs[4] < 0.15 and errs[2] < 0.7, errs
+    assert errs[8] < errs[4] < errs[2], errs
+
+
+def test_gptq_awq_hqq_sequential_on_model(tiny) -> None:
+    model, ids = tiny
+    ref = model(ids)
+    e_rtn = rel(quantize_(copy.deepcopy(model), QuantConfig(bits=3, group_size=32))(ids), ref)
+    for cfg in (QuantConfig(bits=3, group_size=32, method="gptq"),
+                QuantConfig(bits=3, group_size=32, method="gptq", act_order=True, awq=True,
+                            sequential=True),
+                QuantConfig(bits=3, group_size=32, method="hqq", awq=True)):
+        m = quantize_(copy.deepcopy(model), cfg, calib=ids, batch_size=2)
+        assert rel(m(ids), ref) < e_rtn, cfg
+    m = quantize_(copy.deepcopy(model), QuantConfig(bits=3, group_size=32, awq=True),
+                  calib=iter([ids[:2], (ids[2:],)]))  # iterable of batches
+    assert m.layers[1].self_attn.q_proj.input_scale.shape == (model.cfg.dim,)
+
+
+def test_w8a8_reference_close_to_fp(tiny) -> None:
+    torch.manual_seed(5)
+    x = torch.randn(2, 5, 64)
+    w = torch.randn(48, 64) * 0.05
+    b = torch.randn(48)
+    wscale = w.abs().amax(1, keepdim=True) / 127
+    wq = torch.round(w / wscale).to(torch.int8)
+    y = w8a8_matmul(x, wq, wscale, b)
+    torch.testing.assert_close(y, w8a8_matmul_ref(x, wq, wscale, b))
+    assert rel(y, x @ w.t() + b) < 0.02
+    # exact integer arithmetic: compare with int64 products
+    x2 = x.reshape(-1, 64)
+    xs = x2.abs().amax(1, keepdim=True) / 127
+    xq = torch.round(x2 / xs).clamp(-127, 127).long()
+    exact = (xq @ wq.long().t()).double() * xs.double() * wscale.double().t() + b.double()
+    torch.testing.assert_close(y.reshape(-1, 48).double(), exact, rtol=1e-5, atol=1e-5)
+    model, ids = tiny
+    m = quantize_(copy.deepcopy(model), QuantConfig(w8a8=True))
+    assert m.layers[0].self_attn.q_proj.w8a8 and rel(m(ids), model(ids)) < 0.03
+
+
+def test_target_selection() -> None:
+    model = Transformer(ModelConfig.from_preset("tiny", n_layers=2))
+
+    def names(cfg: QuantConfig, fn=None) -> list[str]:
+        return [f for f, _ in select_targets(model, cfg, fn)]
+
+    default = names(QuantConfig())
+    assert len(default) == 14 and "lm_head" not in default
+    assert "lm_head" in names(QuantConfig(include_lm_head=True))
+    assert names(QuantConfig(targets=["q_proj"])) == ["layers.0.self_attn.q_proj",
+                                                     "layers.1.self_attn.q_proj"]
+    assert names(QuantConfig(targets=["layers.1.mlp"])) == [
+        "layers.1.mlp.gate_proj", "layers.1.mlp.up_proj", "layers.1.mlp.down_proj"]
+    assert names(QuantConfig(targets=["layers.*.mlp.down_proj"])) == [
+        "layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
+    assert names(QuantConfig(targets=[r"re:layers\.0\..*_proj"])) == [
+        f for f in default if f.startswith("layers.0.")]
+    assert names(QuantConfig(), lambda m, f: m.out_features == 128) == [
+        f for f in default if f.endswith(("q_proj", "o_proj", "down_proj"))]
+
+
+def test_save_load_round_trip_without_fp_weights(tiny, tmp_path) -> None:
+    model, ids = tiny
+    m = quantize_(copy.deepcopy(model), QuantConfig(bits=4, group_size=32, method="hqq"))
+    keys = set(m.state_dict())
+    assert {"layers.0.mlp.up_proj.qweight", "layers.0.mlp.up_proj.scales",
+            "layers.0.mlp.up_proj.zeros"} <= keys
+    assert "layers.0.mlp.up_proj.weight" not in keys
+    out = m(ids)
+    save_quantized(m, tmp_path / "q")
+    assert sorted(os.listdir(tmp_path / "q")) == ["model.safetensors", "quant_config.json"]
+    # building on meta: no fp weight of a quantized path is ever allocated (every
+    # allocation is logged at the dispatcher, below torch.device's meta redirection)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LogAllocs(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: set[tuple[int, ...]] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and not out.is_meta and out.is_floating_point():
+                self.shapes.add(tuple(out.shape))
+            return out
+
+    with LogAllocs() as log:
+        loaded = load_quantized(tmp_path / "q")
+    d, f = model.cfg.dim, model.cfg.mlp_dim
+    kv = model.cfg.n_kv_heads * model.cfg.head_dim
+    assert (d, 4) in log.shapes  # scales (N, K/32) are allocated: the logger works
+    assert not log.shapes & {(f, d), (d, f), (d, d), (kv, d)}, log.shapes
+    for fqn, mod in loaded.named_modules():
+        if fqn.startswith("layers."):
+            assert not isinstance(mod, nn.Linear), fqn
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight  # tie restored
+    torch.testing.assert_close(loaded(ids), out, rtol=0, atol=0)
+
+
+def test_quantize_hf_llama(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(6)
+    hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    ref = model(ids).logits
+    quantize_(model, QuantConfig(bits=4, group_size=32, method="gptq"), calib=ids)
+    assert isinstance(model.model.layers[0].mlp.gate_proj, QuantLinear)
+    assert isinstance(model.lm_head, nn.Linear)
+    out = model(ids).logits
+    assert rel(out, ref) < 0.1
+    save_quantized(model, tmp_path / "hf")
+    loaded = load_quantized(tmp_path / "hf",
+                            model=lambda: transformers.LlamaForCausalLM(hf_cfg), device="cpu")
+    torch.testing.assert_close(loaded(ids).logits, out, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels under the Triton interpreter (a subprocess, so TRITON_INTERPRET is set before
+# triton is imported whatever other tests imported first)
+# ---------------------------------------------------------------------------------------
+
+_KERNEL_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from slimlm.kernels import quant_matmul as qm
+    torch.manual_seed(0)
+    small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_KW=16, num_warps=4, num_stages=1)
+    cases = [  # bits, dtype, group, unpack strategy, M, split-K
+        (4, torch.float16, 32, False, 3, 2), (4, torch.float32, None, True, 17, 1),
+        (2, torch.float16, None, False, 1, 1), (2, torch.float32, 32, True, 5, 1),
+        (8, torch.float16, 32, True, 2, 1), (8, torch.float32, None, False, 4, 2)]
+    for bits, dtype, group, reshape, m, split in cases:
+        n, k = 24, (256 if bits == 2 else 128)
+        gs = group or k
+        q = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8)
+        qw = qm.pack_bits(q, bits)
+        s = (torch.rand(n, k // gs) * 0.1 + 0.01).to(dtype)
+        z = torch.randint(0, 2 ** bits, (n, k // gs)).to(dtype) if group else None
+        x = torch.randn(m, k).to(dtype)
+        b = torch.randn(n).to(dtype)
+        ref = qm.quant_matmul_ref(x.double(), qw, s, z, bits, gs, b.double())
+        y = qm._quant_matmul_triton(x, qw, s, z, bits, gs, b,
+                                    dict(small, RESHAPE=reshape, SPLIT_K=split))
+        assert y.dtype == dtype and y.shape == (m, n)
+        err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+        tol = 1e-6 if dtype == torch.float32 else 2e-3
+        assert err < tol, (bits, dtype, group, reshape, m, split, err)
+    print("KERNELS OK")
+""")
+
+
+def test_kernels_under_triton_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "KERNELS OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_cpu_dispatch_uses_reference() -> None:
+    q = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    s, z = torch.rand(8, 2).half(), torch.randint(0, 16, (8, 2)).half()
+    x = torch.randn(2, 3, 64)
+    torch.testing.assert_close(quant_matmul(x, pack_bits(q, 4), s, z, 4, 32),
+                               quant_matmul_ref(x, pack_bits(q, 4), s, z, 4, 32))
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match=r"bits=5.*\(2, 3, 4, 8\)"):
+        QuantConfig(bits=5)
+    with pytest.raises(ValueError, match="group_size=48"):
+        QuantConfig(group_size=48)
+    with pytest.raises(ValueError, match="method='awq'"):
+        QuantConfig(method="awq")
+    with pytest.raises(ValueError, match="hqq"):
+        QuantConfig(method="hqq", symmetric=True)
+    with pytest.raises(ValueError, match="act_order"):
+        QuantConfig(act_order=True)
+    with pytest.raises(ValueError, match="bits=4 with w8a8"):
+        QuantConfig(bits=4, w8a8=True)
+    with pytest.raises(ValueError, match="damp"):
+        QuantConfig(damp=1.5)
+    with pytest.raises(ValueError, match="scale_dtype"):
+        QuantConfig(scale_dtype="int8")
+    with pytest.raises(TypeError, match="targets"):
+        QuantConfig(targets=[1])
+    cfg = QuantConfig(bits=3, method="gptq", act_order=True, targets="q_proj")
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+    assert QuantConfig(w8a8=True).group_size is None and QuantConfig().group_size == 128
+
+
+def test_quantize_errors(tiny) -> None:
+    model, ids = tiny
+    with pytest.raises(TypeError, match=r"'norm'.*RMSNorm"):
+        quantize_(copy.deepcopy(model), QuantConfig(targets=["norm"]))
+    with pytest.raises(TypeError, match=r"'embed_tokens'.*Embedding"):
+        quantize_(copy.deepcopy(model), QuantConfig(targets=["embed_tokens"]))
+    with pytest.raises(ValueError, match="no module matched"):
+        quantize_(copy.deepcopy(model), QuantConfig(targets=["nothing_here"]))
+    with pytest.raises(ValueError, match="no module matched"):
+        quantize_(copy.deepcopy(model), QuantConfig(), filter_fn=lambda m, f: False)
+    odd = nn.Sequential(nn.Linear(96, 8))
+    with pytest.raises(ValueError, match=r"group_size=64 does not divide in_features=96 of '0'"):
+        quantize_(odd, QuantConfig(group_size=64))
+    assert isinstance(odd[0], nn.Linear)  # nothing changed before the error
+    with pytest.raises(ValueError, match="calib=None"):
+        quantize_(copy.deepcopy(model), QuantConfig(method="gptq"))
+    with pytest.raises(ValueError, match="calib"):
+        quantize_(copy.deepcopy(model), QuantConfig(method="gptq"), calib=torch.randn(2, 4))
+    with pytest.raises(TypeError, match="calib"):
+        quantize_(copy.deepcopy(model), QuantConfig(awq=True), calib="some text")
+    with pytest.raises(TypeError, match="QuantConfig"):
+        quantize_(model, {"bits": 4})
+    m = quantize_(copy.deepcopy(model), QuantConfig(targets=["q_proj"]))
+    with pytest.raises(ValueError, match="already a QuantLinear"):
+        quantize_(m, QuantConfig(targets=["q_proj"]))
+
+
+def test_save_load_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        save_quantized(nn.Sequential(nn.Linear(8, 8)), tmp_path / "x")
+    with pytest.raises(ValueError, match="quant_config.json"):
+        load_quantized(tmp_path)
+    m = quantize_(nn.Sequential(nn.Linear(64, 8)), QuantConfig(group_size=32))
+    save_quantized(m, tmp_path / "seq")
+    with pytest.raises(ValueError, match="ModelConfig"):
+        load_quantized(tmp_path / "seq")
+    loaded = load_quantized(tmp_path / "seq", model=lambda: nn.Sequential(nn.Linear(64, 8)))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
