@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import random
@@ -12,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from slimlm import train as strain
 from slimlm.data import prepare_data
 from slimlm.model import ModelConfig, Transformer
 from slimlm.train import (
@@ -28,6 +28,9 @@ from slimlm.train import (
     save_checkpoint,
     train,
 )
+
+# The module itself (``slimlm.train`` may be shadowed by the re-exported function).
+strain = importlib.import_module("slimlm.train")
 
 # ---------------------------------------------------------------------------- fixtures
 
