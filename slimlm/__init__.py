@@ -29,6 +29,15 @@ from slimlm.generate import (
     register_cache,
 )
 from slimlm.model import PRESETS, ModelConfig, Transformer
+from slimlm.train import (
+    TrainConfig,
+    TrainResult,
+    evaluate,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    train,
+)
 
 __version__ = "0.1.0"
 
@@ -38,4 +47,6 @@ __all__ = [
     "load_tokenizer", "perplexity", "prepare_data", "train_tokenizer",
     "DenseCache", "GenerationResult", "KVCache", "SamplingConfig", "StaticCache", "generate",
     "make_cache", "register_cache",
+    "TrainConfig", "TrainResult", "evaluate", "load_checkpoint", "load_model", "save_checkpoint",
+    "train",
 ]

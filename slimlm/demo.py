@@ -203,7 +203,10 @@ def run_demo(out: Path, *, quick: bool = False, device: str = "cpu",
         m, note = made
         m.eval()
         tok_s_v, kv_v, _ = _decode_speed(m, prompt, n_new)
-        rows.append(DemoRow(name, technique, sum(p.numel() for p in m.parameters()),
+        # Quantized modules keep their weights in buffers: report the logical parameter
+        # count (the base model's) unless the technique says otherwise.
+        params = getattr(m, "slimlm_logical_params", cfg.num_params())
+        rows.append(DemoRow(name, technique, params,
                             _weights_bytes(m) / 2**20, bpb_of(m), tok_s_v, kv_v, note))
         print(f"[demo] {name}: bpb {rows[-1].bpb:.4f}, {rows[-1].size_mib:.2f} MiB", flush=True)
 
