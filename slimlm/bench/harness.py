@@ -493,6 +493,11 @@ def run_suite(name: str, *, quick: bool = False, out_dir: str | os.PathLike | No
             rows.append(row)
             if printer is not None:
                 printer(row)
+            # Rewrite after every row: a run killed at a time limit keeps what it measured.
+            write_json_atomic(path, {"suite": name, "gpu_slug": gpu_slug(dev),
+                                     "status": "partial", "error": None,
+                                     "elapsed_s": round(time.perf_counter() - t0, 3),
+                                     "env": env, "rows": rows})
     except BaseException as e:
         status, error = "error", "".join(traceback.format_exception_only(type(e), e)).strip()
         raise
