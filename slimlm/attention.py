@@ -154,6 +154,13 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
+# torch.compile does not trace into the kernels (their launcher builds autotuners lazily):
+# a compiled model breaks its graph around attention and calls the kernels as they are.
+@torch.compiler.disable
+def _flash_apply(*args: Any) -> torch.Tensor:
+    return _FlashAttention.apply(*args)
+
+
 def _sdpa_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                    softmax_scale: float | None) -> torch.Tensor:
     """SDPA with bottom-right causal alignment; callers exclude Tq > Tk (empty rows)."""
@@ -191,8 +198,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
     why = fa.kernel_supports(q)
     if why is None:
-        return _FlashAttention.apply(q, k, v, causal, softmax_scale, window_size, cu_q, cu_k,
-                                     max_q, max_k)
+        return _flash_apply(q, k, v, causal, softmax_scale, window_size, cu_q, cu_k, max_q,
+                            max_k)
     warn_fallback("flash_attention", why)
     varlen = cu_q is not None
     empty_rows = causal and not varlen and q.shape[-2] > k.shape[-2]
