@@ -44,6 +44,16 @@ from slimlm.quant.calibrated import rtn_dequant_fn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to oversubscription when the
+    2 CPU cores are shared (spinning OpenMP threads made some tests 100x slower)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -253,6 +263,16 @@ def test_w8a8_reference_close_to_fp(tiny) -> None:
     assert m.layers[0].self_attn.q_proj.w8a8 and rel(m(ids), model(ids)) < 0.03
 
 
+def test_dtype_casts_keep_scale_storage_dtype() -> None:
+    m = quantize_(nn.Sequential(nn.Linear(64, 16)), QuantConfig(group_size=32, method="hqq"))
+    scales, zeros = m[0].scales.clone(), m[0].zeros.clone()
+    m = m.to(torch.bfloat16)
+    assert m[0].bias.dtype == torch.bfloat16 and m[0].qweight.dtype == torch.uint8
+    assert torch.equal(m[0].scales, scales) and torch.equal(m[0].zeros, zeros)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    assert m(x).dtype == torch.bfloat16
+
+
 def test_target_selection() -> None:
     model = Transformer(ModelConfig.from_preset("tiny", n_layers=2))
 
@@ -343,6 +363,7 @@ _KERNEL_SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from slimlm.kernels import quant_matmul as qm
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_KW=16, num_warps=4, num_stages=1)
     cases = [  # bits, dtype, group, unpack strategy, M, split-K
@@ -375,6 +396,18 @@ def test_kernels_under_triton_interpreter() -> None:
     res = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and "KERNELS OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_bench_suite_quick_runs_on_cpu() -> None:
+    from slimlm.bench.harness import get_suite
+
+    rows = list(get_suite("quant")(True, torch.device("cpu"), shapes=[(32, 128)], ms=[1, 32]))
+    assert {r["format"] for r in rows} == {"int8-g128", "int4-g128", "int2-g64", "w8a8"}
+    for r in rows:
+        assert r["ms"] > 0 and r["kernel_err_vs_ref"] < 1e-5 and r["speedup_vs_bf16"] > 0
+    by = {(r["format"], r["M"]): r for r in rows}
+    assert by[("int8-g128", 1)]["rel_err_vs_bf16"] < by[("int2-g64", 1)]["rel_err_vs_bf16"]
+    assert ("w8a8", 1) not in by  # W8A8 rows only at prefill sizes
 
 
 def test_cpu_dispatch_uses_reference() -> None:

@@ -48,21 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-try:  # the kernels package helper (another file); private fallbacks keep this file standalone
-    from slimlm.kernels import triton_available, warn_fallback
-except ImportError:  # pragma: no cover - only when slimlm.kernels lacks the helpers
-    import functools
-    import importlib.util
-    import warnings
-
-    @functools.lru_cache(maxsize=None)
-    def triton_available() -> bool:
-        return importlib.util.find_spec("triton") is not None
-
-    @functools.lru_cache(maxsize=None)
-    def warn_fallback(what: str, why: str) -> None:
-        warnings.warn(f"slimlm: {what} falls back to PyTorch: {why}", RuntimeWarning,
-                      stacklevel=3)
+from slimlm.kernels import triton_available, warn_fallback
 
 __all__ = [
     "KERNEL_BITS",

@@ -62,6 +62,17 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", torch.empty(k, dtype=compute_dtype, device=device)
                              if input_scale else None)
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` convert bias and input scale but not
+        scales and zero points: they keep their storage dtype (a cast would change the
+        dequantized weights); device moves apply to all."""
+        keep = {n: t for n in ("scales", "zeros") if (t := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)
+        for name, t in keep.items():
+            dev = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
+            self._buffers[name] = t.to(dev)
+        return self
+
     def spec(self) -> dict:
         """Constructor arguments (JSON-serialisable) that rebuild this module's buffers."""
         return {"in_features": self.in_features, "out_features": self.out_features,
