@@ -1,0 +1,326 @@
+"""Tests for slimlm.precision: the loss scaler, every policy training a tiny model,
+stochastic rounding / Kahan keeping tiny bf16 updates, and the fp8 linear (emulated on the
+CPU, compared with torch._scaled_mm on an fp8 GPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimlm import precision
+from slimlm.model import ModelConfig, Transformer
+from slimlm.precision import (
+    BF16AdamW,
+    DynamicLossScaler,
+    Float8Linear,
+    PrecisionConfig,
+    fp8_linear,
+    get_policy,
+    quantize_fp8,
+    stochastic_round_to_bf16,
+)
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------- loss scaler
+
+
+def _param_with_grad(value: float) -> nn.Parameter:
+    p = nn.Parameter(torch.zeros(3))
+    p.grad = torch.full((3,), value)
+    return p
+
+
+def test_scaler_overflow_skips_and_halves():
+    s = DynamicLossScaler(init_scale=1024.0, growth_interval=3)
+    p = _param_with_grad(float("inf"))
+    assert s.unscale_([p]) is False
+    assert s.update() is False
+    assert s.scale == 512.0 and s.skipped_steps == 1 and s.clean_steps == 0
+    p = _param_with_grad(float("nan"))
+    assert not s.unscale_([p]) and not s.update()
+    assert s.scale == 256.0 and s.skipped_steps == 2
+
+
+def test_scaler_unscales_and_grows_after_clean_steps():
+    s = DynamicLossScaler(init_scale=8.0, growth_interval=3)
+    for i in range(3):
+        p = _param_with_grad(16.0)
+        assert s.unscale_([p]) is True
+        torch.testing.assert_close(p.grad, torch.full((3,), 16.0 / s.scale))
+        assert s.unscale_([p]) is True  # idempotent within a step: not divided twice
+        torch.testing.assert_close(p.grad, torch.full((3,), 16.0 / s.scale))
+        assert s.update() is True
+        assert s.scale == (16.0 if i == 2 else 8.0)
+    assert s.clean_steps == 0 and s.steps == 3 and s.skipped_steps == 0
+    # An overflow resets the clean-step count; the scale never falls below min_scale.
+    s2 = DynamicLossScaler(init_scale=2.0, min_scale=1.0)
+    for _ in range(3):
+        s2.unscale_([_param_with_grad(float("inf"))])
+        s2.update()
+    assert s2.scale == 1.0
+    state = s.state_dict()
+    s3 = DynamicLossScaler()
+    s3.load_state_dict(state)
+    assert s3.state_dict() == state
+    with pytest.raises(RuntimeError, match="before unscale_"):
+        DynamicLossScaler().update()
+    with pytest.raises(ValueError, match="growth_interval=0"):
+        DynamicLossScaler(growth_interval=0)
+    with pytest.raises(ValueError, match="backoff_factor=1.5"):
+        DynamicLossScaler(backoff_factor=1.5)
+
+
+def test_fp16_policy_skips_overflowing_step_and_recovers():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 8)
+    policy = get_policy("fp16-mixed", init_scale=2.0 ** 40, growth_interval=10)
+    opt = policy.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 8) * 100
+    with policy.autocast("cpu"):
+        loss = model(x).float().pow(2).mean()
+    policy.backward(loss)  # 2^40 * loss overflows fp16 gradients
+    assert policy.step(opt) is False
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)  # step skipped
+    assert policy.stats() == {"loss_scale": 2.0 ** 39, "skipped_steps": 1}
+    taken = []
+    for _ in range(40):
+        opt.zero_grad(set_to_none=True)
+        with policy.autocast("cpu"):
+            loss = model(torch.randn(4, 8)).float().pow(2).mean()
+        policy.backward(loss)
+        taken.append(policy.step(opt))
+    # Backed off until the gradients fit fp16, then (growth every 10 clean steps, an
+    # overflow at most after each growth) most steps are taken.
+    assert sum(taken[-20:]) >= 17, taken
+    sd = policy.state_dict()
+    other = get_policy("fp16-mixed")
+    other.load_state_dict(sd)
+    assert other.stats() == policy.stats()
+    with pytest.raises(ValueError, match="policy 'fp16-mixed', not 'bf16-mixed'"):
+        get_policy("bf16-mixed").load_state_dict(sd)
+
+
+# ------------------------------------------------------------------ policies train
+
+
+def _tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_dim=64,
+                      max_seq_len=32)
+    return Transformer(cfg)
+
+
+@pytest.mark.parametrize("name", precision.POLICIES)
+def test_every_policy_trains_a_tiny_model(name):
+    model = _tiny_model()
+    policy = get_policy(name, init_scale=2.0 ** 12)
+    policy.prepare_(model)
+    if name == "bf16-pure":
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    if name == "fp8":
+        assert isinstance(model.layers[0].mlp.up_proj, Float8Linear)
+        assert type(model.lm_head) is nn.Linear  # skipped by default
+    opt = policy.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2,
+                                                  weight_decay=0.0))
+    if name == "bf16-pure":
+        assert isinstance(opt, BF16AdamW)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 64, (4, 17), generator=g)  # (B, T+1): one batch, memorised
+    losses = []
+    for _ in range(25):
+        with policy.autocast("cpu"):
+            _, loss = model(x[:, :-1], x[:, 1:])
+        policy.backward(loss)
+        policy.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        policy.step(opt)
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 1.0, losses
+    policy.restore_(model)
+    assert not any(isinstance(m, Float8Linear) for m in model.modules())
+
+
+def test_tf32_and_fp32_contexts_restore_the_global_switch():
+    old = torch.get_float32_matmul_precision()
+    with get_policy("tf32").autocast("cpu"):
+        assert torch.get_float32_matmul_precision() == "high"
+    with get_policy("fp32").autocast("cpu"):
+        assert torch.get_float32_matmul_precision() == "highest"
+    assert torch.get_float32_matmul_precision() == old
+
+
+def test_policy_errors():
+    with pytest.raises(ValueError, match="policy='fp4'"):
+        get_policy("fp4")
+    with pytest.raises(ValueError, match="bf16_rounding='up'"):
+        PrecisionConfig("bf16-pure", bf16_rounding="up")
+    with pytest.raises(TypeError, match="bf16-pure needs AdamW"):
+        get_policy("bf16-pure").wrap_optimizer(torch.optim.SGD(nn.Linear(2, 2).parameters(),
+                                                               lr=0.1))
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        get_policy("fp8").prepare_("model")
+    cfg = PrecisionConfig("fp8", fp8_skip=("lm_head", "q_proj"))
+    assert PrecisionConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ------------------------------------------------------------- bf16-pure rounding
+
+
+def test_stochastic_rounding_is_unbiased_and_exact_on_bf16_values():
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((200_000,), 1.0 + 2.0 ** -9)  # a quarter of a bf16 ulp above 1.0
+    r = stochastic_round_to_bf16(x, g).float()
+    assert set(r.unique().tolist()) == {1.0, 1.0 + 2.0 ** -7}
+    assert abs(r.mean().item() - x[0].item()) < 2e-5
+    exact = torch.randn(1000).to(torch.bfloat16).float()
+    assert torch.equal(stochastic_round_to_bf16(exact, g).float(), exact)
+    neg = -x
+    assert abs(stochastic_round_to_bf16(neg, g).float().mean().item() - neg[0].item()) < 2e-5
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+def test_bf16_pure_keeps_tiny_updates(rounding):
+    """1000 Adam steps of 1e-4 (relative to a weight of 1) move an fp32 weight by 0.1;
+    bf16 round-to-nearest never moves (half an ulp at 1.0 is 0.0039); stochastic rounding
+    and Kahan compensation follow fp32."""
+    n, steps, lr = 2048, 1000, 1e-4
+
+    def run(dtype, rounding):
+        p = nn.Parameter(torch.ones(n, dtype=dtype))
+        opt = BF16AdamW([p], lr=lr, weight_decay=0.0, rounding=rounding)
+        for _ in range(steps):
+            p.grad = torch.full_like(p, -1.0)  # Adam's step is ~lr whatever the scale
+            opt.step()
+        return p.detach().float()
+
+    ref = run(torch.float32, "nearest")
+    assert ref.mean().item() == pytest.approx(1.1, abs=1e-3)
+    nearest = run(torch.bfloat16, "nearest")
+    assert torch.equal(nearest, torch.ones(n))
+    ours = run(torch.bfloat16, rounding)
+    assert ours.mean().item() == pytest.approx(ref.mean().item(), abs=3e-3)
+
+
+def test_bf16_adamw_matches_adamw_on_fp32_and_resumes_exactly():
+    torch.manual_seed(0)
+    a = nn.Linear(6, 5)
+    b = copy.deepcopy(a)
+    ref = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-8)
+    ours = BF16AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-8)
+    for _ in range(5):
+        x = torch.randn(3, 6)
+        for m, o in ((a, ref), (b, ours)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    # bf16 + stochastic rounding: a reload reproduces the next update bit for bit.
+    m = nn.Linear(4, 4).to(torch.bfloat16)
+    opt = BF16AdamW(m.parameters(), lr=1e-3)
+    m(torch.randn(2, 4, dtype=torch.bfloat16)).sum().backward()
+    opt.step()
+    m2 = copy.deepcopy(m)
+    opt2 = BF16AdamW(m2.parameters(), lr=1e-3)
+    opt2.load_state_dict(opt.state_dict())
+    for p1, p2 in zip(m.parameters(), m2.parameters()):
+        p2.grad = p1.grad.clone()
+    for oo in (opt, opt2):
+        oo.step()
+    for p1, p2 in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+        assert opt2.state[p2]["exp_avg"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------- fp8
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_fp8_emulated_linear_forward_and_backward(scaling):
+    torch.manual_seed(0)
+    x = torch.randn(64, 48, requires_grad=True)
+    w = torch.randn(32, 48, requires_grad=True)
+    dy = torch.randn(64, 32)
+    y = fp8_linear(x, w, scaling=scaling, emulate=True)
+    y.backward(dy)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y2 = F.linear(x2, w2)
+    y2.backward(dy)
+    assert y.dtype == torch.float32 and y.shape == (64, 32)
+    # E4M3 has 3 mantissa bits (relative rounding error <= 1/16), E5M2 2 bits.
+    assert _rel(y, y2) < 0.06
+    assert _rel(x.grad, x2.grad) < 0.12 and _rel(w.grad, w2.grad) < 0.12
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+def test_quantize_fp8_scales_to_the_format_range():
+    x = torch.tensor([[0.5, -3.0], [0.0, 0.0]])
+    q, s = quantize_fp8(x, torch.float8_e4m3fn)
+    assert q.dtype == torch.float8_e4m3fn and s.item() == pytest.approx(3.0 / 448)
+    assert q.float().abs().max().item() == 448.0
+    q, s = quantize_fp8(x, torch.float8_e4m3fn, dim=1)  # per row; an all-zero row is fine
+    assert s.shape == (2, 1) and torch.equal(q[1].float(), torch.zeros(2))
+    torch.testing.assert_close(q.float() * s, x, rtol=0.07, atol=0)
+
+
+def test_float8_linear_keeps_keys_and_falls_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16, bias=False))
+    keys = list(model.state_dict())
+    ref = copy.deepcopy(model)
+    done = precision.convert_to_fp8_(model, skip=())
+    assert done == ["0", "2"] and list(model.state_dict()) == keys
+    assert model[0].weight is model.get_parameter("0.weight")
+    x = torch.randn(16, 32)
+    assert _rel(model(x), ref(x)) < 0.08
+    # backend "bf16" computes bf16 F.linear.
+    bf = precision.convert_to_fp8_(copy.deepcopy(ref), backend="bf16", skip=())
+    assert bf == ["0", "2"]
+    # On the CPU "auto" means emulation; the shape rule is for _scaled_mm.
+    assert precision.fp8_threshold_rule(4096, 8192, 16384)
+    assert not precision.fp8_threshold_rule(1024, 2048, 1024)
+    assert precision.calibrate_fp8_(model, tokens=16) == {"0": True, "2": True}
+    assert precision.convert_from_fp8_(model) == 2
+    assert type(model[0]) is nn.Linear and list(model.state_dict()) == keys
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_fp8_scaled_mm_matches_emulation(scaling):
+    if not precision.fp8_supported("cuda"):
+        pytest.skip("GPU without fp8 (compute capability < 8.9)")
+    torch.manual_seed(0)
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(384, 512, device="cuda", requires_grad=True)
+    dy = torch.randn(256, 384, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for emulate in (False, True):
+        xx, ww = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        y = fp8_linear(xx, ww, scaling=scaling, emulate=emulate, out_dtype=torch.bfloat16)
+        y.backward(dy)
+        outs.append((y, xx.grad, ww.grad))
+    for a, b in zip(*outs):
+        assert _rel(a, b) < 1e-2  # same quantised operands: only accumulation order differs
