@@ -21,7 +21,9 @@ Variants, all flags of one ``LoRAConfig``:
   gives B a learning rate ``ratio`` times A's.
 - QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314): the base may be any
   linear-like module with ``in_features``/``out_features`` and a forward, e.g. slimlm's
-  ``QuantLinear``; the adapters stay in fp32 beside the frozen int4 weights.
+  ``QuantLinear``; the adapters stay in fp32 beside the frozen int4 weights. A base with
+  ``dequantize()`` gets its input gradient from ``dy @ dequant(W)`` (dequantized again in
+  the backward, as QLoRA does), so kernels without autograd still train correctly.
 
 Design. ``apply_`` replaces each targeted ``nn.Linear`` at its module path with a
 ``LoRALinear`` that holds the original as ``base_layer`` and the adapters in ModuleDicts
@@ -72,6 +74,7 @@ import math
 import os
 import re
 import tempfile
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -186,7 +189,8 @@ class LoRAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"LoRAConfig: unknown fields {sorted(unknown)}; expected {sorted(known)}")
+            raise ValueError(f"LoRAConfig: unknown fields {sorted(unknown)}; expected "
+                             f"{sorted(known)}")
         return cls(**d)
 
     @classmethod
@@ -348,7 +352,8 @@ class _Magnitude(nn.Module):
 
 def _base_weight(base: nn.Module) -> torch.Tensor:
     """The base layer's weight (out, in) as a float tensor: ``weight`` for nn.Linear, the
-    dequantized weight for a quantized layer that offers ``dequantize()``/``dequantize_weight()``."""
+    dequantized weight for a quantized layer that offers ``dequantize()`` (or
+    ``dequantize_weight()``)."""
     if isinstance(base, nn.Linear):
         return base.weight
     for attr in ("dequantize", "dequantize_weight", "dequantized_weight"):
@@ -371,6 +376,110 @@ def _reference_tensor(base: nn.Module) -> torch.Tensor | None:
     tensors = [*base.parameters(), *base.buffers()]
     floats = [t for t in tensors if t.is_floating_point()]
     return (floats or tensors or [None])[0]
+
+
+def _dequantizes(base: nn.Module) -> bool:
+    return not isinstance(base, nn.Linear) and any(
+        callable(getattr(base, a, None)) for a in ("dequantize", "dequantize_weight"))
+
+
+class _FrozenBaseFn(torch.autograd.Function):
+    """y = base(x) for a frozen quantized base, with dx = dy @ dequant(W) in the backward.
+
+    Quantized kernels (slimlm's Triton int4 matmul) have no autograd, so without this the
+    gradient would silently skip the base path; and a differentiable dequantize-then-matmul
+    would keep a full-precision copy of W alive per layer until the backward. QLoRA's
+    answer, used here: dequantize again in the backward, keep nothing but the module."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        ctx.base, ctx.x_dtype = base, x.dtype
+        with torch.no_grad():
+            return base(x)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor, None]:
+        w = _base_weight(ctx.base)  # (out, in), AWQ input scale folded in
+        gx = gy @ w.to(gy.dtype)  # (..., out) @ (out, in) -> (..., in)
+        return gx.to(ctx.x_dtype), None
+
+
+class _LoRAFn(torch.autograd.Function):
+    """One adapted linear layer, forward and backward by hand (frozen nn.Linear base, one
+    plain LoRA adapter): ``y = x W^T + b + s (h A^T) B^T`` with h = dropout(x) or x.
+
+    Against autograd over the separate ops this saves, per layer: the compute-dtype copy of
+    W (re-cast from the frozen weight in the backward instead of kept alive), the
+    separate B output / scaling / add passes over y (one in-place ``addmm_`` epilogue), and
+    the separate LoRA input gradient plus its sum with the base's (``dx.addmm_(dxa, A)``).
+    Saved for the backward: h (the input, shared with nothing else) and x A^T (N, r)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, h: torch.Tensor, W: torch.Tensor,
+                b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, s: float,
+                cd: torch.dtype) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x, W.to(cd), None if b is None else b.to(cd))  # (..., out)
+            xa = F.linear(h, A.to(cd))  # (..., r)
+            y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.to(cd).t(), alpha=s)
+        ctx.save_for_backward(h, xa, W, A, B)
+        ctx.same, ctx.s, ctx.cd, ctx.x_shape = h is x, s, cd, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
+        h, xa, W, A, B = ctx.saved_tensors
+        cd, s = ctx.cd, ctx.s
+        need_x, need_h = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(gy.device.type, enabled=False):
+            g = gy.reshape(-1, gy.shape[-1]).to(cd)  # (N, out)
+            xa2 = xa.reshape(-1, xa.shape[-1])  # (N, r)
+            h2 = h.reshape(-1, h.shape[-1])  # (N, in)
+            Ac = A.to(cd)
+            gxa = g @ (B.to(cd) * s)  # (N, r)
+            dB = (g.t() @ xa2).mul_(s)  # (out, r)
+            dA = gxa.t() @ h2  # (r, in)
+            dx = dh = None
+            if need_x:
+                dx = g @ W.to(cd)  # (N, in): the frozen base's input gradient
+                if ctx.same:
+                    dx.addmm_(gxa, Ac)  # plus the adapter's, in the GEMM epilogue
+                dx = dx.view(ctx.x_shape)
+            if not ctx.same and need_h:
+                dh = (gxa @ Ac).view(ctx.x_shape)  # (..., in), back through the dropout
+        return (dx, dh, None, None, dA.to(A.dtype) if ctx.needs_input_grad[4] else None,
+                dB.to(B.dtype) if ctx.needs_input_grad[5] else None, None, None)
+
+
+class _CastCache:
+    """The last input cast to the compute dtype, shared by the LoRA layers of one model.
+
+    q_proj, k_proj and v_proj (gate_proj and up_proj) read the same fp32 hidden state;
+    autocast casts it once per layer and each LoRA A product keeps its own copy for the
+    backward. With this cache they share one bf16 copy. Holds weak references only (no
+    activation is kept alive) and is keyed by identity, version counter, dtype and grad
+    mode, so an in-place change or a new tensor is never served a stale cast."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._src: Any = None
+        self._out: Any = None
+
+    def cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        key = (x._version, dtype, torch.is_grad_enabled(), x.device)
+        if self._key == key and self._src is not None and self._src() is x:
+            out = self._out() if self._out is not None else None
+            if out is not None:
+                return out
+        out = x.to(dtype)
+        self._key, self._src, self._out = key, weakref.ref(x), weakref.ref(out)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:  # weak references do not pickle
+        return {"_key": None, "_src": None, "_out": None}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _CastCache:
+        return _CastCache()
 
 
 def _exact_dtype(w: torch.Tensor) -> torch.dtype:
@@ -413,6 +522,8 @@ class LoRALinear(nn.Module):
         self._merge_log: list[tuple[list[str], list[torch.Tensor | None]]] = []
         self.adapters_disabled = False
         self.row_adapters: list[str] | None = None
+        # Shared with the model's other LoRA layers by apply_ (see _CastCache).
+        self._cast_cache: _CastCache | None = None
 
     # -- conveniences so code that reads `layer.weight` keeps working ---------------------
 
@@ -574,12 +685,21 @@ class LoRALinear(nn.Module):
         # base GEMM and the A GEMM and keep both copies for the backward pass. Inside
         # torch.compile the compiler deduplicates the casts itself.
         xc = x
-        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type) \
-                and not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        autocast = x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
+        if autocast and not compiling:
             cd = torch.get_autocast_dtype(x.device.type)
             if x.dtype != cd:
-                xc = x.to(cd)
-        y = self.base_layer(xc)
+                cache = self._cast_cache
+                xc = cache.cast(x, cd) if cache is not None else x.to(cd)
+        if not compiling and not self.adapters_disabled and self.row_adapters is None:
+            y = self._fused_forward(x, xc, autocast)
+            if y is not None:
+                return y
+        if _dequantizes(self.base_layer) and torch.is_grad_enabled() and xc.requires_grad:
+            y = _FrozenBaseFn.apply(xc, self.base_layer)
+        else:
+            y = self.base_layer(xc)
         if self.adapters_disabled:
             return y
         if self.row_adapters is not None:
@@ -597,6 +717,37 @@ class LoRALinear(nn.Module):
                     self.lora_dropout[n](self._adapter_input(x, xc, n)), self.lora_A[n].weight),
                     self.lora_B[n].weight, self.scaling[n])
         return out
+
+    def _fused_forward(self, x: torch.Tensor, xc: torch.Tensor,
+                       autocast: bool) -> torch.Tensor | None:
+        """The training hot path through ``_LoRAFn`` (one plain LoRA adapter over a frozen
+        nn.Linear, gradients wanted), or None when it does not apply."""
+        base = self.base_layer
+        if not torch.is_grad_enabled() or type(base) is not nn.Linear \
+                or base.weight.requires_grad:
+            return None
+        active = [n for n in self.active_adapters
+                  if n in self.lora_A and n not in self.merged_adapters]
+        if len(active) != 1 or active[0] in self.lora_magnitude_vector:
+            return None
+        n = active[0]
+        A, B = self.lora_A[n].weight, self.lora_B[n].weight
+        b = base.bias
+        if b is not None and b.requires_grad:
+            return None
+        if not (xc.requires_grad or A.requires_grad or B.requires_grad):
+            return None
+        if autocast:
+            cd = torch.get_autocast_dtype(x.device.type)
+        elif xc.dtype == base.weight.dtype == A.dtype == B.dtype:
+            cd = xc.dtype
+        else:
+            return None
+        if xc.dtype != cd:
+            return None
+        drop = self.lora_dropout[n]
+        h = drop(xc) if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0 else xc
+        return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd)
 
     def _mixed_forward(self, x: torch.Tensor, xc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Row b of the batch uses adapter ``row_adapters[b]`` ("__base__": none)."""
@@ -788,11 +939,14 @@ def apply_(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
             if r > min(base.in_features, base.out_features):
                 raise ValueError(f"init='pissa': r={r} for {p!r} exceeds min(in, out)="
                                  f"{min(base.in_features, base.out_features)}")
+    cache = next((layer._cast_cache for _, layer in lora_layers(model)
+                  if layer._cast_cache is not None), None) or _CastCache()
     for p in paths:
         m = modules[p]
         if not isinstance(m, LoRALinear):
             m = LoRALinear(m)
             _set_module(model, p, m)
+        m._cast_cache = cache
         r = _first_match(config.rank_pattern, p) or config.r
         alpha = _first_match(config.alpha_pattern, p) or config.alpha
         m.add_adapter(adapter_name, r, alpha, dropout=config.dropout,

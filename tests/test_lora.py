@@ -39,7 +39,8 @@ def tiny(dtype: torch.dtype = torch.float32, seed: int = 0, **kw) -> Transformer
 
 
 def ids(b: int = 2, t: int = 8, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, CFG["vocab_size"], (b, t), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CFG["vocab_size"], (b, t), generator=gen)
 
 
 def copy_of(model: Transformer) -> Transformer:
@@ -512,6 +513,86 @@ def test_autocast_path_matches_reference():
     assert x.grad is not None and A.grad is not None and base.weight.grad is not None
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_training_path_gradients_exact(dropout, bias):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12, bias=bias, dtype=torch.float64).requires_grad_(False)
+    layer = LoRALinear(base)
+    layer.add_adapter("a", 4, 8.0, init="random", dropout=dropout)
+    layer.train()
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    s = layer.scaling["a"]
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 12, dtype=torch.float64)
+    torch.manual_seed(7)
+    out = layer(x)
+    assert out.grad_fn is not None and "LoRAFn" in type(out.grad_fn).__name__
+    got = torch.autograd.grad(out, [x, A, B], g)
+    xr = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(7)  # the same dropout mask
+    h = torch.nn.functional.dropout(xr, dropout, training=True) if dropout else xr
+    ref = base(xr) + s * (h @ A.T) @ B.T
+    assert_close(out, ref)
+    for a, b in zip(got, torch.autograd.grad(ref, [xr, A, B], g)):
+        assert_close(a, b)
+    if not dropout:  # an input that needs no gradient (the first layer over the embedding)
+        xd = x.detach()
+        (ga,) = torch.autograd.grad(layer(xd), [A], g)
+        assert_close(ga, torch.autograd.grad(base(xd) + s * (xd @ A.T) @ B.T, [A], g)[0])
+
+
+def test_fused_path_under_autocast_matches_unfused_model():
+    m = tiny()
+    lora.apply_(m, LoRAConfig(r=4, init="random"))
+    m2 = copy_of(tiny())
+    lora.apply_(m2, LoRAConfig(r=4, init="random"))
+    m2.load_state_dict(m.state_dict())
+    x = ids()
+
+    def grads(model: Transformer, fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        layers = [layer for _, layer in lora.lora_layers(model)]
+        if not fused:  # the module path, as PEFT computes it: no shared cast, no _LoRAFn
+            for layer in layers:
+                layer._cast_cache = None
+                layer._fused_forward = lambda *a: None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, x)[1]
+        loss.backward()
+        return loss.detach(), [layer.lora_A["default"].weight.grad for layer in layers] + [
+            layer.lora_B["default"].weight.grad for layer in layers]
+
+    l1, g1 = grads(m, True)
+    l2, g2 = grads(m2, False)
+    assert_close(l1, l2, rtol=1e-2, atol=1e-2)
+    for a, b in zip(g1, g2):
+        assert_close(a, b, rtol=0.1, atol=0.02 * b.abs().max().item())
+
+
+def test_cast_cache_shares_and_invalidates():
+    from slimlm.lora import _CastCache
+
+    c = _CastCache()
+    x = torch.randn(3, 4)
+    a = c.cast(x, torch.bfloat16)
+    assert c.cast(x, torch.bfloat16) is a
+    assert c.cast(x, torch.float16) is not a  # another dtype
+    b = c.cast(x, torch.bfloat16)
+    x.add_(1.0)  # in place: the version counter moves on
+    fresh = c.cast(x, torch.bfloat16)
+    assert fresh is not b and torch.equal(fresh, x.to(torch.bfloat16))
+    y = x.clone()
+    assert c.cast(y, torch.bfloat16) is not fresh  # another tensor
+    m = tiny()
+    lora.apply_(m, LoRAConfig(r=2, targets="q_proj"))
+    lora.apply_(m, LoRAConfig(r=2, targets="k_proj"), "b")
+    caches = {id(layer._cast_cache) for _, layer in lora.lora_layers(m)}
+    assert len(caches) == 1  # one cache per model
+    import copy
+
+    copy.deepcopy(m)  # weak references do not get in the way of copies
+
+
 def F_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, w)
 
@@ -558,6 +639,24 @@ def test_qlora_on_slimlm_quant(dora):
     assert layer.lora_B["default"].weight.grad is not None
     assert lora.trainable_parameters(m)[0] == sum(
         p.numel() for n, p in m.named_parameters() if ".lora_" in n)
+    # The input gradient through a quantized base: dy @ dequant(W) (plus the adapter's).
+    xin = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    g = torch.randn(2, 3, layer.out_features)
+    (gx,) = torch.autograd.grad(layer(xin), xin, g)
+    if not dora:
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        w_eff = layer.base_layer.dequantize() + layer.scaling["default"] * B @ A
+        assert_close(gx, g @ w_eff)
+    else:
+        wq = layer.base_layer.dequantize()
+        ref_layer = LoRALinear(nn.Linear(layer.in_features, layer.out_features, bias=False))
+        with torch.no_grad():
+            ref_layer.base_layer.weight.copy_(wq)
+        ref_layer.add_adapter("default", 4, 16.0, use_dora=True)
+        ref_layer.load_state_dict({**layer.state_dict(), "base_layer.weight": wq}, strict=False)
+        xr = xin.detach().clone().requires_grad_(True)
+        (gr,) = torch.autograd.grad(ref_layer(xr), xr, g)
+        assert_close(gx, gr)
     with torch.no_grad():
         for _, lay in lora.lora_layers(m):
             lay.lora_B["default"].weight.normal_(0, 0.1)
