@@ -1,0 +1,517 @@
+"""Activation (gradient) checkpointing: trade recomputation for activation memory.
+
+Training keeps every activation that the backward pass needs; for a transformer that is
+tens of tensors of size B x T x C per block, and at long sequences it dwarfs the weights.
+Checkpointing (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost") keeps a
+block's *inputs* only and re-runs its forward during backward: ~1/3 more compute for a
+block's activations. Selective checkpointing (Korthikanti et al., 2022, "Reducing
+Activation Recomputation in Large Transformer Models") keeps the outputs of the expensive
+ops (matmuls, attention) and recomputes only the cheap elementwise ops and norms, so most
+of the memory goes for a few percent of time. A budget planner picks, per block, among
+"save" (no checkpointing), "selective" and "full" so the step is as fast as possible within a
+memory budget.
+
+Policies (``TrainConfig(checkpointing=...)``, ``--checkpointing``, or :class:`CheckpointConfig`)::
+
+    none            no checkpointing
+    full            every block recomputed (torch.utils.checkpoint, non-reentrant)
+    every:N         blocks 0, N, 2N, ... recomputed, the others saved
+    selective       every block keeps matmul/attention outputs, recomputes the rest
+                    (torch.utils.checkpoint.create_selective_checkpoint_contexts)
+    budget:F        the planner, within F x the no-checkpointing activation memory (F <= 1)
+                    or F bytes (F > 1); it measures each block once (bytes kept for
+                    backward, op times) and solves a knapsack over blocks x modes
+    offload         no recomputation; saved activations go to (pinned) CPU memory
+    <policy>+offload   blocks the policy saves whole are offloaded to CPU memory
+
+Wrapping patches ``forward`` on the block instances (no wrapper module, so parameter names
+and state-dict keys do not change) and :func:`remove_` undoes it. Recomputation replays the
+RNG (``preserve_rng_state``), so dropout masks and gradients equal those without
+checkpointing. Works on any list of modules, e.g. a Hugging Face model's
+``model.model.layers``::
+
+    from slimlm import checkpointing
+    checkpointing.apply_(model.layers, "selective")
+    plan = checkpointing.apply_(model.layers, "budget:0.5", probe=lambda: model(x, y)[1])
+    print(plan.modes, plan.predicted_bytes / plan.baseline_bytes)
+    checkpointing.remove_(model.layers)
+
+A checkpointed block must compute the same thing when it is re-run: train Hugging Face
+models with ``config.use_cache = False`` (a KV cache grows again during recomputation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils.checkpoint as tuc
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+POLICIES = ("none", "full", "every:N", "selective", "budget:F", "offload")
+MODES = ("save", "selective", "full")
+
+_aten = torch.ops.aten
+
+
+def _save_ops() -> frozenset:
+    """Ops whose outputs selective checkpointing keeps: matmuls and fused attention (the
+    ones that exist in this torch build)."""
+    names = [("mm", "default"), ("addmm", "default"), ("bmm", "default"),
+             ("baddbmm", "default"), ("_scaled_mm", "default"),
+             ("_scaled_dot_product_flash_attention", "default"),
+             ("_scaled_dot_product_efficient_attention", "default"),
+             ("_scaled_dot_product_cudnn_attention", "default"),
+             ("_scaled_dot_product_flash_attention_for_cpu", "default")]
+    ops = []
+    for name, overload in names:
+        packet = getattr(_aten, name, None)
+        if packet is not None and hasattr(packet, overload):
+            ops.append(getattr(packet, overload))
+    return frozenset(ops)
+
+
+SAVE_OPS = _save_ops()
+
+
+def _sac_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> tuc.CheckpointPolicy:
+    return (tuc.CheckpointPolicy.MUST_SAVE if op in SAVE_OPS
+            else tuc.CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _sac_context() -> tuple[Any, Any]:
+    return tuc.create_selective_checkpoint_contexts(_sac_policy)
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointConfig:
+    """A checkpointing policy. ``mode`` is "none", "full", "every", "selective" or
+    "budget"; ``every`` (for "every") recomputes blocks ``i % every == 0``; ``budget`` (for
+    "budget") is a fraction of the no-checkpointing activation bytes (<= 1) or bytes (> 1);
+    ``offload`` moves the activations of blocks kept whole to CPU memory (pinned on a GPU
+    machine). ``parse("every:2+offload")`` reads the string form; ``str()`` writes it."""
+
+    mode: str = "none"
+    every: int = 1
+    budget: float | None = None
+    offload: bool = False
+    preserve_rng_state: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("none", "full", "every", "selective", "budget"):
+            raise ValueError(f"CheckpointConfig.mode={self.mode!r}: expected one of "
+                             "('none', 'full', 'every', 'selective', 'budget')")
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
+            raise ValueError(f"CheckpointConfig.every={self.every!r}: expected a positive "
+                             "integer")
+        if self.mode == "budget":
+            b = self.budget
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) \
+                    or b <= 0:
+                raise ValueError(f"CheckpointConfig.budget={b!r}: expected a fraction in (0, 1] "
+                                 "or a number of bytes > 1")
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"CheckpointConfig.offload={self.offload!r}: expected a bool")
+
+    @classmethod
+    def parse(cls, policy: str | CheckpointConfig) -> CheckpointConfig:
+        """A CheckpointConfig from its string form (see the module docstring)."""
+        if isinstance(policy, CheckpointConfig):
+            return policy
+        if not isinstance(policy, str):
+            raise TypeError(f"policy={policy!r}: expected a string such as 'full', 'every:2', "
+                            "'budget:0.5' or a CheckpointConfig")
+        expected = (f"policy={policy!r}: expected one of {POLICIES}, optionally with "
+                    "'+offload' (e.g. 'every:2+offload')")
+        text, offload = policy.strip(), False
+        if text.endswith("+offload"):
+            text, offload = text[: -len("+offload")], True
+        if text == "offload":
+            return cls("none", offload=True)
+        name, _, arg = text.partition(":")
+        try:
+            if name in ("none", "full", "selective") and not arg:
+                return cls(name, offload=offload)
+            if name == "every" and arg:
+                return cls("every", every=int(arg), offload=offload)
+            if name == "budget" and arg:
+                return cls("budget", budget=float(arg), offload=offload)
+        except ValueError as e:
+            raise ValueError(f"{expected}: {e}") from None
+        raise ValueError(expected)
+
+    def __str__(self) -> str:
+        if self.mode == "every":
+            base = f"every:{self.every}"
+        elif self.mode == "budget":
+            base = f"budget:{self.budget:g}"
+        else:
+            base = self.mode
+        if self.offload:
+            return "offload" if base == "none" else f"{base}+offload"
+        return base
+
+
+def validate_policy(policy: str | CheckpointConfig) -> str:
+    """The canonical string of a policy; ValueError naming it if it is not one."""
+    return str(CheckpointConfig.parse(policy))
+
+
+# ---------------------------------------------------------------------------------------
+# Wrapping blocks
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    mode: str  # "save", "selective" or "full"
+    offload: bool
+    preserve_rng_state: bool
+
+
+_ORIG = "_slimlm_checkpoint_orig_forward"
+
+
+def _inner_forward(block: nn.Module) -> Callable[..., Any]:
+    orig = block.__dict__.get(_ORIG)
+    if orig is not None:  # someone else's instance forward was there first: call it
+        return lambda _block, *a, **k: orig(*a, **k)
+    return type(block).forward
+
+
+def _offload_context() -> contextlib.AbstractContextManager:
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+
+def _checkpointed_forward(block: nn.Module, spec: _Spec, *args: Any, **kwargs: Any) -> Any:
+    forward = _inner_forward(block)
+    if not torch.is_grad_enabled():  # evaluation: nothing is saved, nothing to recompute
+        return forward(block, *args, **kwargs)
+    if spec.mode == "save":
+        with _offload_context() if spec.offload else contextlib.nullcontext():
+            return forward(block, *args, **kwargs)
+    extra: dict[str, Any] = {}
+    if spec.mode == "selective":
+        extra["context_fn"] = _sac_context
+    return tuc.checkpoint(forward, block, *args, use_reentrant=False,
+                          preserve_rng_state=spec.preserve_rng_state, **extra, **kwargs)
+
+
+def _is_ours(block: nn.Module) -> bool:
+    f = block.__dict__.get("forward")
+    return isinstance(f, functools.partial) and f.func is _checkpointed_forward
+
+
+def _set_mode(block: nn.Module, spec: _Spec | None) -> None:
+    """Install (or with None remove) the checkpointed forward on one block instance."""
+    if _is_ours(block):
+        del block.forward
+        orig = block.__dict__.pop(_ORIG, None)
+        if orig is not None:
+            block.forward = orig
+    if spec is None or (spec.mode == "save" and not spec.offload):
+        return
+    if "forward" in block.__dict__:
+        block.__dict__[_ORIG] = block.__dict__.pop("forward")
+    # A partial of a module-level function (not a closure), so copy.deepcopy follows it.
+    block.forward = functools.partial(_checkpointed_forward, block, spec)
+
+
+def _check_blocks(blocks: Any) -> list[nn.Module]:
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList,
+                                                                 nn.Sequential)):
+        raise TypeError(f"blocks={type(blocks).__name__}: expected a list of modules (e.g. "
+                        "model.layers), not a single module")
+    try:
+        out = list(blocks)
+    except TypeError:
+        raise TypeError(f"blocks={type(blocks).__name__}: expected a sequence of "
+                        "nn.Module") from None
+    if not out or not all(isinstance(b, nn.Module) for b in out):
+        raise TypeError("blocks: expected a non-empty sequence of nn.Module")
+    return out
+
+
+def modes_of(blocks: Sequence[nn.Module]) -> list[str]:
+    """The mode each block runs in now ("save", "selective", "full"; "+offload" appended
+    when offloaded)."""
+    out = []
+    for b in _check_blocks(blocks):
+        if not _is_ours(b):
+            out.append("save")
+            continue
+        spec: _Spec = b.forward.args[1]
+        out.append(spec.mode + ("+offload" if spec.offload else ""))
+    return out
+
+
+def remove_(blocks: Sequence[nn.Module]) -> None:
+    """Undo :func:`apply_`: every block's own forward is back."""
+    for b in _check_blocks(blocks):
+        _set_mode(b, None)
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring: bytes kept for backward, and op times, per block
+# ---------------------------------------------------------------------------------------
+
+
+class _Recorder(TorchDispatchMode):
+    """Records the storage of every tensor an op allocates while it runs (weakly, so the
+    storage's life is untouched), the block that made it and, optionally, each op's time.
+    What is still alive after the forward is what autograd and checkpointing keep for
+    backward: the activation memory, measured the same way on the CPU and the GPU."""
+
+    def __init__(self, timed: bool = False) -> None:
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._weak = StorageWeakRef
+        self.block = -1
+        self.timed = timed
+        self.storages: dict[int, tuple[Any, int, int]] = {}  # ptr -> (weakref, bytes, block)
+        self.times: dict[tuple[int, bool], float] = {}  # (block, save op?) -> seconds
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        sync = None
+        if self.timed:
+            dev = next((t.device for t in tree_leaves((args, kwargs))
+                        if isinstance(t, torch.Tensor)), None)
+            if dev is not None and dev.type == "cuda":
+                sync = functools.partial(torch.cuda.synchronize, dev)
+                sync()
+            t0 = time.perf_counter()
+        out = func(*args, **kwargs)
+        if self.timed:
+            if sync is not None:
+                sync()
+            key = (self.block, func in SAVE_OPS)
+            self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - t0
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+                continue
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr == 0 or ptr in inputs:  # a view or in-place result: not a new allocation
+                continue
+            old = self.storages.get(ptr)
+            if old is None or old[0].expired():
+                self.storages[ptr] = (self._weak(st), st.nbytes(), self.block)
+        return out
+
+    def live_bytes(self) -> dict[int, int]:
+        """Bytes still alive, per block (-1: outside every block)."""
+        gc.collect()
+        out: dict[int, int] = {}
+        for ref, nbytes, block in self.storages.values():
+            if not ref.expired():
+                out[block] = out.get(block, 0) + nbytes
+        return out
+
+
+@contextlib.contextmanager
+def _attribute_to_blocks(blocks: Sequence[nn.Module], rec: _Recorder) -> Iterator[None]:
+    """Tell the recorder which block is running (forward hooks: they fire around the
+    patched forward too)."""
+    handles = []
+    for i, b in enumerate(blocks):
+        def pre(mod: nn.Module, args: Any, i: int = i) -> None:
+            rec.block = i
+
+        def post(mod: nn.Module, args: Any, out: Any) -> None:
+            rec.block = -1
+
+        handles.append(b.register_forward_pre_hook(pre))
+        handles.append(b.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def measure_activation_bytes(fn: Callable[[], Any],
+                             blocks: Sequence[nn.Module] | None = None
+                             ) -> dict[int, int]:
+    """Run ``fn()`` (a forward with autograd on) and return the bytes of the tensors it
+    allocated that are still alive while its result is: the activations kept for backward
+    (plus the result itself), per block index of ``blocks`` (-1: outside them). Views and
+    in-place results are not new memory and are not counted; parameters never are."""
+    rec = _Recorder()
+    ctx = _attribute_to_blocks(blocks, rec) if blocks is not None else contextlib.nullcontext()
+    with torch.enable_grad(), ctx, rec:
+        result = fn()
+    live = rec.live_bytes()
+    del result
+    return live
+
+
+@dataclass
+class BlockProfile:
+    """One block's activation bytes kept for backward in each mode, and the forward time
+    spent in its save ops (matmuls, attention) and in the rest (recomputed by "selective")."""
+
+    bytes: dict[str, int]
+    save_op_s: float
+    other_op_s: float
+
+    def recompute_s(self, mode: str) -> float:
+        return {"save": 0.0, "selective": self.other_op_s,
+                "full": self.save_op_s + self.other_op_s}[mode]
+
+
+def profile_blocks(blocks: Sequence[nn.Module], probe: Callable[[], Any]) -> list[BlockProfile]:
+    """Measure every block once per mode with ``probe()`` (a forward of the model that
+    calls the blocks): bytes kept per block under "save", "selective" and "full", and the
+    op times of a plain forward. Leaves the blocks as it found them."""
+    blocks = _check_blocks(blocks)
+    before = [b.__dict__.get("forward") for b in blocks]
+    saved_orig = [b.__dict__.get(_ORIG) for b in blocks]
+    remove_(blocks)
+    per_mode: dict[str, dict[int, int]] = {}
+    times: dict[tuple[int, bool], float] = {}
+    try:
+        probe()  # warm-up: lazy initialisation, autotuning, allocator growth
+        for mode in MODES:
+            for b in blocks:
+                _set_mode(b, _Spec(mode, False, True))
+            rec = _Recorder(timed=mode == "save")
+            with torch.enable_grad(), _attribute_to_blocks(blocks, rec), rec:
+                result = probe()
+            per_mode[mode] = rec.live_bytes()
+            if mode == "save":
+                times = rec.times
+            del result
+    finally:
+        remove_(blocks)
+        for b, f, o in zip(blocks, before, saved_orig):
+            if f is not None:
+                b.__dict__["forward"] = f
+            if o is not None:
+                b.__dict__[_ORIG] = o
+    return [BlockProfile(bytes={m: per_mode[m].get(i, 0) for m in MODES},
+                         save_op_s=times.get((i, True), 0.0),
+                         other_op_s=times.get((i, False), 0.0))
+            for i in range(len(blocks))]
+
+
+def plan_budget(profiles: Sequence[BlockProfile], budget_bytes: float, *,
+                resolution: int = 2000) -> tuple[list[str], bool]:
+    """Choose a mode per block minimising the summed recompute time with the summed bytes
+    within ``budget_bytes`` (a multiple-choice knapsack, solved exactly by dynamic
+    programming over the budget in ``resolution`` units; bytes are rounded up to units so
+    the plan never exceeds the budget). Returns (modes, feasible); infeasible budgets get
+    the least-memory mode of every block."""
+    if budget_bytes <= 0 or not profiles:
+        raise ValueError(f"budget_bytes={budget_bytes!r}: expected a positive number of bytes "
+                         "and at least one block")
+    unit = budget_bytes / resolution
+    inf = float("inf")
+    dp = [0.0] + [inf] * resolution  # dp[u]: least time with exactly u units used (<=)
+    choice: list[list[tuple[int, str] | None]] = []
+    for prof in profiles:
+        new = [inf] * (resolution + 1)
+        back: list[tuple[int, str] | None] = [None] * (resolution + 1)
+        for mode in MODES:
+            w = math.ceil(prof.bytes[mode] / unit - 1e-9)
+            cost = prof.recompute_s(mode)
+            for u in range(w, resolution + 1):
+                c = dp[u - w] + cost
+                if c < new[u] or (c == new[u] and back[u] is not None
+                                  and MODES.index(mode) < MODES.index(back[u][1])):
+                    new[u] = c
+                    back[u] = (u - w, mode)
+        dp = new
+        choice.append(back)
+    best = min(range(resolution + 1), key=lambda u: (dp[u], u))
+    if dp[best] == inf:
+        return [min(MODES, key=lambda m: p.bytes[m]) for p in profiles], False
+    modes: list[str] = []
+    u = best
+    for back in reversed(choice):
+        prev, mode = back[u]
+        modes.append(mode)
+        u = prev
+    return modes[::-1], True
+
+
+# ---------------------------------------------------------------------------------------
+# The verb
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What :func:`apply_` did: each block's mode and, for the budget planner, the measured
+    no-checkpointing bytes, the budget, and the predicted bytes and recompute seconds."""
+
+    policy: str
+    modes: list[str]
+    baseline_bytes: int | None = None
+    budget_bytes: int | None = None
+    predicted_bytes: int | None = None
+    predicted_recompute_s: float | None = None
+    feasible: bool = True
+    profiles: list[BlockProfile] = field(default_factory=list, repr=False)
+
+
+def apply_(blocks: Sequence[nn.Module], policy: str | CheckpointConfig = "full", *,
+           probe: Callable[[], Any] | None = None) -> Plan:
+    """Checkpoint ``blocks`` (any sequence of modules: ``model.layers``, a Hugging Face
+    model's ``model.model.layers``) under ``policy``, in place; replaces an earlier policy.
+
+    The budget planner needs ``probe``: a callable running a forward of the model on a
+    representative batch (its result is discarded); it is called four times. Returns a
+    :class:`Plan`.
+    """
+    cfg = CheckpointConfig.parse(policy)
+    blocks = _check_blocks(blocks)
+    n = len(blocks)
+    plan = Plan(policy=str(cfg), modes=[])
+    if cfg.mode == "budget":
+        if probe is None or not callable(probe):
+            raise ValueError(f"policy={str(cfg)!r}: the budget planner needs probe=, a callable "
+                             "that runs a forward of the model (e.g. lambda: model(x, y)[1])")
+        profiles = profile_blocks(blocks, probe)
+        baseline = sum(p.bytes["save"] for p in profiles)
+        budget = cfg.budget * baseline if cfg.budget <= 1 else cfg.budget
+        modes, feasible = plan_budget(profiles, max(budget, 1.0))
+        if not feasible:
+            warnings.warn(f"checkpointing budget {budget:.3g} bytes is below the least any "
+                          f"plan keeps ({sum(min(p.bytes.values()) for p in profiles):.3g} "
+                          "bytes): recomputing every block", stacklevel=2)
+        plan = Plan(policy=str(cfg), modes=modes, baseline_bytes=baseline,
+                    budget_bytes=int(budget),
+                    predicted_bytes=sum(p.bytes[m] for p, m in zip(profiles, modes)),
+                    predicted_recompute_s=sum(p.recompute_s(m) for p, m in zip(profiles, modes)),
+                    feasible=feasible, profiles=profiles)
+    elif cfg.mode == "none":
+        plan.modes = ["save"] * n
+    elif cfg.mode == "full":
+        plan.modes = ["full"] * n
+    elif cfg.mode == "selective":
+        plan.modes = ["selective"] * n
+    else:  # every
+        plan.modes = ["full" if i % cfg.every == 0 else "save" for i in range(n)]
+    for b, mode in zip(blocks, plan.modes):
+        _set_mode(b, _Spec(mode, cfg.offload and mode == "save", cfg.preserve_rng_state))
+    return plan

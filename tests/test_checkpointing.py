@@ -1,0 +1,185 @@
+"""Tests for slimlm.checkpointing: gradients equal those without checkpointing under every
+policy (fp64, with dropout), the budget planner keeps within its budget (measured), the
+policy strings, and apply_/remove_ on Hugging Face Llama layers."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from slimlm import checkpointing as ck
+from slimlm.checkpointing import BlockProfile, CheckpointConfig
+from slimlm.model import ModelConfig, Transformer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(dropout: float = 0.1, attention: str = "sdpa", n_layers: int = 4) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=n_layers, n_heads=2, n_kv_heads=1,
+                      mlp_dim=64, max_seq_len=64, dropout=dropout, attention=attention)
+    return Transformer(cfg)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 64, (2, 24), generator=g), torch.randint(0, 64, (2, 24), generator=g)
+
+
+def _grads(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    torch.manual_seed(7)  # the same dropout masks in every run
+    model.zero_grad(set_to_none=True)
+    _, loss = model(x, y)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+POLICIES = ["full", "every:2", "every:3", "selective", "budget:0.5", "budget:0.2", "offload",
+            "selective+offload", "every:2+offload"]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_gradients_equal_without_checkpointing(policy, attention):
+    ref = _model(attention=attention).double()
+    x, y = _batch()
+    expected = _grads(ref, x, y)
+    model = copy.deepcopy(ref)
+    names = [n for n, _ in model.named_parameters()]
+    plan = ck.apply_(model.layers, policy, probe=lambda: model(x, y)[1])
+    assert len(plan.modes) == 4
+    assert [n for n, _ in model.named_parameters()] == names  # nothing renamed
+    assert list(model.state_dict()) == list(ref.state_dict())
+    got = _grads(model, x, y)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12,
+                                   msg=f"{policy}: gradient of {name}")
+    # Evaluation runs the plain forward (nothing to save under no_grad).
+    with torch.no_grad():
+        model.eval(), ref.eval()
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    ck.remove_(model.layers)
+    assert ck.modes_of(model.layers) == ["save"] * 4
+    assert all("forward" not in b.__dict__ for b in model.layers)
+
+
+def test_modes_of_each_policy():
+    model = _model(dropout=0.0)
+    assert ck.apply_(model.layers, "every:2").modes == ["full", "save", "full", "save"]
+    assert ck.modes_of(model.layers) == ["full", "save", "full", "save"]
+    ck.apply_(model.layers, "selective")  # replaces the earlier policy
+    assert ck.modes_of(model.layers) == ["selective"] * 4
+    ck.apply_(model.layers, "every:3+offload")
+    assert ck.modes_of(model.layers) == ["full", "save+offload", "save+offload", "full"]
+    ck.apply_(model.layers, "none")
+    assert all("forward" not in b.__dict__ for b in model.layers)
+    # deepcopy follows the patched forward to the copy's own block.
+    ck.apply_(model.layers, "full")
+    clone = copy.deepcopy(model)
+    assert clone.layers[0].forward.args[0] is clone.layers[0]
+
+
+def test_policy_strings():
+    for s in ("none", "full", "selective", "every:4", "budget:0.5", "budget:2e+09", "offload",
+              "full+offload", "budget:0.25+offload"):
+        assert str(CheckpointConfig.parse(s)) == s
+    assert ck.validate_policy(CheckpointConfig("budget", budget=0.5)) == "budget:0.5"
+    for bad in ("some", "every", "every:0", "every:x", "budget:-1", "budget", "full:2", ""):
+        with pytest.raises(ValueError, match="policy=|CheckpointConfig"):
+            CheckpointConfig.parse(bad)
+    with pytest.raises(TypeError, match="policy=3"):
+        CheckpointConfig.parse(3)
+    with pytest.raises(ValueError, match="needs probe="):
+        ck.apply_(_model().layers, "budget:0.5")
+    with pytest.raises(TypeError, match="not a single module"):
+        ck.apply_(_model().layers[0], "full")
+
+
+@pytest.mark.parametrize("fraction", [0.75, 0.5, 0.25])
+def test_budget_planner_keeps_within_its_budget(fraction):
+    model = _model(dropout=0.0)
+    x, y = _batch()
+    plan = ck.apply_(model.layers, f"budget:{fraction}", probe=lambda: model(x, y)[1])
+    assert plan.feasible and plan.budget_bytes == int(fraction * plan.baseline_bytes)
+    live = ck.measure_activation_bytes(lambda: model(x, y)[1], model.layers)
+    measured = sum(v for block, v in live.items() if block >= 0)
+    assert measured <= plan.budget_bytes
+    assert measured == plan.predicted_bytes  # the per-block profile adds up
+    # It spends the budget: a plan cannot be cheaper and fit (else the DP is wrong).
+    assert plan.predicted_bytes > plan.budget_bytes - plan.baseline_bytes / 4
+    # Ordering of the modes' memory, per block.
+    for p in plan.profiles:
+        assert p.bytes["full"] < p.bytes["selective"] < p.bytes["save"]
+    # Without checkpointing the same measurement gives the baseline.
+    ck.remove_(model.layers)
+    live = ck.measure_activation_bytes(lambda: model(x, y)[1], model.layers)
+    assert sum(v for b, v in live.items() if b >= 0) == plan.baseline_bytes
+
+
+def test_plan_budget_is_the_knapsack_optimum():
+    # Two blocks; the cheapest plan within 150 bytes is selective + selective (cost 2),
+    # not save + full (cost 5), and within 200 bytes save + selective (cost 1).
+    profs = [BlockProfile(bytes={"save": 100, "selective": 70, "full": 10}, save_op_s=4.0,
+                          other_op_s=1.0) for _ in range(2)]
+    assert ck.plan_budget(profs, 150) == (["selective", "selective"], True)
+    modes, ok = ck.plan_budget(profs, 175)
+    assert ok and sorted(modes) == ["save", "selective"]
+    assert ck.plan_budget(profs, 200) == (["save", "save"], True)
+    assert ck.plan_budget(profs, 5) == (["full", "full"], False)
+
+
+def test_selective_keeps_less_than_save():
+    model = _model(dropout=0.0)
+    x, y = _batch()
+    prof = ck.profile_blocks(model.layers, lambda: model(x, y)[1])
+    assert all("forward" not in b.__dict__ for b in model.layers)  # left as found
+    for p in prof:
+        assert p.bytes["selective"] < 0.6 * p.bytes["save"]
+        assert p.save_op_s > 0 and p.other_op_s > 0
+
+
+def test_hf_llama_layers_apply_and_remove():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=64,
+                                   attention_dropout=0.1,
+                                   # A KV cache grows during the forward and again during
+                                   # recomputation: train without one (as HF's own
+                                   # gradient_checkpointing_enable() insists).
+                                   use_cache=False)
+    ref = transformers.LlamaForCausalLM(cfg).double()
+    ref.train()
+    x, _ = _batch()
+
+    def grads(m):
+        torch.manual_seed(3)
+        m.zero_grad(set_to_none=True)
+        m(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    expected = grads(ref)
+    for policy in ("full", "selective", "every:2", "budget:0.5"):
+        model = copy.deepcopy(ref)
+        keys = list(model.state_dict())
+        layers = model.model.layers
+        ck.apply_(layers, policy, probe=lambda m=model: m(input_ids=x, labels=x).loss)
+        assert list(model.state_dict()) == keys
+        got = grads(model)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12,
+                                       msg=f"{policy}: {name}")
+        ck.remove_(layers)
+        assert all("forward" not in b.__dict__ for b in layers)
