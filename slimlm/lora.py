@@ -33,20 +33,29 @@ shared with PEFT: the base weight's state-dict key moves from ``<path>.weight`` 
 ``<path>.base_layer.weight``; ``merge_and_unload`` / ``unload_`` put plain Linears back
 under the original keys.
 
-Speed. The kernels are plain PyTorch (no fused Triton LoRA kernel; this path is the
-reference). Where the time and memory go compared with PEFT:
+Speed. Plain PyTorch (no fused Triton LoRA kernel; this path is the reference). Where
+the time and memory go compared with PEFT, for one adapter in training:
 
-- under autocast the input is cast to the compute dtype once per layer and shared by the
-  base GEMM and the ``A`` GEMM (PEFT lets autocast cast it twice and saves both copies for
-  the backward pass: one extra activation per adapted layer);
-- the adapter's output is added inside the GEMM, ``addmm(base_out, x A^T, B^T, alpha=s)``,
-  instead of three extra passes (``B(.)``, ``* s``, ``+``) over the layer's output;
-- the frozen base weight has ``requires_grad=False``, so autograd computes no dW;
+- the forward and backward of base + adapter are written by hand (``_LoRAFn``): the
+  adapter's output is added in the GEMM epilogue (``y.addmm_(x A^T, B^T, alpha=s)``)
+  instead of three extra passes over y (``B(.)``, ``* s``, ``+``); the input gradient of
+  the adapter is accumulated into the base's in the epilogue too (``dx.addmm_(dxa, A)``);
+  the frozen base gets no dW, and its compute-dtype copy (autocast's bf16 cast of an fp32
+  W) is re-cast in the backward instead of being kept alive from forward to backward;
+- under autocast, the fp32 hidden state that q/k/v (and gate/up) read is cast to bf16
+  once for all of them (``_CastCache``, weak references only), where autocast casts it per
+  layer and PEFT's A products keep one copy each for the backward;
 - DoRA's row norm is computed without materialising ``W + s B A`` (PEFT builds an
   (in, in) identity to get B A, then W + s B A, every step):
   ``||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T``,
   one (out, in) x (in, r) product; and DoRA's dropout touches only the adapter branch,
-  where PEFT runs a second base GEMM on the dropped input (same output in eval mode).
+  where PEFT runs a second base GEMM on the dropped input (the same output in eval mode).
+
+Several active adapters, per-row adapters, quantized bases, inference (no grad) and
+``torch.compile`` (which fuses by itself) take the module path: the same maths with
+autograd over ordinary ops. Numerics: the hand-written backward sums the base's and the
+adapter's input gradients in the compute dtype (bf16 under autocast), where autograd
+would sum the two casts' fp32 gradients; the difference is one bf16 rounding.
 
 Trade-off: adapters cost a little speed per step in exchange for a ~100x smaller optimizer
 state; the cancellation-prone DoRA norm formula loses digits only when ``s B A`` nearly
@@ -406,33 +415,52 @@ class _FrozenBaseFn(torch.autograd.Function):
 
 class _LoRAFn(torch.autograd.Function):
     """One adapted linear layer, forward and backward by hand (frozen nn.Linear base, one
-    plain LoRA adapter): ``y = x W^T + b + s (h A^T) B^T`` with h = dropout(x) or x.
+    adapter): ``y = x W^T + b + s (h A^T) B^T`` with h = dropout(x) or x; for DoRA
+    ``y = (m / ||W + sBA||) * (x W^T + s (h A^T) B^T) + b``, the norm a detached input.
 
     Against autograd over the separate ops this saves, per layer: the compute-dtype copy of
     W (re-cast from the frozen weight in the backward instead of kept alive), the
     separate B output / scaling / add passes over y (one in-place ``addmm_`` epilogue), and
     the separate LoRA input gradient plus its sum with the base's (``dx.addmm_(dxa, A)``).
-    Saved for the backward: h (the input, shared with nothing else) and x A^T (N, r)."""
+    Saved for the backward: h (the input, shared with the model's other layers reading the
+    same hidden state) and x A^T (N, r); for DoRA also z (N, out), as autograd would."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, h: torch.Tensor, W: torch.Tensor,
                 b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, s: float,
-                cd: torch.dtype) -> torch.Tensor:
+                cd: torch.dtype, m: torch.Tensor | None = None,
+                norm: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x, W.to(cd), None if b is None else b.to(cd))  # (..., out)
+            dora = m is not None
+            y = F.linear(x, W.to(cd), None if b is None or dora else b.to(cd))  # (..., out)
             xa = F.linear(h, A.to(cd))  # (..., r)
             y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.to(cd).t(), alpha=s)
-        ctx.save_for_backward(h, xa, W, A, B)
+            scale = None
+            if dora:  # DoRA: m / ||W + sBA|| (norm detached) times z = x W^T + s xa B^T
+                assert norm is not None
+                scale = m.detach() / norm  # (out,)
+                z = y
+                y = z * scale.to(cd)
+                if b is not None:
+                    y = y + b.to(cd)
+        ctx.save_for_backward(h, xa, W, A, B, z if scale is not None else None, scale, norm)
         ctx.same, ctx.s, ctx.cd, ctx.x_shape = h is x, s, cd, x.shape
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
-        h, xa, W, A, B = ctx.saved_tensors
+        h, xa, W, A, B, z, scale, norm = ctx.saved_tensors
         cd, s = ctx.cd, ctx.s
         need_x, need_h = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dm = None
         with torch.autocast(gy.device.type, enabled=False):
             g = gy.reshape(-1, gy.shape[-1]).to(cd)  # (N, out)
+            if scale is not None:
+                if ctx.needs_input_grad[8]:
+                    # d/dm of z * m / norm, summed over tokens in fp32 (fp64 stays fp64)
+                    acc = torch.float64 if norm.dtype == torch.float64 else torch.float32
+                    dm = (g * z.reshape(g.shape)).sum(0, dtype=acc) / norm.to(acc)  # (out,)
+                g = g * scale.to(cd)  # (N, out): the gradient reaching z
             xa2 = xa.reshape(-1, xa.shape[-1])  # (N, r)
             h2 = h.reshape(-1, h.shape[-1])  # (N, in)
             Ac = A.to(cd)
@@ -448,7 +476,8 @@ class _LoRAFn(torch.autograd.Function):
             if not ctx.same and need_h:
                 dh = (gxa @ Ac).view(ctx.x_shape)  # (..., in), back through the dropout
         return (dx, dh, None, None, dA.to(A.dtype) if ctx.needs_input_grad[4] else None,
-                dB.to(B.dtype) if ctx.needs_input_grad[5] else None, None, None)
+                dB.to(B.dtype) if ctx.needs_input_grad[5] else None, None, None,
+                None if dm is None else dm.to(scale.dtype), None)
 
 
 class _CastCache:
@@ -627,10 +656,9 @@ class LoRALinear(nn.Module):
         with torch.autocast(W.device.type, enabled=False):
             if W.dtype in (torch.float32, torch.float64):
                 wa = W.to(dt) @ A.to(dt).t()  # (out, r)
-                wsq = W.to(dt).pow(2).sum(1)  # (out,)
             else:  # half-precision base: product in its dtype (fp32 accumulate), sums in fp32
                 wa = (W @ A.to(W.dtype).t()).to(dt)  # (out, r)
-                wsq = torch.linalg.vector_norm(W, dim=1, dtype=dt).pow(2)
+            wsq = torch.linalg.vector_norm(W, dim=1, dtype=dt).pow(2)  # (out,), no W-sized temp
             Ad, Bd = A.to(dt), B.to(dt)
             gram = Ad @ Ad.t()  # (r, r)
             sq = wsq + 2 * s * (Bd * wa).sum(1) + s * s * ((Bd @ gram) * Bd).sum(1)
@@ -720,7 +748,7 @@ class LoRALinear(nn.Module):
 
     def _fused_forward(self, x: torch.Tensor, xc: torch.Tensor,
                        autocast: bool) -> torch.Tensor | None:
-        """The training hot path through ``_LoRAFn`` (one plain LoRA adapter over a frozen
+        """The training hot path through ``_LoRAFn`` (one LoRA or DoRA adapter over a frozen
         nn.Linear, gradients wanted), or None when it does not apply."""
         base = self.base_layer
         if not torch.is_grad_enabled() or type(base) is not nn.Linear \
@@ -728,14 +756,16 @@ class LoRALinear(nn.Module):
             return None
         active = [n for n in self.active_adapters
                   if n in self.lora_A and n not in self.merged_adapters]
-        if len(active) != 1 or active[0] in self.lora_magnitude_vector:
+        if len(active) != 1:
             return None
         n = active[0]
         A, B = self.lora_A[n].weight, self.lora_B[n].weight
+        mag = self.lora_magnitude_vector[n].weight if n in self.lora_magnitude_vector else None
         b = base.bias
         if b is not None and b.requires_grad:
             return None
-        if not (xc.requires_grad or A.requires_grad or B.requires_grad):
+        if not (xc.requires_grad or A.requires_grad or B.requires_grad
+                or (mag is not None and mag.requires_grad)):
             return None
         if autocast:
             cd = torch.get_autocast_dtype(x.device.type)
@@ -747,7 +777,10 @@ class LoRALinear(nn.Module):
             return None
         drop = self.lora_dropout[n]
         h = drop(xc) if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0 else xc
-        return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd)
+        if mag is None:
+            return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd)
+        return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag,
+                             self._dora_norm(n).to(mag.dtype))
 
     def _mixed_forward(self, x: torch.Tensor, xc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Row b of the batch uses adapter ``row_adapters[b]`` ("__base__": none)."""

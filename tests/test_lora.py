@@ -191,7 +191,7 @@ def test_pissa_init_moves_top_singular_components():
 
 def test_dora_matches_its_formula_with_detached_norm():
     torch.manual_seed(0)
-    base = nn.Linear(16, 12, bias=True, dtype=torch.float64)
+    base = nn.Linear(16, 12, bias=True, dtype=torch.float64).requires_grad_(False)
     layer = LoRALinear(base)
     layer.add_adapter("d", 4, 6.0, use_dora=True, init="random")
     with torch.no_grad():
@@ -199,20 +199,25 @@ def test_dora_matches_its_formula_with_detached_norm():
     A, B = layer.lora_A["d"].weight, layer.lora_B["d"].weight
     m = layer.lora_magnitude_vector["d"].weight
     s = layer.scaling["d"]
-    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
 
     # Direct formula: W' = m * (W + sBA) / ||W + sBA|| (norm per output row, detached).
     v = base.weight + s * B @ A  # (out, in)
     norm = torch.linalg.norm(v, dim=1).detach()
     ref = x @ (m[:, None] * v / norm[:, None]).T + base.bias
     out = layer(x)
+    assert "LoRAFn" in type(out.grad_fn).__name__  # the fused training path
     assert_close(out, ref)
     assert_close(layer._dora_norm("d"), norm)
-
     g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [A, B, m], g)
-    refg = torch.autograd.grad(ref, [A, B, m], g)
-    for a, b in zip(grads, refg):
+    refg = torch.autograd.grad(ref, [x, A, B, m], g)
+    for a, b in zip(torch.autograd.grad(out, [x, A, B, m], g), refg):
+        assert_close(a, b)
+    layer._fused_forward = lambda *a: None  # the module path (inference, several adapters)
+    out2 = layer(x)
+    assert "LoRAFn" not in type(out2.grad_fn).__name__
+    assert_close(out2, ref)
+    for a, b in zip(torch.autograd.grad(out2, [x, A, B, m], g), refg):
         assert_close(a, b)
 
 
@@ -542,11 +547,12 @@ def test_fused_training_path_gradients_exact(dropout, bias):
         assert_close(ga, torch.autograd.grad(base(xd) + s * (xd @ A.T) @ B.T, [A], g)[0])
 
 
-def test_fused_path_under_autocast_matches_unfused_model():
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_path_under_autocast_matches_unfused_model(dora):
     m = tiny()
-    lora.apply_(m, LoRAConfig(r=4, init="random"))
+    lora.apply_(m, LoRAConfig(r=4, init="random", use_dora=dora))
     m2 = copy_of(tiny())
-    lora.apply_(m2, LoRAConfig(r=4, init="random"))
+    lora.apply_(m2, LoRAConfig(r=4, init="random", use_dora=dora))
     m2.load_state_dict(m.state_dict())
     x = ids()
 
