@@ -20,10 +20,14 @@ complete, so a crash while saving leaves the previous checkpoint intact. Resumin
 every piece of state, so on the CPU in fp32 a resumed run reproduces the uninterrupted
 run's losses bit for bit.
 
-Mixed precision (``precision="bf16-mixed"``: bf16 autocast over fp32 master weights) and
-activation checkpointing (``checkpointing="full"``: recompute every block in the
-backward pass, trading ~1/3 more compute for activation memory) are dispatched through
-``precision_context`` and ``apply_checkpointing``, which later techniques extend.
+Mixed precision (``precision=``: "fp32", "tf32", "bf16-mixed", "bf16-pure", "fp16-mixed"
+with a dynamic loss scale, "fp8"; see ``slimlm.precision``) and activation checkpointing
+(``checkpointing=``: "none", "full", "every:N", "selective", "budget:F", "offload"; see
+``slimlm.checkpointing``) are dispatched through ``precision_context``/``forward_backward``
+and ``apply_checkpointing``. The fp16 loss scale and skipped steps are logged and shown in
+the progress bar, and the loss-scaler state is saved in checkpoints so a resume is exact.
+Under "bf16-pure" the model is trained (and left) in bf16; under "fp8" its linear layers
+are swapped for ``Float8Linear`` during training and swapped back at the end.
 
 Example::
 
@@ -42,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -58,13 +61,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
+from slimlm import checkpointing as _checkpointing
+from slimlm import precision as _precision
 from slimlm.model import ModelConfig, Transformer
 
-PRECISIONS = ("fp32", "bf16-mixed")
-CHECKPOINT_POLICIES = ("none", "full")
+PRECISIONS = _precision.POLICIES
+CHECKPOINT_POLICIES = _checkpointing.POLICIES
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -168,9 +172,12 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision={self.precision!r}: expected one of "
                              f"{PRECISIONS}")
-        if self.checkpointing not in CHECKPOINT_POLICIES:
+        try:
+            self.checkpointing = _checkpointing.validate_policy(self.checkpointing)
+        except (ValueError, TypeError):
             raise ValueError(f"TrainConfig.checkpointing={self.checkpointing!r}: expected one "
-                             f"of {CHECKPOINT_POLICIES}")
+                             f"of {CHECKPOINT_POLICIES} (e.g. 'every:2', 'budget:0.5', "
+                             "'selective+offload')") from None
         if not isinstance(self.compile, bool):
             raise ValueError(f"TrainConfig.compile={self.compile!r}: expected True or False")
         if self.out_dir is not None:
@@ -236,40 +243,29 @@ def resolve_device(device: str) -> torch.device:
 
 
 def precision_context(precision: str, device_type: str) -> contextlib.AbstractContextManager:
-    """The autocast context for a precision policy ("fp32": none; "bf16-mixed": bf16
-    autocast, the weights and optimizer state stay fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16-mixed":
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    """The forward-pass context of a precision policy (``slimlm.precision``): "fp32" and
+    "tf32" switch TF32 off/on, the others autocast to bf16 (fp16 for "fp16-mixed")."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    return _precision.get_policy(precision).autocast(device_type)
 
 
-def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    # The class's forward, recomputed in backward. Without autograd there is nothing to
-    # save memory on, so run it plainly (and avoid checkpoint's warnings in eval).
-    forward = type(block).forward
-    if not torch.is_grad_enabled():
-        return forward(block, *args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, block, *args, use_reentrant=False,
-                                             **kwargs)
-
-
-def apply_checkpointing(model: nn.Module, policy: str) -> None:
-    """Activation checkpointing on every block of ``model.layers`` ("full"), or undo it
-    ("none"). Parameters and state-dict keys are untouched; the block's forward is
-    replaced by an instance attribute (a ``functools.partial``, so deepcopy follows)."""
-    if policy not in CHECKPOINT_POLICIES:
-        raise ValueError(f"policy={policy!r}: expected one of {CHECKPOINT_POLICIES}")
+def apply_checkpointing(model: nn.Module, policy: str,
+                        probe: Callable[[], Any] | None = None) -> Any:
+    """Activation checkpointing of the blocks of ``model.layers`` under ``policy`` (see
+    ``slimlm.checkpointing``; "none" undoes any). Parameters and state-dict keys are
+    untouched; each block's forward is replaced by an instance attribute (a
+    ``functools.partial``, so deepcopy follows). "budget:F" needs ``probe``, a callable
+    running one forward. Returns the ``checkpointing.Plan``."""
+    _checkpointing.validate_policy(policy)  # a ValueError naming the policy, before work
     layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise TypeError(f"model={type(model).__name__}: expected a model with a "
                         "`layers` nn.ModuleList of blocks")
-    for block in layers:
-        if "forward" in block.__dict__:  # undo an earlier policy first
-            del block.forward
-        if policy == "full":
-            block.forward = functools.partial(_checkpointed_forward, block)
+    if policy == "none":
+        _checkpointing.remove_(layers)
+        return _checkpointing.Plan(policy="none", modes=["save"] * len(layers))
+    return _checkpointing.apply_(layers, policy, probe=probe)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -382,7 +378,8 @@ def save_checkpoint(folder: str | os.PathLike, model: nn.Module, *,
                     scheduler: Any = None, step: int = 0,
                     train_config: TrainConfig | dict[str, Any] | None = None,
                     tokenizer: Any = None, rng_state: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None,
+                    precision_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder atomically and return its path.
 
     Everything goes into a temporary folder beside ``folder``; only when it is complete is
@@ -421,6 +418,8 @@ def save_checkpoint(folder: str | os.PathLike, model: nn.Module, *,
             state["rng"] = rng_state
         if extra is not None:
             state["extra"] = extra
+        if precision_state is not None:  # the fp16 loss scale: needed for an exact resume
+            state["precision"] = precision_state
         torch.save(state, tmp / STATE_FILE)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{tag}")
@@ -607,18 +606,28 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int, seq_len: int,
 
 
 def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, grad_accum: int,
-                     precision: str = "fp32") -> torch.Tensor:
+                     precision: str = "fp32",
+                     policy: _precision.PrecisionPolicy | None = None) -> torch.Tensor:
     """Forward and backward over ``grad_accum`` equal micro-batches of (x, y), adding each
     loss / grad_accum into ``.grad`` so the gradient is the full batch's mean-loss
-    gradient. Returns the batch's mean loss (a detached tensor, no host sync)."""
+    gradient (multiplied by the loss scale under "fp16-mixed": pass its ``policy``, which
+    holds the scale, and finish with ``policy.step``). Returns the batch's mean loss (a
+    detached tensor, no host sync)."""
     if x.shape[0] % grad_accum != 0:
         raise ValueError(f"batch of {x.shape[0]} does not split into grad_accum={grad_accum} "
                          "equal micro-batches")
+    if policy is None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+        if precision == "fp16-mixed":
+            raise ValueError("precision='fp16-mixed' needs policy= (the PrecisionPolicy that "
+                             "holds the loss scale, from slimlm.precision.get_policy)")
+        policy = _precision.get_policy(precision)
     total = torch.zeros((), device=x.device, dtype=torch.float32)
     for xm, ym in zip(x.chunk(grad_accum), y.chunk(grad_accum)):  # each (B/accum, T)
-        with precision_context(precision, x.device.type):
+        with policy.autocast(x.device.type):
             _, loss = model(xm, ym)
-        (loss / grad_accum).backward()
+        policy.backward(loss / grad_accum)
         total += loss.detach().float()
     return total / grad_accum
 
@@ -731,9 +740,25 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
 
     model.to(device)
     model.train()
+    policy = _precision.get_policy(cfg.precision, seed=cfg.seed)
+    policy.prepare_(model)  # bf16-pure: bf16 weights; fp8: Float8Linear swaps (undone below)
+    micro = cfg.batch_size // cfg.grad_accum
+    if cfg.precision == "fp8":
+        # Decide fp8 vs bf16 per layer shape once, before compilation (which cannot time).
+        _precision.calibrate_fp8_(model, tokens=micro * cfg.seq_len)
     if cfg.checkpointing != "none":  # undone at the end: the model goes back as it came
-        apply_checkpointing(model, cfg.checkpointing)
-    optimizer = make_optimizer(model, cfg)
+        probe = None
+        if cfg.checkpointing.startswith("budget"):
+            # The planner measures one forward on a batch of its own (its own sampler, and
+            # before the RNG is seeded below, so the training stream is untouched).
+            px, py = data.train.get_batch(micro, cfg.seq_len, device=device,
+                                          generator=torch.Generator().manual_seed(cfg.seed))
+
+            def probe() -> torch.Tensor:
+                with policy.autocast(device.type):
+                    return model(px, py)[1]
+        apply_checkpointing(model, cfg.checkpointing, probe=probe)
+    optimizer = policy.wrap_optimizer(make_optimizer(model, cfg))
     scheduler = make_scheduler(optimizer, cfg)
     generator = torch.Generator()  # the batch sampler's own stream, saved in checkpoints
     generator.manual_seed(cfg.seed)
@@ -743,6 +768,8 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], generator)
+        if "precision" in state and state["precision"].get("policy") == cfg.precision:
+            policy.load_state_dict(state["precision"])
         start_step = int(state["step"])
     else:
         torch.manual_seed(cfg.seed)  # dropout; the weights were initialised by the caller
@@ -756,13 +783,12 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
     flops_tok = model.cfg.flops_per_token(cfg.seq_len)
     peak = peak_flops(device)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    micro = cfg.batch_size // cfg.grad_accum
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
     def save(step: int) -> None:
         save_checkpoint(out_dir / CHECKPOINT_DIR, model, optimizer=optimizer,
                         scheduler=scheduler, step=step, train_config=cfg, tokenizer=tokenizer,
-                        rng_state=_rng_state(generator))
+                        rng_state=_rng_state(generator), precision_state=policy.state_dict())
 
     def run_eval(step: int) -> dict[str, Any]:
         res = evaluate(model, data.val, batch_size=micro, seq_len=cfg.seq_len,
@@ -784,13 +810,20 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
             x, y = data.train.get_batch(cfg.batch_size, cfg.seq_len, generator=generator,
                                         device=device)  # (B, T) each
             loss = forward_backward(run_model, x, y, grad_accum=cfg.grad_accum,
-                                    precision=cfg.precision)
+                                    precision=cfg.precision, policy=policy)
             grad_norm = None
+            policy.unscale_(optimizer)  # fp16: true gradients before clipping
             if cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
+            if policy.step(optimizer):  # fp16: skipped when the gradients overflowed
+                scheduler.step()
+            else:
+                # The schedule follows the step count either way; torch warns about a
+                # scheduler step without an optimizer step, which here is intended.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_since += tokens_per_step
             done = step + 1
@@ -803,10 +836,14 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
                 mfu = flops_tok * tps / peak if peak else None
                 row = {"step": done, "loss": loss_value, "lr": lr,
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "tokens_per_s": tps, "mfu": mfu}
+                       "tokens_per_s": tps, "mfu": mfu, **policy.stats()}
                 rows.append(row)
                 t_log, paused, tokens_since = time.perf_counter(), 0.0, 0
                 postfix.update(loss=f"{loss_value:.4f}", tok_s=_fmt_rate(tps))
+                stats = policy.stats()
+                if stats:  # fp16-mixed: the loss scale and how many steps it skipped
+                    postfix.update(scale=f"{stats['loss_scale']:.0f}",
+                                   skipped=str(stats["skipped_steps"]))
                 if device.type == "cuda":
                     postfix["mfu"] = f"{mfu * 100:.1f}%" if mfu is not None else "-"
                 if not math.isfinite(loss_value):
@@ -836,6 +873,7 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
             bar.close()
         if cfg.checkpointing != "none":
             apply_checkpointing(model, "none")
+        policy.restore_(model)
 
     if last_eval is None:  # resumed at the final step: nothing ran, evaluate once
         last_eval = run_eval(start_step)

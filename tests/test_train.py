@@ -397,6 +397,88 @@ def test_bf16_mixed_on_cpu(data):
     assert "forward" not in model.layers[0].__dict__  # train() undoes its policy
 
 
+@pytest.mark.parametrize("precision", ["tf32", "bf16-pure", "fp16-mixed", "fp8"])
+def test_every_precision_trains(data, precision):
+    model = _model(data)
+    res = train(model, data, _cfg(steps=12, precision=precision), progress=False)
+    losses = _losses(res)
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-3:]) < losses[0] - 0.5
+    if precision == "bf16-pure":
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    else:
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(type(m) is not strain._precision.Float8Linear for m in model.modules())
+    rows = [r for r in res.history if "loss" in r]
+    if precision == "fp16-mixed":
+        assert all(r["loss_scale"] > 0 and r["skipped_steps"] >= 0 for r in rows)
+    else:
+        assert "loss_scale" not in rows[0]
+
+
+def test_fp16_resume_restores_the_loss_scale(data, tmp_path, monkeypatch):
+    # A tiny growth interval and a huge initial scale make the scale move during the run
+    # (the first steps overflow and are skipped); a resume must carry it on exactly.
+    cfg = _cfg(steps=8, save_every=4, precision="fp16-mixed")
+    policy_kw = dict(init_scale=2.0 ** 30, growth_interval=2)
+    orig = strain._precision.get_policy
+
+    def get_policy(name, **kw):
+        return orig(name, **{**kw, **policy_kw}) if name == "fp16-mixed" else orig(name, **kw)
+
+    monkeypatch.setattr(strain._precision, "get_policy", get_policy)
+    ref = train(_model(data), data, TrainConfig.from_dict(
+        {**cfg.to_dict(), "out_dir": str(tmp_path / "a")}), progress=False)
+    # Crash after step 5: the step-4 checkpoint (and its loss scale) is on disk.
+    run_b = TrainConfig.from_dict({**cfg.to_dict(), "out_dir": str(tmp_path / "b")})
+
+    def crash(row):
+        if row["step"] == 5:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(_model(data), data, run_b, callback=crash, progress=False)
+    _, state = load_checkpoint(tmp_path / "b" / "checkpoint")
+    assert state["step"] == 4 and state["precision"]["policy"] == "fp16-mixed"
+    resumed = train(_model(data, seed=3), data, run_b, resume_from=tmp_path / "b",
+                    progress=False)
+    rows = [r for r in ref.history if "loss" in r]
+    assert rows[0]["skipped_steps"] >= 1  # 2^30 overflowed fp16 at first
+    assert [r["loss"] for r in resumed.history if "loss" in r] == [r["loss"] for r in rows][4:]
+    assert [r["loss_scale"] for r in resumed.history if "loss" in r] == \
+        [r["loss_scale"] for r in rows][4:]
+
+
+@pytest.mark.parametrize("policy", ["selective", "every:2", "budget:0.5"])
+def test_checkpointing_policies_in_train(data, policy):
+    ref_model = _model(data)
+    model = copy.deepcopy(ref_model)
+    ref = train(ref_model, data, _cfg(steps=3), progress=False)
+    res = train(model, data, _cfg(steps=3, checkpointing=policy), progress=False)
+    np.testing.assert_allclose(_losses(res), _losses(ref), rtol=1e-5)
+    assert all("forward" not in b.__dict__ for b in model.layers)
+    plan = apply_checkpointing(model, "budget:0.5", probe=lambda: model(
+        torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, 16, dtype=torch.long))[1])
+    assert plan.predicted_bytes <= plan.budget_bytes
+    apply_checkpointing(model, "none")
+
+
+def test_forward_backward_fp16_needs_the_policy(data):
+    model = _model(data)
+    x, y = data.train.get_batch(2, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="needs policy="):
+        forward_backward(model, x, y, grad_accum=1, precision="fp16-mixed")
+    policy = strain._precision.get_policy("fp16-mixed", init_scale=256.0)
+    loss = forward_backward(model, x, y, grad_accum=2, precision="fp16-mixed", policy=policy)
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    assert math.isfinite(float(loss))
+    # The gradients hold loss_scale x the true gradient until unscale_.
+    g = model.layers[0].mlp.up_proj.weight.grad.clone()
+    assert policy.unscale_(torch.optim.SGD(model.parameters(), lr=0.1))
+    torch.testing.assert_close(model.layers[0].mlp.up_proj.weight.grad * 256.0, g)
+
+
 # ---------------------------------------------------------------------------- config
 
 
@@ -413,8 +495,9 @@ def test_bf16_mixed_on_cpu(data):
     (dict(eps=0), "eps"),
     (dict(grad_clip=-1.0), "grad_clip"),
     (dict(weight_decay=float("nan")), "weight_decay"),
-    (dict(precision="fp16-mixed"), "precision"),
-    (dict(checkpointing="selective"), "checkpointing"),
+    (dict(precision="fp4-mixed"), "precision"),
+    (dict(checkpointing="sometimes"), "checkpointing"),
+    (dict(checkpointing="every:0"), "checkpointing"),
     (dict(device="tpu"), "device"),
     (dict(compile="yes"), "compile"),
     (dict(eval_every=-1), "eval_every"),
