@@ -309,7 +309,7 @@ class _Store:
     # -- reading -----------------------------------------------------------------------
 
     def _quant_views(self) -> tuple[torch.Tensor, ...]:
-        a, b, G = self.q0, self.q0 + self.qn, self.G
+        a, G = self.q0, self.G
         return (self.kc[:, :, a:], self.ks[:, :, a // G:], self.kz[:, :, a // G:],
                 self.vc[:, :, a:], self.vs[:, :, a:], self.vz[:, :, a:])
 
@@ -427,8 +427,9 @@ class QuantizedCache(KVCache):
         self._check(layer, k, v)
         st = self._stores[layer]
         st.push(k, v)
-        if _use_kernel(self.use_kernel, q, mask) and kernel_supports(q, st.packed()) is None:
-            out = decode_attention(q[:, :, 0], st.packed())[:, :, None]  # (B, Hq, 1, D)
+        packed = st.packed() if _use_kernel(self.use_kernel, q, mask) else None
+        if packed is not None and kernel_supports(q, packed) is None:
+            out = decode_attention(q[:, :, 0], packed)[:, :, None]  # (B, Hq, 1, D)
         else:
             ks, vs = st.read(self.dtype)  # (B, Hkv, Tk, D)
             tk, tq = ks.shape[2], q.shape[2]
@@ -575,9 +576,10 @@ class SinkCache(KVCache):
         ns = self._push(layer, k, v)
         st = self._stores[layer]
         sk, sv = self._sinks(layer, ns, st.first)
-        if (self.bits is not None and _use_kernel(self.use_kernel, q, mask)
-                and kernel_supports(q, st.packed()) is None):
-            out = decode_attention(q[:, :, 0], st.packed(prefix=(sk, sv)))[:, :, None]
+        packed = (st.packed(prefix=(sk, sv)) if self.bits is not None
+                  and _use_kernel(self.use_kernel, q, mask) else None)
+        if packed is not None and kernel_supports(q, packed) is None:
+            out = decode_attention(q[:, :, 0], packed)[:, :, None]  # (B, Hq, 1, D)
         else:
             wk, wv = st.read(self.dtype)  # (B, Hkv, n, D)
             keys = torch.cat([sk, wk], dim=2)  # (B, Hkv, S + n, D)

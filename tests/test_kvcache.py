@@ -199,14 +199,14 @@ def test_reference_decode_matches_cache_path():
 
 def test_sink_window_keeps_sinks_and_window():
     cache = SinkCache(1, 1, 1, 8, n_sink=3, window=10)
-    for t in range(40):
+    for _ in range(40):
         x = torch.randn(1, 1, 1, 8)
         cache.attend(0, torch.randn(1, 1, 1, 8), x, x)
         cache.advance(1)
     assert cache.kept_positions() == [0, 1, 2] + list(range(30, 40))
     # Quantized window: whole groups, between window and window + group - 1 tokens.
     cache = SinkCache(1, 1, 1, 16, n_sink=2, window=20, bits=4, group_size=16, residual=4)
-    for t in range(100):
+    for _ in range(100):
         x = torch.randn(1, 1, 1, 16)
         cache.attend(0, torch.randn(1, 1, 1, 16), x, x)
         cache.advance(1)
@@ -420,3 +420,17 @@ def test_decode_kernel_under_interpreter_matches_reference():
     res = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and "KERNEL_OK" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.filterwarnings("ignore::slimlm.kernels.SlimlmFallbackWarning")  # CPU: reference
+def test_bench_quick_sections_run():
+    from slimlm.bench.kvcache import kvcache_suite
+
+    rows = list(kvcache_suite(True, torch.device("cpu"), sections="bytes,kernel,decode",
+                              contexts="512", kernel_ctx=64, kernel_batches=1))
+    by = {(r["section"], r.get("cache") or r.get("impl")): r for r in rows}
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
+    assert by[("bytes", "kivi2")]["ratio_vs_bf16"] > by[("bytes", "kivi4")]["ratio_vs_bf16"] > 1
+    k2 = by[("kernel", "slimlm kivi int2")]
+    assert k2["rel_err_vs_ref"] < 1e-5 and k2["bytes_ratio_vs_bf16"] > 1
+    assert by[("decode", "kivi4")]["tokens_per_s"] > 0
