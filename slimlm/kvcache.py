@@ -46,7 +46,8 @@ returns ``memory_bytes()`` as ``result.cache_bytes``.
 
 Limits. Attending with the Triton kernel needs a CUDA tensor, one new token (decode) and
 no padding mask; prefill, left-padded batches and the CPU go through the PyTorch path
-(dequantize, then attention in fp32), which computes the same thing. A prompt is attended
+(dequantize, then attention: fused SDPA on CUDA, fp32 eager on the CPU), which computes
+the same thing. A prompt is attended
 in full (eviction applies to what is stored afterwards). H2O and SnapKV compute the
 prompt's full attention matrix once to score it (O(T^2) memory at prefill).
 
@@ -84,7 +85,7 @@ from slimlm.kernels.decode_attention import (
     quantize_keys,
     quantize_values,
 )
-from slimlm.model import ModelConfig, apply_rope, rope_cos_sin
+from slimlm.model import ModelConfig, apply_rope, rope_cos_sin, sdpa_attention
 
 __all__ = [
     "QuantizedCache", "SinkCache", "H2OCache", "SnapKVCache", "CACHE_KINDS",
@@ -433,8 +434,12 @@ class QuantizedCache(KVCache):
         else:
             ks, vs = st.read(self.dtype)  # (B, Hkv, Tk, D)
             tk, tq = ks.shape[2], q.shape[2]
-            keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-            out, _ = _attention(q, ks, vs, _combine(keep[None, None], mask))
+            if q.is_cuda:
+                # Fused SDPA: a long prompt never materialises its (Tq, Tk) scores in fp32.
+                out = sdpa_attention(q, ks.to(q.dtype), vs.to(q.dtype), causal=True, mask=mask)
+            else:
+                keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+                out, _ = _attention(q, ks, vs, _combine(keep[None, None], mask))
         st.flush()
         return out
 
