@@ -197,47 +197,55 @@ def _ratios(rows: list[dict[str, Any]], key: tuple[str, ...]) -> None:
 def _grid(device: torch.device, model: str, precisions: Sequence[str], policies: Sequence[str],
           seq_lens: Sequence[int], batch: int, warmup: int, steps: int, compile: bool,
           hf: bool, seed: int, overrides: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    errors = device.type == "cuda"
     for seq in seq_lens:
-        cfg = _model_cfg(model, seq, overrides)
-        x, y = _tokens(cfg, batch, seq, device, seed)
-        rows: list[dict[str, Any]] = []
-        if hf:
-            for gc_on in (False, True):
-                base = {"part": "grid", "impl": "hf-llama", "precision": "bf16-autocast",
-                        "policy": "full" if gc_on else "none", "batch": batch, "seq_len": seq,
-                        "model": model}
-                try:
-                    import transformers  # noqa: F401
-                except ImportError:
-                    rows.append({**base, "skipped": "transformers is not installed"})
-                    continue
-                rows.append(guarded(base, lambda g=gc_on: _measure(
-                    _hf_step(cfg, g, x, device, seed), device, warmup=warmup, steps=steps),
-                    device, errors=errors))
-        for precision in precisions:
-            for policy in policies:
-                info: dict[str, Any] = {}
-                base = {"part": "grid", "impl": "slimlm" + ("-compiled" if compile else ""),
-                        "precision": precision, "policy": policy, "batch": batch,
-                        "seq_len": seq, "model": model}
-                if compile:
-                    torch.compiler.reset()
-                r = guarded(base, lambda p=precision, q=policy, i=info: _measure(
-                    _slimlm_step(cfg, p, q, x, y, device, compile, seed, i), device,
-                    warmup=warmup, steps=steps), device, errors=errors)
-                r.update(info)
-                if r.get("step_ms"):
-                    r["tokens_per_s"] = batch * seq / (r["step_ms"] * 1e-3)
-                rows.append(r)
-        for r in rows:
-            if r.get("step_ms") and "tokens_per_s" not in r:
+        yield from _grid_seq(device, model, precisions, policies, seq, batch, warmup,
+                             steps, compile, hf, seed, overrides)
+
+
+def _grid_seq(device: torch.device, model: str, precisions: Sequence[str],
+              policies: Sequence[str], seq: int, batch: int, warmup: int, steps: int,
+              compile: bool, hf: bool, seed: int, overrides: dict[str, Any]
+              ) -> Iterator[dict[str, Any]]:
+    errors = device.type == "cuda"
+    cfg = _model_cfg(model, seq, overrides)
+    x, y = _tokens(cfg, batch, seq, device, seed)
+    rows: list[dict[str, Any]] = []
+    if hf:
+        for gc_on in (False, True):
+            base = {"part": "grid", "impl": "hf-llama", "precision": "bf16-autocast",
+                    "policy": "full" if gc_on else "none", "batch": batch, "seq_len": seq,
+                    "model": model}
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                rows.append({**base, "skipped": "transformers is not installed"})
+                continue
+            rows.append(guarded(base, lambda g=gc_on: _measure(
+                _hf_step(cfg, g, x, device, seed), device, warmup=warmup, steps=steps),
+                device, errors=errors))
+    for precision in precisions:
+        for policy in policies:
+            info: dict[str, Any] = {}
+            base = {"part": "grid", "impl": "slimlm" + ("-compiled" if compile else ""),
+                    "precision": precision, "policy": policy, "batch": batch,
+                    "seq_len": seq, "model": model}
+            if compile:
+                torch.compiler.reset()
+            r = guarded(base, lambda p=precision, q=policy, i=info: _measure(
+                _slimlm_step(cfg, p, q, x, y, device, compile, seed, i), device,
+                warmup=warmup, steps=steps), device, errors=errors)
+            r.update(info)
+            if r.get("step_ms"):
                 r["tokens_per_s"] = batch * seq / (r["step_ms"] * 1e-3)
-        _ratios(rows, ("impl", "precision", "seq_len"))
-        if compile:
-            torch.compiler.reset()
-        yield from rows
-        free_memory(device)
+            rows.append(r)
+    for r in rows:
+        if r.get("step_ms") and "tokens_per_s" not in r:
+            r["tokens_per_s"] = batch * seq / (r["step_ms"] * 1e-3)
+    _ratios(rows, ("impl", "precision", "seq_len"))
+    if compile:
+        torch.compiler.reset()
+    yield from rows
+    free_memory(device)
 
 
 def _fits(cfg: ModelConfig, policy: str, seq: int, device: torch.device, compile: bool,
@@ -314,11 +322,12 @@ def _planner(device: torch.device, model: str, budgets: Sequence[float], seq: in
             r["tokens_per_s"] = batch * seq / (r["step_ms"] * 1e-3)
         if device.type != "cuda":
             # No allocator statistics on the CPU: the measured bytes kept for backward.
-            def fwd() -> torch.Tensor:
-                return m(x, y)[1]
-
             torch.manual_seed(seed)
             m = Transformer(cfg)
+
+            def fwd(m: Transformer = m) -> torch.Tensor:
+                return m(x, y)[1]
+
             plan = ckpt.apply_(m.layers, policy, probe=fwd)
             live = ckpt.measure_activation_bytes(fwd, m.layers)
             r["act_mem_gib"] = sum(v for k, v in live.items() if k >= 0) / 2 ** 30

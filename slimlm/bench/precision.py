@@ -71,77 +71,82 @@ def _linear_rows(device: torch.device, shapes: Sequence[tuple[int, int, int]], w
                  rep: int) -> Iterator[dict[str, Any]]:
     on_gpu = prec.fp8_supported(device)
     for m, k, n in shapes:
-        flops = 3 * 2 * m * k * n  # forward + two backward matmuls
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        x0 = torch.randn(m, k, generator=gen).to(device)
-        w0 = (torch.randn(n, k, generator=gen) / math.sqrt(k)).to(device)
-        dy = torch.randn(m, n, generator=gen).to(device, torch.bfloat16)
-        ref = (x0.double() @ w0.double().t()).float() if m * k * n <= 2 ** 36 else None
-        base = {"part": "linear", "shape": f"{m}x{k}x{n}", "M": m, "K": k, "N": n,
-                "baseline": "bf16 F.linear"}
+        yield from _linear_shape_rows(device, m, k, n, warmup, rep, on_gpu)
 
-        def bf16_run() -> dict[str, Any]:
+
+def _linear_shape_rows(device: torch.device, m: int, k: int, n: int, warmup: int, rep: int,
+                       on_gpu: bool) -> Iterator[dict[str, Any]]:
+    flops = 3 * 2 * m * k * n  # forward + two backward matmuls
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x0 = torch.randn(m, k, generator=gen).to(device)
+    w0 = (torch.randn(n, k, generator=gen) / math.sqrt(k)).to(device)
+    dy = torch.randn(m, n, generator=gen).to(device, torch.bfloat16)
+    ref = (x0.double() @ w0.double().t()).float() if m * k * n <= 2 ** 36 else None
+    base = {"part": "linear", "shape": f"{m}x{k}x{n}", "M": m, "K": k, "N": n,
+            "baseline": "bf16 F.linear"}
+
+    def bf16_run() -> dict[str, Any]:
+        x = x0.to(torch.bfloat16).requires_grad_()
+        w = w0.clone().requires_grad_()
+
+        def fn() -> None:
+            F.linear(x, w.to(torch.bfloat16)).backward(dy)
+
+        t = time_fn(fn, device, warmup=warmup, rep=rep)
+        with torch.no_grad():
+            y = F.linear(x, w.to(torch.bfloat16))
+        return {"ms": t["median_ms"], "tflops": flops / t["median_ms"] / 1e9,
+                "rel_err": _rel_err(y, ref) if ref is not None else None}
+
+    row = guarded({**base, "impl": "bf16", "scaling": None}, bf16_run, device,
+                  errors=device.type == "cuda")
+    bf16_ms = row.get("ms")
+    yield {**row, "speedup_vs_bf16": 1.0 if bf16_ms else None}
+
+    for scaling in prec.FP8_SCALING:
+        def fp8_run(scaling: str = scaling) -> dict[str, Any]:
             x = x0.to(torch.bfloat16).requires_grad_()
             w = w0.clone().requires_grad_()
 
             def fn() -> None:
-                F.linear(x, w.to(torch.bfloat16)).backward(dy)
+                prec.fp8_linear(x, w, scaling=scaling, emulate=not on_gpu,
+                                out_dtype=torch.bfloat16).backward(dy)
 
             t = time_fn(fn, device, warmup=warmup, rep=rep)
             with torch.no_grad():
-                y = F.linear(x, w.to(torch.bfloat16))
+                y = prec.fp8_linear(x, w, scaling=scaling, emulate=not on_gpu,
+                                    out_dtype=torch.bfloat16)
             return {"ms": t["median_ms"], "tflops": flops / t["median_ms"] / 1e9,
-                    "rel_err": _rel_err(y, ref) if ref is not None else None}
+                    "rel_err": _rel_err(y, ref) if ref is not None else None,
+                    "backend": "scaled_mm" if on_gpu else "emulate"}
 
-        row = guarded({**base, "impl": "bf16", "scaling": None}, bf16_run, device,
-                      errors=device.type == "cuda")
-        bf16_ms = row.get("ms")
-        yield {**row, "speedup_vs_bf16": 1.0 if bf16_ms else None}
-
-        for scaling in prec.FP8_SCALING:
-            def fp8_run(scaling: str = scaling) -> dict[str, Any]:
-                x = x0.to(torch.bfloat16).requires_grad_()
-                w = w0.clone().requires_grad_()
-
-                def fn() -> None:
-                    prec.fp8_linear(x, w, scaling=scaling, emulate=not on_gpu,
-                                    out_dtype=torch.bfloat16).backward(dy)
-
-                t = time_fn(fn, device, warmup=warmup, rep=rep)
-                with torch.no_grad():
-                    y = prec.fp8_linear(x, w, scaling=scaling, emulate=not on_gpu,
-                                        out_dtype=torch.bfloat16)
-                return {"ms": t["median_ms"], "tflops": flops / t["median_ms"] / 1e9,
-                        "rel_err": _rel_err(y, ref) if ref is not None else None,
-                        "backend": "scaled_mm" if on_gpu else "emulate"}
-
-            r = guarded({**base, "impl": "fp8", "scaling": scaling}, fp8_run, device,
-                        errors=device.type == "cuda")
-            r["speedup_vs_bf16"] = bf16_ms / r["ms"] if bf16_ms and r.get("ms") else None
-            yield r
-
-        def fallback_run() -> dict[str, Any]:
-            lin = torch.nn.Linear(k, n, bias=False, device=device)
-            with torch.no_grad():
-                lin.weight.copy_(w0)
-            prec.Float8Linear.from_linear(lin)
-            uses_fp8 = prec.calibrate_fp8_(torch.nn.ModuleList([lin]), tokens=m)["0"]
-            x = x0.to(torch.bfloat16).requires_grad_()
-
-            def fn() -> None:
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    y = lin(x)
-                y.backward(dy)
-
-            t = time_fn(fn, device, warmup=warmup, rep=rep)
-            return {"ms": t["median_ms"], "tflops": flops / t["median_ms"] / 1e9,
-                    "uses_fp8": uses_fp8}
-
-        r = guarded({**base, "impl": "Float8Linear (fallback)", "scaling": "tensor"},
-                    fallback_run, device, errors=device.type == "cuda")
+        r = guarded({**base, "impl": "fp8", "scaling": scaling}, fp8_run, device,
+                    errors=device.type == "cuda")
         r["speedup_vs_bf16"] = bf16_ms / r["ms"] if bf16_ms and r.get("ms") else None
         yield r
-        free_memory(device)
+
+    def fallback_run() -> dict[str, Any]:
+        lin = torch.nn.Linear(k, n, bias=False, device=device)
+        with torch.no_grad():
+            lin.weight.copy_(w0)
+        prec.Float8Linear.from_linear(lin)
+        uses_fp8 = prec.calibrate_fp8_(torch.nn.ModuleList([lin]), tokens=m)["0"]
+        x = x0.to(torch.bfloat16).requires_grad_()
+
+        def fn() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                y = lin(x)
+            y.backward(dy)
+
+        t = time_fn(fn, device, warmup=warmup, rep=rep)
+        return {"ms": t["median_ms"], "tflops": flops / t["median_ms"] / 1e9,
+                "uses_fp8": uses_fp8}
+
+    r = guarded({**base, "impl": "Float8Linear (fallback)", "scaling": "tensor"},
+                fallback_run, device, errors=device.type == "cuda")
+    r["speedup_vs_bf16"] = bf16_ms / r["ms"] if bf16_ms and r.get("ms") else None
+    yield r
+    free_memory(device)
 
 
 # ---------------------------------------------------------------------------- step
@@ -194,7 +199,7 @@ def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
                    "tokens_per_s": tps, "model_tflops": fpt * tps / 1e12,
                    "peak_mem_gib": None if peak is None else peak / 2 ** 30,
                    "loss": float(last[0].float()), **policy.stats()}
-            del model, opt, fwd
+
             return out
 
         if compile:
