@@ -396,3 +396,38 @@ def test_register_attention_refuses_builtins(transformers):
             hf.register_attention(name, eager_attention)
     with pytest.raises(TypeError, match="fn"):
         hf.register_attention("slimlm_not_callable", 3)
+
+
+def test_training_trajectory_matches_hf():
+    """Same init, same batches, same optimizer: slimlm's and HF's losses stay equal while
+    training (fp32, CPU), so throughput comparisons compare the same computation."""
+    transformers = pytest.importorskip("transformers")
+    del transformers
+    from slimlm.hf import to_hf
+    from slimlm.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128,
+                      max_seq_len=64, tie_embeddings=False)
+    ours = Transformer(cfg)
+    theirs = to_hf(ours)
+    tokens = torch.randint(0, 512, (4, 2, 33))
+    losses = {"slimlm": [], "hf": []}
+    for name, model in (("slimlm", ours), ("hf", theirs)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        for step in range(8):
+            t = tokens[step % 4]
+            x, y = t[:, :-1], t[:, 1:]
+            if name == "slimlm":
+                loss = model(x, y)[1]
+            else:  # the same T targets (HF's labels= would drop the last one)
+                logits = model(input_ids=x).logits
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                                         y.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses["slimlm"]), torch.tensor(losses["hf"]),
+                               rtol=1e-4, atol=1e-4)
+    assert losses["slimlm"][-1] < losses["slimlm"][0]

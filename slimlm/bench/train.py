@@ -149,12 +149,21 @@ def _step_factory(impl: str, cfg: ModelConfig, device: torch.device, tokens: tor
                   amp: bool, seed: int) -> Callable[[], tuple[Callable[[], torch.Tensor], Any]]:
     def make() -> tuple[Callable[[], torch.Tensor], Any]:
         torch.manual_seed(seed)
-        x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
+        # ``tokens`` is (N, B, T+1): a different batch every step, cycled, so that neither
+        # model can memorise one batch and the loss column stays comparable (~ln V).
+        counter = [0]
+
+        def batch() -> tuple[torch.Tensor, torch.Tensor]:
+            t = tokens[counter[0] % tokens.shape[0]]
+            counter[0] += 1
+            return t[:, :-1], t[:, 1:]  # (B, T) inputs and next-token targets
+
         if impl == BASELINE:
             model = _hf_model(cfg, device)
             model.train()
 
             def forward() -> torch.Tensor:
+                x, _ = batch()
                 return model(input_ids=x, labels=x).loss  # HF shifts the labels itself
         else:
             with torch.device(device):
@@ -163,6 +172,7 @@ def _step_factory(impl: str, cfg: ModelConfig, device: torch.device, tokens: tor
             fwd_model = torch.compile(model) if impl == "slimlm-compiled" else model
 
             def forward() -> torch.Tensor:
+                x, y = batch()
                 return fwd_model(x, y)[1]
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1,
                                 fused=device.type == "cuda")
@@ -252,8 +262,8 @@ def train_suite(quick: bool, device: torch.device, *,
         cfg = ModelConfig.from_preset(name)
         fpt = cfg.flops_per_token(seq_len, training=True)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen
-                               ).to(device)  # (B, T+1)
+        tokens = torch.randint(0, cfg.vocab_size, (8, batch, seq_len + 1), generator=gen
+                               ).to(device)  # (N, B, T+1): 8 distinct batches, cycled
         hf_tps: float | None = None
         for impl, backend in configs:
             base: dict[str, Any] = {
