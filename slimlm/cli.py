@@ -71,9 +71,13 @@ def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps")
     p.add_argument("--precision", default="fp32",
-                   help="fp32 | bf16-mixed (bf16 autocast, fp32 master weights)")
+                   help="fp32 | tf32 | bf16-mixed (autocast, fp32 master weights) | bf16-pure "
+                        "(bf16 weights, stochastic rounding) | fp16-mixed (dynamic loss "
+                        "scaling) | fp8 (float8 linears, per-layer bf16 fallback)")
     p.add_argument("--checkpointing", default="none",
-                   help="activation checkpointing: none | full (every block)")
+                   help="activation checkpointing: none | full | every:N | selective | "
+                        "budget:F (planner within fraction F of the activation memory) | "
+                        "offload, optionally +offload")
     p.add_argument("--attention", default=None, choices=("eager", "sdpa", "flash"),
                    help="attention implementation (default: sdpa)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
@@ -151,13 +155,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def _load_run(run: str, device: str):
+def _load_run(run: str, device: str, adapter: str | None = None):
+    """Model, tokenizer and checkpoint folder of a run: a trained checkpoint, or one
+    written by ``slimlm compress`` (quantized), optionally with a LoRA adapter on top."""
     sdata = importlib.import_module("slimlm.data")
     strain = importlib.import_module("slimlm.train")
 
     ckpt = _checkpoint_dir(run)
     try:
-        model = strain.load_model(ckpt, device=device)
+        if (ckpt / "quant_config.json").exists():
+            from slimlm import quant
+
+            model = quant.load_quantized(ckpt, device=device)
+        else:
+            model = strain.load_model(ckpt, device=device)
+        if adapter:
+            from slimlm import lora
+
+            if not (Path(adapter) / "adapter_config.json").exists():
+                raise ValueError(f"--adapter {adapter!r}: no adapter_config.json there; "
+                                 "expected a folder written by `slimlm finetune`")
+            lora.load(model, adapter, trainable=False)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     tokenizer = sdata.load_tokenizer(ckpt)
@@ -169,9 +187,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     strain = importlib.import_module("slimlm.train")
 
     device = _device(args.device)
-    model, tokenizer, ckpt = _load_run(args.run, device)
-    folder = Path(args.run) / "data" if args.data is None else Path(args.cache or
-                                                                    Path(args.run) / "data-eval")
+    model, tokenizer, ckpt = _load_run(args.run, device, args.adapter)
+    folder = _data_folder(args.run) if args.data is None else Path(args.cache or
+                                                                   Path(args.run) / "data-eval")
     bundle = sdata.prepare_data(args.data, folder, vocab_size=tokenizer.vocab_size,
                                 tokenizer_folder=ckpt, max_bytes=args.max_bytes)
     seq_len = args.seq_len or min(256, model.cfg.max_seq_len)
@@ -187,7 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sgen = importlib.import_module("slimlm.generate")
 
     device = _device(args.device)
-    model, tokenizer, _ = _load_run(args.run, device)
+    model, tokenizer, _ = _load_run(args.run, device, args.adapter)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise SystemExit("error: --prompt is empty after tokenization; give some text")
@@ -214,6 +232,128 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("".join(printed))
     print(f"[{res.num_new_tokens} tokens, {res.tokens_per_second:.1f} tok/s, "
           f"KV cache {res.cache_bytes / 2**20:.2f} MiB]", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# compress / finetune
+# ---------------------------------------------------------------------------------------
+
+
+def _data_folder(run: str | os.PathLike) -> Path:
+    """The tokenized corpus of a run; a compressed run uses the one it was made from."""
+    run = Path(run)
+    if not (run / "data").exists() and (run / "compress.json").exists():
+        source = json.loads((run / "compress.json").read_text()).get("source_run")
+        if source and (Path(source) / "data").exists():
+            return Path(source) / "data"
+    return run / "data"
+
+
+def _calibration_tokens(run: str, ckpt: Path, data: str | None, n: int, seq_len: int,
+                        max_bytes: int | None):
+    import torch
+
+    sdata = importlib.import_module("slimlm.data")
+    folder = _data_folder(run) if data is None and _data_folder(run).exists() \
+        else Path(run) / "data-calib"
+    tok = sdata.load_tokenizer(ckpt)
+    bundle = sdata.prepare_data(data, folder, vocab_size=tok.vocab_size, tokenizer_folder=ckpt,
+                                max_bytes=max_bytes)
+    g = torch.Generator().manual_seed(0)
+    return bundle.train.get_batch(n, seq_len, generator=g)[0]
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import shutil
+
+    from slimlm import quant
+
+    bits = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}.get(args.quant)
+    if bits is None:
+        raise SystemExit(f"error: --quant {args.quant!r}: expected int8, int4, int3 or int2")
+    try:
+        qcfg = quant.QuantConfig(bits=bits, group_size=args.group_size or None, method=args.method,
+                                 symmetric=args.symmetric, awq=args.awq,
+                                 act_order=args.act_order, include_lm_head=args.lm_head)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: --out {str(out)!r} exists and is not empty; "
+                         "pass --overwrite or choose another folder")
+    device = _device(args.device)
+    model, tokenizer, ckpt = _load_run(args.run, device)
+    calib = None
+    if args.method == "gptq" or args.awq:
+        seq = min(args.calib_seq_len, model.cfg.max_seq_len)
+        calib = _calibration_tokens(args.run, ckpt, args.data, args.calib_samples, seq,
+                                    args.max_bytes).to(device)
+    before = quant.model_size_bytes(model)
+    t0 = time.time()
+    try:
+        quant.quantize_(model, qcfg, calib=calib)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    dest = out / "checkpoint"
+    quant.save_quantized(model, dest)
+    shutil.copy2(ckpt / "config.json", dest / "config.json")
+    tokenizer.save(dest)
+    stats = quant.quant_stats(model)
+    (out / "compress.json").write_text(json.dumps(
+        {"source_run": str(Path(args.run).resolve()), "quant_config": qcfg.to_dict()
+         if hasattr(qcfg, "to_dict") else str(qcfg)}, indent=2))
+    print(json.dumps({"out": str(out), "seconds": round(time.time() - t0, 1),
+                      "bytes_before": before, "bytes_after": quant.model_size_bytes(model),
+                      **{k: v for k, v in stats.items() if not isinstance(v, (dict, list))}},
+                     indent=2))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimlm import lora, quant
+
+    sdata = importlib.import_module("slimlm.data")
+    strain = importlib.import_module("slimlm.train")
+    try:
+        lcfg = lora.LoRAConfig.from_string(args.lora)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: --lora {args.lora!r}: {e}") from None
+    if args.qlora not in (None, "int8", "int4"):
+        raise SystemExit(f"error: --qlora {args.qlora!r}: expected int4 or int8")
+    if args.data is not None and not Path(args.data).exists():
+        raise SystemExit(f"error: --data {args.data!r}: no such file or folder")
+    device = _device(args.device)
+    out = Path(args.out)
+    model, tokenizer, ckpt = _load_run(args.run, device)
+    bundle = sdata.prepare_data(args.data, out / "data", vocab_size=tokenizer.vocab_size,
+                                tokenizer_folder=ckpt, max_bytes=args.max_bytes)
+    seq_len = min(args.seq_len, model.cfg.max_seq_len)
+    if args.qlora:
+        quant.quantize_(model, quant.QuantConfig(bits=8 if args.qlora == "int8" else 4,
+                                                 group_size=32, method="hqq"))
+    before = strain.evaluate(model, bundle.val, batch_size=8, seq_len=seq_len,
+                             max_batches=args.eval_batches, device=device)
+    try:
+        lora.apply_(model, lcfg)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    trainable, total = lora.trainable_parameters(model)
+    tcfg = strain.TrainConfig(batch_size=args.batch_size, seq_len=seq_len, steps=args.steps,
+                              lr=args.lr, warmup_steps=max(1, args.steps // 10),
+                              eval_every=max(1, args.steps // 4),
+                              eval_batches=args.eval_batches, precision=args.precision,
+                              device=device, seed=args.seed, out_dir=str(out / "train"))
+    torch.manual_seed(args.seed)
+    strain.train(model, bundle, tcfg)
+    after = strain.evaluate(model, bundle.val, batch_size=8, seq_len=seq_len,
+                            max_batches=args.eval_batches, device=device)
+    lora.save(model, out / "adapter")
+    print(json.dumps({"adapter": str(out / "adapter"), "trainable_params": trainable,
+                      "total_params": total, "bpb_before": before["bpb"],
+                      "bpb_after": after["bpb"]}, indent=2))
     return 0
 
 
@@ -291,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
     p.add_argument("--batches", type=int, default=None, help="at most this many batches")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) to "
+                                                    "apply on top of the model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.set_defaults(func=cmd_eval)
 
@@ -302,11 +444,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    p.add_argument("--kv", default="static", help="KV cache kind: static | dense")
+    p.add_argument("--kv", default="static",
+                   help="KV cache kind: static | dense | kivi8 | kivi4 | kivi2 | sink | "
+                        "sink-kivi4 | sink-kivi2 | h2o | snapkv (see slimlm.kvcache)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compress", help="quantize a trained run's weights (int8/int4/int3/"
+                                        "int2; RTN, GPTQ or HQQ) into a new run folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="run folder (or its checkpoint folder)")
+    p.add_argument("--quant", required=True, help="int8 | int4 | int3 | int2")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="weights per scale along the input dim (32, 64, 128); 0 = per channel")
+    p.add_argument("--method", default="gptq", choices=("rtn", "gptq", "hqq"),
+                   help="round-to-nearest, GPTQ (calibrated) or HQQ (calibration-free)")
+    p.add_argument("--symmetric", action="store_true", help="no zero points")
+    p.add_argument("--awq", action="store_true", help="activation-aware input scaling")
+    p.add_argument("--act-order", action="store_true", help="GPTQ activation ordering")
+    p.add_argument("--lm-head", action="store_true", help="also quantize the LM head")
+    p.add_argument("--data", default=None, help="calibration text (default: the run's data)")
+    p.add_argument("--max-bytes", type=int, default=None, help="cap the calibration corpus")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="calibration length")
+    p.add_argument("--out", required=True, help="new run folder for the quantized model")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("finetune", help="train a LoRA (or QLoRA) adapter on new text",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="base run folder (or its checkpoint folder)")
+    p.add_argument("--lora", default="r=16,alpha=32,targets=all-linear",
+                   help="adapter settings: r, alpha, dropout, targets (all-linear, names, "
+                        "globs, re:regex joined by +), dora=true, rslora=true, init")
+    p.add_argument("--qlora", default=None, help="quantize the base first: int4 | int8")
+    p.add_argument("--data", default=None, help="fine-tuning text/folder/JSONL "
+                                                "(default: the stdlib corpus)")
+    p.add_argument("--max-bytes", type=int, default=None, help="cap the corpus size")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--precision", default="fp32", help="precision policy (see train)")
+    p.add_argument("--eval-batches", type=int, default=20, help="evaluation batches")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", required=True, help="folder for the adapter and logs")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("bench", help="run benchmark suites (see shared MEASURING protocol)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,0 +1,144 @@
+"""The `slimlm` command end to end on a tiny corpus: train, eval, generate, compress,
+finetune, bench, demo; and its refusals of bad input before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimlm.cli import build_parser, main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("json/decoder.py", "json/encoder.py", "json/scanner.py", "json/__init__.py",
+                 "textwrap.py", "string.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py",
+                 "heapq.py", "colorsys.py", "keyword.py", "copy.py", "abc.py", "queue.py"):
+        src = stdlib / name
+        (folder / name.replace("/", "_")).write_text(src.read_text())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, corpus) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "--preset", "tiny", "--data", str(corpus), "--vocab-size", "300",
+                 "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-every", "3",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    return out
+
+
+def test_help_explains_every_option(capsys):
+    parser = build_parser()
+    for command in ("train", "eval", "generate", "compress", "finetune", "bench", "demo"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        text = capsys.readouterr().out
+        sub = parser._subparsers._group_actions[0].choices[command]
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{command} {action.option_strings} has no help"
+        assert "usage: slimlm " + command in text
+
+
+def test_train_writes_checkpoint_and_history(run):
+    ckpt = run / "checkpoint"
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt"):
+        assert (ckpt / f).exists(), f
+    rows = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert any("val_bpb" in r for r in rows)
+
+
+def test_eval_and_generate(run, capsys):
+    assert main(["eval", str(run), "--batches", "2", "--seq-len", "32", "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) >= {"loss", "ppl", "bpb"} and res["bpb"] > 0
+    assert main(["generate", str(run), "--prompt", "def f(x):", "--max-new-tokens", "5",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("def f(x):") and "tok/s" in out.err
+
+
+def test_compress_then_eval_and_generate(run, tmp_path, capsys):
+    out = tmp_path / "int4"
+    assert main(["compress", str(run), "--quant", "int4", "--group-size", "32", "--method",
+                 "gptq", "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["bytes_after"] < stats["bytes_before"]
+    assert main(["eval", str(out), "--batches", "2", "--seq-len", "32", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["bpb"] > 0
+    assert main(["generate", str(out), "--prompt", "import", "--max-new-tokens", "3",
+                 "--device", "cpu"]) == 0
+
+
+def test_finetune_lowers_loss_and_adapter_loads(run, corpus, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["finetune", str(run), "--data", str(corpus), "--lora", "r=4,alpha=8",
+                 "--steps", "25", "--batch-size", "8", "--seq-len", "32", "--lr", "1e-2",
+                 "--eval-batches", "2", "--out", str(out), "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["bpb_after"] < res["bpb_before"]
+    assert 0 < res["trainable_params"] < 0.2 * res["total_params"]
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert main(["eval", str(run), "--adapter", str(out / "adapter"), "--batches", "2",
+                 "--seq-len", "32", "--device", "cpu"]) == 0
+
+
+def test_bench_list_and_quick(tmp_path, capsys):
+    assert main(["bench", "--list"]) == 0
+    suites = capsys.readouterr().out.split()
+    assert "train" in suites and "ceiling" in suites
+    assert main(["bench", "ceiling", "--quick", "--out", str(tmp_path)]) == 0
+    assert list(tmp_path.glob("ceiling-*quick.json"))
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["train", "--preset", "nope"], "invalid choice"),
+    (["train", "--device", "cuda"], "no CUDA GPU"),
+    (["eval", "/nonexistent/run"], "no checkpoint found"),
+    (["compress", "/nonexistent/run", "--quant", "int5", "--out", "x"], "--quant 'int5'"),
+    (["bench", "nope"], "suite='nope'"),
+])
+def test_bad_input_is_refused(argv, msg, capsys):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    text = str(e.value) + capsys.readouterr().err
+    assert msg in text
+
+
+def test_prompt_longer_than_context_is_refused(run):
+    with pytest.raises(SystemExit, match="context is 256 tokens"):
+        main(["generate", str(run), "--prompt", "x = 1\n" * 400, "--device", "cpu"])
+
+
+def test_demo_quick(tmp_path):
+    from slimlm.demo import run_demo
+
+    figures = run_demo(tmp_path / "demo", quick=True, device="cpu", steps=4)
+    for f in ("results.md", "results.json", "loss.png", "checkpoint/model.safetensors"):
+        assert (tmp_path / "demo" / f).exists(), f
+    names = [r["name"] for r in figures["rows"]]
+    assert names[0] == "base" and len(names) > 1
+    assert all(r["bpb"] > 0 for r in figures["rows"])
