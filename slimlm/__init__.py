@@ -41,6 +41,21 @@ from slimlm.train import (
 
 __version__ = "0.1.0"
 
+# Technique modules load on first use (``slimlm.quant``, ``slimlm.attention`` ...): some
+# import Triton, which takes seconds, and none is needed to train or generate.
+_LAZY_MODULES = ("attention", "bench", "checkpointing", "demo", "kernels", "kvcache", "lora",
+                 "precision", "quant")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        import importlib
+
+        module = importlib.import_module(f"slimlm.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'slimlm' has no attribute {name!r}")
+
 __all__ = [
     "PRESETS", "ModelConfig", "Transformer", "__version__", "hf",
     "BPETokenizer", "ByteTokenizer", "DataBundle", "TokenData", "bits_per_byte", "load_texts",

@@ -384,7 +384,7 @@ def run_demo(out: Path, *, quick: bool = False, device: str = "cpu",
     cfg = ModelConfig.from_preset("tiny", vocab_size=bundle.tokenizer.vocab_size)
     torch.manual_seed(0)
     model = Transformer(cfg)
-    n_steps = steps or (20 if quick else 600)
+    n_steps = steps or (20 if quick else 400)
     seq_len, batch = (64, 8) if quick else (128, 16)
     tcfg = strain.TrainConfig(batch_size=batch, seq_len=seq_len, steps=n_steps,
                               lr=3e-3, warmup_steps=max(1, n_steps // 10),
