@@ -71,7 +71,8 @@ def _columns(rows: list[dict[str, Any]], only: Sequence[str] | None = None) -> l
             seen.setdefault(k, None)
     cols = [k for k in seen if k != "suite" and any(r.get(k) is not None for r in rows)]
     if only is not None:
-        return [c for c in (*only, *_FAILURE_COLS) if c in cols]
+        # dict.fromkeys: a failure column the suite also names appears once
+        return [c for c in dict.fromkeys((*only, *_FAILURE_COLS)) if c in cols]
     lead = [c for c in _LEAD_COLS if c in cols]
     return lead + [c for c in cols if c not in lead]
 
