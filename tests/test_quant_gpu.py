@@ -16,7 +16,9 @@ pytestmark = [pytest.mark.gpu,
 
 from slimlm.kernels import SlimlmFallbackWarning  # noqa: E402
 from slimlm.kernels.quant_matmul import (  # noqa: E402
+    QMMConfig,
     _quant_matmul_triton,
+    autotune_table,
     pack_bits,
     quant_matmul,
     quant_matmul_ref,
@@ -56,19 +58,72 @@ def test_kernel_matches_reference(bits, dtype, m, group, symmetric) -> None:
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("reshape", [False, True])
-@pytest.mark.parametrize("m,split", [(1, 1), (8, 4), (200, 1)])
-def test_kernel_unpack_strategies_and_split_k(bits, reshape, m, split) -> None:
+@pytest.mark.parametrize("cfg", [
+    QMMConfig("gemv", block_n=8, block_kw=256), QMMConfig("gemv", block_n=4, block_kw=64,
+                                                          split_k=4, num_warps=2),
+    QMMConfig("dot", 16, 16, 32, 1), QMMConfig("dot", 16, 32, 16, 4),
+    QMMConfig("dot", 64, 64, 8, 1), QMMConfig("dot", 128, 128, 4, 1, 8, 3),
+    QMMConfig("dequant", block_n=32, block_kw=32)], ids=str)
+@pytest.mark.parametrize("m", [1, 3, 16, 200])
+def test_kernel_modes_and_split_k(bits, cfg, m) -> None:
+    """Every mode, with and without split-K, at ragged M and N (N = 264), group 64."""
     torch.manual_seed(7)
-    n, k = 256, 2048
+    n, k = 264, 2048
     qw, s, z, gs = make(bits, n, k, 64, False, torch.bfloat16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    ref = quant_matmul_ref(x.float(), qw, s, z, bits, gs)
-    cfg = dict(RESHAPE=reshape, SPLIT_K=split)
-    if m > 16:
-        cfg.update(BLOCK_M=64, BLOCK_N=64)
-    y = _quant_matmul_triton(x, qw, s, z, bits, gs, None, cfg)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    ref = quant_matmul_ref(x.float(), qw, s, z, bits, gs, b.float())
+    y = _quant_matmul_triton(x, qw, s, z, bits, gs, b, cfg)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     assert rel(y, ref) < 1e-2
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_static_table_launches_at_llama_shapes(bits) -> None:
+    """The table's configs for every Llama-3-8B shape compile and run within the SM's
+    shared memory (the OutOfResources crash), at decode and prefill M."""
+    torch.manual_seed(11)
+    gs = 64 if bits == 2 else 128
+    for n, k in [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]:
+        qw, s, z, _ = make(bits, n, k, gs, False, torch.bfloat16)
+        for m in (1, 2, 4, 16, 64, 512, 2048):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = quant_matmul_ref(x.float(), qw, s, z, bits, gs)
+            assert rel(quant_matmul(x, qw, s, z, bits, gs), ref) < 1e-2, (n, k, m)
+
+
+def test_quant_linear_hot_path_matches_reference_and_follows_moves() -> None:
+    from slimlm.quant import QuantLinear
+
+    torch.manual_seed(12)
+    ql = QuantLinear(1024, 384, bits=4, group_size=128, bias=True).cuda()
+    qw, s, z, _ = make(4, 384, 1024, 128, False, torch.float16)
+    with torch.no_grad():
+        ql.qweight.copy_(qw)
+        ql.scales.copy_(s)
+        ql.zeros.copy_(z)
+        ql.bias.normal_()
+    x = torch.randn(3, 1, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = quant_matmul_ref(x.float(), qw, s, z, 4, 128, ql.bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlimlmFallbackWarning)
+        assert rel(ql(x), ref) < 1e-2
+        with torch.no_grad():
+            ql.scales.mul_(2.0)  # in place: the cached operands see it
+        assert rel(ql(x), 2 * ref - ql.bias.float()) < 1e-2
+    ql.cpu()
+    assert ql._packed is None
+    ql.cuda()
+    assert rel(ql(x), 2 * ref - ql.bias.float()) < 1e-2
+
+
+def test_autotune_table_returns_a_correct_config() -> None:
+    best = autotune_table(4, 512, 1024, 128, [1, 16],
+                          candidates=[QMMConfig("gemv", block_n=4, block_kw=64),
+                                      QMMConfig("dot", 16, 16, 32)], rep=3)
+    assert set(best) == {1, 16}
+    for cfg, ms in best.values():
+        assert isinstance(cfg, QMMConfig) and ms > 0
 
 
 def test_kernel_llama_shape_decode_and_prefill() -> None:

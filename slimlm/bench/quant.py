@@ -8,7 +8,18 @@ dequantize-and-multiply kernel, or ``torch._int_mm`` for W8A8) against cuBLAS bf
 bf16 weight would otherwise fit in the 50 MB L2). Reports latency, effective TB/s
 (bytes of packed weights + scales + zeros + activations in and out, over time), the
 speed-up over bf16, the output's relative error vs the bf16 result (quantization error)
-and the kernel's error vs its PyTorch reference (kernel correctness).
+and the kernel's error vs its PyTorch reference (kernel correctness). Each row also gives
+the fraction of the measured copy ceiling (``measured_ceilings``) the layer reaches, the
+launch configuration the static table picked, and the host (wrapper + launch) time per
+call in microseconds: with the L2 flush queued before each timed call, host time below
+the flush's ~60 us does not show in ``ms``; above it, it does.
+
+Options: ``tune=True`` also times the best config of
+:func:`slimlm.kernels.quant_matmul.autotune_table` per (format, shape, M) (``tuned_ms``,
+``tuned_config``: what to copy into the static table); ``decode=True`` adds end-to-end
+decode rows (llama-1b preset, random weights, batch 1 and 16, bf16 vs int8/int4/int2
+through :func:`slimlm.generate.generate` with a static cache: tokens/s, eager PyTorch,
+so host overhead per layer counts as it would for a user).
 
 Quick mode runs tiny shapes on the CPU (the reference path) in seconds.
 
@@ -16,11 +27,14 @@ Example::
 
     slimlm bench quant            # GPU: benchmarks/results/quant-h200.json
     slimlm bench quant --quick    # CPU smoke test
+    # options (Python): run_suite("quant", tune=True, decode=True)
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from functools import partial
 from typing import Any
 
@@ -29,7 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimlm.bench.harness import guarded, register, time_fn
-from slimlm.kernels.quant_matmul import quant_matmul_ref, w8a8_matmul_ref
+from slimlm.kernels.quant_matmul import (
+    _pick_config,
+    autotune_table,
+    quant_matmul,
+    quant_matmul_ref,
+    w8a8_matmul_ref,
+)
 from slimlm.quant import QuantConfig, QuantLinear, quantize_
 
 LLAMA3_8B_SHAPES = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
@@ -67,27 +87,118 @@ def _time_dense(x: torch.Tensor, w: torch.Tensor, device: torch.device) -> dict[
     return {"bf16_ms": t["median_ms"], "bf16_tb_s": nbytes / (t["median_ms"] * 1e-3) / 1e12}
 
 
+def _host_us(fn: Any, device: torch.device, calls: int = 50) -> float:
+    """Host time per call (wrapper + launch), microseconds: back-to-back calls with no
+    synchronisation in between, so the GPU's work overlaps and only the CPU's shows (the
+    launch queue holds far more than ``calls`` kernels)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    dt = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return dt / calls * 1e6
+
+
+def _config_name(ql: QuantLinear, x: torch.Tensor) -> str | None:
+    if ql.w8a8 or x.device.type != "cuda" or not ql._kernel_ok:
+        return None
+    cfg = _pick_config(x, ql.out_features, ql.scales, ql.bits, ql.group_size, None)
+    return ",".join(f"{k}={v}" for k, v in asdict(cfg).items())
+
+
 def _time_quant(ql: QuantLinear, x: torch.Tensor, ref_out: torch.Tensor, bf16_ms: float,
-                device: torch.device) -> dict[str, Any]:
+                device: torch.device, copy_tb_s: float | None, tune: bool) -> dict[str, Any]:
     m, n = x.shape[0], ql.out_features
     with torch.no_grad():
         y = ql(x)
         t = time_fn(lambda: ql(x), device, flush_l2=device.type == "cuda")
+        host_us = _host_us(lambda: ql(x), device)
     nbytes = ql.storage_bytes() + (x.numel() + m * n) * x.element_size()
-    return {
+    tb_s = nbytes / (t["median_ms"] * 1e-3) / 1e12
+    row = {
         "ms": t["median_ms"], "p10_ms": t["p10"], "p90_ms": t["p90"],
-        "tb_s": nbytes / (t["median_ms"] * 1e-3) / 1e12,
+        "tb_s": tb_s, "frac_of_copy_ceiling": None if not copy_tb_s else tb_s / copy_tb_s,
+        "host_us": host_us,
         "speedup_vs_bf16": bf16_ms / t["median_ms"],
         "bits_per_weight": ql.bits_per_weight(),
         "rel_err_vs_bf16": _rel(y, ref_out),
         "kernel_err_vs_ref": _rel(y, _reference(ql, x)),
+        "config": _config_name(ql, x),
     }
+    if tune and row["config"] is not None:
+        best = autotune_table(ql.bits, n, ql.in_features, ql.group_size, [m], device=device,
+                              dtype=x.dtype)
+        if m in best:
+            cfg, _ = best[m]
+            _, s, z = ql._operands()
+            with torch.no_grad():
+                tt = time_fn(lambda: quant_matmul(x, ql.qweight, s, z, ql.bits,
+                                                  ql.group_size, config=cfg),
+                             device, flush_l2=True)
+            row.update(tuned_ms=tt["median_ms"], tuned_speedup_vs_bf16=bf16_ms / tt["median_ms"],
+                       tuned_config=",".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    return row
+
+
+DECODE_FORMATS = ["bf16", "int8-g128", "int4-g128", "int2-g64"]
+
+
+def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype
+                 ) -> Iterator[dict[str, Any]]:
+    """End-to-end greedy decode tokens/s: llama-1b (quick: tiny), random weights, static
+    cache, 16-token prompts, batch 1 and 16, bf16 vs each weight format."""
+    import copy
+
+    from slimlm.generate import generate
+    from slimlm.model import ModelConfig, Transformer
+
+    preset = "tiny" if quick else "llama-1b"
+    new_tokens = 4 if quick else 64
+    torch.manual_seed(0)
+    base_model = Transformer(ModelConfig.from_preset(preset)).to(device=device, dtype=dtype)
+    base_model.eval()
+    vocab = base_model.cfg.vocab_size
+    ref_tps: dict[int, float] = {}
+    for fmt in DECODE_FORMATS:
+        if fmt == "bf16":
+            model = base_model
+        else:
+            model = copy.deepcopy(base_model)
+            quantize_(model, FORMATS[fmt])
+        for batch in (1, 16):
+            ids = torch.randint(0, vocab, (batch, 16), device=device)
+
+            def run(model: Any = model, ids: torch.Tensor = ids, batch: int = batch
+                    ) -> dict[str, Any]:
+                with torch.no_grad():
+                    generate(model, ids, 2, cache="static")  # warm-up (compiles kernels)
+                    t = time_fn(lambda: generate(model, ids, new_tokens, cache="static"),
+                                device, warmup=1, rep=3 if quick else 5)
+                return {"ms_per_token": t["median_ms"] / new_tokens,
+                        "tokens_per_s": batch * new_tokens / (t["median_ms"] * 1e-3)}
+
+            row = guarded({"suite": "quant", "kind": "decode", "model": preset,
+                           "format": fmt, "batch": batch, "prompt": 16,
+                           "new_tokens": new_tokens, "dtype": str(dtype).removeprefix("torch."),
+                           "baseline": f"{preset} {str(dtype).removeprefix('torch.')} weights"},
+                          run, device, errors=True)
+            if "tokens_per_s" in row:
+                if fmt == "bf16":
+                    ref_tps[batch] = row["tokens_per_s"]
+                row["speedup_vs_bf16"] = (row["tokens_per_s"] / ref_tps[batch]
+                                          if batch in ref_tps else None)
+            yield row
+        del model
 
 
 @register("quant")
 def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[dict[str, Any]]:
     """Rows: one per (shape, M, format). Options: ``shapes`` [(N, K)], ``ms`` [M],
-    ``formats`` [names of FORMATS]."""
+    ``formats`` [names of FORMATS], ``tune`` (bool: also time autotune_table's best),
+    ``decode`` (bool: end-to-end decode tokens/s rows)."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     shapes = options.get("shapes") or ([(96, 128), (64, 256)] if quick else LLAMA3_8B_SHAPES)
@@ -98,6 +209,12 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
         raise ValueError(f"formats={sorted(unknown)}: expected names from {list(FORMATS)}")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     w8a8_min_m = 32 if quick else 64
+    tune = bool(options.get("tune", False)) and on_gpu
+    copy_tb_s = None
+    if on_gpu:
+        from slimlm.bench.ceiling import measured_ceilings
+
+        copy_tb_s = measured_ceilings(device)["copy_gbps"] / 1e3
     gen = torch.Generator(device=device).manual_seed(0)
     for n, k in shapes:
         w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(dtype)  # (N, K)
@@ -117,5 +234,8 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
                 baseline = "bf16 F.linear (cuBLAS)" if on_gpu else f"{base['dtype']} F.linear (CPU)"
                 yield guarded({**base, "format": name, "baseline": baseline,
                                "bf16_ms": dense["bf16_ms"], "bf16_tb_s": dense["bf16_tb_s"]},
-                              partial(_time_quant, ql, x, ref_out, dense["bf16_ms"], device),
-                              device)
+                              partial(_time_quant, ql, x, ref_out, dense["bf16_ms"], device,
+                                      copy_tb_s, tune),
+                              device, errors=on_gpu)
+    if options.get("decode", False):
+        yield from _decode_rows(quick, device, dtype)

@@ -19,15 +19,23 @@ implicit zero point ``2**(bits-1)`` (GPTQ's convention), so no zero-point bytes 
 
 Kernels
 -------
-One Triton kernel, two launch configurations: *decode* (M <= 16: memory-bound; 16-row
-tiles, narrow N blocks and split-K so that every SM streams packed weights, fp32 partial
-sums reduced afterwards) and *prefill* (large M: 128x128 tiles, the B tile dequantized in
-registers inside the K loop and fed to ``tl.dot``). Each program reads its packed weight
-tile once, unpacks it with shifts and masks, applies scale and zero in fp32 and
-accumulates in fp32. Two unpack strategies: ``"strided"`` splits a word into its
-32/bits sub-tiles and multiplies each with the matching strided slice of x (no register
-reshape; x is small at decode), ``"reshape"`` interleaves the sub-tiles back into K order
-(``tl.reshape``) so that x is read as one contiguous tile (better for prefill).
+Three Triton kernels; :func:`default_config` (a static table, no autotuning at call time)
+picks one per (bits, M, N, K, group):
+
+- ``qmm_gemv`` (decode, M <= 2): CUDA cores, no ``tl.dot``. A program owns BLOCK_N output
+  rows of one row of x and streams their packed words along K in 16-byte vectors (1 KiB
+  per row per step). Values are unpacked without int->float conversions (mantissa trick:
+  ``(word & mask) | 0x4B000000`` read as fp32 is ``2**23 + q * 2**b``), x is pre-scaled by
+  ``2**-b`` so one FMA per value accumulates ``q * x``, and scale and zero point are applied
+  once per word: ``s * (sum q x - z * sum x)``. Enough programs for >= 2 per SM come from
+  narrow N blocks; split-K (fp32 atomics) only when N is small.
+- ``qmm_dot`` (16 < M < 1024, and 2 < M <= 16): the packed tile is dequantized to x's dtype
+  in registers (same trick, then one FMA ``q * s - z * s``), interleaved into K order with
+  ``tl.join`` + ``tl.reshape`` (register-local), and fed to ``tl.dot`` against a contiguous
+  x tile with fp32 accumulation. Tile sizes x stages are bounded by :func:`smem_bytes` so
+  that no config exceeds the SM's shared memory.
+- ``qmm_dequant`` (M >= 1024): the weight is dequantized to x's dtype (N*K*2 bytes) and
+  cuBLAS runs the compute-bound GEMM.
 
 Without CUDA tensors, without Triton, or for shapes the kernel does not take (3-bit, K
 not a multiple of 32/bits, groups not word-aligned) :func:`quant_matmul` falls back to
@@ -42,7 +50,9 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -51,14 +61,22 @@ import torch.nn.functional as F
 from slimlm.kernels import triton_available, warn_fallback
 
 __all__ = [
+    "HOPPER_SMEM_LIMIT",
     "KERNEL_BITS",
     "PACKABLE_BITS",
+    "SMEM_BUDGET",
+    "QMMConfig",
+    "autotune_table",
+    "candidate_configs",
+    "default_config",
     "dequantize_ref",
     "kernel_supports",
     "pack_bits",
     "packed_cols",
     "quant_matmul",
+    "quant_matmul_packed",
     "quant_matmul_ref",
+    "smem_bytes",
     "unpack_bits",
     "w8a8_matmul",
     "w8a8_matmul_ref",
@@ -148,90 +166,396 @@ def quant_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------
-# Triton kernel (defined lazily so that importing this module never imports triton)
+# Launch configurations: a static table chosen by reasoning, with an analytic shared-memory
+# bound, so that no call ever autotunes and no config can exceed the SM's shared memory
 # ---------------------------------------------------------------------------------------
 
+MODES = ("gemv", "dot", "dequant")
 
-def _build_kernel() -> Any:
+#: Shared memory per block on Hopper (sm_90: 227 KiB opt-in); the static table keeps every
+#: config under SMEM_BUDGET, which leaves room for what the analytic bound does not count.
+HOPPER_SMEM_LIMIT = 232448
+SMEM_BUDGET = 200 * 1024
+
+
+@dataclass(frozen=True)
+class QMMConfig:
+    """One launch configuration of the quantized matmul.
+
+    - ``mode``: ``"gemv"`` (M small: fp32 FMA on CUDA cores, one program per (row of x,
+      BLOCK_N output rows, K split), no tensor cores), ``"dot"`` (tiles through ``tl.dot``
+      with the weight tile dequantized in registers) or ``"dequant"`` (dequantize the whole
+      weight to x's dtype with a Triton kernel, then cuBLAS ``F.linear``: long prefills,
+      where the GEMM is compute-bound and cuBLAS is the best GEMM there is).
+    - ``block_m`` x ``block_n`` output tile (gemv: block_m unused), ``block_kw`` packed int32
+      words of K per step (``block_kw * 32 / bits`` values).
+    - ``split_k``: programs along K; > 1 reduces with fp32 atomics (one memset and one cast
+      kernel more), used only where N alone gives too few programs to fill the SMs.
+    """
+
+    mode: str = "gemv"
+    block_m: int = 16
+    block_n: int = 8
+    block_kw: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"QMMConfig.mode={self.mode!r}: expected one of {MODES}")
+        for name in ("block_m", "block_n", "block_kw", "num_warps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"QMMConfig.{name}={v!r}: expected a power of two >= 1")
+        for name in ("split_k", "num_stages"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"QMMConfig.{name}={v!r}: expected an integer >= 1")
+        if self.mode == "dot" and (self.block_m < 16 or self.block_n < 16):
+            raise ValueError(f"QMMConfig(mode='dot', block_m={self.block_m}, "
+                             f"block_n={self.block_n}): tl.dot needs both >= 16")
+        if self.mode == "dequant" and self.split_k != 1:
+            raise ValueError(f"QMMConfig.split_k={self.split_k} with mode='dequant': expected 1")
+
+    def check_bits(self, bits: int) -> None:
+        """ValueError if this config cannot run at ``bits`` (tl.dot needs K steps >= 16)."""
+        if self.mode == "dot" and self.block_kw * (32 // bits) < 16:
+            raise ValueError(f"QMMConfig.block_kw={self.block_kw} at bits={bits}: a dot step "
+                             f"of {self.block_kw * (32 // bits)} values; tl.dot needs >= 16")
+
+
+def smem_bytes(cfg: QMMConfig, bits: int, x_bytes: int = 2, s_bytes: int = 2) -> int:
+    """Upper bound of the shared memory one program of ``cfg`` uses (bytes).
+
+    Every operand loaded in the K loop may be staged in shared memory by Triton's software
+    pipeliner, once per stage: the x tile, the packed weight tile and the gathered scale
+    and zero tiles. A dot also stages its dequantized weight operand once, and its
+    epilogue may round-trip the fp32 output tile through shared memory. The bound is
+    checked against the sm_90 compiler's figure in the tests (``metadata.shared``).
+    """
+    per = 32 // bits
+    bk = cfg.block_kw * per
+    w_tile = cfg.block_n * cfg.block_kw * 4
+    sz_tile = 2 * cfg.block_n * cfg.block_kw * s_bytes
+    if cfg.mode == "gemv":
+        x_tile = bk * x_bytes
+        return cfg.num_stages * (w_tile + sz_tile + x_tile) + 4 * cfg.block_n
+    if cfg.mode == "dequant":
+        return cfg.num_stages * (w_tile + sz_tile) + cfg.block_n * bk * x_bytes
+    x_tile = cfg.block_m * bk * x_bytes
+    return (cfg.num_stages * (x_tile + w_tile + sz_tile) + cfg.block_n * bk * x_bytes
+            + cfg.block_m * cfg.block_n * 4)
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(1, v).bit_length() - 1)
+
+
+def _pow2_ceil(v: int) -> int:
+    return 1 << (max(1, v) - 1).bit_length()
+
+
+def _fit_stages(cfg: QMMConfig, bits: int, x_bytes: int, s_bytes: int) -> QMMConfig:
+    """Lower num_stages (to 1) until the analytic bound fits SMEM_BUDGET."""
+    stages = cfg.num_stages
+    while stages > 1 and smem_bytes(replace(cfg, num_stages=stages), bits, x_bytes,
+                                    s_bytes) > SMEM_BUDGET:
+        stages -= 1
+    return replace(cfg, num_stages=stages)
+
+
+#: M up to which decode uses the GEMV kernel (weights re-read from L2 once per row of x);
+#: above it, tensor cores (the dequantization is then shared by up to 16 rows).
+GEMV_MAX_M = 2
+#: M above which prefill dequantizes to bf16 and calls cuBLAS instead of the fused dot.
+DEQUANT_MIN_M = 1024
+
+
+@functools.lru_cache(maxsize=4096)
+def default_config(bits: int, m: int, n: int, k: int, group_size: int, sms: int = 132,
+                   x_bytes: int = 2, s_bytes: int = 2) -> QMMConfig:
+    """The static launch table: a config for (bits, M, N, K, group) on ``sms`` SMs, for
+    activations of ``x_bytes`` and scales of ``s_bytes`` per element.
+
+    Reasoning (H200: 132 SMs, ~4.3 TB/s copy, decode is memory-bound):
+
+    - *gemv* (M <= GEMV_MAX_M): a program owns ``block_n`` output rows and streams their
+      packed words along K, ``block_kw`` = 256 words (1 KiB per row, four 16-byte loads per
+      thread per step: ~32 KiB in flight per SM with 4 programs resident). ``block_n`` is
+      the largest of 16/8/4 that still gives >= 2 programs per SM; split-K only when even
+      block_n = 4 does not (small N), since it costs a memset and a cast launch.
+    - *dot* (M up to DEQUANT_MIN_M): 16-row tiles for M <= 16 with narrow N blocks (again
+      >= 2 programs per SM) and 512-value K steps; larger M 64/128-row tiles with 64-128
+      value K steps, so that x tile + packed tile per stage x stages fits shared memory.
+    - *dequant* beyond: weight dequantized once per call (N*K*2 bytes written, read back by
+      cuBLAS), negligible next to a 2*M*N*K FLOP GEMM at M >= 1024.
+
+    ``config=`` of :func:`quant_matmul` overrides it; :func:`autotune_table` measures.
+    """
+    per = 32 // bits
+    kw = k // per
+    target = 2 * sms
+    if m <= GEMV_MAX_M:
+        bkw = min(256, _pow2_ceil(kw))
+        bn, split = 4, 1
+        for cand in (16, 8, 4):
+            if -(-n // cand) >= target:
+                bn = cand
+                break
+        else:
+            split = max(1, min(8, target // max(1, -(-n // bn)), kw // bkw))
+        warps = 4 if bn * bkw >= 512 else 2
+        return _fit_stages(QMMConfig("gemv", 16, bn, bkw, split, warps, 2), bits, x_bytes,
+                           s_bytes)
+    if m >= DEQUANT_MIN_M:
+        return _fit_stages(QMMConfig("dequant", 16, 32, max(4, min(64, 512 // per)), 1, 4, 2),
+                           bits, x_bytes, s_bytes)
+    if m <= 16:
+        bm, bkw, warps, stages = 16, max(4, 512 // per), 4, 3
+        bn = 16 if -(-n // 32) < target else 32
+        split = 1
+        if -(-n // bn) < target:
+            split = max(1, min(8, target // max(1, -(-n // bn)), kw // bkw))
+    elif m <= 64:
+        bm, bn, bkw, warps, stages, split = 64, 64, max(4, 128 // per), 4, 3, 1
+    else:
+        bm, bn, bkw, warps, stages, split = 128, 128, max(4, 64 // per), 8, 3, 1
+    return _fit_stages(QMMConfig("dot", bm, bn, bkw, split, warps, stages), bits, x_bytes,
+                       s_bytes)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _m_bucket(m: int) -> int:
+    """Bucket M so that the table is consulted (and cached) for few distinct keys."""
+    return m if m <= 16 else _pow2_ceil(m)
+
+
+# ---------------------------------------------------------------------------------------
+# Triton kernels (defined when Triton is installed; the interpreter resolves the helper
+# functions through module globals, so they cannot live in a closure)
+# ---------------------------------------------------------------------------------------
+
+if triton_available():
     import triton
     import triton.language as tl
 
+    # Unpacking avoids int->float conversion instructions (a quarter of the FMA rate on
+    # sm_90): OR-ing a value of < 23 bits into the mantissa of 2**23 (0x4B000000) gives the
+    # float 2**23 + v exactly, and one float subtract yields v. Then (v - z) * s is one FMA
+    # with zs = z * s precomputed per word (z may be fractional: HQQ).
     @triton.jit
-    def qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-                   M, N, KW, KW_PER_SPLIT,
-                   stride_xm, stride_wn, stride_sn, stride_om, stride_os,
-                   GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, RESHAPE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                   PREC: tl.constexpr):
-        PER: tl.constexpr = 32 // BITS
+    def _deq(w, s, zs, SH: tl.constexpr, MASK: tl.constexpr):
+        v = (((w >> SH) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return v * s - zs
+
+    # Interleave per-position tiles back into K order: tl.join adds a minor dimension held
+    # by the same thread, so join + reshape moves no data between threads.
+    @triton.jit
+    def _il4(a, b, c, d):
+        return tl.join(tl.join(a, c), tl.join(b, d))
+
+    @triton.jit
+    def _il8(v0, v1, v2, v3, v4, v5, v6, v7):
+        return tl.join(_il4(v0, v2, v4, v6), _il4(v1, v3, v5, v7))
+
+    @triton.jit
+    def _dequant_tile(w, s, zs, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_KW: tl.constexpr, DT: tl.constexpr):
+        """(BLOCK_N, BLOCK_KW) packed words -> (BLOCK_N, BLOCK_KW * 32/BITS) in K order."""
         MASK: tl.constexpr = (1 << BITS) - 1
+        PER: tl.constexpr = 32 // BITS
+        w = w.to(tl.uint32, bitcast=True)  # logical shifts: no sign-extension instructions
+        if BITS == 8:
+            r = _il4(_deq(w, s, zs, 0, MASK).to(DT), _deq(w, s, zs, 8, MASK).to(DT),
+                     _deq(w, s, zs, 16, MASK).to(DT), _deq(w, s, zs, 24, MASK).to(DT))
+        elif BITS == 4:
+            r = _il8(_deq(w, s, zs, 0, MASK).to(DT), _deq(w, s, zs, 4, MASK).to(DT),
+                     _deq(w, s, zs, 8, MASK).to(DT), _deq(w, s, zs, 12, MASK).to(DT),
+                     _deq(w, s, zs, 16, MASK).to(DT), _deq(w, s, zs, 20, MASK).to(DT),
+                     _deq(w, s, zs, 24, MASK).to(DT), _deq(w, s, zs, 28, MASK).to(DT))
+        else:
+            r = tl.join(
+                _il8(_deq(w, s, zs, 0, MASK).to(DT), _deq(w, s, zs, 4, MASK).to(DT),
+                     _deq(w, s, zs, 8, MASK).to(DT), _deq(w, s, zs, 12, MASK).to(DT),
+                     _deq(w, s, zs, 16, MASK).to(DT), _deq(w, s, zs, 20, MASK).to(DT),
+                     _deq(w, s, zs, 24, MASK).to(DT), _deq(w, s, zs, 28, MASK).to(DT)),
+                _il8(_deq(w, s, zs, 2, MASK).to(DT), _deq(w, s, zs, 6, MASK).to(DT),
+                     _deq(w, s, zs, 10, MASK).to(DT), _deq(w, s, zs, 14, MASK).to(DT),
+                     _deq(w, s, zs, 18, MASK).to(DT), _deq(w, s, zs, 22, MASK).to(DT),
+                     _deq(w, s, zs, 26, MASK).to(DT), _deq(w, s, zs, 30, MASK).to(DT)))
+        return tl.reshape(r, (BLOCK_N, BLOCK_KW * PER))  # (BN, BK): k = word * PER + i
+
+    @triton.jit
+    def _scale_zero(s_ptr, z_ptr, rows, kw0, offs_kw, NG, BITS: tl.constexpr,
+                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, ONE_GROUP: tl.constexpr):
+        """Scale and zero point for the step's words: (BN, 1) when the whole step lies in
+        one group (one load per row), else gathered (BN, BKW) (L1 hits: the words of a
+        group share an address). Symmetric: the implicit zero 2**(bits-1)."""
+        PER: tl.constexpr = 32 // BITS
+        # clamped: words past K (masked to zero) must not read past the scale rows
+        if ONE_GROUP:
+            idx = rows[:, None] * NG + tl.minimum((kw0 * PER) // GROUP, NG - 1)
+        else:
+            idx = rows[:, None] * NG + tl.minimum((offs_kw * PER) // GROUP, NG - 1)[None, :]
+        s = tl.load(s_ptr + idx).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + idx).to(tl.float32)
+        else:
+            z = s * 0.0 + (1 << (BITS - 1))
+        return s, z
+
+    @triton.jit
+    def qmm_gemv(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+                 N, KW, NG, stride_xm, stride_om, KW_PER_SPLIT,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+                 ONE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+        """y[row, n] = sum_k x[row, k] * (q[n, k] - z) * s on CUDA cores (no tl.dot).
+
+        Per word: the value at bit offset b < 16 is masked in place (no shift) and read
+        as 2**23 + q * 2**b through the mantissa trick; x is pre-scaled by 2**-b (exact),
+        so each value costs one LOP3, one FADD and one FFMA. The high half-word is shifted
+        down once per word. Scale and zero are applied once per word:
+        sum_i (q_i - z) x_i s = s * (sum_i q_i x_i - z * sum_i x_i).
+        """
+        PER: tl.constexpr = 32 // BITS
+        HALF: tl.constexpr = 16 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        row = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        rows = tl.where(n_ok, offs_n, 0)  # clamped: the weight loads need no row mask
+        x_row = x_ptr + row * stride_xm
+        acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+        kw_lo = pid_k * KW_PER_SPLIT
+        kw_hi = tl.minimum(kw_lo + KW_PER_SPLIT, KW)
+        for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
+            offs_kw = kw0 + tl.arange(0, BLOCK_KW)
+            w_ptrs = w_ptr + rows[:, None] * KW + offs_kw[None, :]
+            if EVEN_K:
+                w = tl.load(w_ptrs)  # (BN, BKW): 16-byte vectors along K
+            else:
+                k_ok = offs_kw < KW
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+            hi = w >> 16
+            t = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_KW,), dtype=tl.float32)
+            for i in tl.static_range(PER):
+                if EVEN_K:
+                    xi = tl.load(x_row + offs_kw * PER + i).to(tl.float32)
+                else:
+                    xi = tl.load(x_row + offs_kw * PER + i, mask=k_ok, other=0.0
+                                 ).to(tl.float32)
+                xs += xi
+                if i < HALF:
+                    v = ((w & (MASK << (i * BITS))) | 0x4B000000).to(tl.float32, bitcast=True)
+                    xi = xi * (1.0 / (1 << (i * BITS)))
+                else:
+                    v = ((hi & (MASK << ((i - HALF) * BITS))) | 0x4B000000).to(
+                        tl.float32, bitcast=True)
+                    xi = xi * (1.0 / (1 << ((i - HALF) * BITS)))
+                t += (v - 8388608.0) * xi[None, :]
+            s, z = _scale_zero(s_ptr, z_ptr, rows, kw0, offs_kw, NG, BITS, GROUP, HAS_ZERO,
+                               ONE_GROUP)
+            acc += s * (t - z * xs[None, :])
+        y = tl.sum(acc, axis=1)  # (BN,)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_ok & (offs_n * 0 + pid_k == 0), other=0.0).to(tl.float32)
+        if ATOMIC:
+            tl.atomic_add(out_ptr + row * stride_om + offs_n, y, mask=n_ok)
+        else:
+            tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty),
+                     mask=n_ok)
+
+    @triton.jit
+    def qmm_dot(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+                M, N, KW, NG, stride_xm, stride_om, KW_PER_SPLIT,
+                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+                ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_KW: tl.constexpr, PREC: tl.constexpr):
+        """Tiles through tl.dot: the packed tile is dequantized to x's dtype in registers,
+        interleaved into K order, and multiplied with a contiguous x tile (fp32 acc)."""
+        PER: tl.constexpr = 32 // BITS
+        BK: tl.constexpr = BLOCK_KW * PER
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = offs_m < M
-        n_mask = offs_n < N
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        rows_x = tl.where(m_ok, offs_m, 0)
+        rows = tl.where(n_ok, offs_n, 0)
+        xdt = x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         kw_lo = pid_k * KW_PER_SPLIT
         kw_hi = tl.minimum(kw_lo + KW_PER_SPLIT, KW)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        xdt = x_ptr.dtype.element_ty
         for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
             offs_kw = kw0 + tl.arange(0, BLOCK_KW)
-            kw_mask = offs_kw < kw_hi
-            wn_mask = n_mask[:, None] & kw_mask[None, :]
-            # (BLOCK_N, BLOCK_KW) packed words, contiguous along K: one coalesced read
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :], mask=wn_mask,
-                        other=0)
-            g = (offs_kw * PER) // GROUP  # a word never straddles groups (GROUP % PER == 0)
-            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=wn_mask,
-                        other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=wn_mask,
-                            other=0.0).to(tl.float32)
+            offs_k = kw0 * PER + tl.arange(0, BK)
+            w_ptrs = w_ptr + rows[:, None] * KW + offs_kw[None, :]
+            x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :]
+            if EVEN_K:
+                w = tl.load(w_ptrs)  # (BN, BKW)
+                a = tl.load(x_ptrs)  # (BM, BK)
             else:
-                z = (1 << (BITS - 1)) * 1.0
-            if RESHAPE:
-                shifts = tl.arange(0, PER) * BITS
-                q = (w[:, :, None] >> shifts[None, None, :]) & MASK  # (BN, BKW, PER)
-                if HAS_ZERO:
-                    wd = (q.to(tl.float32) - z[:, :, None]) * s[:, :, None]
-                else:
-                    wd = (q.to(tl.float32) - z) * s[:, :, None]
-                wd = tl.reshape(wd, (BLOCK_N, BLOCK_KW * PER)).to(xdt)  # (BN, BK) in K order
-                offs_k = kw0 * PER + tl.arange(0, BLOCK_KW * PER)
-                k_mask = offs_k < kw_hi * PER
-                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
-                acc += tl.dot(a, tl.trans(wd), input_precision=PREC)
-            else:
-                for i in tl.static_range(PER):
-                    q = (w >> (i * BITS)) & MASK  # (BN, BKW): values k = word*PER + i
-                    wd = ((q.to(tl.float32) - z) * s).to(xdt)
-                    a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_kw * PER + i)[None, :],
-                                mask=m_mask[:, None] & kw_mask[None, :], other=0.0)  # (BM, BKW)
-                    acc += tl.dot(a, tl.trans(wd), input_precision=PREC)
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        if SPLIT:
-            tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :],
-                     acc, mask=out_mask)
+                w = tl.load(w_ptrs, mask=(offs_kw < KW)[None, :], other=0)
+                a = tl.load(x_ptrs, mask=(offs_k < KW * PER)[None, :], other=0.0)
+            s, z = _scale_zero(s_ptr, z_ptr, rows, kw0, offs_kw, NG, BITS, GROUP, HAS_ZERO,
+                               ONE_GROUP)
+            wd = _dequant_tile(w, s, z * s, BITS, BLOCK_N, BLOCK_KW, xdt)  # (BN, BK)
+            acc = tl.dot(a, tl.trans(wd), acc, input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok & (offs_n * 0 + pid_k == 0),
+                           other=0.0).to(tl.float32)[None, :]
+        o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        o_ok = m_ok[:, None] & n_ok[None, :]
+        if ATOMIC:
+            tl.atomic_add(o_ptrs, acc, mask=o_ok)
         else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-                     acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
 
-    return qmm_kernel
+    @triton.jit
+    def qmm_dequant(w_ptr, s_ptr, z_ptr, out_ptr, N, KW, NG,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    EVEN_K: tl.constexpr, ONE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_KW: tl.constexpr):
+        """out (N, K) = dequantized weight in out's dtype (contiguous 16-byte stores)."""
+        PER: tl.constexpr = 32 // BITS
+        BK: tl.constexpr = BLOCK_KW * PER
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        rows = tl.where(n_ok, offs_n, 0)
+        kw0 = pid_k * BLOCK_KW
+        offs_kw = kw0 + tl.arange(0, BLOCK_KW)
+        offs_k = kw0 * PER + tl.arange(0, BK)
+        if EVEN_K:
+            w = tl.load(w_ptr + rows[:, None] * KW + offs_kw[None, :])
+            o_ok = n_ok[:, None]
+        else:
+            w = tl.load(w_ptr + rows[:, None] * KW + offs_kw[None, :],
+                        mask=(offs_kw < KW)[None, :], other=0)
+            o_ok = n_ok[:, None] & (offs_k < KW * PER)[None, :]
+        s, z = _scale_zero(s_ptr, z_ptr, rows, kw0, offs_kw, NG, BITS, GROUP, HAS_ZERO,
+                           ONE_GROUP)
+        wd = _dequant_tile(w, s, z * s, BITS, BLOCK_N, BLOCK_KW, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs_n[:, None] * (KW * PER) + offs_k[None, :], wd, mask=o_ok)
 
 
-_KERNEL_CACHE: dict[str, Any] = {}  # compiled-kernel handle per process (not user state)
 
-
-def _kernel() -> Any:
-    if "qmm" not in _KERNEL_CACHE:
-        _KERNEL_CACHE["qmm"] = _build_kernel()
-    return _KERNEL_CACHE["qmm"]
+def _kernel(mode: str) -> Any:
+    """The jitted kernel of a mode (only called once triton_available() said yes)."""
+    return {"gemv": qmm_gemv, "dot": qmm_dot, "dequant": qmm_dequant}[mode]
 
 
 def kernel_supports(bits: int, in_features: int, group_size: int) -> str | None:
@@ -246,77 +570,129 @@ def kernel_supports(bits: int, in_features: int, group_size: int) -> str | None:
     return None
 
 
-def _default_config(m: int, n: int, kw: int, bits: int, device: torch.device
-                    ) -> dict[str, Any]:
-    """Decode (M <= 16) or prefill tile configuration."""
-    if m <= 16:
-        block_n, block_kw = 32, 16
-        n_blocks = triton_cdiv(n, block_n)
-        sms = (torch.cuda.get_device_properties(device).multi_processor_count
-               if device.type == "cuda" else 4)
-        k_steps = triton_cdiv(kw, block_kw)
-        # split K until there are ~4 programs per SM, so that loads keep HBM busy
-        split = max(1, min(k_steps, (4 * sms) // max(1, n_blocks)))
-        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split,
-                    RESHAPE=False, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_KW=16 if bits != 8 else 32, SPLIT_K=1,
-                RESHAPE=True, num_warps=8, num_stages=3)
-
-
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _quant_matmul_triton(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                         zeros: torch.Tensor | None, bits: int, group_size: int,
-                         bias: torch.Tensor | None, config: dict[str, Any] | None = None
-                         ) -> torch.Tensor:
-    """Launch the kernel. x2 (M, K) contiguous; returns (M, N) in x2's dtype."""
-    m, k = x2.shape
-    n = qweight.shape[0]
-    kw = k * bits // 32
-    w32 = qweight.contiguous().view(torch.int32)  # (N, K*bits/32): same bytes, 4 at a time
-    scales = scales.contiguous()
-    zeros = zeros.contiguous() if zeros is not None else None
-    cfg = {**_default_config(m, n, kw, bits, x2.device), **(config or {})}
-    split = int(cfg["SPLIT_K"])
-    bkw = int(cfg["BLOCK_KW"])
-    kw_per_split = triton_cdiv(triton_cdiv(kw, split), bkw) * bkw  # whole K steps per split
-    split = triton_cdiv(kw, kw_per_split)
-    if split > 1:
-        out = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)  # (S, M, N)
-        stride_os = m * n
+def _as_config(config: QMMConfig | dict[str, Any] | None, base: QMMConfig) -> QMMConfig:
+    if config is None:
+        return base
+    if isinstance(config, QMMConfig):
+        return config
+    if isinstance(config, dict):
+        return replace(base, **config)
+    raise TypeError(f"config={config!r}: expected a QMMConfig, a dict of its fields or None")
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(cfg: QMMConfig, m: int, n: int, kw: int, bits: int, group_size: int,
+          has_zero: bool, has_bias: bool, fp32: bool
+          ) -> tuple[tuple[int, int, int], int, bool, dict[str, Any]]:
+    """(grid, K words per split, atomic?, keyword arguments) of one launch, memoised so
+    that a decode step spends no Python on arithmetic it did the step before."""
+    per = 32 // bits
+    bkw = cfg.block_kw
+    kw_args: dict[str, Any] = dict(
+        BITS=bits, GROUP=group_size, HAS_ZERO=has_zero, ONE_GROUP=group_size % (bkw * per) == 0,
+        BLOCK_N=cfg.block_n, BLOCK_KW=bkw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.mode == "dequant":
+        kw_args["EVEN_K"] = kw % bkw == 0
+        return (triton_cdiv(n, cfg.block_n), triton_cdiv(kw, bkw), 1), kw, False, kw_args
+    kps = triton_cdiv(triton_cdiv(kw, cfg.split_k), bkw) * bkw  # whole K steps per split
+    split = triton_cdiv(kw, kps)
+    atomic = split > 1
+    kw_args.update(HAS_BIAS=has_bias, ATOMIC=atomic, EVEN_K=split * kps == kw)
+    if cfg.mode == "gemv":
+        return (m, triton_cdiv(n, cfg.block_n), split), kps, atomic, kw_args
+    kw_args.update(BLOCK_M=cfg.block_m, PREC="ieee" if fp32 else "tf32")
+    return (triton_cdiv(m, cfg.block_m), triton_cdiv(n, cfg.block_n), split), kps, atomic, kw_args
+
+
+def _launch(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
+            zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
+            cfg: QMMConfig) -> torch.Tensor:
+    """Run ``cfg`` on checked inputs: x2 (M, K) with unit stride along K, w32 (N, KW) int32
+    contiguous, scales/zeros (N, G) contiguous. Returns (M, N) in x2's dtype."""
+    m = x2.shape[0]
+    n, kw = w32.shape
+    ng = scales.shape[1]
+    grid, kps, atomic, kw_args = _plan(cfg, m, n, kw, bits, group_size, zeros is not None,
+                                       bias is not None, x2.dtype == torch.float32)
+    kern = _kernel(cfg.mode)
+    zp = zeros if zeros is not None else scales  # a valid pointer the kernel never reads
+    if cfg.mode == "dequant":
+        w = torch.empty(n, kw * (32 // bits), dtype=x2.dtype, device=x2.device)  # (N, K)
+        kern[grid](w32, scales, zp, w, n, kw, ng, **kw_args)
+        return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+    if atomic:
+        out = torch.zeros(m, n, dtype=torch.float32, device=x2.device)  # fp32 partial sums
     else:
         out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-        stride_os = 0
-    grid = (triton_cdiv(m, cfg["BLOCK_M"]), triton_cdiv(n, cfg["BLOCK_N"]), split)
-    prec = "ieee" if x2.dtype == torch.float32 else "tf32"
-    _kernel()[grid](
-        x2, w32, scales, zeros if zeros is not None else scales,
-        bias if bias is not None else scales, out,
-        m, n, kw, kw_per_split,
-        x2.stride(0), w32.stride(0), scales.stride(0), n, stride_os,
-        GROUP=group_size, BITS=bits, HAS_ZERO=zeros is not None,
-        HAS_BIAS=bias is not None and split == 1, SPLIT=split > 1,
-        RESHAPE=bool(cfg["RESHAPE"]), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_KW=bkw, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split > 1:
-        y = out.sum(0)  # (M, N) fp32: deterministic reduction of split-K partials
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x2.dtype)
-    return out
+    b = bias if bias is not None else scales
+    if cfg.mode == "gemv":
+        kern[grid](x2, w32, scales, zp, b, out, n, kw, ng, x2.stride(0), n, kps, **kw_args)
+    else:
+        kern[grid](x2, w32, scales, zp, b, out, m, n, kw, ng, x2.stride(0), n, kps, **kw_args)
+    return out.to(x2.dtype) if atomic else out
+
+
+def _pick_config(x2: torch.Tensor, n: int, scales: torch.Tensor, bits: int, group_size: int,
+                 config: QMMConfig | dict[str, Any] | None) -> QMMConfig:
+    m, k = x2.shape
+    sms = 4  # the interpreter (CPU tensors): a toy SM count, so that tests split K too
+    if x2.is_cuda:
+        sms = _sm_count(x2.device.index if x2.device.index is not None
+                        else torch.cuda.current_device())
+    base = default_config(bits, _m_bucket(m), n, k, group_size, sms, x2.element_size(),
+                          scales.element_size())
+    cfg = _as_config(config, base)
+    if config is not None:
+        cfg.check_bits(bits)
+    return cfg
+
+
+def _quant_matmul_triton(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                         zeros: torch.Tensor | None, bits: int, group_size: int,
+                         bias: torch.Tensor | None,
+                         config: QMMConfig | dict[str, Any] | None = None) -> torch.Tensor:
+    """Launch the kernels on x2 (M, K); returns (M, N) in x2's dtype. ``config`` (a
+    QMMConfig or a dict of fields overriding the table's) picks mode and tiles."""
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    w32 = qweight.contiguous().view(torch.int32)  # (N, K*bits/32): same bytes, 4 at a time
+    cfg = _pick_config(x2, w32.shape[0], scales, bits, group_size, config)
+    return _launch(x2, w32, scales.contiguous(),
+                   zeros.contiguous() if zeros is not None else None, bias, bits, group_size,
+                   cfg)
+
+
+def quant_matmul_packed(x: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor | None, bits: int, group_size: int,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The hot path of :class:`slimlm.quant.QuantLinear`: no validation (the module checked
+    its format once). x (..., K) CUDA fp16/bf16/fp32; w32 = qweight viewed as int32
+    (N, K*bits/32); scales/zeros contiguous. Returns (..., N) in x's dtype."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)  # (M, K): a view for contiguous activations
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    idx = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    cfg = default_config(bits, _m_bucket(m), w32.shape[0], k, group_size, _sm_count(idx),
+                         x2.element_size(), scales.element_size())
+    y = _launch(x2, w32, scales, zeros, bias, bits, group_size, cfg)
+    return y.view(*x.shape[:-1], w32.shape[0])  # (..., N)
 
 
 def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None, bits: int, group_size: int,
-                 bias: torch.Tensor | None = None, *, config: dict[str, Any] | None = None
-                 ) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, *,
+                 config: QMMConfig | dict[str, Any] | None = None) -> torch.Tensor:
     """``x @ dequant(W)^T + bias`` for packed weights. x (..., K) -> (..., N) in x's dtype.
 
-    Uses the Triton kernel on CUDA tensors when Triton is installed and the format is one
-    it takes (see :func:`kernel_supports`); otherwise :func:`quant_matmul_ref` (and says
-    so once). ``config`` overrides the tile configuration (benchmarks, tuning).
+    Uses the Triton kernels on CUDA tensors when Triton is installed and the format is one
+    they take (see :func:`kernel_supports`); otherwise :func:`quant_matmul_ref` (and says
+    so once). ``config`` (a :class:`QMMConfig`, or a dict of fields overriding the static
+    table's choice) forces a launch configuration (benchmarks, tuning).
     """
     k = x.shape[-1]
     if not x.is_cuda:
@@ -329,9 +705,87 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if why is not None:
         warn_fallback("quant_matmul", why)
         return quant_matmul_ref(x, qweight, scales, zeros, bits, group_size, bias)
-    x2 = x.reshape(-1, k).contiguous()  # (M, K)
-    y = _quant_matmul_triton(x2, qweight, scales, zeros, bits, group_size, bias, config)
+    y = _quant_matmul_triton(x.reshape(-1, k), qweight, scales, zeros, bits, group_size, bias,
+                             config)  # (M, N)
     return y.reshape(*x.shape[:-1], y.shape[-1])  # (..., N)
+
+
+# ---------------------------------------------------------------------------------------
+# Tuning on the GPU (benchmarks only: the forward pass never autotunes)
+# ---------------------------------------------------------------------------------------
+
+
+def candidate_configs(bits: int, m: int) -> list[QMMConfig]:
+    """A small search space around the static table for :func:`autotune_table`."""
+    per = 32 // bits
+    out: list[QMMConfig] = []
+    if m <= 4:
+        for bn in (4, 8, 16):
+            for bkw in (64, 128, 256):
+                for warps in (2, 4):
+                    out.append(QMMConfig("gemv", 16, bn, bkw, 1, warps, 2))
+    if m <= 64:
+        for bn in (16, 32, 64):
+            for bk in (128, 256, 512):
+                for split in (1, 2, 4):
+                    out.append(QMMConfig("dot", 16 if m <= 16 else 64, bn, max(4, bk // per),
+                                         split, 4, 3))
+    else:
+        for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 64, 4), (128, 256, 8)):
+            for bk in (32, 64, 128):
+                for stages in (2, 3, 4):
+                    out.append(QMMConfig("dot", bm, bn, max(4, bk // per), 1, warps, stages))
+        out.append(QMMConfig("dequant", 16, 32, max(4, 512 // per), 1, 4, 2))
+    return [c for c in out if smem_bytes(c, bits) <= SMEM_BUDGET
+            and not (c.mode == "dot" and c.block_kw * per < 16)]
+
+
+def autotune_table(bits: int, n: int, k: int, group_size: int, ms: list[int] | tuple[int, ...],
+                   *, device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                   candidates: list[QMMConfig] | None = None, rep: int = 20
+                   ) -> dict[int, tuple[QMMConfig, float]]:
+    """Time candidate configs on the GPU (random packed weights, L2 flushed before each
+    call) and return ``{M: (best config, median ms)}``. For the benchmark suite and for
+    refreshing :func:`default_config`; never called by a forward pass.
+
+    Example::
+
+        best = autotune_table(4, 4096, 4096, 128, [1, 16, 2048])
+        y = quant_matmul(x, qw, s, z, 4, 128, config=best[x.shape[0]][0])
+    """
+    from slimlm.bench.harness import time_fn
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"device={device!r}: autotune_table needs a CUDA device")
+    why = kernel_supports(bits, k, group_size)
+    if why is not None:
+        raise ValueError(f"autotune_table(bits={bits}, k={k}, group_size={group_size}): {why}")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, device=dev, generator=gen)
+    qw = pack_bits(q, bits)
+    s = (torch.rand(n, k // group_size, device=dev, generator=gen) * 0.01).half()
+    z = torch.full_like(s, float(1 << (bits - 1)))
+    best: dict[int, tuple[QMMConfig, float]] = {}
+    for m in ms:
+        x = torch.randn(m, k, device=dev, dtype=dtype, generator=gen)
+        ref = quant_matmul_ref(x.float(), qw, s, z, bits, group_size)
+        default = _pick_config(x, n, s, bits, group_size, None)
+        cands = list(dict.fromkeys([default, *(candidates or candidate_configs(bits, m))]))
+        for cfg in cands:
+            try:
+                y = _quant_matmul_triton(x, qw, s, z, bits, group_size, None, cfg)
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                if not err < 2e-2:
+                    continue  # a config that computes the wrong thing never wins
+                t = time_fn(lambda c=cfg, x=x: _quant_matmul_triton(x, qw, s, z, bits,
+                                                                    group_size, None, c),
+                            dev, rep=rep, flush_l2=True)["median_ms"]
+            except Exception:  # noqa: BLE001 - e.g. OutOfResources on another Triton
+                continue
+            if m not in best or t < best[m][1]:
+                best[m] = (cfg, t)
+    return best
 
 
 # ---------------------------------------------------------------------------------------

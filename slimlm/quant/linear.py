@@ -5,12 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimlm.kernels import triton_available
 from slimlm.kernels.quant_matmul import (
     dequantize_ref,
+    kernel_supports,
     packed_cols,
     quant_matmul,
+    quant_matmul_packed,
     w8a8_matmul,
 )
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 __all__ = ["QuantLinear"]
 
@@ -61,17 +66,40 @@ class QuantLinear(nn.Module):
                              if bias else None)
         self.register_buffer("input_scale", torch.empty(k, dtype=compute_dtype, device=device)
                              if input_scale else None)
+        # Checked once here, not per forward: the format never changes after construction.
+        self._kernel_ok = (not w8a8 and kernel_supports(bits, k, gs) is None
+                           and triton_available())
+        self._packed: tuple | None = None  # (qweight, scales, zeros, w32 view), see _operands
+
+    def _operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(qweight viewed as int32 (N, K*bits/32), scales, zeros), contiguous. Cached by the
+        identity of the buffers: a device move or a buffer reassignment makes new tensors
+        and rebuilds it; an in-place load_state_dict keeps the storage the view shares."""
+        qw, s, z = self.qweight, self.scales, self.zeros
+        c = self._packed
+        if c is None or c[0] is not qw or c[1] is not s or c[2] is not z:
+            c = (qw, s, z, qw.contiguous().view(torch.int32), s.contiguous(),
+                 None if z is None else z.contiguous())
+            self._packed = c
+        return c[3], c[4], c[5]
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """``.to(dtype)``, ``.half()``, ``.bfloat16()`` convert bias and input scale but not
         scales and zero points: they keep their storage dtype (a cast would change the
         dequantized weights); device moves apply to all."""
         keep = {n: t for n in ("scales", "zeros") if (t := self._buffers.get(n)) is not None}
+        self._packed = None  # drop the cached view: it would pin the old device's memory
         super()._apply(fn, recurse)
         for name, t in keep.items():
             dev = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
             self._buffers[name] = t.to(dev)
         return self
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the cached kernel operands behind (rebuilt on use)."""
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
 
     def spec(self) -> dict:
         """Constructor arguments (JSON-serialisable) that rebuild this module's buffers."""
@@ -88,6 +116,10 @@ class QuantLinear(nn.Module):
             x = x * self.input_scale.to(x.dtype)
         if self.w8a8:
             return w8a8_matmul(x, self.qweight, self.scales, self.bias)
+        if self._kernel_ok and x.is_cuda and x.dtype in _KERNEL_DTYPES:
+            # hot path (decode): no validation, no casts, one launch and the output tensor
+            w32, s, z = self._operands()
+            return quant_matmul_packed(x, w32, s, z, self.bits, self.group_size, self.bias)
         return quant_matmul(x, self.qweight, self.scales, self.zeros, self.bits,
                             self.group_size, self.bias)
 
