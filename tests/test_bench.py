@@ -51,7 +51,8 @@ def test_register_rejects_a_second_function_under_a_taken_name():
 
 
 @pytest.mark.parametrize("name", bench.list_suites())
-def test_every_suite_runs_quick_on_cpu(name, tmp_path, one_thread):
+def test_every_suite_runs_quick_on_cpu(name, tmp_path, one_thread, monkeypatch):
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))  # keep the user's cache clean
     path = bench.run_suite(name, quick=True, out_dir=tmp_path, device="cpu", echo=False)
     assert path == tmp_path / f"{name}-cpu-quick.json"
     doc = json.loads(path.read_text())
@@ -252,3 +253,31 @@ def test_train_suite_small_on_gpu(tmp_path):
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mem_gib"] > 0
         assert 8.0 < r["loss"] < 10.0  # ~ln(8192) = 9.0 on random tokens
+
+
+def test_quant_quality_plot_and_reference_cache(tmp_path, monkeypatch):
+    """The reference model is trained once and then loaded from the cache; the quality
+    suite's plot draws from its rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slimlm.bench import quant_quality, reference
+
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path))
+    torch.set_num_threads(1)
+    rows = list(quant_quality.quant_quality_suite(True, torch.device("cpu"), steps=3,
+                                                  bits=[4], methods=["rtn", "gptq"],
+                                                  eval_batches=2, max_bytes=100_000))
+    assert [r["method"] for r in rows] == ["none (fp32)", "rtn", "gptq"]
+    assert all(r["bpb"] > 0 for r in rows) and rows[1]["size_mib"] < rows[0]["size_mib"]
+    ckpt = next(tmp_path.glob("reference/tiny-3-*/run/checkpoint/model.safetensors"))
+    mtime = ckpt.stat().st_mtime
+    model, _ = reference.reference_model("tiny", steps=3, progress=False, max_bytes=100_000)
+    assert ckpt.stat().st_mtime == mtime and not model.training
+    fig, ax = plt.subplots()
+    assert quant_quality.plot(rows, ax)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="preset='llama-8b'"):
+        reference.reference_model("llama-8b")

@@ -35,6 +35,7 @@ SUITE_MODULES: tuple[str, ...] = (
     "train",
     "attention",
     "quant",
+    "quant_quality",
     "lora",
     "kvcache",
     "prune",
