@@ -202,6 +202,10 @@ class _Store:
         # Residual: buffers of rcap tokens, valid [r0, r0 + rn).
         self.kr = self.vr = None
         self.rcap = self.r0 = self.rn = 0
+        # The kernel's PackedKV, reused across decode steps while the buffers and the
+        # start offsets stay put (only n_quant / n_res change): no per-step view building.
+        self._packed: PackedKV | None = None
+        self._packed_key: tuple[int, int] = (-1, -1)
 
     @property
     def n(self) -> int:
@@ -217,6 +221,7 @@ class _Store:
             kr[:, :, :self.rn] = self.kr[:, :, self.r0:self.r0 + self.rn]
             vr[:, :, :self.rn] = self.vr[:, :, self.r0:self.r0 + self.rn]
         self.kr, self.vr, self.rcap, self.r0 = kr, vr, cap, 0
+        self._packed = None
 
     def push(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append (B, Hkv, T, D) tokens to the residual."""
@@ -251,8 +256,12 @@ class _Store:
             ks=torch.empty(B, H, cap // G, D, device=self.device, dtype=self.sdtype),
             kz=torch.empty(B, H, cap // G, D, device=self.device, dtype=self.sdtype),
             vc=torch.empty(B, H, cap, w, device=self.device, dtype=torch.uint8),
-            vs=torch.empty(B, H, cap, D // self.Gv, device=self.device, dtype=self.sdtype),
-            vz=torch.empty(B, H, cap, D // self.Gv, device=self.device, dtype=self.sdtype))
+            # Value scales/zeros: logical (B, H, cap, D/Gv), stored token-contiguous (the
+            # kernel reads a run of tokens per channel group: coalesced 16-byte loads).
+            vs=torch.empty(B, H, D // self.Gv, cap, device=self.device,
+                           dtype=self.sdtype).transpose(2, 3),
+            vz=torch.empty(B, H, D // self.Gv, cap, device=self.device,
+                           dtype=self.sdtype).transpose(2, 3))
         if self.qn:
             a, b = self.q0, self.q0 + self.qn
             for name in ("kc", "vc", "vs", "vz"):
@@ -262,6 +271,7 @@ class _Store:
         for name, t in new.items():
             setattr(self, name, t)
         self.qcap, self.q0 = cap, 0
+        self._packed = None
 
     def _quant_append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         t, G = k.shape[2], self.G
@@ -329,12 +339,23 @@ class _Store:
     def packed(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> PackedKV:
         """The kernel's view; ``prefix`` (full-precision keys/values, e.g. the sinks) is
         prepended to the residual (a small copy)."""
+        if self.kc is None:
+            self._quant_alloc(self.G)
+        if prefix is None and self.kr is not None:
+            if self._packed is None or self._packed_key != (self.q0, self.r0):
+                kc, ks, kz, vc, vs, vz = self._quant_views()
+                # Residual views to the end of the buffer; n_res says how much is valid.
+                self._packed = PackedKV(kc, ks, kz, vc, vs, vz, self.kr[:, :, self.r0:],
+                                        self.vr[:, :, self.r0:], n_quant=self.qn,
+                                        n_res=self.rn, bits=self.bits, group_size=self.G,
+                                        v_group_size=self.Gv)
+                self._packed_key = (self.q0, self.r0)
+            self._packed.n_quant, self._packed.n_res = self.qn, self.rn
+            return self._packed
         kr, vr = self.residual()
         if prefix is not None:
             kr = torch.cat([prefix[0], kr], dim=2)  # (B, Hkv, S + rn, D)
             vr = torch.cat([prefix[1], vr], dim=2)
-        if self.kc is None:
-            self._quant_alloc(self.G)
         kc, ks, kz, vc, vs, vz = self._quant_views()
         return PackedKV(kc, ks, kz, vc, vs, vz, kr, vr, n_quant=self.qn, n_res=kr.shape[2],
                         bits=self.bits, group_size=self.G, v_group_size=self.Gv)

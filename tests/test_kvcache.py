@@ -392,14 +392,17 @@ from slimlm.kernels.decode_attention import quantize_kv, decode_attention, decod
 from slimlm.kernels.decode_attention import kernel_supports
 torch.manual_seed(0)
 cases = [  # bits, dtype, B, Hq, Hkv, D, T, group, vgroup, splits, n_res
-    (2, torch.float32, 2, 4, 2, 32, 16 * 5 + 7, 16, 16, 2, None),
-    (4, torch.float16, 1, 8, 2, 32, 16 * 6, 16, 32, 3, 0),
-    (8, torch.float32, 1, 2, 2, 16, 32 + 5, 32, 16, 1, None),
+    (2, torch.float32, 2, 4, 2, 32, 16 * 5 + 7, 16, 16, 2, None),  # GQA 2, 2 value groups
+    (4, torch.float16, 1, 8, 2, 32, 16 * 6, 16, 32, 3, 0),  # GQA 4, no residual
+    (8, torch.float32, 1, 2, 2, 16, 32 + 5, 32, 16, 1, None),  # GQA 1 (MHA)
     (4, torch.float32, 2, 3, 1, 32, 7, 16, 16, 1, None),  # residual only, 3 heads per group
     (2, torch.float16, 1, 4, 1, 32, 64 + 40, 64, 32, None, 40),  # residual > one block
+    (4, torch.float32, 1, 8, 1, 64, 128 + 3, 32, 16, 2, None),  # GQA 8 x 4 value groups
+    (8, torch.float16, 1, 8, 1, 32, 48 + 9, 16, 16, 5, None),  # splits > blocks per split
 ]
 for bits, dt, B, Hq, Hkv, D, T, G, Gv, splits, n_res in cases:
     k = torch.randn(B, Hkv, T, D).to(dt)
+    k[..., 1] *= 6  # an outlier key channel
     v = torch.randn(B, Hkv, T, D).to(dt)
     q = torch.randn(B, Hq, D).to(dt)
     kv = quantize_kv(k, v, bits=bits, group_size=G, v_group_size=Gv, n_res=n_res)
@@ -410,6 +413,25 @@ for bits, dt, B, Hq, Hkv, D, T, G, Gv, splits, n_res in cases:
     err = (out.float() - ref.float()).abs().max().item()
     assert out.dtype == dt and out.shape == (B, Hq, D)
     assert err < tol, (bits, dt, err)
+# Through the cache: its buffers have spare capacity, strided (token-contiguous) value
+# scales and a start offset; the cached PackedKV is reused across steps.
+from slimlm.kvcache import QuantizedCache
+cache = QuantizedCache(1, 1, 2, 32, bits=4, group_size=16, v_group_size=16, residual=8,
+                       capacity=64)
+x = torch.randn(1, 2, 40, 32)
+cache.attend(0, torch.randn(1, 4, 40, 32), x, x)
+cache.advance(40)
+st = cache._stores[0]
+for _ in range(3):
+    xk, xv = torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32)
+    st.push(xk, xv)
+    kv = st.packed()
+    q = torch.randn(1, 4, 32)
+    err = (decode_attention(q, kv) - decode_attention_ref(q, kv)).abs().max().item()
+    assert err < 1e-5, err
+    st.flush()
+    cache.advance(1)
+assert st.packed() is st.packed()  # reused while the buffers stay put
 print("KERNEL_OK")
 """
 

@@ -79,3 +79,14 @@ def test_cache_kernel_path_matches_pytorch_path_in_the_model():
         b = generate(model, prompts, 40, cache=make(False), return_logits=True)
         assert torch.isfinite(a.logits).all()
         assert _rel(a.logits, b.logits) < 2e-2
+
+
+def test_autotune_table_runs_and_sorts():
+    from slimlm.kernels.decode_attention import DecodeConfig, autotune_table
+
+    torch.manual_seed(0)
+    k = torch.randn(2, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
+    kv = quantize_kv(k, torch.randn_like(k), bits=4, group_size=64, v_group_size=64, n_res=128)
+    rows = autotune_table(q, kv, [DecodeConfig(num_stages=2), DecodeConfig(num_warps=8)], rep=3)
+    assert len(rows) == 2 and rows[0]["us"] <= rows[1]["us"] < float("inf")

@@ -7,8 +7,11 @@ Four sections, each row tagged with ``section``:
 - ``kernel``: decode-attention latency at 32 query heads, 8 KV heads, head dim 128:
   ``F.scaled_dot_product_attention(enable_gqa=True)`` on a dense bf16 cache (the baseline)
   against slimlm's Triton kernel on int8/int4/int2 KIVI caches, with the bytes each reads
-  (TB/s), the speed-up and the error against exact fp32 attention over the unquantized
-  cache. L2 is flushed before every timed call.
+  (TB/s), the roofline time (those bytes at the copy bandwidth measured by
+  ``slimlm.bench.ceiling``) and the fraction of it reached, the speed-up and the error
+  against exact fp32 attention over the unquantized cache. L2 is flushed before every
+  timed call. ``autotune=1`` also times the kernel's candidate configs (int4/int2 at
+  batch 8) and yields one ``kernel-autotune`` row per config.
 - ``decode``: decode tokens/s of a random-init model ("llama-1b", or ``model="llama-8b"``)
   against context length, at batch 1 and at the largest batch whose cache fits
   ``kv_budget_gib``; caches are filled with random keys/values (speed does not depend on
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slimlm.bench.ceiling import measured_ceilings
 from slimlm.bench.harness import free_memory, gbps, guarded, register, time_fn
 from slimlm.generate import KVCache, StaticCache
 from slimlm.kernels.decode_attention import decode_attention, decode_attention_ref, quantize_kv
@@ -60,15 +64,30 @@ def _sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
                                               v.repeat_interleave(g, 1))
 
 
+def _decode_backends() -> list[Any]:
+    """SDPA backends for one-token decode, fastest first. cuDNN is left out on purpose:
+    PyTorch builds (and caches by shape) a cuDNN graph per key length, and decode changes
+    the key length every step, so every step paid a graph build (~5 ms per layer: the
+    first H200 run's dense rows sat at ~80 ms/token at every batch and context).
+    FlashAttention takes GQA directly; math is the CPU path."""
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class _DenseSDPACache(StaticCache):
     """The baseline a user would pick: a preallocated bf16 cache, decode with GQA-aware
-    SDPA (one query token, no mask needed); prefill and masks use the model's path."""
+    SDPA on the FlashAttention backend (one query token, no mask needed; see
+    :func:`_decode_backends`); prefill and masks use the model's path."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         ks, vs = self.append(layer, k, v)  # (B, Hkv, Tk, D) views
         if q.shape[2] == 1 and mask is None:
-            return _sdpa_gqa(q, ks, vs)
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(_decode_backends()):
+                return _sdpa_gqa(q, ks, vs)
         from slimlm.model import sdpa_attention
 
         return sdpa_attention(q, ks, vs, causal=True, mask=mask)
@@ -178,16 +197,18 @@ def _kernel_rows(device: torch.device, quick: bool, ctx: int, batches: list[int]
         exact = _exact(q, k, v)
         q4 = q[:, :, None]  # (B, Hq, 1, D)
         t = time_fn(lambda q4=q4, k=k, v=v: _sdpa_gqa(q4, k, v), device, rep=rep, flush_l2=True)
+        # Copy bandwidth (read + write) measured on this GPU: the roofline (none on the CPU).
+        bw = measured_ceilings(device)["copy_gbps"] * 1e9 if device.type == "cuda" else None
         sdpa_ms = t["median_ms"]
         nbytes = 2 * k.numel() * k.element_size()
         err = _rel(_sdpa_gqa(q4, k, v)[:, :, 0], exact)
         yield {**base, "impl": "sdpa bf16 (baseline)", "ms": sdpa_ms, "us": sdpa_ms * 1e3,
                "bytes_read": nbytes, "tb_per_s": gbps(nbytes, sdpa_ms) / 1e3, "rel_err": err,
-               "speedup_vs_sdpa": 1.0}
+               "speedup_vs_sdpa": 1.0, **_roofline(nbytes, sdpa_ms, bw)}
         for bits in (8, 4, 2):
             def run(bits: int = bits, q: torch.Tensor = q, k: torch.Tensor = k,
                     v: torch.Tensor = v, exact: torch.Tensor = exact, sdpa_ms: float = sdpa_ms,
-                    nbytes: int = nbytes) -> dict[str, Any]:
+                    nbytes: int = nbytes, bw: float | None = bw) -> dict[str, Any]:
                 g, r = (16, 8) if quick else (64, 128)  # group size, residual window
                 kv = quantize_kv(k, v, bits=bits, group_size=g, v_group_size=g,
                                  n_res=r + (ctx - r) % g)
@@ -201,10 +222,38 @@ def _kernel_rows(device: torch.device, quick: bool, ctx: int, batches: list[int]
                 return {"ms": ms, "us": ms * 1e3, "bytes_read": nb,
                         "tb_per_s": gbps(nb, ms) / 1e3, "rel_err": _rel(out, exact),
                         "rel_err_vs_ref": _rel(out, decode_attention_ref(q, kv)),
-                        "speedup_vs_sdpa": sdpa_ms / ms, "bytes_ratio_vs_bf16": nbytes / nb}
+                        "speedup_vs_sdpa": sdpa_ms / ms, "bytes_ratio_vs_bf16": nbytes / nb,
+                        **_roofline(nb, ms, bw)}
             yield guarded({**base, "impl": f"slimlm kivi int{bits}"}, run, device, errors=True)
         del k, v, q, q4, exact
         free_memory(device)
+
+
+def _roofline(nbytes: int, ms: float, bw: float | None) -> dict[str, Any]:
+    """Time the bytes would take at the measured copy bandwidth, and the fraction of it
+    reached (1.0 = at the memory roofline)."""
+    if not bw:
+        return {"roofline_us": None, "frac_of_roofline": None}
+    roof_ms = nbytes / bw * 1e3
+    return {"roofline_us": roof_ms * 1e3, "frac_of_roofline": roof_ms / ms}
+
+
+def _autotune_rows(device: torch.device, ctx: int, batch: int) -> Iterator[dict[str, Any]]:
+    """One row per candidate launch config of the decode kernel (int4 and int2)."""
+    from slimlm.kernels.decode_attention import autotune_table
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    k = torch.randn(batch, 8, ctx, 128, device=device, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, 32, 128, device=device, dtype=torch.bfloat16, generator=gen)
+    for bits in (4, 2):
+        kv = quantize_kv(k, v, bits=bits, group_size=64, v_group_size=64, n_res=128)
+        for rank, row in enumerate(autotune_table(q, kv)):
+            yield {"section": "kernel-autotune", "ctx": ctx, "batch": batch, "bits": bits,
+                   "rank": rank, "us": row["us"], "config_error": row.get("error"),
+                   **{f"cfg_{k}": v for k, v in row["config"].__dict__.items()}}
+    del k, v, q
+    free_memory(device)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -387,6 +436,8 @@ def kvcache_suite(quick: bool, device: torch.device, **options: Any) -> Iterator
         yield from _kernel_rows(device, quick, ctx,
                                 _ints(options.get("kernel_batches"), [1, 2] if quick else
                                       [1, 8, 32]))
+        if options.get("autotune") and device.type == "cuda":
+            yield from _autotune_rows(device, ctx, 8)
     if "decode" in sections:
         budget = float(options.get("kv_budget_gib", 0.001 if quick else 64.0))
         batches = _ints(options.get("batches"), []) or None

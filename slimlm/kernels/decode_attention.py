@@ -10,42 +10,75 @@ One new query token per sequence attends over a cache made of two segments:
 - a **full-precision residual** of ``n_res`` tokens (the most recent ones, still waiting
   to fill a key group).
 
-Packed layout (designed for coalesced, 16-byte vector loads). Codes are packed along the
-head dim, ``8 // bits`` channels per byte, channel ``d`` of a token in byte ``d // per`` at
-bit ``(d % per) * bits`` (low bits first). A token's codes are ``D * bits / 8`` contiguous
-bytes (64 B at int4, 32 B at int2 for D=128) and consecutive tokens are contiguous, so a
-block of tokens is one contiguous run of memory that each thread reads 16 bytes at a time::
+Packed layout. Codes are packed along the head dim, ``8 // bits`` channels per byte,
+channel ``d`` of a token in byte ``d // per`` at bit ``(d % per) * bits``; the kernel reads
+them as int32 words (word ``i`` = channels ``i*32/bits ..``), so a block of tokens is one
+contiguous run that each thread reads 16 bytes at a time. Value scales/zeros are stored
+token-contiguous per channel group (a block's scales are one 128-byte run)::
 
     k_codes, v_codes  (B, Hkv, C, D * bits // 8)  uint8
     k_scale, k_zero   (B, Hkv, C // group_size, D)          per channel, per token group
-    v_scale, v_zero   (B, Hkv, C, D // v_group_size)        per token, per channel group
+    v_scale, v_zero   (B, Hkv, C, D // v_group_size)        per token (stride 1 along C)
     k_res, v_res      (B, Hkv, C_res, D)                    model dtype
 
-The Triton kernel is flash-decoding (Dao et al. 2023): grid ``(B * Hkv, splits + 1)``.
-Each program owns one KV head and **all query heads of its GQA group** (they share the
-loaded keys/values: the loads are amortised over ``Hq / Hkv`` heads, padded to 16 rows
-for ``tl.dot``), unpacks and dequantizes a token block in registers, and runs an online
-softmax over its share of the quantized blocks (split-K along the sequence); the last
-program of each head takes the residual. A second, tiny kernel merges the partial
-(max, sum, output) triples. :func:`decode_attention_ref` is the same computation in
-PyTorch (dequantize, then attention in fp32); the CPU falls back to it.
+Bytes per token per KV head (D=128, G=Gv=64, fp16 scales): codes ``2*D*bits/8`` + key
+scale/zero ``2*2*D/G = 8`` + value scale/zero ``2*2*D/Gv = 8``: int8 272 B, int4 144 B,
+int2 80 B (bf16: 512 B). Roofline at 32 query / 8 KV heads, 32k tokens, ~4.3 TB/s
+(measured copy bandwidth of an H200), residual (128 tokens x 512 B) included:
 
-Trade-off: int4 reads ~3.5x and int2 ~6x fewer bytes than a bf16 cache (scales
+    =====  =========  ==========  ===========  ==========
+    bits   batch 1    batch 8     batch 32     vs bf16
+    =====  =========  ==========  ===========  ==========
+    bf16   31 us      250 us      1000 us      1x
+    int8   17 us      134 us      535 us       1.88x
+    int4    9 us       71 us      285 us       3.5x
+    int2    5 us       40 us      160 us       6.3x
+    =====  =========  ==========  ===========  ==========
+
+Kernel (flash-decoding, Dao et al. 2023): grid ``(B * Hkv, splits + 1)``; one program
+owns one KV head, all query heads of its GQA group (loads amortised over ``Hq/Hkv``
+heads) and a contiguous range of ``BLOCK_N``-token blocks; the last program of each
+head takes the full-precision residual. Per block, no dequantized tile is ever built:
+
+- codes -> fp16 with a magic-number trick (``code | 0x6400`` read as fp16 is
+  ``1024 + code``; one shift, one and|or, one subtract) instead of int-to-float
+  conversions, which run at 1/8 of the FMA rate (the previous kernel did one per code:
+  that, not bytes, bounded it, and int2 then cost as much as int8);
+- the key scale is folded into q (``(q*s_k) . codes``: M*D products per block instead of
+  BLOCK_N*D) and the key zero point into a per-row bias ``q . z_k``;
+- the value scale is folded into P: the MMA needs >= 16 rows and a GQA group has 4 query
+  heads, so the padding rows carry replicas ``(channel group j, head g)`` whose P is
+  scaled by ``s_v[:, j]``; the reduce kernel takes column d from replica ``d // Gv``. The
+  value zero point is a per-row scalar ``sum_n p * z_v``;
+- unpacking uses shifts and ``tl.join`` (sizes stay in one thread; no 3-D
+  broadcast-and-reshape); both contractions run on tensor cores (fp16 operands, fp32
+  accumulators; tf32 for fp32 caches).
+
+A second, tiny kernel merges the splits' (max, sum, acc). :func:`decode_attention_ref`
+is the same computation in PyTorch (dequantize, then attention in fp32); the CPU falls
+back to it. Launch parameters come from :data:`CONFIGS` (chosen by reasoning: 64-token
+blocks = one key group, 3-4 stages of cp.async, about 4 programs per SM);
+:func:`autotune_table` times candidates on a GPU.
+
+Trade-off: int4 reads ~3.5x and int2 ~6.3x fewer bytes than a bf16 cache (scales
 included) for a quantization error that the residual window and per-channel keys keep
-small; unpacking costs ALU work that memory-bound decode has to spare.
+small. What remains besides bytes is the fp16 tile's trip through shared memory on the
+way to the MMA (~1 KiB of shared traffic per token and head).
 
 Example::
 
     from slimlm.kernels.decode_attention import quantize_kv, decode_attention
     packed = quantize_kv(k, v, bits=4, group_size=64, v_group_size=64)  # k, v (B, Hkv, T, D)
     out = decode_attention(q, packed)   # q (B, Hq, D) -> (B, Hq, D)
+    rows = autotune_table(q.cuda(), packed_on_gpu)  # on a GPU: configs, fastest first
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -54,7 +87,8 @@ from slimlm.kernels import interpreting, triton_available, warn_fallback
 __all__ = [
     "SUPPORTED_BITS", "PackedKV", "pack_codes", "unpack_codes", "quantize_keys",
     "quantize_values", "dequantize_keys", "dequantize_values", "quantize_kv",
-    "decode_attention", "decode_attention_ref", "kernel_supports",
+    "decode_attention", "decode_attention_ref", "kernel_supports", "DecodeConfig",
+    "CONFIGS", "autotune_table",
 ]
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -183,6 +217,9 @@ class PackedKV:
     bits: int
     group_size: int
     v_group_size: int
+    # Launch arguments derived from the buffers (int32 views, strides), computed on the
+    # first kernel call and reused: a cache keeps one PackedKV across decode steps.
+    _launch: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "PackedKV")
@@ -212,6 +249,9 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, bits: int, group_size: int 
     n_q = T - n_res
     kc, ks, kz = quantize_keys(k[:, :, :n_q], bits, group_size, scale_dtype)
     vc, vs, vz = quantize_values(v[:, :, :n_q], bits, v_group_size, scale_dtype)
+    # Value scales/zeros token-contiguous (the layout the cache stores and the kernel reads).
+    vs = vs.transpose(2, 3).contiguous().transpose(2, 3)  # (B, H, T, D/Gv), stride 1 on T
+    vz = vz.transpose(2, 3).contiguous().transpose(2, 3)
     return PackedKV(kc, ks, kz, vc, vs, vz, k[:, :, n_q:].contiguous(), v[:, :, n_q:].contiguous(),
                     n_quant=n_q, n_res=n_res, bits=bits, group_size=group_size,
                     v_group_size=v_group_size)
@@ -263,135 +303,271 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _unpack(packed, BITS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
-        """(ROWS, D*BITS/8) uint8 -> (ROWS, D) fp32 codes (channel d = byte d//per, field
-        d%per): broadcast each byte over its fields, shift, mask, flatten row-major."""
-        if BITS == 8:
-            return packed.to(tl.float32)
-        PER: tl.constexpr = 8 // BITS
-        shifts = tl.arange(0, PER) * BITS  # (PER,)
-        x = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-        return tl.reshape(x, (ROWS, D)).to(tl.float32)  # (ROWS, D)
+    def _codes(w, sh: tl.constexpr, BITS: tl.constexpr, OPDT: tl.constexpr):
+        """Field at bit ``sh`` of int32 words -> the magic-number pattern whose float value
+        is 2**10 + code (fp16) or 2**23 + code (fp32): one shift and one and|or (LOP3),
+        no int-to-float conversion instruction (those run at 1/8 of the FMA rate)."""
+        MASK: tl.constexpr = (1 << BITS) - 1
+        if OPDT.primitive_bitwidth == 16:
+            y = ((w >> sh) & MASK) | 0x6400
+        else:
+            y = ((w >> sh) & MASK) | 0x4B000000
+        return y
+
+    @triton.jit
+    def _to_op(x, OPDT: tl.constexpr):
+        """Magic pattern (int32) -> exact code value in OPDT."""
+        if OPDT.primitive_bitwidth == 16:
+            y = x.to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+        else:
+            y = x.to(tl.float32, bitcast=True) - 8388608.0
+        return y.to(OPDT)
+
+    @triton.jit
+    def _unpack_words(w, BITS: tl.constexpr, OPDT: tl.constexpr, ROWS: tl.constexpr,
+                      D: tl.constexpr):
+        """(ROWS, D*BITS/32) int32 words -> (ROWS, D) codes in OPDT, channel order intact.
+
+        Word ``i`` holds channels ``i*P .. i*P + P - 1`` (P = 32 // BITS), channel
+        ``i*P + s`` at bit ``s*BITS``. Each shift gives a (ROWS, D/P) slice; ``tl.join``
+        adds a size-2 dim that stays inside one thread, pairing slices ``s`` and
+        ``s + P/2`` first so that the row-major flatten puts channel ``i*P + s`` at
+        position ``i*P + s`` (no permutation, no 3-D broadcast-and-reshape)."""
+        if BITS == 8:  # P = 4: 2 levels
+            a0 = tl.join(_codes(w, 0, BITS, OPDT), _codes(w, 16, BITS, OPDT))
+            a1 = tl.join(_codes(w, 8, BITS, OPDT), _codes(w, 24, BITS, OPDT))
+            x = tl.join(a0, a1)  # (ROWS, W, 2, 2)
+        elif BITS == 4:  # P = 8: 3 levels
+            a0 = tl.join(_codes(w, 0, BITS, OPDT), _codes(w, 16, BITS, OPDT))
+            a1 = tl.join(_codes(w, 4, BITS, OPDT), _codes(w, 20, BITS, OPDT))
+            a2 = tl.join(_codes(w, 8, BITS, OPDT), _codes(w, 24, BITS, OPDT))
+            a3 = tl.join(_codes(w, 12, BITS, OPDT), _codes(w, 28, BITS, OPDT))
+            x = tl.join(tl.join(a0, a2), tl.join(a1, a3))  # (ROWS, W, 2, 2, 2)
+        else:  # BITS == 2, P = 16: 4 levels
+            a0 = tl.join(_codes(w, 0, BITS, OPDT), _codes(w, 16, BITS, OPDT))
+            a1 = tl.join(_codes(w, 2, BITS, OPDT), _codes(w, 18, BITS, OPDT))
+            a2 = tl.join(_codes(w, 4, BITS, OPDT), _codes(w, 20, BITS, OPDT))
+            a3 = tl.join(_codes(w, 6, BITS, OPDT), _codes(w, 22, BITS, OPDT))
+            a4 = tl.join(_codes(w, 8, BITS, OPDT), _codes(w, 24, BITS, OPDT))
+            a5 = tl.join(_codes(w, 10, BITS, OPDT), _codes(w, 26, BITS, OPDT))
+            a6 = tl.join(_codes(w, 12, BITS, OPDT), _codes(w, 28, BITS, OPDT))
+            a7 = tl.join(_codes(w, 14, BITS, OPDT), _codes(w, 30, BITS, OPDT))
+            b0 = tl.join(a0, a4)
+            b1 = tl.join(a1, a5)
+            b2 = tl.join(a2, a6)
+            b3 = tl.join(a3, a7)
+            x = tl.join(tl.join(b0, b2), tl.join(b1, b3))  # (ROWS, W, 2, 2, 2, 2)
+        return _to_op(tl.reshape(x, (ROWS, D)), OPDT)  # (ROWS, D)
 
     @triton.jit
     def _decode_split_kernel(
-        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, PM, PL, PACC,
-        n_quant, n_res, blocks_per_split, sm_scale,
+        Q, KW, KS, KZ, VW, VS, VZ, KR, VR, PM, PL, PZ, PACC,
+        n_quant, n_res, blocks_per_split, qk_scale,
         sq_b, sq_h,
-        skc_b, skc_h, skc_t, sks_b, sks_h, sks_g,
-        svc_b, svc_h, svc_t, svs_b, svs_h, svs_t,
+        skw_b, skw_h, skw_t, sks_b, sks_h, sks_g,
+        svw_b, svw_h, svw_t, svs_b, svs_h, svs_t, svs_j,
         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
         n_kv_heads, n_splits,
         BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
-        QPG: tl.constexpr, QPG_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr,
+        QPG: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        OPDT: tl.constexpr,
     ):
+        """One program = one (batch, KV head, split). Row r of the (M, ...) tiles is query
+        head ``r % QPG`` of the group, replica ``j = r // QPG``; replica j carries value
+        channel group j's scale folded into P, so the (M, D) accumulator holds, for each
+        column d, the right answer in row ``(d // VGROUP) * QPG + g`` (the reduce kernel
+        picks it). The padding rows MMA needs anyway (M >= 16) pay for the replicas."""
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = pid_bh // n_kv_heads
         h = pid_bh % n_kv_heads
-        W: tl.constexpr = D * BITS // 8
-        offs_g = tl.arange(0, QPG_PAD)
+        NG: tl.constexpr = D // VGROUP
+        offs_r = tl.arange(0, M)
         offs_d = tl.arange(0, D)
-        # All query heads of this KV head's group, padded to QPG_PAD rows for tl.dot.
-        q_ptr = Q + b * sq_b + (h * QPG + offs_g)[:, None] * sq_h + offs_d[None, :]
-        q = tl.load(q_ptr, mask=(offs_g < QPG)[:, None], other=0.0)  # (QPG_PAD, D)
-        dt = q.dtype
-        m_i = tl.full((QPG_PAD,), -1.0e30, dtype=tl.float32)  # finite: no inf - inf
-        l_i = tl.zeros((QPG_PAD,), dtype=tl.float32)
-        acc = tl.zeros((QPG_PAD, D), dtype=tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
+        head = offs_r % QPG
+        rep = offs_r // QPG  # value channel group this row scales by
+        real = rep < NG
+        q_ptr = Q + b * sq_b + (h * QPG + head)[:, None] * sq_h + offs_d[None, :]
+        # fp32 q with the softmax scale and log2(e) folded in (exp2 domain).
+        q = tl.load(q_ptr, mask=real[:, None], other=0.0).to(tl.float32) * qk_scale  # (M, D)
+        m_i = tl.full((M,), -1.0e30, dtype=tl.float32)  # finite: no inf - inf
+        l_i = tl.zeros((M,), dtype=tl.float32)
+        z_i = tl.zeros((M,), dtype=tl.float32)  # sum_n p * value zero point (per replica)
+        acc = tl.zeros((M, D), dtype=tl.float32)
         if pid_s < n_splits:
+            W: tl.constexpr = D * BITS // 32
             offs_n = tl.arange(0, BLOCK_N)
             offs_w = tl.arange(0, W)
-            NG: tl.constexpr = D // VGROUP
-            offs_vg = tl.arange(0, NG)
             n_blocks = n_quant // BLOCK_N
             start = pid_s * blocks_per_split
             end = tl.minimum(start + blocks_per_split, n_blocks)
-            kc_base = KC + b * skc_b + h * skc_h
-            vc_base = VC + b * svc_b + h * svc_h
+            kw_base = KW + b * skw_b + h * skw_h
+            vw_base = VW + b * svw_b + h * svw_h
             ks_base = KS + b * sks_b + h * sks_h
             kz_base = KZ + b * sks_b + h * sks_h
-            vs_base = VS + b * svs_b + h * svs_h
-            vz_base = VZ + b * svs_b + h * svs_h
+            vrow = b * svs_b + h * svs_h + tl.minimum(rep, NG - 1)[:, None] * svs_j
             for blk in range(start, end):
                 t0 = blk * BLOCK_N
                 rows = t0 + offs_n  # (BLOCK_N,)
-                # Keys: a contiguous (BLOCK_N, W) byte tile; one scale/zero row per channel
-                # for the whole block (BLOCK_N divides GROUP).
-                kp = tl.load(kc_base + rows[:, None] * skc_t + offs_w[None, :])
-                g = t0 // GROUP
+                # Contiguous (BLOCK_N, W) int32 tiles: 16-byte vector loads.
+                kw = tl.load(kw_base + rows[:, None] * skw_t + offs_w[None, :])
+                vw = tl.load(vw_base + rows[:, None] * svw_t + offs_w[None, :])
+                g = t0 // GROUP  # one key group per block (BLOCK_N divides GROUP)
                 ksc = tl.load(ks_base + g * sks_g + offs_d).to(tl.float32)  # (D,)
                 kze = tl.load(kz_base + g * sks_g + offs_d).to(tl.float32)
-                k = _unpack(kp, BITS, BLOCK_N, D) * ksc[None, :] + kze[None, :]  # (BLOCK_N, D)
-                s = tl.dot(q, tl.trans(k.to(dt))) * qk_scale  # (QPG_PAD, BLOCK_N)
+                # Value scales/zeros gathered per row replica: (M, BLOCK_N), token-contiguous.
+                vsc = tl.load(VS + vrow + rows[None, :] * svs_t).to(tl.float32)
+                vze = tl.load(VZ + vrow + rows[None, :] * svs_t).to(tl.float32)
+                # q.k = (q*scale).codes + q.zero: the key scale goes into q (M*D products per
+                # block instead of BLOCK_N*D), the zero point into a per-row bias.
+                qs = (q * ksc[None, :]).to(OPDT)  # (M, D)
+                bias = tl.sum(q * kze[None, :], 1)  # (M,)
+                kc = _unpack_words(kw, BITS, OPDT, BLOCK_N, D)  # (BLOCK_N, D) codes
+                s = tl.dot(qs, tl.trans(kc)) + bias[:, None]  # (M, BLOCK_N)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.math.exp2(m_i - m_new)
                 p = tl.math.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                # Values: per-token scale/zero per channel group, broadcast over the group.
-                vp = tl.load(vc_base + rows[:, None] * svc_t + offs_w[None, :])
-                vsc = tl.load(vs_base + rows[:, None] * svs_t + offs_vg[None, :]).to(tl.float32)
-                vze = tl.load(vz_base + rows[:, None] * svs_t + offs_vg[None, :]).to(tl.float32)
-                vsc = tl.reshape(tl.broadcast_to(vsc[:, :, None], (BLOCK_N, NG, VGROUP)),
-                                 (BLOCK_N, D))
-                vze = tl.reshape(tl.broadcast_to(vze[:, :, None], (BLOCK_N, NG, VGROUP)),
-                                 (BLOCK_N, D))
-                v = _unpack(vp, BITS, BLOCK_N, D) * vsc + vze  # (BLOCK_N, D)
-                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt))
+                z_i = z_i * alpha + tl.sum(p * vze, 1)
+                vc = _unpack_words(vw, BITS, OPDT, BLOCK_N, D)  # (BLOCK_N, D) codes
+                acc = acc * alpha[:, None] + tl.dot((p * vsc).to(OPDT), vc)
                 m_i = m_new
         else:
             # The full-precision residual (the most recent tokens), masked to n_res.
-            offs_r = tl.arange(0, BLOCK_R)
+            offs_t = tl.arange(0, BLOCK_R)
             kr_base = KR + b * skr_b + h * skr_h
             vr_base = VR + b * svr_b + h * svr_h
+            rdt = KR.dtype.element_ty
+            qr = q.to(rdt)
             for t0 in range(0, n_res, BLOCK_R):
-                rows = t0 + offs_r
+                rows = t0 + offs_t
                 valid = rows < n_res
                 k = tl.load(kr_base + rows[:, None] * skr_t + offs_d[None, :],
                             mask=valid[:, None], other=0.0)  # (BLOCK_R, D)
-                s = tl.dot(q, tl.trans(k.to(dt))) * qk_scale  # (QPG_PAD, BLOCK_R)
-                s = tl.where(valid[None, :], s, float("-inf"))
+                s = tl.dot(qr, tl.trans(k))  # (M, BLOCK_R)
+                s = tl.where(valid[None, :], s, -1.0e30)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.math.exp2(m_i - m_new)
                 p = tl.math.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v = tl.load(vr_base + rows[:, None] * svr_t + offs_d[None, :],
                             mask=valid[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt))
+                acc = acc * alpha[:, None] + tl.dot(p.to(rdt), v)
                 m_i = m_new
-        # Partial results: (B*Hkv, n_splits + 1, QPG_PAD[, D]) fp32, contiguous.
+        # Partials (B*Hkv, n_splits + 1, M[, D]) fp32, contiguous.
         part = pid_bh * (n_splits + 1) + pid_s
-        tl.store(PM + part * QPG_PAD + offs_g, m_i)
-        tl.store(PL + part * QPG_PAD + offs_g, l_i)
-        tl.store(PACC + (part * QPG_PAD + offs_g)[:, None] * D + offs_d[None, :], acc)
+        tl.store(PM + part * M + offs_r, m_i)
+        tl.store(PL + part * M + offs_r, l_i)
+        tl.store(PZ + part * M + offs_r, z_i)
+        tl.store(PACC + (part * M + offs_r)[:, None] * D + offs_d[None, :], acc)
 
     @triton.jit
-    def _decode_reduce_kernel(PM, PL, PACC, OUT, so_b, so_h, n_kv_heads, n_parts,
-                              D: tl.constexpr, QPG: tl.constexpr, QPG_PAD: tl.constexpr):
+    def _decode_reduce_kernel(PM, PL, PZ, PACC, OUT, so_b, so_h, n_kv_heads, n_parts,
+                              D: tl.constexpr, QPG: tl.constexpr, QPG_P2: tl.constexpr,
+                              M: tl.constexpr, VGROUP: tl.constexpr):
+        """Merge the splits' (max, sum, acc) and pick each column's replica row."""
         pid_bh = tl.program_id(0)
         b = pid_bh // n_kv_heads
         h = pid_bh % n_kv_heads
-        offs_g = tl.arange(0, QPG_PAD)
+        offs_g = tl.arange(0, QPG_P2)
         offs_d = tl.arange(0, D)
-        m = tl.full((QPG_PAD,), -1.0e30, dtype=tl.float32)
-        l = tl.zeros((QPG_PAD,), dtype=tl.float32)
-        acc = tl.zeros((QPG_PAD, D), dtype=tl.float32)
+        ok = offs_g < QPG
+        row = (offs_d // VGROUP)[None, :] * QPG + tl.minimum(offs_g, QPG - 1)[:, None]
+        m = tl.full((QPG_P2, D), -1.0e30, dtype=tl.float32)
+        l = tl.zeros((QPG_P2, D), dtype=tl.float32)
+        acc = tl.zeros((QPG_P2, D), dtype=tl.float32)
         for s in range(0, n_parts):
-            part = pid_bh * n_parts + s
-            m_s = tl.load(PM + part * QPG_PAD + offs_g)
-            l_s = tl.load(PL + part * QPG_PAD + offs_g)
-            a_s = tl.load(PACC + (part * QPG_PAD + offs_g)[:, None] * D + offs_d[None, :])
+            base = (pid_bh * n_parts + s) * M
+            m_s = tl.load(PM + base + row)  # (QPG_P2, D) gathers of tiny vectors
+            l_s = tl.load(PL + base + row)
+            z_s = tl.load(PZ + base + row)
+            a_s = tl.load(PACC + (base + row) * D + offs_d[None, :])
             m_new = tl.maximum(m, m_s)
             alpha = tl.math.exp2(m - m_new)
             beta = tl.math.exp2(m_s - m_new)
             l = l * alpha + l_s * beta
-            acc = acc * alpha[:, None] + a_s * beta[:, None]
+            acc = acc * alpha + (a_s + z_s) * beta
             m = m_new
-        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        out = acc / tl.where(l > 0, l, 1.0)
         o_ptr = OUT + b * so_b + (h * QPG + offs_g)[:, None] * so_h + offs_d[None, :]
-        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=(offs_g < QPG)[:, None])
+        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the split kernel. ``block_n`` tokens per loop iteration (a
+    divisor of the key group size), ``programs_per_sm`` sets the split count: splits =
+    ceil(programs_per_sm * SMs / (B * Hkv)), capped so each split keeps >= ``min_blocks``
+    blocks."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 4
+    min_blocks: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "num_warps", "num_stages", "programs_per_sm", "min_blocks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"DecodeConfig: {name}={v!r}: expected a positive integer")
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"DecodeConfig: block_n={self.block_n}: expected a power of two "
+                             ">= 16")
+
+
+# Chosen by reasoning (see the module docstring), per bits: a block of 64 tokens is one
+# key group (G=64 default) = 8/4/2 KiB of int8/4/2 K+V codes per iteration; 3 stages keep
+# two blocks in flight per program while one is unpacked; 4 programs per SM x 4 warps keep
+# ~50-100 KiB in flight per SM, what 4.5 TB/s at ~1.5 us loaded latency needs (~52 KiB).
+CONFIGS: dict[int, DecodeConfig] = {
+    8: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4),
+    4: DecodeConfig(block_n=64, num_warps=4, num_stages=4, programs_per_sm=4),
+    2: DecodeConfig(block_n=64, num_warps=4, num_stages=4, programs_per_sm=4),
+}
+
+
+def autotune_table(q: torch.Tensor, kv: PackedKV,
+                   candidates: list[DecodeConfig] | None = None, rep: int = 20
+                   ) -> list[dict[str, Any]]:
+    """Time ``decode_attention`` on the GPU for each candidate config (L2 not flushed:
+    call it on caches several times the L2 size) and return rows sorted fastest first:
+    ``{"config": DecodeConfig, "us": float}``. Not in the hot path: for the bench and for
+    filling :data:`CONFIGS`."""
+    if not q.is_cuda:
+        raise ValueError("autotune_table: q is on the CPU: expected CUDA tensors")
+    if candidates is None:
+        candidates = [DecodeConfig(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pp)
+                      for bn in (32, 64) if bn <= kv.group_size
+                      for nw in (4, 8) for ns in (2, 3, 4) for pp in (2, 4, 8)]
+    rows = []
+    for cfg in candidates:
+        try:
+            decode_attention(q, kv, config=cfg)  # compile
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            stop = torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(rep):
+                start.record()
+                decode_attention(q, kv, config=cfg)
+                stop.record()
+                stop.synchronize()
+                times.append(start.elapsed_time(stop) * 1e3)
+            rows.append({"config": cfg, "us": sorted(times)[len(times) // 2]})
+        except Exception as e:  # a config that does not compile (shared memory) is skipped
+            rows.append({"config": cfg, "us": float("inf"), "error": repr(e)[:200]})
+    return sorted(rows, key=lambda r: r["us"])
+
+
+def _rows_m(qpg: int, ng: int) -> int:
+    """MMA rows: query heads x value channel groups, padded to a power of two >= 16."""
+    return max(16, 1 << (qpg * ng - 1).bit_length())
 
 
 def kernel_supports(q: torch.Tensor, kv: PackedKV) -> str | None:
@@ -405,6 +581,8 @@ def kernel_supports(q: torch.Tensor, kv: PackedKV) -> str | None:
         return f"head dim {D} (the kernel takes powers of two >= 16)"
     if kv.v_group_size & (kv.v_group_size - 1) or kv.v_group_size > D:
         return f"v_group_size {kv.v_group_size} (the kernel takes powers of two <= head dim)"
+    if (q.shape[1] // max(kv.k_res.shape[1], 1)) * (D // kv.v_group_size) > 64:
+        return "query heads per KV head x value channel groups > 64"
     if interpreting():
         if type(_decode_split_kernel).__name__ != "InterpretedFunction":
             return ("TRITON_INTERPRET=1 was set after slimlm.kernels.decode_attention was "
@@ -415,28 +593,26 @@ def kernel_supports(q: torch.Tensor, kv: PackedKV) -> str | None:
     return None
 
 
-def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal shapes and equal strides where they matter (dims longer than 1)."""
-    if a.numel() == 0 and b.numel() == 0:
-        return True  # never read
-    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(),
-                                                                     b.stride()) if n > 1)
-
-
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _num_splits(batch_heads: int, n_blocks: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU about four times over, at least 4 blocks each."""
+def _num_splits(batch_heads: int, n_blocks: int, cfg: DecodeConfig, device: torch.device
+                ) -> int:
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
-    want = max(1, -(-4 * sms // batch_heads))
-    return max(1, min(want, n_blocks // 4 if n_blocks >= 4 else 1))
+    want = max(1, -(-cfg.programs_per_sm * sms // batch_heads))
+    return max(1, min(want, n_blocks // cfg.min_blocks))
+
+
+def _as_words(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (..., W) -> int32 words (..., W // 4), same memory (no copy)."""
+    return codes.view(torch.int32)
 
 
 def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = None, *,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, config: DecodeConfig | None = None
+                     ) -> torch.Tensor:
     """Attention of one query token per sequence over a KIVI cache: q (B, Hq, D) ->
     (B, Hq, D). Runs the Triton kernel where it can (CUDA, or TRITON_INTERPRET=1), else
     :func:`decode_attention_ref` (with a one-time warning)."""
@@ -445,43 +621,43 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
     if why is not None:
         warn_fallback("decode_attention", why)
         return decode_attention_ref(q, kv, sm_scale)
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    cfg = config or CONFIGS[kv.bits]
+    scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)) * 1.4426950408889634
     qpg = Hq // Hkv
-    qpg_pad = max(16, 1 << (qpg - 1).bit_length())
-    block_n = min(kv.group_size, 64)
+    ng = D // kv.v_group_size
+    m_rows = _rows_m(qpg, ng)
+    block_n = min(kv.group_size, cfg.block_n)
     n_blocks = kv.n_quant // block_n
     if num_splits is None:
-        num_splits = _num_splits(B * Hkv, n_blocks, q.device)
+        num_splits = _num_splits(B * Hkv, n_blocks, cfg, q.device)
     num_splits = max(1, min(int(num_splits), max(n_blocks, 1)))
     bps = -(-n_blocks // num_splits) if n_blocks else 0
     parts = num_splits + 1
-    pm = torch.empty(B * Hkv, parts, qpg_pad, device=q.device, dtype=torch.float32)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty(B * Hkv, parts, qpg_pad, D, device=q.device, dtype=torch.float32)
-    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+    dev = q.device
+    pm = torch.empty(3, B * Hkv, parts, m_rows, device=dev, dtype=torch.float32)
+    pacc = torch.empty(B * Hkv, parts, m_rows, D, device=dev, dtype=torch.float32)
+    out = torch.empty(B, Hq, D, device=dev, dtype=q.dtype)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_res",
-                 "v_res"):
-        if getattr(kv, name).stride(-1) != 1:
-            raise ValueError(f"decode_attention: kv.{name} must be contiguous in its last dim")
-    if not (_same_strides(kv.k_scale, kv.k_zero) and _same_strides(kv.v_scale, kv.v_zero)):
-        raise ValueError("decode_attention: scale and zero tensors must share strides")
-    big = max(kv.k_codes.shape[2] * kv.k_codes.stride(2), kv.k_res.numel())
-    if big >= 2**31:
-        raise ValueError("decode_attention: a per-head buffer of 2**31 elements or more")
-    kc, ks, vc, vs, kr, vr = kv.k_codes, kv.k_scale, kv.v_codes, kv.v_scale, kv.k_res, kv.v_res
+    if kv._launch is None:
+        kw, vw = _as_words(kv.k_codes), _as_words(kv.v_codes)
+        ks, vs, kr, vr = kv.k_scale, kv.v_scale, kv.k_res, kv.v_res
+        if kv.n_quant and not (ks.stride() == kv.k_zero.stride()
+                               and vs.stride() == kv.v_zero.stride()):
+            raise ValueError("decode_attention: scale and zero tensors must share strides")
+        kv._launch = (kw, vw, (*kw.stride()[:3], *ks.stride()[:3], *vw.stride()[:3],
+                               *vs.stride()[:4], *kr.stride()[:3], *vr.stride()[:3]))
+    kw, vw, strides = kv._launch
+    opdt = tl.float32 if q.dtype == torch.float32 else tl.float16
     _decode_split_kernel[(B * Hkv, parts)](
-        q, kc, ks, kv.k_zero, vc, vs, kv.v_zero, kr, vr, pm, pl, pacc,
-        kv.n_quant, kv.n_res, bps, scale,
-        q.stride(0), q.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-        kr.stride(0), kr.stride(1), kr.stride(2), vr.stride(0), vr.stride(1), vr.stride(2),
-        Hkv, num_splits,
-        BITS=kv.bits, GROUP=kv.group_size, VGROUP=kv.v_group_size, D=D, QPG=qpg,
-        QPG_PAD=qpg_pad, BLOCK_N=block_n, BLOCK_R=32,
-        num_warps=4, num_stages=2)
-    _decode_reduce_kernel[(B * Hkv,)](pm, pl, pacc, out, out.stride(0), out.stride(1), Hkv,
-                                      parts, D=D, QPG=qpg, QPG_PAD=qpg_pad, num_warps=4)
+        q, kw, kv.k_scale, kv.k_zero, vw, kv.v_scale, kv.v_zero, kv.k_res, kv.v_res,
+        pm[0], pm[1], pm[2], pacc, kv.n_quant, kv.n_res, bps, scale,
+        q.stride(0), q.stride(1), *strides, Hkv, num_splits,
+        BITS=kv.bits, GROUP=kv.group_size, VGROUP=kv.v_group_size, D=D, QPG=qpg, M=m_rows,
+        BLOCK_N=block_n, BLOCK_R=32, OPDT=opdt,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _decode_reduce_kernel[(B * Hkv,)](pm[0], pm[1], pm[2], pacc, out, out.stride(0),
+                                      out.stride(1), Hkv, parts, D=D, QPG=qpg,
+                                      QPG_P2=1 << (qpg - 1).bit_length(), M=m_rows,
+                                      VGROUP=kv.v_group_size, num_warps=4)
     return out
