@@ -37,6 +37,7 @@ SUITE_MODULES: tuple[str, ...] = (
     "quant",
     "quant_quality",
     "lora",
+    "lora_quality",
     "kvcache",
     "prune",
     "checkpointing",
