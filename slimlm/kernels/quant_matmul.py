@@ -286,8 +286,9 @@ def default_config(bits: int, m: int, n: int, k: int, group_size: int, sms: int 
       the largest of 16/8/4 that still gives >= 2 programs per SM; split-K only when even
       block_n = 4 does not (small N), since it costs a memset and a cast launch.
     - *dot* (M up to DEQUANT_MIN_M): 16-row tiles for M <= 16 with narrow N blocks (again
-      >= 2 programs per SM) and 512-value K steps; larger M 64/128-row tiles with 64-128
-      value K steps, so that x tile + packed tile per stage x stages fits shared memory.
+      >= 2 programs per SM) and 512-value K steps; 32/64-row tiles up to M = 256 and
+      128x128 beyond, with 64-128 value K steps, so that x tile + packed tile per stage x
+      stages fits shared memory; narrower N or split-K while the tiles cover < 1 wave.
     - *dequant* beyond: weight dequantized once per call (N*K*2 bytes written, read back by
       cuBLAS), negligible next to a 2*M*N*K FLOP GEMM at M >= 1024.
 
@@ -317,10 +318,21 @@ def default_config(bits: int, m: int, n: int, k: int, group_size: int, sms: int 
         split = 1
         if -(-n // bn) < target:
             split = max(1, min(8, target // max(1, -(-n // bn)), kw // bkw))
-    elif m <= 64:
-        bm, bn, bkw, warps, stages, split = 64, 64, max(4, 128 // per), 4, 3, 1
     else:
-        bm, bn, bkw, warps, stages, split = 128, 128, max(4, 64 // per), 8, 3, 1
+        # 32/64-row tiles while M is small (128x128 tiles would leave most SMs idle: M=128,
+        # N=4096 is 32 of them), 128x128 beyond; split K when the tiles still do not cover
+        # the SMs once
+        if m <= 256:
+            bm, bn, bkw, warps = (32 if m <= 32 else 64), 64, max(4, 128 // per), 4
+        else:
+            bm, bn, bkw, warps = 128, 128, max(4, 64 // per), 8
+        stages, split = 3, 1
+        tiles = -(-m // bm) * -(-n // bn)
+        if tiles < sms and bn > 32:
+            bn = 32 if bm <= 64 else 64
+            tiles = -(-m // bm) * -(-n // bn)
+        if tiles < sms:
+            split = max(1, min(4, target // tiles, kw // bkw))
     return _fit_stages(QMMConfig("dot", bm, bn, bkw, split, warps, stages), bits, x_bytes,
                        s_bytes)
 
