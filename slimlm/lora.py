@@ -408,8 +408,11 @@ class _FrozenBaseFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor, None]:
-        w = _base_weight(ctx.base)  # (out, in), AWQ input scale folded in
-        gx = gy @ w.to(gy.dtype)  # (..., out) @ (out, in) -> (..., in)
+        try:  # straight into the gradient's dtype (one kernel pass on CUDA), when offered
+            w = ctx.base.dequantize(dtype=gy.dtype)  # (out, in), AWQ input scale folded in
+        except TypeError:
+            w = _base_weight(ctx.base).to(gy.dtype)
+        gx = gy @ w  # (..., out) @ (out, in) -> (..., in)
         return gx.to(ctx.x_dtype), None
 
 

@@ -415,6 +415,17 @@ _KERNEL_SCRIPT = textwrap.dedent("""
         # the static table (CPU tensors: 4 "SMs"), M = 1 and 16
         check(bits, f32, 32, 1, None, 256)
         check(bits, f16, 64, 16, None, 256)
+        # the standalone dequantize kernel (QLoRA's backward), per-channel and grouped
+        for dtype, group in ((f32, 32), (f16, None)):
+            gs = group or 256
+            q = torch.randint(0, 2 ** bits, (24, 256), dtype=torch.uint8)
+            qw = qm.pack_bits(q, bits)
+            s = (torch.rand(24, 256 // gs) * 0.1 + 0.01).to(dtype)
+            z = torch.randint(0, 2 ** bits, (24, 256 // gs)).to(dtype)
+            w = qm._dequant_triton(qw, s, z, bits, gs, dtype, 4)
+            ref = qm.dequantize_ref(qw, s, z, bits, gs, 256)
+            assert w.dtype == dtype and w.shape == (24, 256)
+            assert (w.double() - ref.double()).abs().max() <= 1e-3 * ref.abs().max(), bits
     print("KERNELS OK")
 """)
 

@@ -695,6 +695,41 @@ def quant_matmul_packed(x: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor
     return y.view(*x.shape[:-1], w32.shape[0])  # (..., N)
 
 
+def _dequant_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    bits: int, group_size: int, dtype: torch.dtype, sms: int) -> torch.Tensor:
+    """One launch of the dequantize kernel: (N, K) in ``dtype`` (CUDA, or CPU tensors under
+    TRITON_INTERPRET=1 in tests)."""
+    w32 = qweight.contiguous().view(torch.int32)  # (N, K*bits/32)
+    n, kw = w32.shape
+    k = kw * (32 // bits)
+    base = default_config(bits, 4096, n, k, group_size, sms,
+                          torch.empty((), dtype=dtype).element_size(), scales.element_size())
+    cfg = base if base.mode == "dequant" else replace(base, mode="dequant", split_k=1)
+    grid, _, _, kw_args = _plan(cfg, 1, n, kw, bits, group_size, zeros is not None, False,
+                                dtype == torch.float32)
+    w = torch.empty(n, k, dtype=dtype, device=qweight.device)  # (N, K)
+    sc = scales.contiguous()
+    zp = zeros.contiguous() if zeros is not None else sc  # a pointer the kernel never reads
+    _kernel("dequant")[grid](w32, sc, zp, w, n, kw, scales.shape[1], **kw_args)
+    return w
+
+
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      bits: int, group_size: int, in_features: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dequantized weight (N, K) in ``dtype``: one pass of the Triton dequantize kernel
+    on CUDA (what QLoRA's backward and large-M matmuls need: at most a byte read and two
+    written per weight), :func:`dequantize_ref` elsewhere or for formats the kernel does
+    not take."""
+    if (qweight.is_cuda and triton_available()
+            and dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and kernel_supports(bits, in_features, group_size) is None):
+        idx = qweight.device.index if qweight.device.index is not None \
+            else torch.cuda.current_device()
+        return _dequant_triton(qweight, scales, zeros, bits, group_size, dtype, _sm_count(idx))
+    return dequantize_ref(qweight, scales, zeros, bits, group_size, in_features).to(dtype)
+
+
 def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None, bits: int, group_size: int,
                  bias: torch.Tensor | None = None, *,

@@ -7,7 +7,7 @@ from torch import nn
 
 from slimlm.kernels import triton_available
 from slimlm.kernels.quant_matmul import (
-    dequantize_ref,
+    dequantize_weight,
     kernel_supports,
     packed_cols,
     quant_matmul,
@@ -123,15 +123,16 @@ class QuantLinear(nn.Module):
         return quant_matmul(x, self.qweight, self.scales, self.zeros, self.bits,
                             self.group_size, self.bias)
 
-    def dequantize(self) -> torch.Tensor:
-        """The effective fp32 weight (N, K) (with AWQ's input scale folded back in)."""
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The effective weight (N, K) in ``dtype`` (AWQ's input scale folded back in). On
+        CUDA one pass of the Triton dequantize kernel; elsewhere the PyTorch reference."""
         if self.w8a8:
-            w = self.qweight.float() * self.scales.float()
+            w = (self.qweight.float() * self.scales.float()).to(dtype)
         else:
-            w = dequantize_ref(self.qweight, self.scales, self.zeros, self.bits,
-                               self.group_size, self.in_features)
+            w = dequantize_weight(self.qweight, self.scales, self.zeros, self.bits,
+                                  self.group_size, self.in_features, dtype)
         if self.input_scale is not None:
-            w = w * self.input_scale.float()[None, :]
+            w = w * self.input_scale.to(dtype)[None, :]
         return w
 
     def storage_bytes(self) -> int:
