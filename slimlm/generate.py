@@ -45,6 +45,7 @@ model calls that instead of ``append`` + attention.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import time
@@ -61,6 +62,7 @@ from slimlm.model import ModelConfig
 __all__ = [
     "KVCache", "DenseCache", "StaticCache", "CacheFactory", "register_cache", "cache_kinds",
     "make_cache", "SamplingConfig", "GenerationResult", "sample_next", "generate",
+    "COMPILE_MODES", "COMPILE_BACKENDS",
 ]
 
 
@@ -437,6 +439,106 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
 
 
 # ---------------------------------------------------------------------------------------
+# Compiled decoding (static shapes, gpt-fast style)
+# ---------------------------------------------------------------------------------------
+
+#: ``compile=`` values: torch.compile modes, and two debugging backends (``"aot_eager"``
+#: traces and partitions like inductor but runs eager kernels; ``"eager"`` only traces).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("aot_eager", "eager")
+
+
+class _StaticStep:
+    """What the model sees as its cache during one compiled decode step.
+
+    It writes the step's keys/values into a :class:`StaticCache`'s buffers at ``slot`` (a
+    (1,) int64 tensor, so the write position is data, not a constant baked into the graph)
+    with ``index_copy_``, and attends over the **whole** ``max_len`` buffer under a key mask:
+    every step has the same shapes, so one compiled graph (one CUDA graph) serves them all.
+    It attends itself (the model's ``attend`` hook) rather than returning keys to the
+    model's attention, for two reasons: grouped-query attention runs as (B, Hkv, G, D)
+    matmuls against the buffer without the ``repeat_interleave`` copy of all max_len keys
+    that the model's SDPA path makes, and no mask inspection (which needs a host sync)
+    happens inside the graph. It never advances ``seq_len``: that would be a Python int
+    changing per step (a recompile per step); :func:`generate` sets it after the loop.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 slot: torch.Tensor) -> None:
+        self.keys, self.values, self.slot = keys, values, slot
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        kb, vb = self.keys[layer], self.values[layer]  # (B, Hkv, L, D) each
+        kb.index_copy_(2, self.slot, k)  # in place at the slot tensor: same graph every step
+        vb.index_copy_(2, self.slot, v)
+        B, H, Tq, D = q.shape
+        Hkv = kb.shape[1]
+        # Query head h reads kv head h // G (repeat_interleave order), so the G query heads of
+        # a group are consecutive: fold them into the query axis of their kv head.
+        qg = q.reshape(B, Hkv, (H // Hkv) * Tq, D)  # (B, Hkv, G, D) as Tq == 1
+        scores = qg @ kb.transpose(-2, -1)  # (B, Hkv, G, L), accumulated in fp32 by the GEMM
+        # Softmax in fp32 as the model's attention does (fp64 kept, for exact CPU tests).
+        scores = (scores if scores.dtype == torch.float64 else scores.float()) / math.sqrt(D)
+        if mask is not None:  # (B, 1, 1, L) broadcasts over (B, Hkv, G, L)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(vb.dtype)
+        out = probs @ vb  # (B, Hkv, G, D)
+        return out.reshape(B, H, Tq, D)  # (B, H, 1, D)
+
+    def advance(self, n: int) -> None:
+        """No-op inside the graph (see the class docstring)."""
+
+
+def _decode_step(model: nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 tokens: torch.Tensor,
+                 slot: torch.Tensor, pads: torch.Tensor, key_valid: torch.Tensor,
+                 key_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step with static shapes: tokens (B, 1) fed at cache slot ``slot`` (1,),
+    rows left-padded by ``pads`` (B, 1). ``key_valid`` (B, L) is False on pad slots,
+    ``key_slots`` is arange(L). Returns (logits (B, V), their argmax (B,))."""
+    positions = (slot[None, :] - pads).clamp(min=0)  # (B, 1): each row starts at position 0
+    # Keys at slots <= the current one that are not pads: (B, 1, 1, L).
+    mask = (key_valid & (key_slots <= slot))[:, None, None, :]
+    view = _StaticStep(keys, values, slot)
+    logits = model(tokens, cache=view, positions=positions, mask=mask)[:, -1]  # (B, V)
+    # Greedy selection inside the graph, as sample_next computes it (fp32, fp64 kept).
+    nxt = (logits if logits.dtype == torch.float64 else logits.float()).argmax(dim=-1)
+    return logits, nxt
+
+
+@functools.cache
+def _compiled_step(compile_mode: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``torch.compile(_decode_step)`` per mode, memoised so that later generate() calls
+    with same-shaped caches reuse the compiled graph (and its CUDA graph) instead of
+    compiling again. Shapes are static (``dynamic=False``): a new batch size or max_len is
+    a new graph."""
+    if compile_mode in COMPILE_BACKENDS:
+        return torch.compile(_decode_step, backend=compile_mode, fullgraph=True, dynamic=False)
+    return torch.compile(_decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
+
+
+def _compile_mode(compile: bool | str, device: torch.device) -> str | None:
+    """Validate ``generate(compile=...)``; the torch.compile mode/backend, or None."""
+    if compile is False:
+        return None
+    if compile is True:
+        # CUDA graphs remove the per-kernel launch cost that bounds batch-1 decode; on the
+        # CPU there are no CUDA graphs, so plain inductor.
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    if not isinstance(compile, str):
+        raise TypeError(f"generate: compile={compile!r}: expected a bool or one of "
+                        f"{COMPILE_MODES + COMPILE_BACKENDS}")
+    if compile not in COMPILE_MODES + COMPILE_BACKENDS:
+        raise ValueError(f"generate: compile={compile!r}: expected True/False or one of "
+                         f"{COMPILE_MODES + COMPILE_BACKENDS}")
+    if device.type != "cuda" and compile in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"generate: compile={compile!r} uses CUDA graphs, but the model is on "
+                         f"{device}; use compile='default' (or True) off the GPU")
+    return compile
+
+
+# ---------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------
 
@@ -526,7 +628,8 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
              cache: str | KVCache = "static",
              stream: Callable[[int, list[int]], None] | None = None,
              generator: torch.Generator | None = None, use_cache: bool = True,
-             pad_id: int = 0, return_logits: bool = False) -> GenerationResult:
+             pad_id: int = 0, return_logits: bool = False,
+             compile: bool | str = False) -> GenerationResult:
     """Decode up to ``max_new_tokens`` new tokens for each prompt.
 
     ``prompts``: a (B, T) tensor of ids (rows of equal length) or a list of id lists of any
@@ -538,6 +641,15 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
     ends when all rows stop. ``stream(step, tokens)`` is called after each step with the
     token each row just sampled (a stop token included), or -1 for rows that stopped at
     an earlier step. The model runs in eval mode for the call (its mode is restored).
+
+    ``compile`` runs the decode steps (not the prefill, which stays eager) through
+    ``torch.compile`` with static shapes: attention spans the cache's whole ``max_len``
+    under a mask, the write slot is a tensor, greedy argmax is inside the graph (sampling
+    right after it), so one graph serves every step. ``True`` means "reduce-overhead" (CUDA
+    graphs) on the GPU and "default" on the CPU; also accepted: the modes in
+    ``COMPILE_MODES`` and the debugging backends ``COMPILE_BACKENDS``. It needs the "static"
+    cache (or a :class:`StaticCache` instance: reuse one, ``reset()`` between calls, to
+    reuse the compiled CUDA graph too); the first call compiles (seconds to a minute).
     """
     # -- validate everything before any work ---------------------------------------------
     cfg: ModelConfig | None = getattr(model, "cfg", None)
@@ -574,6 +686,20 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
         raise TypeError(f"generate: stream={stream!r}: expected a callable or None")
     if not isinstance(use_cache, bool):
         raise TypeError(f"generate: use_cache={use_cache!r}: expected a bool")
+    device = next(model.parameters()).device
+    compile_mode = _compile_mode(compile, device)
+    if compile_mode is not None:
+        if not use_cache:
+            raise ValueError(f"generate: compile={compile!r} with use_cache=False: compiled "
+                             "decoding runs over a static KV cache; drop one of them")
+        if isinstance(cache, KVCache) and type(cache) is not StaticCache:
+            raise ValueError(f"generate: compile={compile!r} with a {type(cache).__name__}: "
+                             "compiled decoding supports only the 'static' cache "
+                             "(StaticCache); compressing caches and caches with their own "
+                             "attend/append run uncompiled (compile=False)")
+        if isinstance(cache, str) and cache != "static":
+            raise ValueError(f"generate: compile={compile!r} with cache={cache!r}: compiled "
+                             "decoding supports only cache='static' (or a StaticCache)")
     if isinstance(cache, KVCache):
         if not use_cache:
             raise ValueError("generate: a cache instance was given with use_cache=False")
@@ -597,7 +723,6 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
         raise TypeError(f"generate: cache of type {type(cache).__name__}: expected a str or "
                         "a KVCache")
 
-    device = next(model.parameters()).device
     stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
     kv: KVCache | None = None
     if use_cache:
@@ -621,6 +746,23 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
     host_sync = stream is not None or stops.numel() > 0
     steps = 0
 
+    step_fn = None
+    if compile_mode is not None and max_new_tokens > 1:
+        assert isinstance(kv, StaticCache) and kv.max_len is not None
+        if device.type == "cuda":
+            # CUDA graphs replay fixed addresses; the cache buffers are mutated in the graph
+            # and must be known as static, or cudagraphs are skipped ("mutated inputs").
+            for buf in (*kv.k_buffers, *kv.v_buffers):
+                torch._dynamo.mark_static_address(buf)
+        key_slots = torch.arange(kv.max_len, device=device)  # (L,)
+        key_valid = key_slots[None, :] >= pads[:, None]  # (B, L): False on left pads
+        pads_col = pads[:, None].contiguous()  # (B, 1)
+        tok_buf = torch.empty(B, 1, dtype=torch.long, device=device)  # fed token per row
+        slot_buf = torch.empty(1, dtype=torch.long, device=device)  # its cache slot
+        step_fn = _compiled_step(compile_mode)
+        cuda_graphs = device.type == "cuda" and compile_mode in ("reduce-overhead",
+                                                                 "max-autotune")
+
     was_training = model.training
     model.eval()  # dropout off: the cached and uncached paths must compute the same thing
     t0 = time.perf_counter()
@@ -628,13 +770,27 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
         for step in range(max_new_tokens):
             end = T + step  # slots [0, end) are known; predict slot `end`
             start = 0 if (kv is None or step == 0) else end - 1
-            mask = _key_mask(valid, start, end - start) if padded else None
-            logits = model(ids[:, start:end], cache=kv, positions=positions[:, start:end],
-                           mask=mask)[:, -1]  # (B, V)
-            steps += 1
-            if return_logits:
-                step_logits.append(logits)
-            nxt = sample_next(logits, sampling, generator)  # (B,)
+            if step_fn is not None and step > 0:
+                tok_buf.copy_(ids[:, start:end])
+                slot_buf.fill_(start)
+                if cuda_graphs:
+                    # Outputs of the previous replay are consumed; let the next overwrite them.
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits, greedy_next = step_fn(model, kv.k_buffers, kv.v_buffers, tok_buf,
+                                              slot_buf, pads_col, key_valid, key_slots)
+                steps += 1
+                if return_logits:
+                    step_logits.append(logits.clone())  # the graph reuses its output buffer
+                nxt = (greedy_next.clone() if sampling.greedy
+                       else sample_next(logits, sampling, generator))  # (B,)
+            else:
+                mask = _key_mask(valid, start, end - start) if padded else None
+                logits = model(ids[:, start:end], cache=kv, positions=positions[:, start:end],
+                               mask=mask)[:, -1]  # (B, V)
+                steps += 1
+                if return_logits:
+                    step_logits.append(logits)
+                nxt = sample_next(logits, sampling, generator)  # (B,)
             was_finished = finished
             hit = torch.isin(nxt, stops) & ~finished if stops.numel() else None
             nxt = nxt.masked_fill(finished, pad_id)
@@ -650,6 +806,10 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
+        if step_fn is not None and kv is not None:
+            # Compiled steps do not advance the cache (see _StaticStep): the prefill did T,
+            # and each later step fed one token.
+            kv.seq_len = T + steps - 1
     finally:
         model.train(was_training)
 

@@ -30,6 +30,15 @@ def _model(attention: str = "sdpa", seed: int = 0) -> Transformer:
     return Transformer(cfg).double().eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    # The CPU is shared; one thread keeps compile and decode timings steady.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     return _model()
@@ -365,3 +374,130 @@ def test_sampling_config_validation() -> None:
     with pytest.raises(ValueError, match="temperature=inf"):
         SamplingConfig(temperature=float("inf"))
     assert SamplingConfig(temperature=0).greedy
+
+
+# -- compiled decoding (static shapes) -----------------------------------------------------------
+# Most tests use the debugging backends: "eager" (Dynamo's graph capture, guards and
+# recompilation behaviour, ~1 s) and "aot_eager" (plus AOT autograd's functionalisation of
+# the in-place cache writes); C++ compilation by inductor costs 10-40 s per graph on 2
+# cores, so one test (a 1-layer model) runs real inductor.
+
+
+def _compile_stats(fn):  # type: ignore[no-untyped-def]
+    """Run ``fn`` from a clean Dynamo state, failing on any recompilation; return its
+    result and the number of graphs compiled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = fn()
+    return out, counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("lengths, backend", [([7, 7, 7], "eager"), ([5, 9, 3, 9], "aot_eager")])
+def test_compiled_greedy_equals_eager(model: Transformer, lengths: list[int], backend: str
+                                      ) -> None:
+    prompts = _prompts(lengths)
+    ref = generate(model, prompts, 9, return_logits=True)
+    cfg = model.cfg
+    mine = StaticCache(cfg.n_layers, len(lengths), cfg.n_kv_heads, cfg.head_dim, 24,
+                       dtype=torch.float64)  # longer than needed: masked slots past the end
+    out, graphs = _compile_stats(lambda: generate(model, prompts, 9, return_logits=True,
+                                                  cache=mine, compile=backend))
+    assert graphs == 1  # one graph for all 8 decode steps, no recompilation
+    assert out.tokens == ref.tokens and out.steps == ref.steps == 9
+    assert out.logits is not None and ref.logits is not None
+    assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-10)
+    assert mine.seq_len == max(lengths) + 9 - 1
+    # Reusing the (reset) cache reuses the graph; stale slots past seq_len stay masked.
+    mine.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = generate(model, prompts, 9, cache=mine, compile=backend)
+    assert again.tokens == ref.tokens
+
+
+def test_compiled_inductor_left_padded() -> None:
+    # A 1-layer model keeps inductor's C++ compile to seconds. RoPE's fp32 cos/sin come
+    # from inductor's vectorised math instead of ATen's (1-ulp differences), hence 1e-4.
+    torch.manual_seed(0)
+    small = Transformer(ModelConfig.from_preset("tiny", n_layers=1, max_seq_len=64,
+                                                init_std=0.2)).double().eval()
+    prompts = _prompts([5, 8, 2])
+    ref = generate(small, prompts, 6, return_logits=True)
+    out, graphs = _compile_stats(lambda: generate(small, prompts, 6, return_logits=True,
+                                                  compile=True))  # "default" on the CPU
+    assert graphs == 1
+    assert out.tokens == ref.tokens
+    assert out.logits is not None and ref.logits is not None
+    assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_stop_stream_and_sampling(model: Transformer) -> None:
+    prompts = _prompts([5, 8, 6])
+    free = generate(model, prompts, 10)
+    stop = free.tokens[0][3]
+    runs = []
+    for compile in (False, "eager"):
+        calls: list[list[int]] = []
+        out = generate(model, prompts, 10, stop_tokens=[stop], compile=compile,
+                       stream=lambda step, toks: calls.append(toks))  # noqa: B023
+        runs.append((out.tokens, out.finished, out.steps, calls))
+    assert runs[0] == runs[1]
+    assert runs[0][1][0]  # row 0 did stop, so the stop path was exercised
+    sampled = [generate(model, prompts, 8, temperature=2.0, top_k=50, compile=c,
+                        generator=torch.Generator().manual_seed(5)).tokens
+               for c in (False, "eager")]
+    assert sampled[0] == sampled[1]
+
+
+def test_compiled_unsupported_combinations(model: Transformer) -> None:
+    cfg = model.cfg
+    with pytest.raises(ValueError, match="use_cache=False"):
+        generate(model, [[1, 2]], 3, use_cache=False, compile=True)
+    with pytest.raises(ValueError, match="cache='dense'"):
+        generate(model, [[1, 2]], 3, cache="dense", compile=True)
+    naive = NaiveAttendCache(cfg.n_layers, 1, cfg.n_kv_heads, cfg.head_dim, dtype=torch.float64)
+    with pytest.raises(ValueError, match="NaiveAttendCache"):
+        generate(model, [[1, 2]], 3, cache=naive, compile="aot_eager")
+    with pytest.raises(ValueError, match="compile='fast'"):
+        generate(model, [[1, 2]], 3, compile="fast")
+    with pytest.raises(TypeError, match="compile=1"):
+        generate(model, [[1, 2]], 3, compile=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        generate(model, [[1, 2]], 3, compile="reduce-overhead")  # the model is on the CPU
+    # One new token needs no decode step: nothing is compiled, the result is eager's.
+    assert generate(model, [[1, 2]], 1, compile="aot_eager").tokens == \
+        generate(model, [[1, 2]], 1).tokens
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_full_buffer_mask_equals_prefix_attention(impl: str) -> None:
+    """One query over the whole static buffer with a key mask == attention over the valid
+    prefix: with Tq=1 the model's bottom-right causal triangle keeps every key, so the mask
+    alone decides. The compiled step's own GQA attention agrees with both."""
+    from slimlm.generate import _StaticStep
+    from slimlm.model import attend
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, L, D, n = 2, 4, 2, 10, 8, 6  # slots [0, n) written, the rest stale
+    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
+    kb = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64)  # (B, Hkv, L, D)
+    vb = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64)
+    pads = torch.tensor([0, 2])
+    slots = torch.arange(L)
+    mask = ((slots[None] >= pads[:, None]) & (slots < n))[:, None, None, :]  # (B, 1, 1, L)
+    full = attend(impl, q, kb, vb, causal=True, mask=mask)
+    for b in range(B):
+        p = int(pads[b])
+        prefix = attend(impl, q[b:b + 1], kb[b:b + 1, :, p:n], vb[b:b + 1, :, p:n], causal=True)
+        assert_close(full[b:b + 1], prefix, rtol=1e-12, atol=1e-12)
+    # _StaticStep writes the new key/value at the slot tensor, then attends the buffer.
+    k_new, v_new = kb[:, :, n - 1:n].clone(), vb[:, :, n - 1:n].clone()
+    keys, values = [kb.clone()], [vb.clone()]
+    keys[0][:, :, n - 1] = 0.0
+    values[0][:, :, n - 1] = 0.0
+    step = _StaticStep(keys, values, torch.tensor([n - 1]))
+    out = step.attend(0, q, k_new, v_new, mask=mask)
+    assert_close(keys[0], kb)
+    assert_close(out, full, rtol=1e-12, atol=1e-12)
