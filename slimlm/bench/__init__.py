@@ -39,6 +39,7 @@ SUITE_MODULES: tuple[str, ...] = (
     "lora",
     "lora_quality",
     "kvcache",
+    "decode",
     "prune",
     "checkpointing",
     "precision",

@@ -1,0 +1,164 @@
+"""Suite "decode": dense greedy decode speed against the HBM-bandwidth roofline.
+
+At batch 1 a decode step reads every weight once to produce one token per row, so its
+floor is (weight bytes + KV-cache bytes read) / memory bandwidth: for the "llama-1b" preset
+in bf16, ~2.1 GB per step, ~0.5 ms at 4.3 TB/s. Run eagerly, each step launches ~20 kernels
+per layer from Python and is bound by launch overhead, not bandwidth. ``generate(...,
+compile=True)`` (static shapes, ``torch.compile(mode="reduce-overhead")``: one CUDA graph
+per step, as gpt-fast does) removes that overhead. This suite measures both, on the same
+random-init model and the same preallocated :class:`~slimlm.generate.StaticCache`.
+
+Per (batch, mode) row: ms per decode step (``(time(prompt + N new) - time(prompt + 1 new))
+/ (N - 1)``, so the eager prefill cancels out), tokens/s, bytes per step (weights + KV
+cache at the mean context, the issue's roofline definition), achieved GB/s, its fraction
+of the copy ceiling measured on this machine (``measured_ceilings(device)["copy_gbps"]``),
+the speed-up over eager decode, and the share of greedy tokens equal to eager's (bf16
+rounding differs between compiled and eager kernels, so long greedy runs may diverge after
+a near-tie; the first step is always identical since prefill is eager). The compiled step
+attends over the whole preallocated buffer, so it reads ``kv_bytes_read_per_step`` (more
+than the mean context) and the GB/s column credits it only with the useful bytes.
+
+Example::
+
+    slimlm bench decode                      # GPU: llama-1b, batch 1 and 16, 512 + 256
+    slimlm bench decode --quick              # CPU, tiny preset, seconds
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from slimlm.bench.harness import fraction, free_memory, gbps, guarded, register, time_fn
+from slimlm.generate import COMPILE_BACKENDS, COMPILE_MODES, StaticCache, generate
+from slimlm.model import PRESETS, ModelConfig, Transformer
+
+MODES = ("eager", *COMPILE_MODES, *COMPILE_BACKENDS)
+
+
+def _as_tuple(name: str, value: Any, kind: type) -> tuple:
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, Sequence) or not all(
+            isinstance(v, kind) and not isinstance(v, bool) for v in value) or not value:
+        raise TypeError(f"{name}={value!r}: expected a {kind.__name__} or a non-empty "
+                        "sequence of them")
+    return tuple(value)
+
+
+def _positive(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive integer")
+    return value
+
+
+def step_bytes(cfg: ModelConfig, batch: int, context: float, itemsize: int) -> float:
+    """Bytes a decode step must read: every matmul weight once (LM head included), the
+    norms, one embedding row per sequence, and the keys/values of ``context`` positions
+    per sequence."""
+    weights = cfg.matmul_params() + (2 * cfg.n_layers + 1) * cfg.dim + batch * cfg.dim
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * context * batch
+    return float((weights + kv) * itemsize)
+
+
+@register("decode")
+def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
+                 batches: Sequence[int] | int | None = None, prompt_len: int | None = None,
+                 new_tokens: int | None = None, modes: Sequence[str] | str | None = None,
+                 rep: int | None = None, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Greedy decode rows per batch size: eager generate (the baseline), then each
+    compiled mode.
+
+    GPU defaults: model "llama-1b" (random init, bf16), batches (1, 16), a 512-token
+    prompt and 256 new tokens, modes ("eager", "reduce-overhead"), 10 timed runs. CPU or
+    quick: "tiny" in fp32, batch 1, 32 + 16 tokens, modes ("eager", "aot_eager"), 3 runs.
+    """
+    small = quick or device.type != "cuda"
+    name = model if model is not None else ("tiny" if small else "llama-1b")
+    if name not in PRESETS:
+        raise ValueError(f"model={name!r}: expected a preset from {sorted(PRESETS)}")
+    batches = _as_tuple("batches", batches if batches is not None
+                        else ((1,) if small else (1, 16)), int)
+    for b in batches:
+        _positive("batches", b)
+    prompt_len = _positive("prompt_len", prompt_len if prompt_len is not None
+                           else (32 if small else 512))
+    new_tokens = _positive("new_tokens", new_tokens if new_tokens is not None
+                           else (16 if small else 256))
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens={new_tokens}: expected >= 2 (one prefill step and at "
+                         "least one decode step)")
+    modes = _as_tuple("modes", modes if modes is not None
+                      else (("eager", "aot_eager") if small else ("eager", "reduce-overhead")),
+                      str)
+    if modes[0] != "eager" or any(m not in MODES for m in modes):
+        raise ValueError(f"modes={modes!r}: expected 'eager' (the baseline) first, then "
+                         f"names from {MODES}")
+    rep = _positive("rep", rep if rep is not None else (3 if small else 10))
+    cfg = ModelConfig.from_preset(name)
+    max_len = prompt_len + new_tokens - 1
+    if prompt_len + new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt_len={prompt_len} + new_tokens={new_tokens}: exceeds "
+                         f"max_seq_len={cfg.max_seq_len} of preset {name!r}")
+    dtype = torch.float32 if small else torch.bfloat16
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    from slimlm.bench.ceiling import measured_ceilings
+
+    copy_gbps = measured_ceilings(device)["copy_gbps"]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        net = Transformer(cfg)
+    net = net.to(dtype).eval()
+    mean_ctx = prompt_len + (new_tokens - 1) / 2  # keys attended per step, on average
+    for B in batches:
+        gen = torch.Generator(device="cpu").manual_seed(seed + B)
+        prompts = torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=gen).to(device)
+        cache = StaticCache(cfg.n_layers, B, cfg.n_kv_heads, cfg.head_dim, max_len,
+                            device=device, dtype=dtype)
+        useful = step_bytes(cfg, B, mean_ctx, itemsize)
+        eager_ms: float | None = None
+        eager_tokens: list[list[int]] | None = None
+        for mode in modes:
+            compile_arg: bool | str = False if mode == "eager" else mode
+            base: dict[str, Any] = {
+                "model": name, "mode": mode, "batch": B, "prompt_len": prompt_len,
+                "new_tokens": new_tokens, "dtype": str(dtype).replace("torch.", ""),
+                "baseline": "eager", "bytes_per_step": useful,
+                "kv_bytes_read_per_step": step_bytes(cfg, B, max_len if mode != "eager"
+                                                     else mean_ctx, itemsize)
+                - step_bytes(cfg, B, 0, itemsize)}
+
+            def run(n: int, compile_arg: bool | str = compile_arg,
+                    prompts: torch.Tensor = prompts, cache: StaticCache = cache) -> Any:
+                cache.reset()  # the same buffers every call: the CUDA graph is reused
+                return generate(net, prompts, n, cache=cache, compile=compile_arg)
+
+            def measure(run: Any = run, B: int = B, useful: float = useful) -> dict[str, Any]:
+                out = run(new_tokens)  # compiles (and records CUDA graphs) outside the timing
+                full = time_fn(lambda: run(new_tokens), device, warmup=1, rep=rep)
+                first = time_fn(lambda: run(1), device, warmup=1, rep=rep)
+                ms = max(full["median_ms"] - first["median_ms"], 1e-9) / (new_tokens - 1)
+                achieved = gbps(useful, ms)
+                return {"step_ms": ms, "ms_per_token": ms / B, "tokens_per_s": B / ms * 1e3,
+                        "prefill_ms": first["median_ms"], "total_ms": full["median_ms"],
+                        "total_p10_ms": full["p10"], "total_p90_ms": full["p90"],
+                        "achieved_gbps": achieved, "copy_ceiling_gbps": copy_gbps,
+                        "frac_of_copy_ceiling": fraction(achieved, copy_gbps),
+                        "roofline_step_ms": useful / (copy_gbps * 1e9) * 1e3,
+                        "tokens": out.tokens}
+
+            row = guarded(base, measure, device, errors=device.type == "cuda")
+            tokens = row.pop("tokens", None)
+            if mode == "eager":
+                eager_ms, eager_tokens = row.get("step_ms"), tokens
+            row["ratio_vs_eager"] = (fraction(eager_ms, row["step_ms"])
+                                     if "step_ms" in row else None)
+            if tokens is not None and eager_tokens is not None:
+                pairs = [(a, b) for r, e in zip(tokens, eager_tokens) for a, b in zip(r, e)]
+                row["same_tokens_as_eager"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
+            yield row
+        del cache
+        free_memory(device)
