@@ -24,6 +24,13 @@ stop tokens and a streaming callback. ``use_cache=False`` recomputes the whole s
 every step: the reference the cached path is tested against (identical greedy tokens,
 logits equal to rounding in fp64).
 
+``compile=True`` runs the decode steps gpt-fast style: static shapes (attention over the
+whole preallocated buffer under a key mask, the write slot a tensor, greedy argmax inside
+the graph) so that ``torch.compile(mode="reduce-overhead")`` captures one CUDA graph that
+every step replays; at batch 1 this removes the kernel-launch overhead that bounds eager
+decoding, at the cost of a compile on the first call and of reading the whole buffer's
+keys every step.
+
 Example::
 
     from slimlm import ModelConfig, Transformer
