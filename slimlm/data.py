@@ -49,6 +49,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from slimlm._io import atomic_write_bytes as _atomic_write_bytes
+
 __all__ = [
     "EOS_TOKEN",
     "BPETokenizer",
@@ -83,17 +85,6 @@ _ENCODE_CHUNK_BYTES = 4_000_000  # text tokenized per encode_batch call (bounds 
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:

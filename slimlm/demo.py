@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from slimlm._io import atomic_write_text as _atomic_write
 
 
 @dataclass
@@ -61,12 +61,6 @@ def _decode_speed(model: nn.Module, prompt: list[int], n: int, cache: str = "sta
     return res.tokens_per_second, res.cache_bytes / 2**20, res.tokens[0]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def plot_history(history_path: Path, out_png: Path) -> Path | None:
@@ -92,11 +86,10 @@ def plot_history(history_path: Path, out_png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp)
+    from slimlm._io import atomic_write
+
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png
 
 

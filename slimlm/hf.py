@@ -44,13 +44,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slimlm._io import atomic_write as _atomic_write
 from slimlm.model import ModelConfig, Transformer
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -358,18 +358,6 @@ def load_hf_checkpoint(folder: str | os.PathLike[str], *, device: str | torch.de
     return _adopt(cfg, sd, training=False)
 
 
-def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
-    """Write via ``write(tmp_path)`` to a temp name in the target's folder, then rename, so
-    a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_hf_checkpoint(model: Transformer, folder: str | os.PathLike[str]) -> None:

@@ -82,7 +82,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -93,6 +92,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from slimlm._io import atomic_write as _atomic_write
 
 INITS = ("default", "gaussian", "pissa", "random")
 ALL_LINEAR = "all-linear"
@@ -1187,16 +1188,6 @@ def _most_common(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _compact_targets(model: nn.Module, paths: list[str], mapped: list[str]) -> Any:

@@ -20,10 +20,11 @@ import importlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from slimlm._io import atomic_write_text as _atomic_write_text
 
 # Columns that say what a row is come first in tables, in this order.
 _LEAD_COLS = ("model", "op", "impl", "method", "sdpa_backend", "shape", "dtype", "batch",
@@ -109,17 +110,6 @@ def _env_line(env: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _suite_module(suite: str) -> Any:
@@ -146,16 +136,9 @@ def _plot(suite: str, rows: list[dict[str, Any]], path: Path) -> bool:
         if not plot(rows, ax):
             return False
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png", dpi=120)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from slimlm._io import atomic_write
+
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
         return True
     finally:
         plt.close(fig)

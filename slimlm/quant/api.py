@@ -6,7 +6,6 @@ import fnmatch
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimlm._io import atomic_write as _atomic_write
 from slimlm.kernels.quant_matmul import pack_bits
 from slimlm.quant.calibrated import awq_search, gptq_quantize, rtn_dequant_fn
 from slimlm.quant.config import QuantConfig
@@ -362,16 +362,6 @@ def quant_stats(model: nn.Module) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_quantized(model: nn.Module, folder: str | os.PathLike) -> Path:
