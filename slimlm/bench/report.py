@@ -169,6 +169,19 @@ def load_results(results_dir: str | os.PathLike = "benchmarks/results", *,
     return docs
 
 
+def _sections(rows: list[dict[str, Any]]) -> list[tuple[str | None, list[dict[str, Any]]]]:
+    """Rows split by their ``section`` (or ``part``) field, in order of first appearance,
+    so that a suite measuring several things gets one table each, with its own columns."""
+    key = "section" if any("section" in r for r in rows) else \
+        "part" if any("part" in r for r in rows) else None
+    if key is None:
+        return [(None, rows)]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(key, "other")), []).append(r)
+    return [(f"{key}: {name}", group) for name, group in groups.items()]
+
+
 def render_report(results_dir: str | os.PathLike = "benchmarks/results",
                   out: str | os.PathLike = "benchmarks/RESULTS.md", *,
                   include_quick: bool = False) -> Path:
@@ -190,8 +203,12 @@ def render_report(results_dir: str | os.PathLike = "benchmarks/results",
             lines += [f"> incomplete run: {doc.get('error') or doc.get('status')}", ""]
         if env.get("options"):
             lines += [f"Options: `{json.dumps(env['options'], separators=(',', ':'))}`", ""]
-        table = markdown_table(rows, getattr(_suite_module(suite), "REPORT_COLUMNS", None))
-        lines.append(table.rstrip("\n"))
+        columns = getattr(_suite_module(suite), "REPORT_COLUMNS", None)
+        for title, group in _sections(rows):
+            if title:
+                lines += [f"**{title}**", ""]
+            lines.append(markdown_table(group, columns).rstrip("\n"))
+            lines.append("")
         lines += ["", f"All fields: `{path.name}`.", ""]
         png = out.parent / f"{stem}.png"
         if rows and _plot(suite, rows, png):
