@@ -13,6 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _target_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` to produce the file, then rename it onto ``path``."""
     path = Path(path)
@@ -21,6 +30,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file owner-only (0600); give it the mode a plain open() would
+        # (or the replaced file's), so checkpoints and results stay readable as before.
+        os.chmod(tmp, _target_mode(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -266,16 +266,22 @@ def _calibration_tokens(run: str, ckpt: Path, data: str | None, n: int, seq_len:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     import shutil
+    import tempfile
 
     from slimlm import quant
+    from slimlm._io import atomic_write_text
 
     bits = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}.get(args.quant)
     if bits is None:
         raise SystemExit(f"error: --quant {args.quant!r}: expected int8, int4, int3 or int2")
     try:
-        qcfg = quant.QuantConfig(bits=bits, group_size=args.group_size or None, method=args.method,
-                                 symmetric=args.symmetric, awq=args.awq,
-                                 act_order=args.act_order, include_lm_head=args.lm_head)
+        kw: dict[str, Any] = {}
+        if args.group_size is not None:  # else QuantConfig's default
+            kw["group_size"] = args.group_size or None  # 0: per channel
+        if args.symmetric:
+            kw["symmetric"] = True
+        qcfg = quant.QuantConfig(bits=bits, method=args.method, awq=args.awq,
+                                 act_order=args.act_order, include_lm_head=args.lm_head, **kw)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(args.out)
@@ -295,12 +301,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
         quant.quantize_(model, qcfg, calib=calib)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
+    # Build the whole checkpoint in a temporary folder, then rename it into place: a crash
+    # never leaves --out holding half of a model.
+    out.mkdir(parents=True, exist_ok=True)
     dest = out / "checkpoint"
-    quant.save_quantized(model, dest)
-    shutil.copy2(ckpt / "config.json", dest / "config.json")
-    tokenizer.save(dest)
+    staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=out))
+    try:
+        quant.save_quantized(model, staging)
+        shutil.copy2(ckpt / "config.json", staging / "config.json")
+        tokenizer.save(staging)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     stats = quant.quant_stats(model)
-    (out / "compress.json").write_text(json.dumps(
+    atomic_write_text(out / "compress.json", json.dumps(
         {"source_run": str(Path(args.run).resolve()), "quant_config": qcfg.to_dict()
          if hasattr(qcfg, "to_dict") else str(qcfg)}, indent=2))
     print(json.dumps({"out": str(out), "seconds": round(time.time() - t0, 1),
@@ -458,8 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", help="run folder (or its checkpoint folder)")
     p.add_argument("--quant", required=True, help="int8 | int4 | int3 | int2")
-    p.add_argument("--group-size", type=int, default=128,
-                   help="weights per scale along the input dim (32, 64, 128); 0 = per channel")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="weights per scale along the input dim (32, 64, 128; default 128); "
+                        "0 = per channel")
     p.add_argument("--method", default="gptq", choices=("rtn", "gptq", "hqq"),
                    help="round-to-nearest, GPTQ (calibrated) or HQQ (calibration-free)")
     p.add_argument("--symmetric", action="store_true", help="no zero points")

@@ -65,6 +65,7 @@ from torch import nn
 
 from slimlm import checkpointing as _checkpointing
 from slimlm import precision as _precision
+from slimlm._io import atomic_write_text as _atomic_write_text
 from slimlm.model import ModelConfig, Transformer
 
 PRECISIONS = _precision.POLICIES
@@ -357,15 +358,6 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> 
 # ---------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -65,6 +65,39 @@ def test_every_suite_runs_quick_on_cpu(name, tmp_path, one_thread, monkeypatch):
         assert row["suite"] == name
         assert not row.get("oom") and "error" not in row, row
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic write
+    _SUITE_CHECKS.get(name, lambda rows: None)(doc["rows"])
+
+
+def _check_lora(rows):
+    by = {r["method"]: r for r in rows}
+    for m in ("slimlm-lora", "slimlm-dora"):  # same outputs as PEFT, and the adapter matters
+        assert by[m]["err_vs_peft"] < 1e-4 and by[m]["adapter_effect"] > 1e-3, by[m]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def _check_decode(rows):
+    assert {r["mode"] for r in rows} >= {"eager"}
+    assert all(r["same_tokens_as_eager"] == 1.0 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def _check_quant_quality(rows):
+    assert rows[0]["bits"] == 32 and all(r["bpb"] > 0 for r in rows)
+    rtn = {r["bits"]: r["size_mib"] for r in rows if r["method"] == "rtn"}
+    assert rtn and sorted(rtn, key=rtn.get) == sorted(rtn)  # fewer bits, smaller model
+
+
+def _check_lora_quality(rows):
+    full = [r for r in rows if r["method"] == "full fine-tuning"][0]
+    assert full["trainable_params"] > max(r["trainable_params"] for r in rows if r["r"])
+
+
+def _check_train(rows):
+    assert all(r["tokens_per_s"] > 0 and r["loss_finite"] for r in rows if "tokens_per_s" in r)
+
+
+_SUITE_CHECKS = {"lora": _check_lora, "decode": _check_decode,
+                 "quant_quality": _check_quant_quality, "lora_quality": _check_lora_quality,
+                 "train": _check_train}
 
 
 def test_train_quick_rows(tmp_path, one_thread):

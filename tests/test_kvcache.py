@@ -348,9 +348,13 @@ def test_registered_kinds_build_and_generate():
     model = _model().float()
     kinds = {"kivi8", "kivi4", "kivi2", "sink", "sink-kivi4", "sink-kivi2", "h2o", "snapkv"}
     assert kinds <= set(cache_kinds())
+    # 5 positions: below every kind's window/budget/residual, so none compresses anything
+    # and each must decode exactly what the dense static cache decodes.
+    dense = generate(model, [[1, 2, 3], [4, 5]], 4, cache="static")
     for kind in sorted(kinds):
         out = generate(model, [[1, 2, 3], [4, 5]], 4, cache=kind)
         assert out.cache_bytes > 0 and all(len(t) == 4 for t in out.tokens)
+        assert out.tokens == dense.tokens, kind
     c = make_cache("kivi2", model.cfg, 1, 64, group_size=32, residual=16)
     assert isinstance(c, QuantizedCache) and c.bits == 2 and c.residual == 16
 
@@ -454,5 +458,7 @@ def test_bench_quick_sections_run():
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
     assert by[("bytes", "kivi2")]["ratio_vs_bf16"] > by[("bytes", "kivi4")]["ratio_vs_bf16"] > 1
     k2 = by[("kernel", "slimlm kivi int2")]
-    assert k2["rel_err_vs_ref"] < 1e-5 and k2["bytes_ratio_vs_bf16"] > 1
+    # On the CPU the "kernel" row dispatches to the reference (the interpreter test covers
+    # the kernel itself), so its error against the reference must be exactly zero.
+    assert k2["rel_err_vs_ref"] == 0 and k2["bytes_ratio_vs_bf16"] > 1
     assert by[("decode", "kivi4")]["tokens_per_s"] > 0

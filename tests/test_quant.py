@@ -490,6 +490,16 @@ def test_shared_memory_bound_holds_for_the_sm90_compiler() -> None:
     """The analytic bound is an upper bound of what Triton allocates when it compiles the
     largest table configs for sm_90 (compiled on the CPU: no GPU needed)."""
     triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1" and not os.environ.get("_SLIMLM_SM90_CHILD"):
+        # Another test module switched this process to the interpreter, whose kernels
+        # cannot be compiled: run this test alone in a fresh process without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["_SLIMLM_SM90_CHILD"] = "1"
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              f"{__file__}::test_shared_memory_bound_holds_for_the_sm90_compiler"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and "1 passed" in res.stdout, res.stdout[-3000:]
+        return
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -550,7 +560,9 @@ def test_bench_suite_quick_runs_on_cpu() -> None:
     rows = list(get_suite("quant")(True, torch.device("cpu"), shapes=[(32, 128)], ms=[1, 32]))
     assert {r["format"] for r in rows} == {"int8-g128", "int4-g128", "int2-g64", "w8a8"}
     for r in rows:
-        assert r["ms"] > 0 and r["kernel_err_vs_ref"] < 1e-5 and r["speedup_vs_bf16"] > 0
+        # CPU: QuantLinear dispatches to the reference, so this checks the dispatch (exactly
+        # zero error); the kernel itself is tested under the interpreter above.
+        assert r["ms"] > 0 and r["kernel_err_vs_ref"] == 0 and r["speedup_vs_bf16"] > 0
     by = {(r["format"], r["M"]): r for r in rows}
     assert by[("int8-g128", 1)]["rel_err_vs_bf16"] < by[("int2-g64", 1)]["rel_err_vs_bf16"]
     assert ("w8a8", 1) not in by  # W8A8 rows only at prefill sizes

@@ -40,12 +40,8 @@ SUITE_MODULES: tuple[str, ...] = (
     "lora_quality",
     "kvcache",
     "decode",
-    "prune",
     "checkpointing",
     "precision",
-    "moe",
-    "distill",
-    "share",
 )
 
 __all__ = [

@@ -55,7 +55,7 @@ BASELINE = "hf-sdpa"
 #: Columns of the report's table (the JSON keeps every field).
 REPORT_COLUMNS = ("model", "impl", "sdpa_backend", "batch", "seq_len", "precision", "step_ms",
                   "tokens_per_s", "mfu", "frac_of_measured_ceiling", "peak_mem_gib", "loss",
-                  "ratio_vs_hf")
+                  "loss_vs_hf", "ratio_vs_hf")
 
 
 def _sdpa_backend_enum(name: str) -> Any:
@@ -265,6 +265,7 @@ def train_suite(quick: bool, device: torch.device, *,
         tokens = torch.randint(0, cfg.vocab_size, (8, batch, seq_len + 1), generator=gen
                                ).to(device)  # (N, B, T+1): 8 distinct batches, cycled
         hf_tps: float | None = None
+        hf_loss: float | None = None
         for impl, backend in configs:
             base: dict[str, Any] = {
                 "model": name, "impl": impl, "sdpa_backend": backend, "batch": batch,
@@ -306,8 +307,13 @@ def train_suite(quick: bool, device: torch.device, *,
                 free_memory(device)
             tps = row.get("tokens_per_s")
             if impl == BASELINE and tps is not None:
-                hf_tps = tps
+                hf_tps, hf_loss = tps, row.get("loss")
             row["ratio_vs_hf"] = fraction(tps, hf_tps) if tps is not None else None
+            # Same work check: both models see the same 8 batches (cycled) from their own
+            # random init, so their last losses should be close (near ln V); a large gap
+            # would mean they did not train the same way.
+            if row.get("loss") is not None and hf_loss:
+                row["loss_vs_hf"] = row["loss"] / hf_loss
             yield row
         free_memory(device)
 
