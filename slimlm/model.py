@@ -82,6 +82,12 @@ class ModelConfig:
                 f"ModelConfig.attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout={self.dropout!r}: expected 0 <= dropout < 1")
+        if self.moe is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("slimlm.moe") is None:
+                raise ValueError(f"ModelConfig.moe={self.moe!r}: mixture-of-experts layers are "
+                                 "not implemented in this version of slimlm; leave moe=None")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("ModelConfig.rope_theta, norm_eps and init_std must be positive, got "
                              f"{self.rope_theta}, {self.norm_eps}, {self.init_std}")

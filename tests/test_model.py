@@ -46,6 +46,7 @@ def test_flops_matches_hf_baseline_figure():
     (dict(attention="magic"), "attention='magic'"),
     (dict(vocab_size=0), "vocab_size=0"),
     (dict(dropout=1.5), "dropout=1.5"),
+    (dict(moe={"num_experts": 8}), "not implemented"),
 ])
 def test_config_validation(bad, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("[", r"\[")):
