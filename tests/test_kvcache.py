@@ -458,7 +458,8 @@ def test_bench_quick_sections_run():
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
     assert by[("bytes", "kivi2")]["ratio_vs_bf16"] > by[("bytes", "kivi4")]["ratio_vs_bf16"] > 1
     k2 = by[("kernel", "slimlm kivi int2")]
-    # On the CPU the "kernel" row dispatches to the reference (the interpreter test covers
-    # the kernel itself), so its error against the reference must be exactly zero.
-    assert k2["rel_err_vs_ref"] == 0 and k2["bytes_ratio_vs_bf16"] > 1
+    # On the CPU the "kernel" row runs the reference (error exactly 0), or the Triton kernel
+    # under the interpreter when another test module switched this process to it (fp32
+    # rounding); the dedicated interpreter test above checks the kernel at several shapes.
+    assert k2["rel_err_vs_ref"] < 1e-5 and k2["bytes_ratio_vs_bf16"] > 1
     assert by[("decode", "kivi4")]["tokens_per_s"] > 0
