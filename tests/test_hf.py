@@ -314,7 +314,8 @@ def test_checkpoint_bad_input(transformers, tmp_path):
         hf.save_hf_checkpoint(object(), tmp_path / "out")
     moe = Transformer.__new__(Transformer)  # save validates the config before writing
     torch.nn.Module.__init__(moe)
-    moe.cfg = ModelConfig(moe={"num_experts": 4})
+    moe.cfg = ModelConfig()
+    moe.cfg.moe = {"num_experts": 4}  # set after validation: a config HF Llama cannot hold
     with pytest.raises(ValueError, match="moe"):
         hf.save_hf_checkpoint(moe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
