@@ -74,7 +74,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slimlm.generate import KVCache, register_cache
+from slimlm.generate import KVCache, _check_kv, register_cache
 from slimlm.kernels.decode_attention import (
     SUPPORTED_BITS,
     PackedKV,
@@ -429,11 +429,7 @@ class QuantizedCache(KVCache):
 
     def _check(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self._check_layer(layer)
-        shape = (self.batch_size, self.n_kv_heads, k.shape[2], self.head_dim)
-        for label, x in (("k", k), ("v", v)):
-            if tuple(x.shape) != shape or x.dtype != self.dtype:
-                raise ValueError(f"{type(self).__name__}: {label} of shape {tuple(x.shape)} "
-                                 f"and dtype {x.dtype}: expected {shape} and {self.dtype}")
+        _check_kv(self, k, v, self.n_kv_heads, self.head_dim, self.dtype)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -556,11 +552,7 @@ class SinkCache(KVCache):
 
     def _check(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self._check_layer(layer)
-        shape = (self.batch_size, self.n_kv_heads, k.shape[2], self.head_dim)
-        for label, x in (("k", k), ("v", v)):
-            if tuple(x.shape) != shape or x.dtype != self.dtype:
-                raise ValueError(f"{type(self).__name__}: {label} of shape {tuple(x.shape)} "
-                                 f"and dtype {x.dtype}: expected {shape} and {self.dtype}")
+        _check_kv(self, k, v, self.n_kv_heads, self.head_dim, self.dtype)
 
     def _push(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
         """Store new tokens (the first ones fill the sinks); returns the sinks filled."""
@@ -684,11 +676,7 @@ class _PerHeadCache(KVCache):
 
     def _check(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self._check_layer(layer)
-        shape = (self.batch_size, self.n_kv_heads, k.shape[2], self.head_dim)
-        for label, x in (("k", k), ("v", v)):
-            if tuple(x.shape) != shape or x.dtype != self.dtype:
-                raise ValueError(f"{type(self).__name__}: {label} of shape {tuple(x.shape)} "
-                                 f"and dtype {x.dtype}: expected {shape} and {self.dtype}")
+        _check_kv(self, k, v, self.n_kv_heads, self.head_dim, self.dtype)
 
     def _extend(self, layer: int, k: torch.Tensor, v: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
