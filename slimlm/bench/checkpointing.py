@@ -41,7 +41,7 @@ import torch
 
 from slimlm import checkpointing as ckpt
 from slimlm import precision as prec
-from slimlm.bench.harness import free_memory, guarded, register, time_fn
+from slimlm.bench.harness import free_memory, guarded, register, time_steps
 from slimlm.model import ModelConfig, Transformer
 
 PARTS = ("grid", "max_seq", "planner")
@@ -83,23 +83,11 @@ def _measure(build: Callable[[], tuple[Callable[[], torch.Tensor], Any]],
     """Build a step, warm it up, time ``steps`` steps; peak and activation memory (peak
     minus what was allocated before the timed steps) on the GPU."""
     step, keep = build()
-    last: list[torch.Tensor] = []
-
-    def run() -> None:
-        last[:] = [step()]
-
-    for _ in range(warmup):
-        run()
-    base = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    t = time_fn(run, device, warmup=0, rep=steps)
-    out: dict[str, Any] = {"step_ms": t["median_ms"], "step_p10_ms": t["p10"],
-                           "step_p90_ms": t["p90"], "loss": float(last[0].float())}
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
+    t = time_steps(step, device, warmup=warmup, steps=steps)
+    out: dict[str, Any] = {"step_ms": t["step_ms"], "step_p10_ms": t["step_p10_ms"],
+                           "step_p90_ms": t["step_p90_ms"], "loss": float(t["last"].float())}
+    if t["peak_bytes"] is not None:
+        peak, base = t["peak_bytes"], t["base_bytes"]
         out.update(peak_mem_gib=peak / 2 ** 30, act_mem_gib=(peak - base) / 2 ** 30)
     del keep
     return out

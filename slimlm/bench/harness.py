@@ -229,6 +229,31 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None)
     return int(torch.cuda.max_memory_allocated(dev))
 
 
+def time_steps(step: Callable[[], Any], device: torch.device, *, warmup: int,
+               steps: int) -> dict[str, Any]:
+    """Time a training step: ``warmup`` untimed calls (compilation happens there), then the
+    median of ``steps`` timed calls. Peak memory covers the timed calls only. Returns
+    ``step_ms``, ``step_p10_ms``, ``step_p90_ms``, ``steps_timed``, ``peak_bytes`` and
+    ``base_bytes`` (allocated before the timed calls; both None on the CPU) and ``last``
+    (what the last call returned, e.g. its loss)."""
+    last: list[Any] = [None]
+
+    def run() -> None:
+        last[0] = step()
+
+    for _ in range(warmup):
+        run()
+    base = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time_fn(run, device, warmup=0, rep=steps)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"step_ms": t["median_ms"], "step_p10_ms": t["p10"], "step_p90_ms": t["p90"],
+            "steps_timed": t["n"], "peak_bytes": peak, "base_bytes": base, "last": last[0]}
+
+
 def tflops(flops: float, ms: float) -> float:
     """FLOP count and milliseconds -> TFLOP/s."""
     return flops / (ms * 1e-3) / 1e12

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from slimlm.bench.harness import fraction, free_memory, guarded, register, time_fn
+from slimlm.bench.harness import fraction, free_memory, guarded, register, time_steps
 from slimlm.model import PRESETS, ModelConfig, Transformer
 
 METHODS = ("full-ft", "peft-lora", "slimlm-lora", "slimlm-compiled-lora", "peft-dora",
@@ -171,28 +171,23 @@ def _run_config(method: str, cfg: ModelConfig, device: torch.device, tokens: tor
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, _ = lora.trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
-    last: list[torch.Tensor] = []
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = fwd(tokens)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        last[:] = [loss.detach()]
+        return loss.detach()
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    t = time_fn(step, device, warmup=0, rep=steps)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    loss = float(last[0].float().item())
-    tps = tokens.shape[0] * tokens.shape[1] / (t["median_ms"] * 1e-3)
+    t = time_steps(step, device, warmup=warmup, steps=steps)
+    peak = None if t["peak_bytes"] is None else t["peak_bytes"] / 2**30
+    loss = float(t["last"].float().item())
+    tps = tokens.shape[0] * tokens.shape[1] / (t["step_ms"] * 1e-3)
     row: dict[str, Any] = {
-        "trainable_params": trainable, "step_ms": t["median_ms"], "step_p10_ms": t["p10"],
-        "step_p90_ms": t["p90"], "steps_timed": t["n"], "tokens_per_s": tps,
+        "trainable_params": trainable, "step_ms": t["step_ms"],
+        "step_p10_ms": t["step_p10_ms"], "step_p90_ms": t["step_p90_ms"],
+        "steps_timed": t["steps_timed"], "tokens_per_s": tps,
         "peak_mem_gib": peak, "loss": loss, "loss_finite": math.isfinite(loss),
         "err_vs_peft": None, "adapter_effect": None}
     opt.state.clear()  # free the optimizer state before the numerics check

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from slimlm import precision as prec
-from slimlm.bench.harness import free_memory, guarded, register, time_fn
+from slimlm.bench.harness import free_memory, guarded, register, time_fn, time_steps
 from slimlm.model import ModelConfig, Transformer
 
 PARTS = ("linear", "step", "run")
@@ -177,28 +177,23 @@ def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
             opt = policy.wrap_optimizer(torch.optim.AdamW(
                 model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda"))
             fwd = torch.compile(model) if compile else model
-            last: list[torch.Tensor] = []
 
-            def step() -> None:
+            def step() -> torch.Tensor:
                 with policy.autocast(device.type):
                     _, loss = fwd(x, y)
                 policy.backward(loss)
                 policy.step(opt)
                 opt.zero_grad(set_to_none=True)
-                last[:] = [loss.detach()]
+                return loss.detach()
 
-            for _ in range(warmup):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            t = time_fn(step, device, warmup=0, rep=steps)
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            tps = batch * seq_len / (t["median_ms"] * 1e-3)
-            out = {"step_ms": t["median_ms"], "step_p10_ms": t["p10"], "step_p90_ms": t["p90"],
-                   "tokens_per_s": tps, "model_tflops": fpt * tps / 1e12,
+            t = time_steps(step, device, warmup=warmup, steps=steps)
+            peak = t["peak_bytes"]
+            tps = batch * seq_len / (t["step_ms"] * 1e-3)
+            out = {"step_ms": t["step_ms"], "step_p10_ms": t["step_p10_ms"],
+                   "step_p90_ms": t["step_p90_ms"], "tokens_per_s": tps,
+                   "model_tflops": fpt * tps / 1e12,
                    "peak_mem_gib": None if peak is None else peak / 2 ** 30,
-                   "loss": float(last[0].float()), **policy.stats()}
+                   "loss": float(t["last"].float()), **policy.stats()}
 
             return out
 

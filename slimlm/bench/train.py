@@ -45,7 +45,7 @@ from slimlm.bench.harness import (
     free_memory,
     guarded,
     register,
-    time_fn,
+    time_steps,
 )
 from slimlm.model import PRESETS, ModelConfig, Transformer
 
@@ -127,22 +127,12 @@ def _measure(make_step: Callable[[], tuple[Callable[[], torch.Tensor], Any]],
     and activations, not compilation)."""
     with context:
         step, keep = make_step()
-        last: list[torch.Tensor] = []
-
-        def run() -> None:
-            last[:] = [step()]
-
-        for _ in range(warmup):
-            run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        t = time_fn(run, device, warmup=0, rep=steps)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        loss = float(last[0].detach().float().item())
-    return {"step_ms": t["median_ms"], "step_p10_ms": t["p10"], "step_p90_ms": t["p90"],
-            "steps_timed": t["n"], "peak_mem_gib": None if peak is None else peak / 2**30,
-            "loss": loss}
+        t = time_steps(step, device, warmup=warmup, steps=steps)
+        loss = float(t["last"].detach().float().item())
+    peak = t["peak_bytes"]
+    return {"step_ms": t["step_ms"], "step_p10_ms": t["step_p10_ms"],
+            "step_p90_ms": t["step_p90_ms"], "steps_timed": t["steps_timed"],
+            "peak_mem_gib": None if peak is None else peak / 2**30, "loss": loss}
 
 
 def _step_factory(impl: str, cfg: ModelConfig, device: torch.device, tokens: torch.Tensor,
