@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU-marked test, one file at a time with its own time limit, on the device machine:
-#   bash scripts/gpu_tests.sh [TEST_FILE ...]     (log and summary under $OUT)
+#   [PER_FILE_S=240] bash scripts/gpu_tests.sh [TEST_FILE ...]   (log and summary under $OUT)
 # The device image has no network: slimlm runs from the working tree via PYTHONPATH.
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -10,7 +10,7 @@ files=("$@")
     tests/test_lora.py tests/test_hf.py tests/test_generate.py)
 for f in "${files[@]}"; do
     echo "== $f" | tee -a "$OUT/gpu-tests.log"
-    timeout 240 python3 -m pytest -q -m gpu -p no:logging -p no:cacheprovider "$f" \
+    timeout "${PER_FILE_S:-240}" python3 -m pytest -q -m gpu -p no:logging -p no:cacheprovider "$f" \
         >> "$OUT/gpu-tests.log" 2>&1
     echo "rc=$? $f" | tee -a "$OUT/gpu-tests.log"
     tail -1 "$OUT/gpu-tests.log" | grep -E "passed|failed|error" || true
