@@ -20,7 +20,8 @@ Policies (``TrainConfig(checkpointing=...)``, ``--checkpointing``, or :class:`Ch
                     (torch.utils.checkpoint.create_selective_checkpoint_contexts)
     budget:F        the planner, within F x the no-checkpointing activation memory (F <= 1)
                     or F bytes (F > 1); it measures each block once (bytes kept for
-                    backward, op times) and solves a knapsack over blocks x modes
+                    backward, op times), times a whole step per mode to calibrate the
+                    recompute costs, and solves a knapsack over blocks x modes
     offload         no recomputation; saved activations go to (pinned) CPU memory
     <policy>+offload   blocks the policy saves whole are offloaded to CPU memory
 
@@ -373,16 +374,76 @@ class BlockProfile:
     bytes: dict[str, int]
     save_op_s: float
     other_op_s: float
+    #: Measured extra seconds per training step of this block in each mode (see
+    #: :func:`profile_blocks`); None where the step could not be timed (nothing requires
+    #: grad), and the op times above are used instead.
+    mode_s: dict[str, float] | None = None
 
     def recompute_s(self, mode: str) -> float:
+        if self.mode_s is not None:
+            return self.mode_s[mode]
+        return self._op_model(mode)
+
+    def _op_model(self, mode: str) -> float:
         return {"save": 0.0, "selective": self.other_op_s,
                 "full": self.save_op_s + self.other_op_s}[mode]
 
 
+def _step_seconds(blocks: Sequence[nn.Module], probe: Callable[[], Any], mode: str,
+                  reps: int = 2) -> float | None:
+    """Best-of-``reps`` seconds of ``probe()`` plus its backward with every block in
+    ``mode`` (after one warm-up), or None when nothing in the result requires grad. The
+    backward goes through ``torch.autograd.grad`` so no ``.grad`` is touched."""
+    for b in blocks:
+        _set_mode(b, _Spec(mode, False, True))
+    params = [p for b in blocks for p in b.parameters() if p.requires_grad]
+    best = None
+    for i in range(reps + 1):
+        dev = None
+        with torch.enable_grad():
+            t0 = time.perf_counter()
+            out = probe()
+            roots = [t for t in tree_leaves(out)
+                     if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not roots or not params:
+                return None
+            dev = roots[0].device
+            loss = sum(t.float().sum() for t in roots)
+            torch.autograd.grad(loss, params, allow_unused=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            dt = time.perf_counter() - t0
+        del out, roots, loss
+        if i > 0:
+            best = dt if best is None else min(best, dt)
+    return best
+
+
+def _calibrate(profiles: list[BlockProfile], steps: dict[str, float | None]) -> None:
+    """Give each profile measured per-mode costs: a mode's extra step time over "save"
+    (all blocks in that mode) split over the blocks in proportion to their op-time model
+    (evenly where the model is zero). It includes what op times miss: the checkpoint
+    machinery's own overhead (large for selective checkpointing in eager mode, where a
+    Python policy runs for every op) and the recomputation's kernel launches."""
+    if any(steps.get(m) is None for m in MODES):
+        return
+    base = steps["save"]
+    for p in profiles:
+        p.mode_s = {"save": 0.0}
+    for mode in ("selective", "full"):
+        extra = max(0.0, steps[mode] - base)
+        weights = [p._op_model(mode) for p in profiles]
+        total = sum(weights)
+        for p, w in zip(profiles, weights):
+            p.mode_s[mode] = extra * (w / total if total > 0 else 1.0 / len(profiles))
+
+
 def profile_blocks(blocks: Sequence[nn.Module], probe: Callable[[], Any]) -> list[BlockProfile]:
     """Measure every block once per mode with ``probe()`` (a forward of the model that
-    calls the blocks): bytes kept per block under "save", "selective" and "full", and the
-    op times of a plain forward. Leaves the blocks as it found them."""
+    calls the blocks): bytes kept per block under "save", "selective" and "full", the op
+    times of a plain forward, and the time of a whole training step (forward + backward)
+    with all blocks in each mode, which calibrates the per-block recompute costs (see
+    :func:`_calibrate`). Leaves the blocks as it found them."""
     blocks = _check_blocks(blocks)
     before = [b.__dict__.get("forward") for b in blocks]
     saved_orig = [b.__dict__.get(_ORIG) for b in blocks]
@@ -401,6 +462,7 @@ def profile_blocks(blocks: Sequence[nn.Module], probe: Callable[[], Any]) -> lis
             if mode == "save":
                 times = rec.times
             del result
+        steps = {mode: _step_seconds(blocks, probe, mode) for mode in MODES}
     finally:
         remove_(blocks)
         for b, f, o in zip(blocks, before, saved_orig):
@@ -408,10 +470,12 @@ def profile_blocks(blocks: Sequence[nn.Module], probe: Callable[[], Any]) -> lis
                 b.__dict__["forward"] = f
             if o is not None:
                 b.__dict__[_ORIG] = o
-    return [BlockProfile(bytes={m: per_mode[m].get(i, 0) for m in MODES},
-                         save_op_s=times.get((i, True), 0.0),
-                         other_op_s=times.get((i, False), 0.0))
-            for i in range(len(blocks))]
+    profiles = [BlockProfile(bytes={m: per_mode[m].get(i, 0) for m in MODES},
+                             save_op_s=times.get((i, True), 0.0),
+                             other_op_s=times.get((i, False), 0.0))
+                for i in range(len(blocks))]
+    _calibrate(profiles, steps)
+    return profiles
 
 
 def plan_budget(profiles: Sequence[BlockProfile], budget_bytes: float, *,
@@ -480,7 +544,8 @@ def apply_(blocks: Sequence[nn.Module], policy: str | CheckpointConfig = "full",
     model's ``model.model.layers``) under ``policy``, in place; replaces an earlier policy.
 
     The budget planner needs ``probe``: a callable running a forward of the model on a
-    representative batch (its result is discarded); it is called four times. Returns a
+    representative batch (its result, or the sum of its tensors, is differentiated to time
+    whole steps; no ``.grad`` is touched); it is called 13 times. Returns a
     :class:`Plan`.
     """
     cfg = CheckpointConfig.parse(policy)

@@ -149,6 +149,32 @@ def test_selective_keeps_less_than_save():
         assert p.save_op_s > 0 and p.other_op_s > 0
 
 
+def test_profile_calibrates_costs_with_timed_steps_and_leaves_grads_alone():
+    model = _model(dropout=0.0)
+    x, y = _batch()
+    prof = ck.profile_blocks(model.layers, lambda: model(x, y)[1])
+    assert all(p.grad is None for p in model.parameters())  # autograd.grad, not .backward
+    for p in prof:
+        assert p.mode_s is not None and p.mode_s["save"] == 0.0
+        assert p.mode_s["selective"] >= 0.0 and p.mode_s["full"] >= 0.0
+        assert p.recompute_s("full") == p.mode_s["full"]
+    # The per-block costs split the measured extra step time in proportion to the op model.
+    profs = [ck.BlockProfile({"save": 4, "selective": 2, "full": 1}, 3.0, 1.0),
+             ck.BlockProfile({"save": 4, "selective": 2, "full": 1}, 1.0, 1.0)]
+    ck._calibrate(profs, {"save": 1.0, "selective": 1.2, "full": 1.6})
+    assert profs[0].mode_s["full"] == pytest.approx(0.6 * 4 / 6)
+    assert profs[1].mode_s["selective"] == pytest.approx(0.1)
+    # Eager selective checkpointing slower than full (what the H200 measured): the
+    # planner then prefers full recomputation for the same memory saved.
+    ck._calibrate(profs, {"save": 1.0, "selective": 1.5, "full": 1.3})
+    # Budget 6 of 8 bytes: one block must give up 2+ bytes; full on block 1 costs 0.3 * 2/6.
+    assert ck.plan_budget(profs, 6) == (["save", "full"], True)
+    # Nothing requires grad: no timing, the op model stays.
+    frozen = [ck.BlockProfile({"save": 4, "selective": 2, "full": 1}, 3.0, 1.0)]
+    ck._calibrate(frozen, {"save": None, "selective": None, "full": None})
+    assert frozen[0].mode_s is None and frozen[0].recompute_s("full") == 4.0
+
+
 def test_hf_llama_layers_apply_and_remove():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

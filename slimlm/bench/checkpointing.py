@@ -388,9 +388,10 @@ bf16-mixed, 1 + 2 steps."""
 def plot(rows: list[dict[str, Any]], ax: Any) -> bool:
     """The planner's curve: step time against activation memory, both relative to no
     checkpointing, one point per policy. False when absent."""
-    pts = [r for r in rows if r.get("part") == "planner"
-           and isinstance(r.get("time_vs_none"), (int, float))
-           and isinstance(r.get("act_mem_vs_none"), (int, float))]
+    pts = sorted((r for r in rows if r.get("part") == "planner"
+                  and isinstance(r.get("time_vs_none"), (int, float))
+                  and isinstance(r.get("act_mem_vs_none"), (int, float))),
+                 key=lambda r: r["act_mem_vs_none"])
     if not pts:
         return False
     ax.plot([r["act_mem_vs_none"] for r in pts], [r["time_vs_none"] for r in pts], "o-")
