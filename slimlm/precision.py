@@ -290,6 +290,49 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None 
     return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
 
 
+def _bf16_adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                       extra: torch.Tensor | None, hp: torch.Tensor, rounding: str) -> None:
+    """One AdamW update of a bf16 parameter ``p`` in place, moments ``m``/``v`` in fp32.
+    ``hp`` = [lr, 1 - beta1, beta2, 1 - beta2, eps, weight decay, 1 - beta1^t,
+    sqrt(1 - beta2^t)] (fp32, each computed in double first,
+    on p's device: a tensor, so a changing learning rate does not recompile). ``extra``:
+    the int32 random bits for "stochastic", the bf16 compensation buffer for "kahan".
+    Written as whole-tensor ops so that ``torch.compile`` fuses it into one pass over the
+    parameter (eagerly it is ~15 passes: slower than the fused fp32 AdamW it replaces)."""
+    lr, one_b1, b2, one_b2, eps, wd, bc1, sbc2 = hp.unbind(0)
+    g32 = g.float()
+    m.copy_(m + (g32 - m) * one_b1)
+    v.copy_(v * b2 + g32 * g32 * one_b2)
+    p32 = p.float()
+    delta = m / (v.sqrt() / sbc2 + eps) * (-lr / bc1) - p32 * (lr * wd)
+    if rounding == "stochastic":
+        assert extra is not None
+        bits = (p32 + delta).view(torch.int32)
+        p.copy_(((bits + extra) & -65536).view(torch.float32).to(torch.bfloat16))
+    elif rounding == "kahan":
+        assert extra is not None
+        y = delta + extra.float()  # carry what earlier roundings dropped
+        new = (p32 + y).to(torch.bfloat16)
+        extra.copy_((y - (new.float() - p32)).to(torch.bfloat16))
+        p.copy_(new)
+    else:
+        p.copy_((p32 + delta).to(torch.bfloat16))
+
+
+_FUSED_UPDATE: dict[str, Any] = {}
+
+
+def _bf16_update_fn(device: torch.device) -> Callable[..., None]:
+    """The compiled update on CUDA (eager where compiling is unavailable or fails)."""
+    if device.type != "cuda":
+        return _bf16_adamw_update
+    fn = _FUSED_UPDATE.get("fn")
+    if fn is None:
+        fn = torch.compile(_bf16_adamw_update, dynamic=True, fullgraph=True)
+        _FUSED_UPDATE["fn"] = fn
+    return fn
+
+
 class BF16AdamW(torch.optim.Optimizer):
     """AdamW for bf16 parameters: fp32 moments, the update computed in fp32 and written
     back to the bf16 weight by stochastic rounding ("stochastic"), through a bf16 Kahan
@@ -346,8 +389,11 @@ class BF16AdamW(torch.optim.Optimizer):
                         state["compensation"] = torch.zeros_like(p)
                 state["step"] += 1
                 t = float(state["step"])
-                g = p.grad.float()
                 m, v = state["exp_avg"], state["exp_avg_sq"]
+                if p.dtype == torch.bfloat16 and p.is_cuda:
+                    self._fused_step(p, m, v, state, lr, b1, b2, eps, wd, t)
+                    continue
+                g = p.grad.float()
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
@@ -370,6 +416,29 @@ class BF16AdamW(torch.optim.Optimizer):
                 else:
                     p.copy_((p32 + delta).to(torch.bfloat16))
         return loss
+
+    def _fused_step(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                    state: dict[str, Any], lr: float, b1: float, b2: float, eps: float,
+                    wd: float, t: float) -> None:
+        """The same update as the loop below, as one compiled pass (CUDA bf16 weights)."""
+        hp = torch.tensor([lr, 1 - b1, b2, 1 - b2, eps, wd, 1 - b1 ** t,
+                           math.sqrt(1 - b2 ** t)],
+                          dtype=torch.float32).to(p.device, non_blocking=True)
+        extra = None
+        if self.rounding == "stochastic":
+            extra = torch.randint(0, 1 << 16, p.shape, dtype=torch.int32, device=p.device,
+                                  generator=self._generator(p.device))
+        elif self.rounding == "kahan":
+            extra = state["compensation"]
+        try:
+            _bf16_update_fn(p.device)(p, p.grad, m, v, extra, hp, self.rounding)
+        except Exception as e:  # no triton/inductor here: the same ops eagerly
+            if _FUSED_UPDATE.get("fn") is _bf16_adamw_update:
+                raise
+            warnings.warn(f"BF16AdamW: compiling the fused update failed ({type(e).__name__}: "
+                          f"{e}); running it eagerly (slower)", stacklevel=3)
+            _FUSED_UPDATE["fn"] = _bf16_adamw_update
+            _bf16_adamw_update(p, p.grad, m, v, extra, hp, self.rounding)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
