@@ -471,6 +471,98 @@ def test_compiled_unsupported_combinations(model: Transformer) -> None:
         generate(model, [[1, 2]], 1).tokens
 
 
+# -- compile="cuda-graph" (the eager static step captured into a CUDA graph) ----------------------
+
+
+def test_cuda_graph_validation_on_cpu(model: Transformer) -> None:
+    """Off CUDA, compile='cuda-graph' is refused before any work: the user's cache is
+    untouched and no graph slot is filled."""
+    cfg = model.cfg
+    mine = StaticCache(cfg.n_layers, 1, cfg.n_kv_heads, cfg.head_dim, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="compile='cuda-graph' uses CUDA graphs.*cpu"):
+        generate(model, [[1, 2]], 3, cache=mine, compile="cuda-graph")
+    assert mine.seq_len == 0 and mine._graphed_step is None
+    for kwargs in (dict(use_cache=False), dict(cache="dense"), dict(max_new_tokens=1)):
+        with pytest.raises(ValueError, match="compile='cuda-graph'"):
+            generate(model, [[1, 2]], **{"max_new_tokens": 3, **kwargs},  # type: ignore[arg-type]
+                     compile="cuda-graph")
+    with pytest.raises(ValueError, match="'cuda-graph'"):  # listed among the valid values
+        generate(model, [[1, 2]], 3, compile="cuda_graph")
+
+
+@pytest.fixture()
+def emulated_graphs(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Run compile='cuda-graph' on the CPU with a stand-in for the CUDA graph, to test the
+    bookkeeping around it (static inputs refilled per call, reuse, recapture). The stand-in
+    replays the step on the inputs the captured object owns and writes into the outputs
+    returned at capture, as a real replay does; it sees nothing else, so an input that
+    generate forgot to refill shows up as wrong tokens. Returns the list of captures."""
+    import importlib
+
+    sgen = importlib.import_module("slimlm.generate")  # slimlm.generate is also the function
+    captures: list = []
+
+    def capture(self, model, kv):  # type: ignore[no-untyped-def]
+        args = (model, kv.k_buffers, kv.v_buffers, self.tokens, self.slot, self.pads,
+                self.key_valid, self.key_slots)
+        logits, greedy = sgen._decode_step(*args)
+
+        def replay() -> None:
+            new_logits, new_greedy = sgen._decode_step(*args)
+            logits.copy_(new_logits)
+            greedy.copy_(new_greedy)
+
+        self.graph = type("FakeGraph", (), {"replay": staticmethod(replay)})()
+        self.logits, self.greedy = logits, greedy
+        captures.append(self)
+
+    real_mode = sgen._compile_mode
+    monkeypatch.setattr(sgen._GraphedStep, "capture", capture)
+    monkeypatch.setattr(sgen, "_compile_mode", lambda c, d: c if c == "cuda-graph"
+                        else real_mode(c, d))
+    return captures
+
+
+def test_cuda_graph_bookkeeping_emulated(model: Transformer, emulated_graphs: list) -> None:
+    cfg = model.cfg
+    mine = StaticCache(cfg.n_layers, 3, cfg.n_kv_heads, cfg.head_dim, 20, dtype=torch.float64)
+    first, second = _prompts([5, 8, 3]), _prompts([9, 2, 6], seed=2)  # other pads
+    for prompts in (first, second):
+        mine.reset()
+        ref = generate(model, prompts, 9, return_logits=True)
+        out = generate(model, prompts, 9, cache=mine, return_logits=True, compile="cuda-graph")
+        assert out.tokens == ref.tokens and out.steps == ref.steps
+        assert out.logits is not None and ref.logits is not None
+        assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-10)  # logits were cloned
+        assert mine.seq_len == max(len(r) for r in prompts) + 9 - 1
+    assert len(emulated_graphs) == 1 and mine._graphed_step is emulated_graphs[0]  # reused
+    # Sampling, stop tokens and streaming run outside the graph, as in the compiled path.
+    stop = generate(model, first, 10).tokens[0][3]
+    runs = []
+    for compile in (False, "cuda-graph"):
+        mine.reset()
+        calls: list[list[int]] = []
+        out = generate(model, first, 10, cache=mine, stop_tokens=[stop], compile=compile,
+                       stream=lambda step, toks: calls.append(toks))  # noqa: B023
+        mine.reset()
+        sampled = generate(model, first, 8, cache=mine, temperature=2.0, top_k=50,
+                           compile=compile, generator=torch.Generator().manual_seed(5))
+        runs.append((out.tokens, out.finished, calls, sampled.tokens))
+    assert runs[0] == runs[1] and runs[0][1][0]
+    assert len(emulated_graphs) == 1
+    # Another model, or the same model with a replaced tensor: captured anew.
+    other = _model(seed=3)
+    mine.reset()
+    assert generate(other, first, 6, cache=mine, compile="cuda-graph").tokens == \
+        generate(other, first, 6).tokens
+    assert len(emulated_graphs) == 2 and mine._graphed_step is emulated_graphs[1]
+    other.lm_head.weight = torch.nn.Parameter(other.lm_head.weight.detach() * -1.0)
+    mine.reset()
+    assert generate(other, first, 6, cache=mine, compile="cuda-graph").tokens == \
+        generate(other, first, 6).tokens
+    assert len(emulated_graphs) == 3
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_full_buffer_mask_equals_prefix_attention(impl: str) -> None:
     """One query over the whole static buffer with a key mask == attention over the valid
@@ -519,3 +611,54 @@ def test_compiled_cuda_graphs_on_gpu() -> None:
     assert graphs == 1
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert out.tokens == ref.tokens
+
+
+def _gpu_bf16_model(n_layers: int = 2) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", n_layers=n_layers, max_seq_len=64, init_std=0.2)
+    return Transformer(cfg).cuda().to(torch.bfloat16).eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_equals_eager_and_reuses_graph_on_gpu() -> None:
+    """compile='cuda-graph' (no torch.compile): bf16 greedy tokens equal eager's; a second
+    call on the same (reset) StaticCache replays the same captured graph, with other
+    prompts (other pads) refilled into its static inputs."""
+    net = _gpu_bf16_model()
+    cfg = net.cfg
+    cache = StaticCache(cfg.n_layers, 3, cfg.n_kv_heads, cfg.head_dim, 24, device="cuda",
+                        dtype=torch.bfloat16)
+    first, second = _prompts([5, 9, 3]), _prompts([7, 2, 11], seed=2)
+    out = generate(net, first, 12, cache=cache, compile="cuda-graph")
+    assert out.tokens == generate(net, first, 12).tokens
+    graphed = cache._graphed_step
+    assert graphed is not None and isinstance(graphed.graph, torch.cuda.CUDAGraph)
+    graph = graphed.graph
+    for prompts in (first, second):
+        cache.reset()
+        again = generate(net, prompts, 12, cache=cache, compile="cuda-graph")
+        assert cache._graphed_step is graphed and graphed.graph is graph  # no recapture
+        assert again.tokens == generate(net, prompts, 12).tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_quantized_model_on_gpu() -> None:
+    """A model whose Linear layers are QuantLinear (Triton kernels launched from Python)
+    is captured and matches its own eager tokens."""
+    from slimlm.quant import QuantConfig, QuantLinear, quantize_
+
+    net = _gpu_bf16_model()
+    quantize_(net, QuantConfig(bits=4, group_size=32))
+    quant = [m for m in net.modules() if isinstance(m, QuantLinear)]
+    assert quant and all(m._kernel_ok for m in quant)  # the Triton path, not the reference
+    prompts = _prompts([5, 9, 3])
+    ref = generate(net, prompts, 12)
+    cfg = net.cfg
+    cache = StaticCache(cfg.n_layers, 3, cfg.n_kv_heads, cfg.head_dim, 20, device="cuda",
+                        dtype=torch.bfloat16)
+    for _ in range(2):
+        cache.reset()
+        out = generate(net, prompts, 12, cache=cache, compile="cuda-graph")
+        assert out.tokens == ref.tokens
