@@ -31,6 +31,14 @@ every step replays; at batch 1 this removes the kernel-launch overhead that boun
 decoding, at the cost of a compile on the first call and of reading the whole buffer's
 keys every step.
 
+``compile="cuda-graph"`` needs no ``torch.compile``: the same static-shape step, run
+eagerly, is captured once into a ``torch.cuda.CUDAGraph`` (after a warm-up on a side
+stream) and replayed every step. It takes any model the eager path takes (quantized layers
+that launch Triton kernels from Python, LoRA adapters, ...) as long as its forward does not
+synchronise with the host, costs no compile time, and the captured graph is kept on the
+:class:`StaticCache`, so later calls with the same cache and model replay it without
+capturing again.
+
 Example::
 
     from slimlm import ModelConfig, Transformer
@@ -56,6 +64,7 @@ import functools
 import importlib
 import math
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +78,7 @@ from slimlm.model import ModelConfig
 __all__ = [
     "KVCache", "DenseCache", "StaticCache", "CacheFactory", "register_cache", "cache_kinds",
     "make_cache", "SamplingConfig", "GenerationResult", "sample_next", "generate",
-    "COMPILE_MODES", "COMPILE_BACKENDS",
+    "COMPILE_MODES", "COMPILE_BACKENDS", "CUDA_GRAPH_MODES",
 ]
 
 
@@ -255,6 +264,11 @@ class StaticCache(KVCache):
     itemsize``) and never reallocated. ``append`` returns views of the first
     ``seq_len + T_new`` positions (no copy). Appending past ``max_len`` raises
     ``ValueError("cache full: ...")`` before anything is written.
+
+    ``generate(..., compile="cuda-graph")`` keeps the decode step's CUDA graph (and its
+    static inputs and outputs) on the cache it was captured for; ``reset()`` keeps it, so
+    reusing the cache reuses the graph. ``memory_bytes()`` does not count it (one step's
+    activations and the graph's inputs: small next to the buffers).
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
@@ -268,6 +282,7 @@ class StaticCache(KVCache):
         # view, and a later cache can free or replace layers one by one.
         self.k_buffers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v_buffers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self._graphed_step: _GraphedStep | None = None  # compile="cuda-graph", see generate
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,6 +468,9 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
 #: traces and partitions like inductor but runs eager kernels; ``"eager"`` only traces).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_BACKENDS = ("aot_eager", "eager")
+#: ``compile=`` values that need no torch.compile: ``"cuda-graph"`` captures the eager
+#: decode step into one ``torch.cuda.CUDAGraph`` (CUDA only), see :class:`_GraphedStep`.
+CUDA_GRAPH_MODES = ("cuda-graph",)
 
 
 class _StaticStep:
@@ -525,8 +543,120 @@ def _compiled_step(compile_mode: str) -> Callable[..., tuple[torch.Tensor, torch
     return torch.compile(_decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
 
 
+class _GraphedStep:
+    """:func:`_decode_step`, run eagerly, captured into one ``torch.cuda.CUDAGraph``.
+
+    A CUDA graph replays the kernels recorded at capture on the same addresses, so
+    everything the step reads or writes must stay where it was: the cache's buffers (the
+    :class:`StaticCache` this object lives on), the model's parameters, and the step's
+    inputs, which this object owns (``tokens`` (B, 1), ``slot`` (1,), ``pads`` (B, 1),
+    ``key_valid`` (B, L), ``key_slots`` (L,)) and :func:`generate` fills with ``copy_``.
+    The outputs (``logits`` (B, V), ``greedy`` (B,)) are graph-owned too: each replay
+    overwrites them, so callers clone what must outlive the next step.
+
+    ``key`` records what the graph depends on (batch, max_len, dtype, device, the cache
+    buffers' and the model's tensors' addresses, shapes and dtypes); :meth:`matches` tells
+    :func:`generate` whether it can replay this graph or must capture a new one (another
+    model, or one whose modules or tensors were replaced or moved since: their old
+    addresses may hold anything by now).
+    """
+
+    def __init__(self, model: nn.Module, kv: StaticCache) -> None:
+        assert kv.max_len is not None
+        B, L, device = kv.batch_size, kv.max_len, kv.k_buffers[0].device
+        self.key = _graph_key(model, kv)
+        self._model = weakref.ref(model)  # identity without keeping the model alive
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)  # fed token per row
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # its cache slot
+        self.pads = torch.zeros(B, 1, dtype=torch.long, device=device)  # left pads per row
+        self.key_valid = torch.zeros(B, L, dtype=torch.bool, device=device)  # False on pads
+        self.key_slots = torch.arange(L, device=device)  # (L,)
+        self.graph: Any = None  # torch.cuda.CUDAGraph once captured
+        self.logits: torch.Tensor | None = None
+        self.greedy: torch.Tensor | None = None
+
+    def matches(self, model: nn.Module, kv: StaticCache) -> bool:
+        return self._model() is model and self.key == _graph_key(model, kv)
+
+    def set_pads(self, pads: torch.Tensor) -> None:
+        """Fill the per-call inputs: pads (B,) left pads of this call's rows."""
+        self.pads.copy_(pads[:, None])
+        self.key_valid.copy_(self.key_slots[None, :] >= pads[:, None])
+
+    def __call__(self, model: nn.Module, kv: StaticCache, tokens: torch.Tensor, slot: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``tokens`` (B, 1) at cache slot ``slot``: (logits (B, V), argmax (B,)),
+        both graph-owned. Captures the graph on the first call."""
+        self.tokens.copy_(tokens)
+        self.slot.fill_(slot)
+        if self.graph is None:
+            self.capture(model, kv)
+        self.graph.replay()
+        assert self.logits is not None and self.greedy is not None
+        return self.logits, self.greedy
+
+    def capture(self, model: nn.Module, kv: StaticCache) -> None:
+        """Warm up, then record the step, reading the inputs as they are now filled."""
+        args = (model, kv.k_buffers, kv.v_buffers, self.tokens, self.slot, self.pads,
+                self.key_valid, self.key_slots)
+        device = self.tokens.device
+        try:
+            with torch.cuda.device(device):
+                # Warm-up on a side stream (the PyTorch CUDA-graphs recipe): Triton kernels
+                # compile (and autotune), cuBLAS picks its algorithms and lazy state is
+                # built before capture, where none of that may happen. Each call writes
+                # this step's keys/values at the cache slot ``self.slot``: the inputs are
+                # already the real first decode step's (its token at its slot, after the
+                # prefill), so the writes land on the slot that step writes anyway, and every
+                # step writes its slot before reading it (_StaticStep.attend) while later
+                # slots stay masked. The earlier slots (the prefill's) are never touched.
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        _decode_step(*args)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    logits, greedy = _decode_step(*args)
+        except Exception as e:
+            raise RuntimeError(
+                "generate(compile='cuda-graph'): capturing the decode step into a CUDA graph "
+                f"failed ({type(e).__name__}: {str(e).strip()[:300]}). Capture fails when a "
+                "module's forward synchronises with the host (.item(), .tolist(), "
+                "data-dependent shapes) or runs on the CPU; use compile=False (eager) or "
+                "compile=True for such a model") from e
+        self.graph, self.logits, self.greedy = graph, logits, greedy
+
+
+def _graph_key(model: nn.Module, kv: StaticCache) -> tuple:
+    """What a captured decode step depends on: the cache's shape, dtype and buffers, and
+    the address, shape and dtype of every model parameter and buffer (so replacing a
+    module, e.g. ``quantize_`` or ``lora.apply_``, or moving or casting the model after
+    capture means a new capture). No device work; one walk over the modules (a few
+    hundred microseconds for a 16-layer model), paid once per generate call."""
+    model_tensors = [t for mod in model.modules() for d in (mod._parameters, mod._buffers)
+                     for t in d.values() if t is not None]
+    return (kv.batch_size, kv.max_len, kv.dtype, str(kv.device),
+            tuple((t.data_ptr(), t.dtype, t.shape)
+                  for t in (*kv.k_buffers, *kv.v_buffers, *model_tensors)))
+
+
+def _graphed_step(model: nn.Module, kv: StaticCache) -> _GraphedStep:
+    """The cache's captured step for ``model`` if it still matches, else a new (not yet
+    captured) one stored on the cache in its place."""
+    step = getattr(kv, "_graphed_step", None)
+    if step is None or not step.matches(model, kv):
+        kv._graphed_step = None  # free the old graph's memory pool before capturing anew
+        step = _GraphedStep(model, kv)
+        kv._graphed_step = step
+    return step
+
+
 def _compile_mode(compile: bool | str, device: torch.device) -> str | None:
-    """Validate ``generate(compile=...)``; the torch.compile mode/backend, or None."""
+    """Validate ``generate(compile=...)``; the torch.compile mode/backend,
+    ``"cuda-graph"``, or None."""
+    allowed = COMPILE_MODES + CUDA_GRAPH_MODES + COMPILE_BACKENDS
     if compile is False:
         return None
     if compile is True:
@@ -534,14 +664,14 @@ def _compile_mode(compile: bool | str, device: torch.device) -> str | None:
         # CPU there are no CUDA graphs, so plain inductor.
         return "reduce-overhead" if device.type == "cuda" else "default"
     if not isinstance(compile, str):
-        raise TypeError(f"generate: compile={compile!r}: expected a bool or one of "
-                        f"{COMPILE_MODES + COMPILE_BACKENDS}")
-    if compile not in COMPILE_MODES + COMPILE_BACKENDS:
+        raise TypeError(f"generate: compile={compile!r}: expected a bool or one of {allowed}")
+    if compile not in allowed:
         raise ValueError(f"generate: compile={compile!r}: expected True/False or one of "
-                         f"{COMPILE_MODES + COMPILE_BACKENDS}")
-    if device.type != "cuda" and compile in ("reduce-overhead", "max-autotune"):
+                         f"{allowed}")
+    if device.type != "cuda" and compile in ("reduce-overhead", "max-autotune", "cuda-graph"):
         raise ValueError(f"generate: compile={compile!r} uses CUDA graphs, but the model is on "
-                         f"{device}; use compile='default' (or True) off the GPU")
+                         f"{device}; use compile='default' (or True) or compile=False off "
+                         "the GPU")
     return compile
 
 
@@ -657,6 +787,18 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
     ``COMPILE_MODES`` and the debugging backends ``COMPILE_BACKENDS``. It needs the "static"
     cache (or a :class:`StaticCache` instance: reuse one, ``reset()`` between calls, to
     reuse the compiled CUDA graph too); the first call compiles (seconds to a minute).
+
+    ``compile="cuda-graph"`` (CUDA only) skips torch.compile: the same static-shape step
+    runs eagerly a few times on a side stream (warm-up), is captured into one
+    ``torch.cuda.CUDAGraph`` and replayed at every step, which removes the Python and
+    kernel-launch overhead of eager decoding without a compile. It works for any model
+    whose forward never synchronises with the host (quantized ``QuantLinear`` layers with
+    their Triton kernels and LoRA adapters included). The graph is kept on the
+    :class:`StaticCache`: pass the same cache (``reset()`` between calls) with the same
+    model and batch and later calls replay it without capturing again; another model, or
+    one whose modules or tensors were replaced since, is captured anew. Greedy tokens equal
+    eager decoding's up to floating-point rounding (the step attends over the whole buffer
+    with its own kernels, as the compiled modes do).
     """
     # -- validate everything before any work ---------------------------------------------
     cfg: ModelConfig | None = getattr(model, "cfg", None)
@@ -698,15 +840,17 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
     if compile_mode is not None:
         if not use_cache:
             raise ValueError(f"generate: compile={compile!r} with use_cache=False: compiled "
-                             "decoding runs over a static KV cache; drop one of them")
+                             "(and CUDA-graph) decoding runs over a static KV cache; drop one "
+                             "of them")
         if isinstance(cache, KVCache) and type(cache) is not StaticCache:
             raise ValueError(f"generate: compile={compile!r} with a {type(cache).__name__}: "
-                             "compiled decoding supports only the 'static' cache "
-                             "(StaticCache); compressing caches and caches with their own "
-                             "attend/append run uncompiled (compile=False)")
+                             "compiled (and CUDA-graph) decoding supports only the 'static' "
+                             "cache (StaticCache); compressing caches and caches with their "
+                             "own attend/append run uncompiled (compile=False)")
         if isinstance(cache, str) and cache != "static":
             raise ValueError(f"generate: compile={compile!r} with cache={cache!r}: compiled "
-                             "decoding supports only cache='static' (or a StaticCache)")
+                             "(and CUDA-graph) decoding supports only cache='static' (or a "
+                             "StaticCache)")
     if isinstance(cache, KVCache):
         if not use_cache:
             raise ValueError("generate: a cache instance was given with use_cache=False")
@@ -753,8 +897,15 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
     host_sync = stream is not None or stops.numel() > 0
     steps = 0
 
-    step_fn = None
-    if compile_mode is not None and max_new_tokens > 1:
+    # decode(tokens (B, 1), slot) -> (logits (B, V), greedy argmax (B,)), both owned by a
+    # graph that the next call overwrites; None: every step runs the model eagerly.
+    decode: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    if compile_mode == "cuda-graph" and max_new_tokens > 1:
+        assert isinstance(kv, StaticCache)
+        graphed = _graphed_step(model, kv)
+        graphed.set_pads(pads)
+        decode = functools.partial(graphed, model, kv)
+    elif compile_mode is not None and max_new_tokens > 1:
         assert isinstance(kv, StaticCache) and kv.max_len is not None
         if device.type == "cuda":
             # CUDA graphs replay fixed addresses; the cache buffers are mutated in the graph
@@ -770,6 +921,18 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
         cuda_graphs = device.type == "cuda" and compile_mode in ("reduce-overhead",
                                                                  "max-autotune")
 
+        def compiled_decode(tokens: torch.Tensor, slot: int, kv: StaticCache = kv
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+            tok_buf.copy_(tokens)
+            slot_buf.fill_(slot)
+            if cuda_graphs:
+                # Outputs of the previous replay are consumed; let the next overwrite them.
+                torch.compiler.cudagraph_mark_step_begin()
+            return step_fn(model, kv.k_buffers, kv.v_buffers, tok_buf, slot_buf, pads_col,
+                           key_valid, key_slots)
+
+        decode = compiled_decode
+
     was_training = model.training
     model.eval()  # dropout off: the cached and uncached paths must compute the same thing
     t0 = time.perf_counter()
@@ -777,14 +940,8 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
         for step in range(max_new_tokens):
             end = T + step  # slots [0, end) are known; predict slot `end`
             start = 0 if (kv is None or step == 0) else end - 1
-            if step_fn is not None and step > 0:
-                tok_buf.copy_(ids[:, start:end])
-                slot_buf.fill_(start)
-                if cuda_graphs:
-                    # Outputs of the previous replay are consumed; let the next overwrite them.
-                    torch.compiler.cudagraph_mark_step_begin()
-                logits, greedy_next = step_fn(model, kv.k_buffers, kv.v_buffers, tok_buf,
-                                              slot_buf, pads_col, key_valid, key_slots)
+            if decode is not None and step > 0:
+                logits, greedy_next = decode(ids[:, start:end], start)
                 steps += 1
                 if return_logits:
                     step_logits.append(logits.clone())  # the graph reuses its output buffer
@@ -813,8 +970,8 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
-        if step_fn is not None and kv is not None:
-            # Compiled steps do not advance the cache (see _StaticStep): the prefill did T,
+        if decode is not None and kv is not None:
+            # Static steps do not advance the cache (see _StaticStep): the prefill did T,
             # and each later step fed one token.
             kv.seq_len = T + steps - 1
     finally:

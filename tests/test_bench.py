@@ -144,6 +144,27 @@ def test_failing_suite_keeps_partial_rows(tmp_path, monkeypatch):
     assert doc["rows"] == [{"suite": "broken", "x": 1}]
 
 
+def test_quant_decode_rows_quick(tmp_path, one_thread):
+    """The quant suite's decode=True rows: one per (format, mode, batch); on the CPU only
+    eager (CUDA graphs need a GPU), each format against the bf16 row of its mode and batch."""
+    path = bench.run_suite("quant", quick=True, out_dir=tmp_path, device="cpu", echo=False,
+                           options={"decode": True, "shapes": [(64, 128)], "ms": [1]})
+    rows = [r for r in json.loads(path.read_text())["rows"] if r.get("kind") == "decode"]
+    assert {(r["format"], r["mode"], r["batch"]) for r in rows} == {
+        (f, "eager", b) for f in ("bf16", "int8-g128", "int4-g128", "int2-g64") for b in (1, 16)}
+    for r in rows:
+        assert "error" not in r and r["tokens_per_s"] > 0, r
+        assert r["same_tokens_as_eager"] == 1.0
+        if r["format"] == "bf16":
+            assert r["speedup_vs_bf16"] == 1.0
+
+
+def test_decode_suite_refuses_cuda_graph_modes_on_cpu(tmp_path):
+    with pytest.raises(ValueError, match="cuda-graph.*device=cpu"):
+        bench.run_suite("decode", quick=True, out_dir=tmp_path, device="cpu", echo=False,
+                        options={"modes": ["eager", "cuda-graph"]})
+
+
 def test_quick_default_out_dir_is_not_the_committed_results():
     assert harness.default_out_dir(True) != harness.default_out_dir(False)
     assert str(harness.default_out_dir(False)) == "benchmarks/results"

@@ -5,8 +5,11 @@ floor is (weight bytes + KV-cache bytes read) / memory bandwidth: for the "llama
 in bf16, ~2.1 GB per step, ~0.5 ms at 4.3 TB/s. Run eagerly, each step launches ~20 kernels
 per layer from Python and is bound by launch overhead, not bandwidth. ``generate(...,
 compile=True)`` (static shapes, ``torch.compile(mode="reduce-overhead")``: one CUDA graph
-per step, as gpt-fast does) removes that overhead. This suite measures both, on the same
-random-init model and the same preallocated :class:`~slimlm.generate.StaticCache`.
+per step, as gpt-fast does) removes that overhead; ``compile="cuda-graph"`` captures the
+same static-shape step, run eagerly, into a CUDA graph without torch.compile (no compile
+time; eager kernels, so no fusion). This suite measures them, on the same random-init model
+and the same preallocated :class:`~slimlm.generate.StaticCache` (reused across runs, so the
+captured graphs are reused too).
 
 Per (batch, mode) row: ms per decode step (``(time(prompt + N new) - time(prompt + 1 new))
 / (N - 1)``, so the eager prefill cancels out), tokens/s, bytes per step (weights + KV
@@ -14,13 +17,15 @@ cache at the mean context, the issue's roofline definition), achieved GB/s, its 
 of the copy ceiling measured on this machine (``measured_ceilings(device)["copy_gbps"]``),
 the speed-up over eager decode, and the share of greedy tokens equal to eager's (bf16
 rounding differs between compiled and eager kernels, so long greedy runs may diverge after
-a near-tie; the first step is always identical since prefill is eager). The compiled step
-attends over the whole preallocated buffer, so it reads ``kv_bytes_read_per_step`` (more
-than the mean context) and the GB/s column credits it only with the useful bytes.
+a near-tie; the first step is always identical since prefill is eager). The compiled and
+CUDA-graph steps attend over the whole preallocated buffer, so they read
+``kv_bytes_read_per_step`` (more than the mean context) and the GB/s column credits them
+only with the useful bytes.
 
 Example::
 
-    slimlm bench decode                      # GPU: llama-1b, batch 1 and 16, 512 + 256
+    slimlm bench decode                      # GPU: llama-1b, batch 1 and 16, 512 + 256,
+                                             # eager, cuda-graph, reduce-overhead
     slimlm bench decode --quick              # CPU, tiny preset, seconds
 """
 
@@ -32,10 +37,18 @@ from typing import Any
 import torch
 
 from slimlm.bench.harness import fraction, free_memory, gbps, guarded, register, time_fn
-from slimlm.generate import COMPILE_BACKENDS, COMPILE_MODES, StaticCache, generate
+from slimlm.generate import (
+    COMPILE_BACKENDS,
+    COMPILE_MODES,
+    CUDA_GRAPH_MODES,
+    StaticCache,
+    generate,
+)
 from slimlm.model import PRESETS, ModelConfig, Transformer
 
-MODES = ("eager", *COMPILE_MODES, *COMPILE_BACKENDS)
+MODES = ("eager", *COMPILE_MODES, *CUDA_GRAPH_MODES, *COMPILE_BACKENDS)
+#: Modes that record CUDA graphs, so need a CUDA device.
+CUDA_ONLY_MODES = ("reduce-overhead", "max-autotune", *CUDA_GRAPH_MODES)
 
 
 def _as_tuple(name: str, value: Any, kind: type) -> tuple:
@@ -69,11 +82,12 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
                  new_tokens: int | None = None, modes: Sequence[str] | str | None = None,
                  rep: int | None = None, seed: int = 0) -> Iterator[dict[str, Any]]:
     """Greedy decode rows per batch size: eager generate (the baseline), then each
-    compiled mode.
+    compiled or CUDA-graph mode.
 
     GPU defaults: model "llama-1b" (random init, bf16), batches (1, 16), a 512-token
-    prompt and 256 new tokens, modes ("eager", "reduce-overhead"), 10 timed runs. CPU or
-    quick: "tiny" in fp32, batch 1, 32 + 16 tokens, modes ("eager", "aot_eager"), 3 runs.
+    prompt and 256 new tokens, modes ("eager", "cuda-graph", "reduce-overhead"), 10 timed
+    runs. CPU or quick: "tiny" in fp32, batch 1, 32 + 16 tokens, modes ("eager",
+    "aot_eager", and "cuda-graph" on a GPU), 3 runs.
     """
     small = quick or device.type != "cuda"
     name = model if model is not None else ("tiny" if small else "llama-1b")
@@ -91,11 +105,15 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
         raise ValueError(f"new_tokens={new_tokens}: expected >= 2 (one prefill step and at "
                          "least one decode step)")
     modes = _as_tuple("modes", modes if modes is not None
-                      else (("eager", "aot_eager") if small else ("eager", "reduce-overhead")),
-                      str)
+                      else ("eager", "cuda-graph", "reduce-overhead") if not small
+                      else ("eager", "aot_eager", "cuda-graph") if device.type == "cuda"
+                      else ("eager", "aot_eager"), str)
     if modes[0] != "eager" or any(m not in MODES for m in modes):
         raise ValueError(f"modes={modes!r}: expected 'eager' (the baseline) first, then "
                          f"names from {MODES}")
+    if device.type != "cuda" and any(m in CUDA_ONLY_MODES for m in modes):
+        raise ValueError(f"modes={modes!r}: {[m for m in modes if m in CUDA_ONLY_MODES]} "
+                         f"record CUDA graphs, but device={device}; use them on a GPU")
     rep = _positive("rep", rep if rep is not None else (3 if small else 10))
     cfg = ModelConfig.from_preset(name)
     max_len = prompt_len + new_tokens - 1

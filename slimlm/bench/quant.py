@@ -18,8 +18,10 @@ Options: ``tune=True`` also times the best config of
 :func:`slimlm.kernels.quant_matmul.autotune_table` per (format, shape, M) (``tuned_ms``,
 ``tuned_config``: what to copy into the static table); ``decode=True`` adds end-to-end
 decode rows (llama-1b preset, random weights, batch 1 and 16, bf16 vs int8/int4/int2
-through :func:`slimlm.generate.generate` with a static cache: tokens/s, eager PyTorch,
-so host overhead per layer counts as it would for a user).
+through :func:`slimlm.generate.generate` with a static cache: tokens/s, per mode: eager
+PyTorch, so host overhead per layer counts as it would for a user, and on CUDA also
+``compile="cuda-graph"``, the same step replayed from a CUDA graph, so the kernels' speed
+shows without that overhead).
 
 Quick mode runs tiny shapes on the CPU (the reference path) in seconds.
 
@@ -149,19 +151,28 @@ DECODE_FORMATS = ["bf16", "int8-g128", "int4-g128", "int2-g64"]
 def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype
                  ) -> Iterator[dict[str, Any]]:
     """End-to-end greedy decode tokens/s: llama-1b (quick: tiny), random weights, static
-    cache, 16-token prompts, batch 1 and 16, bf16 vs each weight format."""
+    cache, 16-token prompts, batch 1 and 16, bf16 vs each weight format, per mode:
+    "eager" (``generate`` as a user calls it: per-layer host overhead counts) and, on
+    CUDA, "cuda-graph" (``compile="cuda-graph"``: the decode step captured once into a
+    CUDA graph and replayed, so the kernels' own speed shows). One StaticCache per
+    (format, batch), reset and reused across runs, so the graph is captured once, outside
+    the timing. ``speedup_vs_bf16`` compares with the bf16 row of the same mode and batch;
+    ``same_tokens_as_eager`` is the share of greedy tokens equal to the eager row's (bf16
+    rounding differs between the two steps, so a near-tie may diverge)."""
     import copy
 
-    from slimlm.generate import generate
+    from slimlm.generate import StaticCache, generate
     from slimlm.model import ModelConfig, Transformer
 
     preset = "tiny" if quick else "llama-1b"
     new_tokens = 4 if quick else 64
+    prompt = 16
+    modes = ("eager", "cuda-graph") if device.type == "cuda" else ("eager",)
     torch.manual_seed(0)
     base_model = Transformer(ModelConfig.from_preset(preset)).to(device=device, dtype=dtype)
     base_model.eval()
-    vocab = base_model.cfg.vocab_size
-    ref_tps: dict[int, float] = {}
+    cfg = base_model.cfg
+    ref_tps: dict[tuple[str, int], float] = {}  # (mode, batch) -> bf16 tokens/s
     for fmt in DECODE_FORMATS:
         if fmt == "bf16":
             model = base_model
@@ -169,28 +180,49 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype
             model = copy.deepcopy(base_model)
             quantize_(model, FORMATS[fmt])
         for batch in (1, 16):
-            ids = torch.randint(0, vocab, (batch, 16), device=device)
+            ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
+            cache = StaticCache(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim,
+                                prompt + new_tokens - 1, device=device, dtype=dtype)
+            eager_tokens: list[list[int]] | None = None
+            for mode in modes:
 
-            def run(model: Any = model, ids: torch.Tensor = ids, batch: int = batch
-                    ) -> dict[str, Any]:
-                with torch.no_grad():
-                    generate(model, ids, 2, cache="static")  # warm-up (compiles kernels)
-                    t = time_fn(lambda: generate(model, ids, new_tokens, cache="static"),
-                                device, warmup=1, rep=3 if quick else 5)
-                return {"ms_per_token": t["median_ms"] / new_tokens,
-                        "tokens_per_s": batch * new_tokens / (t["median_ms"] * 1e-3)}
+                def run(model: Any = model, ids: torch.Tensor = ids, batch: int = batch,
+                        cache: StaticCache = cache, mode: str = mode) -> dict[str, Any]:
+                    def once(n: int) -> Any:
+                        cache.reset()
+                        return generate(model, ids, n, cache=cache,
+                                        compile=False if mode == "eager" else mode)
 
-            row = guarded({"suite": "quant", "kind": "decode", "model": preset,
-                           "format": fmt, "batch": batch, "prompt": 16,
-                           "new_tokens": new_tokens, "dtype": str(dtype).removeprefix("torch."),
-                           "baseline": f"{preset} {str(dtype).removeprefix('torch.')} weights"},
-                          run, device, errors=True)
-            if "tokens_per_s" in row:
-                if fmt == "bf16":
-                    ref_tps[batch] = row["tokens_per_s"]
-                row["speedup_vs_bf16"] = (row["tokens_per_s"] / ref_tps[batch]
-                                          if batch in ref_tps else None)
-            yield row
+                    with torch.no_grad():
+                        once(2)  # warm-up: compiles the Triton kernels, captures the graph
+                        out = once(new_tokens)
+                        t = time_fn(lambda: once(new_tokens), device, warmup=1,
+                                    rep=3 if quick else 5)
+                    return {"ms_per_token": t["median_ms"] / new_tokens,
+                            "tokens_per_s": batch * new_tokens / (t["median_ms"] * 1e-3),
+                            "tokens": out.tokens}
+
+                row = guarded({"suite": "quant", "kind": "decode", "model": preset,
+                               "format": fmt, "mode": mode, "batch": batch, "prompt": prompt,
+                               "new_tokens": new_tokens,
+                               "dtype": str(dtype).removeprefix("torch."),
+                               "baseline": f"{preset} {str(dtype).removeprefix('torch.')} "
+                                           f"weights, mode {mode}"},
+                              run, device, errors=True)
+                tokens = row.pop("tokens", None)
+                if mode == "eager":
+                    eager_tokens = tokens
+                if tokens is not None and eager_tokens is not None:
+                    pairs = [(a, b) for r, e in zip(tokens, eager_tokens) for a, b in zip(r, e)]
+                    row["same_tokens_as_eager"] = (sum(a == b for a, b in pairs)
+                                                   / max(len(pairs), 1))
+                if "tokens_per_s" in row:
+                    if fmt == "bf16":
+                        ref_tps[mode, batch] = row["tokens_per_s"]
+                    row["speedup_vs_bf16"] = (row["tokens_per_s"] / ref_tps[mode, batch]
+                                              if (mode, batch) in ref_tps else None)
+                yield row
+            del cache
         del model
 
 
