@@ -1,7 +1,8 @@
 """KV-cache compression on the GPU: the Triton decode-attention kernel in bf16 at real
 shapes (32 query heads, 8 KV heads, head dim 128, 4k-32k tokens) against its PyTorch
-reference, and the compressed caches' kernel path against their PyTorch path inside the
-model. Skipped without CUDA (the CPU covers the algorithm under TRITON_INTERPRET=1)."""
+reference (bounded by the error of dequantize-to-bf16 + SDPA on the same inputs), and the
+compressed caches' kernel path against their PyTorch path inside the model. Skipped
+without CUDA (the CPU covers the algorithm under TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from slimlm.kernels import triton_available  # noqa: E402
 from slimlm.kernels.decode_attention import (  # noqa: E402
     decode_attention,
     decode_attention_ref,
+    dequantize_keys,
+    dequantize_values,
     kernel_supports,
     quantize_kv,
 )
@@ -33,35 +36,69 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _sdpa_bf16_baseline(q: torch.Tensor, kv) -> torch.Tensor:
+    """The natural alternative to the kernel: dequantize the cache to bf16 (quantized
+    segment + residual) and run PyTorch's bf16 attention, K/V repeated over the GQA group.
+    q (B, Hq, D) bf16 -> (B, Hq, D) bf16."""
+    nq, nr, g = kv.n_quant, kv.n_res, kv.group_size
+    k = dequantize_keys(kv.k_codes[:, :, :nq], kv.k_scale[:, :, :nq // g],
+                        kv.k_zero[:, :, :nq // g], kv.bits, g)
+    v = dequantize_values(kv.v_codes[:, :, :nq], kv.v_scale[:, :, :nq], kv.v_zero[:, :, :nq],
+                          kv.bits, kv.v_group_size)
+    k = torch.cat([k.to(q.dtype), kv.k_res[:, :, :nr].to(q.dtype)], dim=2)  # (B, Hkv, T, D)
+    v = torch.cat([v.to(q.dtype), kv.v_res[:, :, :nr].to(q.dtype)], dim=2)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, Hq, T, D)
+    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v)  # (B, Hq, 1, D)
+    return out[:, :, 0]
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("ctx, batch", [(4096, 4), (16384 + 100, 2), (32768, 1)])
-def test_kernel_matches_reference_bf16_real_shapes(bits, ctx, batch):
+@pytest.mark.parametrize("q_gain", [1.0, 4.0], ids=["spread", "peaked"])
+def test_kernel_matches_reference_bf16_real_shapes(bits, ctx, batch, q_gain):
+    """Error against the fp32 reference over the same codes, bounded by the error of the
+    natural bf16 alternative (dequantize to bf16 + SDPA) on the same inputs, for every
+    split count (one split = one program runs all ``ctx / 64`` blocks of a head).
+
+    Random q and k give near-uniform attention (``spread``), whose output norm shrinks
+    like 1/sqrt(ctx) while rounding errors do not: relative errors are inflated there, the
+    same for both sides of the comparison. ``peaked`` (q x 4) concentrates the softmax on
+    a few tokens, where the value path dominates."""
     torch.manual_seed(0)
     dev, dt = torch.device("cuda"), torch.bfloat16
     k = torch.randn(batch, 8, ctx, 128, device=dev, dtype=dt)
     k[..., 5] *= 8  # a key outlier channel, as real keys have
     v = torch.randn(batch, 8, ctx, 128, device=dev, dtype=dt)
-    q = torch.randn(batch, 32, 128, device=dev, dtype=dt)
+    q = (torch.randn(batch, 32, 128, device=dev) * q_gain).to(dt)
     kv = quantize_kv(k, v, bits=bits, group_size=64, v_group_size=64, n_res=128 + ctx % 64)
     assert kernel_supports(q, kv) is None
-    ref = decode_attention_ref(q, kv)  # fp32 math over the same codes
+    ref = decode_attention_ref(q.float(), kv)  # fp32 math over the same codes, fp32 out
+    base = _sdpa_bf16_baseline(q, kv)
+    err_base = _rel(base, ref)
     for splits in (None, 1, 7):
         out = decode_attention(q, kv, num_splits=splits)
         assert out.dtype == dt and out.shape == (batch, 32, 128)
         assert torch.isfinite(out).all()
-        # bf16 rounding of the dequantized tiles and of P: ~1e-3 relative.
-        assert _rel(out, ref) < 1e-2, (splits, _rel(out, ref))
+        err = _rel(out, ref)
+        # fp16 codes/operands and a bf16 output vs bf16 K/V/P: the kernel is expected to
+        # be at least as close; the slack covers the output's bf16 rounding (~1e-3).
+        assert err <= 1.5 * err_base + 1e-3, (splits, err, err_base)
 
 
-def test_kernel_fp16_fp32_and_small_groups():
+@pytest.mark.parametrize("dt, tol", [(torch.float16, 5e-3), (torch.float32, 1e-4)],
+                         ids=["fp16", "fp32"])
+def test_kernel_fp16_fp32_and_small_groups(dt, tol):
+    """fp16: fp16 operands, fp32 accumulation. fp32: full-precision products
+    (``input_precision="ieee"``; tf32 would keep 10 mantissa bits, ~1e-2 here)."""
     torch.manual_seed(1)
-    for dt, tol in ((torch.float16, 5e-3), (torch.float32, 5e-3)):
-        k = torch.randn(3, 2, 1000, 64, device="cuda", dtype=dt)
-        v = torch.randn(3, 2, 1000, 64, device="cuda", dtype=dt)
-        q = torch.randn(3, 8, 64, device="cuda", dtype=dt)
-        for bits, g, gv in ((4, 32, 32), (2, 16, 16), (8, 128, 64)):
-            kv = quantize_kv(k, v, bits=bits, group_size=g, v_group_size=gv)
-            assert _rel(decode_attention(q, kv), decode_attention_ref(q, kv)) < tol
+    k = torch.randn(3, 2, 1000, 64, device="cuda", dtype=dt)
+    v = torch.randn(3, 2, 1000, 64, device="cuda", dtype=dt)
+    q = torch.randn(3, 8, 64, device="cuda", dtype=dt)
+    for bits, g, gv in ((4, 32, 32), (2, 16, 16), (8, 128, 64)):
+        kv = quantize_kv(k, v, bits=bits, group_size=g, v_group_size=gv)
+        err = _rel(decode_attention(q, kv), decode_attention_ref(q, kv))
+        assert err < tol, (bits, g, gv, err)
 
 
 def test_cache_kernel_path_matches_pytorch_path_in_the_model():

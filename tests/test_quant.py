@@ -21,6 +21,7 @@ from slimlm.kernels.quant_matmul import (
     QMMConfig,
     candidate_configs,
     dequantize_ref,
+    one_group_step,
     pack_bits,
     quant_matmul,
     quant_matmul_ref,
@@ -28,6 +29,7 @@ from slimlm.kernels.quant_matmul import (
     unpack_bits,
     w8a8_matmul,
     w8a8_matmul_ref,
+    wgmma_safe,
 )
 from slimlm.kernels.quant_matmul import default_config as qm_default_config
 from slimlm.quant import (
@@ -412,9 +414,11 @@ _KERNEL_SCRIPT = textwrap.dedent("""
         # prefill through a dequantized weight + F.linear
         check(bits, f32, 128, 5, QMMConfig("dequant", block_n=16, block_kw=8, num_stages=1),
               256)
-        # the static table (CPU tensors: 4 "SMs"), M = 1 and 16
+        # the static table (CPU tensors: 4 "SMs"), M = 1 and 16, and M = 34 at group 32
+        # (64-row tiles with one-group K steps; int2: 32-row tiles)
         check(bits, f32, 32, 1, None, 256)
         check(bits, f16, 64, 16, None, 256)
+        check(bits, f16, 32, 34, None, 256)
         # the standalone dequantize kernel (QLoRA's backward), per-channel and grouped
         for dtype, group in ((f32, 32), (f16, None)):
             gs = group or 256
@@ -481,9 +485,48 @@ def test_static_table_fills_the_gpu() -> None:
                     assert programs >= 132 or cfg.split_k > 1, (bits, n, k, m, cfg)
                 if cfg.split_k > 1:
                     assert -(-n // cfg.block_n) < 2 * 132, (bits, n, k, m, cfg)
-            assert qm_default_config(bits, 1, n, k, 128, 132).mode == "gemv"
+            # int8 decode at large N runs the tensor-core tile (measured on the H200)
+            decode = "dot" if bits == 8 and n >= 16384 else "gemv"
+            assert qm_default_config(bits, 1, n, k, 128, 132).mode == decode
             assert qm_default_config(bits, 16, n, k, 128, 132).mode == "dot"
             assert qm_default_config(bits, 4096, n, k, 128, 132).mode == "dequant"
+
+
+def test_static_table_never_picks_what_triton_36_cannot_compile_for_sm90() -> None:
+    """64-row tiles run on Hopper's wgmma; Triton 3.6 fails to compile qmm_dot there when a
+    K step spans several groups (the H200 crash: int2 g64 at M = 64, and group 32 at
+    M = 17..64). The table keeps such steps inside one group, or uses 32-row tiles."""
+    for bits in (2, 4, 8):
+        for n, k in _TABLE_SHAPES:
+            for m in _TABLE_MS:
+                for gs in (32, 64, 128, k):
+                    cfg = qm_default_config(bits, m, n, k, gs, 132)
+                    assert wgmma_safe(cfg, bits, gs), (bits, n, k, m, gs, cfg)
+    # the configs of the crash are flagged; the table's replacement steps inside a group
+    assert not wgmma_safe(QMMConfig("dot", 64, 32, 8, 2), 2, 64)
+    assert not wgmma_safe(QMMConfig("dot", 64, 32, 32, 4), 8, 32)
+    assert wgmma_safe(QMMConfig("dot", 32, 32, 8, 1), 2, 64)  # mma.sync gathers groups
+    cfg = qm_default_config(2, 64, 4096, 4096, 64, 132)
+    assert cfg.mode == "dot" and cfg.block_m == 64 and one_group_step(cfg, 2, 64)
+
+
+@pytest.mark.parametrize("bits, m, n, want", [
+    # (mode, block_m, block_n, block_kw, split_k): the H200 tuner's winners, which the table
+    # reproduces (int8 M=1 at N=28672: the winner's tile, unsplit; see default_config)
+    (8, 16, 28672, ("dot", 16, 32, 32, 1)), (4, 16, 28672, ("dot", 16, 32, 16, 1)),
+    (2, 16, 28672, ("dot", 16, 32, 16, 1)), (4, 16, 4096, ("dot", 16, 32, 16, 4)),
+    (4, 16, 6144, ("dot", 16, 32, 16, 1)), (8, 16, 6144, ("dot", 16, 32, 32, 1)),
+    (2, 16, 4096, ("dot", 16, 16, 16, 1)), (2, 4, 6144, ("dot", 16, 16, 16, 1)),
+    (8, 4, 28672, ("dot", 16, 64, 32, 1)), (8, 1, 28672, ("dot", 16, 64, 32, 1)),
+    (4, 4, 4096, ("dot", 16, 64, 16, 4)),
+    (4, 1, 28672, ("gemv", 16, 8, 256, 1)), (2, 1, 28672, ("gemv", 16, 8, 256, 1)),
+    (8, 1, 4096, ("gemv", 16, 4, 256, 1)), (4, 1, 4096, ("gemv", 16, 8, 256, 1)),
+    (8, 64, 4096, ("dot", 64, 16, 32, 1)), (8, 64, 6144, ("dot", 64, 32, 32, 1)),
+    (8, 64, 28672, ("dot", 64, 64, 32, 1)), (4, 64, 6144, ("dot", 64, 32, 16, 1)),
+])
+def test_static_table_reproduces_the_h200_tuned_winners(bits, m, n, want) -> None:
+    cfg = qm_default_config(bits, m, n, 4096, 64 if bits == 2 else 128, 132)
+    assert (cfg.mode, cfg.block_m, cfg.block_n, cfg.block_kw, cfg.split_k) == want, cfg
 
 
 def test_shared_memory_bound_holds_for_the_sm90_compiler() -> None:

@@ -27,13 +27,14 @@ picks one per (bits, M, N, K, group):
   per row per step). Values are unpacked without int->float conversions (mantissa trick:
   ``(word & mask) | 0x4B000000`` read as fp32 is ``2**23 + q * 2**b``), x is pre-scaled by
   ``2**-b`` so one FMA per value accumulates ``q * x``, and scale and zero point are applied
-  once per word: ``s * (sum q x - z * sum x)``. Enough programs for >= 2 per SM come from
-  narrow N blocks; split-K (fp32 atomics) only when N is small.
-- ``qmm_dot`` (16 < M < 1024, and 2 < M <= 16): the packed tile is dequantized to x's dtype
-  in registers (same trick, then one FMA ``q * s - z * s``), interleaved into K order with
-  ``tl.join`` + ``tl.reshape`` (register-local), and fed to ``tl.dot`` against a contiguous
-  x tile with fp32 accumulation. Tile sizes x stages are bounded by :func:`smem_bytes` so
-  that no config exceeds the SM's shared memory.
+  once per word: ``s * (sum q x - z * sum x)``. 8 (int4/int2) or 4 (int8) output rows
+  per program; split-K (fp32 atomics) only when N is small.
+- ``qmm_dot`` (2 < M < 1024, and int8 decode at large N): the packed tile is dequantized
+  to x's dtype in registers (same trick, then one FMA ``q * s - z * s``), interleaved into
+  K order with ``tl.join`` + ``tl.reshape`` (register-local), and fed to ``tl.dot`` against
+  a contiguous x tile with fp32 accumulation. Tile sizes x stages are bounded by :func:`smem_bytes` so
+  that no config exceeds the SM's shared memory, and 64-row tiles (Hopper wgmma) keep
+  each K step inside one group (:func:`wgmma_safe`: Triton 3.6 fails to compile others).
 - ``qmm_dequant`` (M >= 1024): the weight is dequantized to x's dtype (N*K*2 bytes) and
   cuBLAS runs the compute-bound GEMM.
 
@@ -70,6 +71,8 @@ __all__ = [
     "candidate_configs",
     "default_config",
     "dequantize_ref",
+    "one_group_step",
+    "wgmma_safe",
     "kernel_supports",
     "pack_bits",
     "packed_cols",
@@ -272,69 +275,126 @@ GEMV_MAX_M = 2
 DEQUANT_MIN_M = 1024
 
 
+def one_group_step(cfg: QMMConfig, bits: int, group_size: int) -> bool:
+    """True when each K step of ``cfg`` lies inside one quantization group (the kernels
+    then load one scale/zero per row and step instead of gathering one per word)."""
+    return group_size % (cfg.block_kw * (32 // bits)) == 0
+
+
+def wgmma_safe(cfg: QMMConfig, bits: int, group_size: int) -> bool:
+    """False for the dot configs Triton 3.6 cannot compile for sm_90: a 64-row (or larger)
+    tile, which Triton runs on Hopper's warpgroup MMA (wgmma), whose K step spans several
+    groups (per-word scales): ``TritonGPUOptimizeDotOperands`` fails ("PassManager::run
+    failed"). Reproduced by compiling ``qmm_dot`` for sm_90 with Triton 3.6 on a CPU:
+    int2 g64 64x32 tiles with 8-word (128-value) steps fail with and without split-K,
+    int8 g32 64x32 with 128-value steps fail; the same tiles with one-group steps, and
+    16/32-row tiles (mma.sync) with gathered groups, compile (Triton 3.9 compiles all)."""
+    return cfg.mode != "dot" or cfg.block_m < 64 or one_group_step(cfg, bits, group_size)
+
+
 @functools.lru_cache(maxsize=4096)
 def default_config(bits: int, m: int, n: int, k: int, group_size: int, sms: int = 132,
                    x_bytes: int = 2, s_bytes: int = 2) -> QMMConfig:
     """The static launch table: a config for (bits, M, N, K, group) on ``sms`` SMs, for
     activations of ``x_bytes`` and scales of ``s_bytes`` per element.
 
-    Reasoning (H200: 132 SMs, ~4.3 TB/s copy, decode is memory-bound):
+    Evidence: the H200 run of ``slimlm bench quant tune=true`` (``quant-h200.json``,
+    2026-11-29, Triton 3.6, bf16 activations; int8/int4 group 128, int2 group 64), which
+    times this table and the best of :func:`candidate_configs` per (N, K, M, format) with
+    the L2 flushed. Only the 28672x4096 rows are clearly kernel-bound: on 4096x4096 and
+    6144x4096 the wrapper's host time (40-85 us) is of the kernels' order, so there
+    winners within ~20% of each other are noise. 4096x14336 was not reached (the run
+    stopped early); it follows the 4096-row rules. The rules below reproduce the winners
+    (tuned config, old table -> tuned, in us):
 
-    - *gemv* (M <= GEMV_MAX_M): a program owns ``block_n`` output rows and streams their
-      packed words along K, ``block_kw`` = 256 words (1 KiB per row, four 16-byte loads per
-      thread per step: ~32 KiB in flight per SM with 4 programs resident). ``block_n`` is
-      the largest of 16/8/4 that still gives >= 2 programs per SM; split-K only when even
-      block_n = 4 does not (small N), since it costs a memset and a cast launch.
-    - *dot* (M up to DEQUANT_MIN_M): 16-row tiles for M <= 16 with narrow N blocks (again
-      >= 2 programs per SM) and 512-value K steps; 32/64-row tiles up to M = 256 and
-      128x128 beyond, with 64-128 value K steps, so that x tile + packed tile per stage x
-      stages fits shared memory; narrower N or split-K while the tiles cover < 1 wave.
-    - *dequant* beyond: weight dequantized once per call (N*K*2 bytes written, read back by
-      cuBLAS), negligible next to a 2*M*N*K FLOP GEMM at M >= 1024.
+    - *gemv* (M <= GEMV_MAX_M): ``block_n`` 8 rows (int4/int2) or 4 (int8) of 256-word
+      (1 KiB) K steps, 4 warps (2 for 4 rows): 16 words per thread per step. Winners:
+      int4 28672 bn8 (2 warps) 68 -> 48, int2 28672 bn8 65 -> 50, int4/int2 4096 bn8,
+      int8 4096 bn4/2 warps 38 -> 17. Wider 16-row blocks lost everywhere they were
+      picked. Split-K only when N gives < 2 programs per SM.
+    - int8 decode with N >= 16384 takes the 16-row dot tiles below: a dot config beat
+      every gemv candidate there (28672x4096 M=1: gemv 107 -> dot 81 with 64-wide N
+      blocks and split-K 2; the table's 64-wide tile is not split, as N gives 448 blocks:
+      the M=4 winner, 62).
+    - *dot*, 2 < M <= 16: 16-row tiles (mma.sync) with 128-value K steps (int8 32 words,
+      int4 16) x 64-wide N blocks up to M = 8, 32-wide beyond (the tuner's picks: 64 at
+      M = 4 on all three shapes, 32 at M = 16 on five of six, though both M run the same
+      16-row tile: the two widths are close); int2: 256-value steps (16 words) x 16-wide
+      N blocks, 32-wide once N gives >= 2 waves of them. The old 512-value steps were 1.3-4.8x slower: 28672 M=16
+      int8 247 -> 52, int4 225 -> 66, int2 188 -> 145; M=4 int8 248 -> 62, int4 226 ->
+      85. Split-K (<= 4) while the N blocks are fewer than the SMs (4096 x 32-wide: 128
+      blocks -> split 4; 4096 int4 M=16 31 -> 20).
+    - *dot*, 16 < M < DEQUANT_MIN_M: 32-row tiles to M = 32, 64 to 256, 128x128 beyond;
+      128-value K steps (64 for 128-row tiles); N blocks 64 -> 32 -> 16 while they do not
+      cover the SMs once, split-K only if 16 still does not: 4096 M=64 int8 bn16 68 -> 26
+      (the old 32-wide split-K 2 lost), 6144/28672 M=64 unchanged. 64-row and larger
+      tiles run on wgmma, which Triton 3.6 cannot compile with a K step spanning several
+      groups (:func:`wgmma_safe`): there the step shrinks to the group (int2 g64: 64
+      values = 4 words; the old 8-word step failed to compile at M=64), or, where that
+      step would be under 4 words (int2 at group 32) or 16 values, the tile drops to 32
+      rows (mma.sync takes per-word groups).
+    - *dequant* (M >= DEQUANT_MIN_M): weight dequantized once per call (N*K*2 bytes
+      written, read back by cuBLAS), negligible next to a 2*M*N*K FLOP GEMM: the tuner
+      found nothing faster at M = 2048.
 
-    ``config=`` of :func:`quant_matmul` overrides it; :func:`autotune_table` measures.
+    Every config keeps its shared memory under SMEM_BUDGET (:func:`_fit_stages`).
+    ``config=`` of :func:`quant_matmul` overrides the table; :func:`autotune_table`
+    measures.
     """
     per = 32 // bits
     kw = k // per
     target = 2 * sms
-    if m <= GEMV_MAX_M:
+
+    def fit(cfg: QMMConfig) -> QMMConfig:
+        return _fit_stages(cfg, bits, x_bytes, s_bytes)
+
+    def k_split(blocks: int, bkw: int) -> int:
+        """Split-K (<= 4) once the N blocks (x M blocks) are fewer than the SMs: enough
+        splits for >= 2 programs per SM."""
+        if blocks >= sms:
+            return 1
+        return max(1, min(4, _pow2_ceil(-(-target // blocks)), kw // bkw))
+
+    if m <= GEMV_MAX_M and not (bits == 8 and n >= 16384):
         bkw = min(256, _pow2_ceil(kw))
-        bn, split = 4, 1
-        for cand in (16, 8, 4):
-            if -(-n // cand) >= target:
-                bn = cand
-                break
-        else:
-            split = max(1, min(8, target // max(1, -(-n // bn)), kw // bkw))
-        warps = 4 if bn * bkw >= 512 else 2
-        return _fit_stages(QMMConfig("gemv", 16, bn, bkw, split, warps, 2), bits, x_bytes,
-                           s_bytes)
-    if m >= DEQUANT_MIN_M:
-        return _fit_stages(QMMConfig("dequant", 16, 32, max(4, min(64, 512 // per)), 1, 4, 2),
-                           bits, x_bytes, s_bytes)
-    if m <= 16:
-        bm, bkw, warps, stages = 16, max(4, 512 // per), 4, 3
-        bn = 16 if -(-n // 32) < target else 32
+        bn = 4 if bits == 8 else 8
         split = 1
         if -(-n // bn) < target:
             split = max(1, min(8, target // max(1, -(-n // bn)), kw // bkw))
-    else:
-        # 32/64-row tiles while M is small (128x128 tiles would leave most SMs idle: M=128,
-        # N=4096 is 32 of them), 128x128 beyond; split K when the tiles still do not cover
-        # the SMs once
-        if m <= 256:
-            bm, bn, bkw, warps = (32 if m <= 32 else 64), 64, max(4, 128 // per), 4
+        warps = 4 if bn * bkw >= 2048 else 2
+        return fit(QMMConfig("gemv", 16, bn, bkw, split, warps, 2))
+    if m >= DEQUANT_MIN_M:
+        return fit(QMMConfig("dequant", 16, 32, max(4, min(64, 512 // per)), 1, 4, 2))
+    if m <= 16:
+        if bits == 2:
+            bkw = 16
+            bn = 32 if -(-n // 32) >= target else 16
+            split = k_split(-(-n // bn), bkw)
         else:
-            bm, bn, bkw, warps = 128, 128, max(4, 64 // per), 8
-        stages, split = 3, 1
+            bkw, bn = 128 // per, (64 if m <= 8 else 32)
+            split = k_split(-(-n // bn), bkw)
+        return fit(QMMConfig("dot", 16, bn, bkw, split, 4, 3))
+    if m <= 256:
+        bm, bn, bk, warps = (32 if m <= 32 else 64), 64, 128, 4
+    else:
+        bm, bn, bk, warps = 128, 128, 64, 8
+    if bm >= 64 and group_size % bk:
+        # wgmma tiles need one-group K steps (wgmma_safe): shrink the step to the largest
+        # power of two dividing the group while rows stay >= 16 bytes (4 words) and the
+        # step >= 16 values, else use 32-row mma.sync tiles (they take gathered groups)
+        g2 = group_size & -group_size
+        if g2 >= 16 and g2 // per >= 4:
+            bk = g2
+        else:
+            bm, bn, warps = 32, 64, 4
+    bkw = max(1, bk // per)
+    tiles = -(-m // bm) * -(-n // bn)
+    floor_bn = 16 if bm <= 64 else 64
+    while tiles < sms and bn > floor_bn:
+        bn //= 2
         tiles = -(-m // bm) * -(-n // bn)
-        if tiles < sms and bn > 32:
-            bn = 32 if bm <= 64 else 64
-            tiles = -(-m // bm) * -(-n // bn)
-        if tiles < sms:
-            split = max(1, min(4, target // tiles, kw // bkw))
-    return _fit_stages(QMMConfig("dot", bm, bn, bkw, split, warps, stages), bits, x_bytes,
-                       s_bytes)
+    split = k_split(tiles, bkw)
+    return fit(QMMConfig("dot", bm, bn, bkw, split, warps, 3))
 
 
 @functools.lru_cache(maxsize=16)
@@ -819,6 +879,8 @@ def autotune_table(bits: int, n: int, k: int, group_size: int, ms: list[int] | t
         ref = quant_matmul_ref(x.float(), qw, s, z, bits, group_size)
         default = _pick_config(x, n, s, bits, group_size, None)
         cands = list(dict.fromkeys([default, *(candidates or candidate_configs(bits, m))]))
+        # configs Triton 3.6 cannot compile for sm_90 (wgmma_safe): skip the failed compile
+        cands = [c for c in cands if wgmma_safe(c, bits, group_size)]
         for cfg in cands:
             try:
                 y = _quant_matmul_triton(x, qw, s, z, bits, group_size, None, cfg)
