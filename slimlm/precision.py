@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -498,46 +497,6 @@ def quantize_fp8(x: torch.Tensor, dtype: torch.dtype, dim: int | None = None
     return q, scale.float()
 
 
-def _quantize_pair(x: torch.Tensor, dtype: torch.dtype, transposed: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-tensor :func:`quantize_fp8` of 2-D ``x`` that also returns the quantised
-    transpose, contiguous, when ``transposed``: ``(q, scale, q.t().contiguous() or None)``.
-    ``torch._scaled_mm`` needs its second operand column-major, so backward needs W and
-    X transposed; producing both layouts from one read of ``x`` beats transposing the fp8
-    tensors afterwards (a strided byte copy)."""
-    q, scale = quantize_fp8(x, dtype)
-    return q, scale, (q.t().contiguous() if transposed else None)
-
-
-_FUSED_QUANT: dict[str, Any] = {}
-
-
-def _quantize_pair_fast(x: torch.Tensor, dtype: torch.dtype, transposed: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`_quantize_pair` on CUDA through ``torch.compile``: inductor fuses the cast,
-    abs and amax into one reduction pass and the scale, clamp, cast and transpose into one
-    pointwise pass (eagerly they are ~6 passes over the tensor, which cost the fp8 linear
-    more than its faster matmuls saved: 0.78x bf16 on the H200). Falls back to the eager
-    function (once warned) where compiling fails."""
-    if not x.is_cuda or torch.compiler.is_compiling():
-        return _quantize_pair(x, dtype, transposed)
-    fn = _FUSED_QUANT.get("fn")
-    if fn is None:
-        # Dynamic shapes: one graph per (dtype in, fp8 dtype, transposed) serves every
-        # layer's shape (a static graph per shape would hit dynamo's recompile limit).
-        fn = torch.compile(_quantize_pair, dynamic=True, fullgraph=True)
-        _FUSED_QUANT["fn"] = fn
-    if fn is _quantize_pair:
-        return fn(x, dtype, transposed)
-    try:
-        return fn(x, dtype, transposed)
-    except Exception as e:  # no triton / inductor on this machine: eager passes
-        warnings.warn(f"fp8: compiling the quantisation failed ({type(e).__name__}: {e}); "
-                      "using eager PyTorch ops (slower)", stacklevel=2)
-        _FUSED_QUANT["fn"] = _quantize_pair
-        return _quantize_pair(x, dtype, transposed)
-
-
 def _dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale
 
@@ -577,9 +536,8 @@ def _mm_fp8(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor, scale_b_t
 
 class _Fp8Matmul(torch.autograd.Function):
     """y = x @ W^T with x, W in E4M3 and dY in E5M2 (E4M3 for row-wise scaling, whose
-    kernels take E4M3 only). Per-tensor scaling saves the fp8 transposes of x and W for
-    backward (the layouts its products need), so the layer's saved activation is half the
-    bf16 one."""
+    kernels take E4M3 only). Saves the fp8 copies of x and W for backward, so the layer's
+    saved activation is half the bf16 one."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype,
@@ -587,18 +545,10 @@ class _Fp8Matmul(torch.autograd.Function):
         dim = 1 if rowwise else None
         # Autocast must not turn the emulation's fp32 matmul into a bf16 one.
         with torch.autocast(x.device.type, enabled=False):
-            if rowwise:
-                xq, xs = quantize_fp8(x, E4M3, dim)  # (M, K), (M, 1)
-                wq, ws = quantize_fp8(weight, E4M3, dim)  # (N, K), (N, 1)
-                out = _mm_fp8(xq, xs, wq, ws, out_dtype, emulate)  # (M, N)
-                ctx.save_for_backward(x, weight, xs, ws)
-            else:
-                quant = _quantize_pair if emulate else _quantize_pair_fast
-                # Backward multiplies by X^T and W^T: keep only those layouts (same bytes).
-                xq, xs, xq_t = quant(x, E4M3, True)  # (M, K), (), (K, M)
-                wq, ws, wq_t = quant(weight, E4M3, True)  # (N, K), (), (K, N)
-                out = _mm_fp8(xq, xs, wq, ws, out_dtype, emulate)  # (M, N)
-                ctx.save_for_backward(xq_t, wq_t, xs, ws)
+            xq, xs = quantize_fp8(x, E4M3, dim)  # (M, K), (M, 1) or ()
+            wq, ws = quantize_fp8(weight, E4M3, dim)  # (N, K), (N, 1) or ()
+            out = _mm_fp8(xq, xs, wq, ws, out_dtype, emulate)  # (M, N)
+        ctx.save_for_backward(x if rowwise else xq, weight if rowwise else wq, xs, ws)
         ctx.meta = (x.dtype, weight.dtype, rowwise, emulate)
         return out
 
@@ -621,13 +571,12 @@ class _Fp8Matmul(torch.autograd.Function):
                 xtq, xts = quantize_fp8(x.t(), E4M3, 1)  # X^T (K, M), (K, 1)
                 dw = _mm_fp8(dytq, dyts, xtq, xts, w_dtype, emulate)  # (N, K)
             return dx, dw, None, None, None
-        xq_t, wq_t = a, b  # (K, M), (K, N)
-        quant = _quantize_pair if emulate else _quantize_pair_fast
-        dyq, dys, dyq_t = quant(dy.contiguous(), gdtype, bool(ctx.needs_input_grad[1]))
+        xq, wq = a, b
+        dyq, dys = quantize_fp8(dy, gdtype)  # (M, N)
         if ctx.needs_input_grad[0]:
-            dx = _mm_fp8(dyq, dys, wq_t, ws, x_dtype, emulate)  # dY @ W: (M, K)
+            dx = _mm_fp8(dyq, dys, wq.t(), ws, x_dtype, emulate)  # dY @ W: (M, K)
         if ctx.needs_input_grad[1]:
-            dw = _mm_fp8(dyq_t, dys, xq_t, xs, w_dtype, emulate)  # dY^T @ X: (N, K)
+            dw = _mm_fp8(dyq.t(), dys, xq.t(), xs, w_dtype, emulate)  # dY^T @ X: (N, K)
         return dx, dw, None, None, None
 
 
