@@ -184,4 +184,6 @@ def test_quantized_model_on_gpu_and_load_to_cuda(tmp_path) -> None:
             assert rel(m_bf16(ids), ref) < tol + 0.05, cfg
         save_quantized(m, tmp_path / "q")
         loaded = load_quantized(tmp_path / "q", device="cuda")
-        assert torch.equal(loaded(ids), out)
+        # Same codes, same kernels; split-K configs sum partial products with fp32 atomics
+        # in whatever order the programs finish, so equal up to summation order.
+        torch.testing.assert_close(loaded(ids), out, rtol=1e-5, atol=1e-5)
