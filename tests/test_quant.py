@@ -687,3 +687,22 @@ def test_save_load_errors(tmp_path) -> None:
     loaded = load_quantized(tmp_path / "seq", model=lambda: nn.Sequential(nn.Linear(64, 8)))
     x = torch.randn(3, 64)
     torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+
+
+def test_quantized_model_compiles_as_one_graph_with_an_opaque_quant_op():
+    # generate(compile=...) runs the decode step under torch.compile(fullgraph=True): a
+    # QuantLinear must be one operator there (slimlm::quant_linear), not a graph break.
+    from slimlm import ModelConfig, Transformer, generate
+    from slimlm.quant.linear import _quant_linear_op
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny")).eval()
+    quantize_(model, QuantConfig(bits=4, group_size=32))
+    prompts = torch.randint(0, 2048, (2, 12))
+    eager = generate(model, prompts, 6, cache="static")
+    compiled = generate(model, prompts, 6, cache="static", compile="aot_eager")
+    assert compiled.tokens == eager.tokens
+    ql = model.layers[0].mlp.down_proj
+    x = torch.randn(3, 5, ql.in_features)
+    torch.library.opcheck(_quant_linear_op, (x, ql.qweight, ql.scales, ql.zeros, ql.bias,
+                                             ql.bits, ql.group_size))

@@ -148,13 +148,16 @@ def _time_quant(ql: QuantLinear, x: torch.Tensor, ref_out: torch.Tensor, bf16_ms
 DECODE_FORMATS = ["bf16", "int8-g128", "int4-g128", "int2-g64"]
 
 
-def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype
-                 ) -> Iterator[dict[str, Any]]:
+def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
+                 modes: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
     """End-to-end greedy decode tokens/s: llama-1b (quick: tiny), random weights, static
     cache, 16-token prompts, batch 1 and 16, bf16 vs each weight format, per mode:
     "eager" (``generate`` as a user calls it: per-layer host overhead counts) and, on
     CUDA, "cuda-graph" (``compile="cuda-graph"``: the decode step captured once into a
-    CUDA graph and replayed, so the kernels' own speed shows). One StaticCache per
+    CUDA graph and replayed, so the kernels' own speed shows); ``modes`` may add
+    "reduce-overhead" (``compile="reduce-overhead"``: torch.compile fuses the elementwise
+    ops around each QuantLinear, which stays one opaque operator, then CUDA graphs; a
+    compile per format). One StaticCache per
     (format, batch), reset and reused across runs, so the graph is captured once, outside
     the timing. ``speedup_vs_bf16`` compares with the bf16 row of the same mode and batch;
     ``same_tokens_as_eager`` is the share of greedy tokens equal to the eager row's (bf16
@@ -167,7 +170,8 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype
     preset = "tiny" if quick else "llama-1b"
     new_tokens = 4 if quick else 64
     prompt = 16
-    modes = ("eager", "cuda-graph") if device.type == "cuda" else ("eager",)
+    if modes is None:
+        modes = ("eager", "cuda-graph") if device.type == "cuda" else ("eager",)
     torch.manual_seed(0)
     base_model = Transformer(ModelConfig.from_preset(preset)).to(device=device, dtype=dtype)
     base_model.eval()
@@ -230,7 +234,8 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype
 def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[dict[str, Any]]:
     """Rows: one per (shape, M, format). Options: ``shapes`` [(N, K)], ``ms`` [M],
     ``formats`` [names of FORMATS], ``tune`` (bool: also time autotune_table's best),
-    ``decode`` (bool: end-to-end decode tokens/s rows)."""
+    ``decode`` (bool: end-to-end decode tokens/s rows), ``decode_modes`` (generate's
+    ``compile=`` values for those rows; default eager, plus cuda-graph on CUDA)."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     shapes = options.get("shapes") or ([(96, 128), (64, 256)] if quick else LLAMA3_8B_SHAPES)
@@ -270,4 +275,6 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
                                       copy_tb_s, tune),
                               device, errors=on_gpu)
     if options.get("decode", False):
-        yield from _decode_rows(quick, device, dtype)
+        dm = options.get("decode_modes")
+        yield from _decode_rows(quick, device, dtype,
+                                tuple([dm] if isinstance(dm, str) else dm) if dm else None)

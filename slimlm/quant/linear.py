@@ -17,6 +17,23 @@ from slimlm.kernels.quant_matmul import (
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+
+# The packed matmul as one opaque PyTorch operator, so that torch.compile (e.g.
+# ``generate(compile=True)``: static-shape decode, CUDA graphs) treats a QuantLinear as a
+# single node: it neither traces into the Triton launch (Python-side config tables and
+# caches) nor breaks the graph there, and it fuses everything around it.
+@torch.library.custom_op(
+    "slimlm::quant_linear", mutates_args=(),
+    schema="(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits, "
+           "int group_size) -> Tensor")
+def _quant_linear_op(x, qweight, scales, zeros, bias, bits, group_size):  # type: ignore[no-untyped-def]
+    return quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
+
+
+@_quant_linear_op.register_fake
+def _(x, qweight, scales, zeros, bias, bits, group_size):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))  # (..., N)
+
 __all__ = ["QuantLinear"]
 
 
@@ -116,6 +133,9 @@ class QuantLinear(nn.Module):
             x = x * self.input_scale.to(x.dtype)
         if self.w8a8:
             return w8a8_matmul(x, self.qweight, self.scales, self.bias)
+        if torch.compiler.is_compiling():
+            return torch.ops.slimlm.quant_linear(x, self.qweight, self.scales, self.zeros,
+                                                 self.bias, self.bits, self.group_size)
         if self._kernel_ok and x.is_cuda and x.dtype in _KERNEL_DTYPES:
             # hot path (decode): no validation, no casts, one launch and the output tensor
             w32, s, z = self._operands()
