@@ -52,8 +52,14 @@ in full (eviction applies to what is stored afterwards). H2O and SnapKV compute 
 prompt's full attention matrix once to score it (O(T^2) memory at prefill).
 
 Hugging Face models: convert with ``slimlm.hf.from_hf(hf_model)`` (weights are shared
-names, logits match) and call :func:`slimlm.generate.generate` with any cache here. A
-``transformers.Cache`` subclass is not provided.
+names, logits match) and call :func:`slimlm.generate.generate` with any cache here, or keep
+the Hugging Face model and pass :func:`hf_kivi_cache` (a ``transformers.Cache`` of KIVI
+layers: the same storage as :class:`QuantizedCache`; Hugging Face's attention then runs
+on the dequantized keys and values, so it saves memory, not time)::
+
+    cache = hf_kivi_cache(hf_model, bits=4)
+    hf_model.generate(ids, past_key_values=cache, max_new_tokens=64)
+    print(kivi_cache_bytes(cache))
 
 Example::
 
@@ -89,7 +95,7 @@ from slimlm.model import ModelConfig, apply_rope, rope_cos_sin, sdpa_attention
 
 __all__ = [
     "QuantizedCache", "SinkCache", "H2OCache", "SnapKVCache", "CACHE_KINDS",
-    "dense_bytes_per_token",
+    "dense_bytes_per_token", "hf_kivi_cache", "kivi_cache_bytes",
 ]
 
 _GROUP_SIZES = (16, 32, 64, 128, 256)
@@ -880,3 +886,142 @@ for _name, _factory in CACHE_KINDS.items():
     # overwrite=True: re-importing the module (reload) re-registers the same factories.
     register_cache(_name, _factory, overwrite=True)
 del _name, _factory
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face transformers: a Cache of KIVI layers
+# ---------------------------------------------------------------------------------------
+
+
+def _hf_kivi_layer_class() -> type:
+    """The ``transformers`` cache-layer class, built on first use (transformers is an
+    optional dependency)."""
+    global _HF_KIVI_LAYER
+    if _HF_KIVI_LAYER is not None:
+        return _HF_KIVI_LAYER
+    from transformers.cache_utils import CacheLayerMixin
+
+    class KIVILayer(CacheLayerMixin):
+        """One decoder layer's KIVI storage (:class:`_Store`) behind the transformers
+        cache-layer interface: ``update`` appends the step's keys/values and returns every
+        stored token dequantized (B, Hkv, T, D), like ``DynamicLayer`` returns its
+        concatenation."""
+
+        is_compileable = False
+        is_sliding = False
+        is_croppable = False
+
+        def __init__(self, bits: int, group_size: int, v_group_size: int | None,
+                     residual: int) -> None:
+            super().__init__()
+            self.bits, self.group_size, self.residual = bits, group_size, residual
+            self.v_group_size = v_group_size
+            self.store: _Store | None = None
+            self.dtype: torch.dtype | None = None
+            self.device: torch.device | None = None
+
+        def lazy_initialization(self, key_states: torch.Tensor,
+                                value_states: torch.Tensor) -> None:
+            B, H, _, D = key_states.shape
+            gv = min(64, D) if self.v_group_size is None else self.v_group_size
+            _groups("hf_kivi_cache", D, self.group_size, gv)
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.store = _Store(B, H, D, bits=self.bits, group_size=self.group_size,
+                                v_group_size=gv, residual=self.residual, dtype=self.dtype,
+                                device=self.device,
+                                res_capacity=self.residual + self.group_size)
+            self.keys = self.values = key_states.new_empty(0)
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                   *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            assert self.store is not None and self.dtype is not None
+            self.store.push(key_states.to(self.dtype), value_states.to(self.dtype))
+            k, v = self.store.read(self.dtype)  # (B, Hkv, T, D): quantized part dequantized
+            self.store.flush()  # whole key groups beyond the residual window get quantized
+            return k, v
+
+        def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+            return self.store.n if self.store is not None else 0
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def get_mask_sizes(self, query: Any, *args: Any, **kwargs: Any) -> tuple[int, int]:
+            # transformers >= 5.2x passes the query length; earlier 4.5x-5.x versions the
+            # cache positions (a tensor of query length).
+            q_len = query.shape[0] if isinstance(query, torch.Tensor) else int(query)
+            return self.get_seq_length() + q_len, 0
+
+        def reset(self) -> None:
+            self.store = None
+            self.is_initialized = False
+            self.keys = self.values = None
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            st = self.store
+            if st is None:
+                return
+            for name in ("kc", "ks", "kz", "vc", "vs", "vz", "kr", "vr"):
+                t = getattr(st, name)
+                if t is not None:
+                    setattr(st, name, t.index_select(0, beam_idx.to(t.device)))
+            st._packed = None
+
+        def offload(self) -> None:  # the packed buffers stay where they are
+            pass
+
+        def prefetch(self) -> None:
+            pass
+
+        def memory_bytes(self) -> int:
+            return self.store.nbytes() if self.store is not None else 0
+
+    _HF_KIVI_LAYER = KIVILayer
+    return KIVILayer
+
+
+_HF_KIVI_LAYER: type | None = None
+
+
+def hf_kivi_cache(model_or_config: Any, *, bits: int = 4, group_size: int = 64,
+                  v_group_size: int | None = None, residual: int = 128) -> Any:
+    """A ``transformers.Cache`` whose layers store keys and values as :class:`QuantizedCache`
+    does (KIVI: per-channel int keys, per-token int values, the newest ``residual`` tokens
+    in full precision), for ``model.generate(..., past_key_values=cache)`` on a Hugging
+    Face decoder with only full-attention layers. ``model_or_config``: the model or its
+    config."""
+    try:
+        from transformers import Cache
+    except ImportError as e:  # pragma: no cover - transformers is an optional extra
+        raise ImportError("hf_kivi_cache needs transformers: pip install 'slimlm[hf]'") from e
+    name = "hf_kivi_cache"
+    bits = _bits(name, bits)
+    _int(name, "residual", residual, 0)
+    cfg = getattr(model_or_config, "config", model_or_config)
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config(decoder=True)
+    n_layers = getattr(cfg, "num_hidden_layers", None)
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"{name}: model_or_config={type(model_or_config).__name__}: expected a "
+                         "Hugging Face model or config with num_hidden_layers")
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ValueError(f"{name}: layer_types={sorted(kinds)}: KIVI layers are for models whose "
+                         "layers are all 'full_attention'")
+    heads = getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cfg, "head_dim", None) or (
+        cfg.hidden_size // heads if heads else None)
+    if head_dim:
+        _groups(name, head_dim, group_size, min(64, head_dim) if v_group_size is None
+                else v_group_size)
+    layer = _hf_kivi_layer_class()
+    return Cache(layers=[layer(bits, group_size, v_group_size, residual)
+                         for _ in range(n_layers)])
+
+
+def kivi_cache_bytes(cache: Any) -> int:
+    """Bytes held by an :func:`hf_kivi_cache` (codes, scales, zero points, residual)."""
+    return sum(layer.memory_bytes() for layer in cache.layers)

@@ -463,3 +463,34 @@ def test_bench_quick_sections_run():
     # rounding); the dedicated interpreter test above checks the kernel at several shapes.
     assert k2["rel_err_vs_ref"] < 1e-5 and k2["bytes_ratio_vs_bf16"] > 1
     assert by[("decode", "kivi4")]["tokens_per_s"] > 0
+
+
+def test_hf_kivi_cache_matches_slimlm_quantized_cache():
+    # A Hugging Face LlamaForCausalLM generating with hf_kivi_cache stores and attends what
+    # slimlm's own QuantizedCache does on the converted model: same logits per step.
+    pytest.importorskip("transformers")
+    from slimlm.hf import to_hf
+    from slimlm.kvcache import QuantizedCache, hf_kivi_cache, kivi_cache_bytes
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny")
+    model = Transformer(cfg).eval()
+    hf_model = to_hf(model).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    new = 30  # 70 tokens: with residual 16 and groups of 16, most of the cache is int4
+    ours = generate(model, ids, new, return_logits=True,
+                    cache=QuantizedCache.for_model(cfg, 2, bits=4, group_size=16, residual=16))
+    cache = hf_kivi_cache(hf_model, bits=4, group_size=16, residual=16)
+    with torch.no_grad():
+        out = hf_model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False,
+                                output_logits=True, return_dict_in_generate=True)
+    theirs = torch.stack(out.logits, dim=1)  # (B, new, V)
+    torch.testing.assert_close(theirs, ours.logits, rtol=1e-4, atol=1e-4)
+    assert out.sequences[:, 40:].tolist() == ours.tokens
+    assert cache.get_seq_length() == 40 + new - 1
+    dense = 2 * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * (40 + new - 1) * 4
+    assert kivi_cache_bytes(cache) == ours.cache_bytes < dense  # same buffers as ours
+    with pytest.raises(ValueError, match="bits=3"):
+        hf_kivi_cache(hf_model, bits=3)
+    with pytest.raises(ValueError, match="group_size=48"):
+        hf_kivi_cache(hf_model, group_size=48)
