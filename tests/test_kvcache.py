@@ -417,6 +417,12 @@ for bits, dt, B, Hq, Hkv, D, T, G, Gv, splits, n_res in cases:
     err = (out.float() - ref.float()).abs().max().item()
     assert out.dtype == dt and out.shape == (B, Hq, D)
     assert err < tol, (bits, dt, err)
+    if G >= 16 and T >= G:  # the gather unpacking computes the same codes: equal output
+        from slimlm.kernels.decode_attention import DecodeConfig
+        cfg = DecodeConfig(block_n=16, unpack="gather")
+        assert torch.equal(decode_attention(q, kv, num_splits=splits, config=cfg),
+                           decode_attention(q, kv, num_splits=splits,
+                                            config=DecodeConfig(block_n=16))), (bits, dt)
 # Through the cache: its buffers have spare capacity, strided (token-contiguous) value
 # scales and a start offset; the cached PackedKV is reused across steps.
 from slimlm.kvcache import QuantizedCache

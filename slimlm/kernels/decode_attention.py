@@ -374,6 +374,23 @@ if triton_available():
         return _to_op(tl.reshape(x, (ROWS, D)), BITS, OPDT)  # (ROWS, D)
 
     @triton.jit
+    def _gather_codes(ptrs, offs_d, BITS: tl.constexpr, OPDT: tl.constexpr):
+        """The other unpacking (``DecodeConfig(unpack="gather")``, as Triton GPTQ kernels
+        unpack): every channel loads its own word (each word P = 32/BITS times: L1 hits,
+        no 16-byte vectors) and shifts it by a per-channel amount, so the (ROWS, D) tile is
+        built in place with no join/reshape (whose layout conversions may cost more than
+        the extra loads). ``ptrs`` (ROWS, D) point at each channel's word."""
+        P: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        w = tl.load(ptrs)  # (ROWS, D) int32
+        f = ((w >> ((offs_d % P) * BITS)[None, :]) & MASK) << 1  # 2 * code
+        if OPDT.primitive_bitwidth == 16:
+            y = f | 0x6000
+        else:
+            y = f | 0x4A800000
+        return _to_op(y, BITS, OPDT)  # (ROWS, D)
+
+    @triton.jit
     def _decode_split_kernel(
         Q, KW, KS, KZ, VW, VS, VZ, KR, VR, PM, PL, PZ, PACC,
         n_quant, n_res, blocks_per_split, qk_scale,
@@ -384,7 +401,7 @@ if triton_available():
         n_kv_heads, n_splits,
         BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
         QPG: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        OPDT: tl.constexpr, PREC: tl.constexpr,
+        OPDT: tl.constexpr, PREC: tl.constexpr, GATHER: tl.constexpr,
     ):
         """One program = one (batch, KV head, split). Row r of the (M, ...) tiles is query
         head ``r % QPG`` of the group, replica ``j = r // QPG``; replica j carries value
@@ -440,8 +457,9 @@ if triton_available():
                 t0 = blk * BLOCK_N
                 rows = t0 + offs_n  # (BLOCK_N,)
                 # Contiguous (BLOCK_N, W) int32 tiles: 16-byte vector loads.
-                kw = tl.load(kw_base + rows[:, None] * skw_t + offs_w[None, :])
-                vw = tl.load(vw_base + rows[:, None] * svw_t + offs_w[None, :])
+                if not GATHER:
+                    kw = tl.load(kw_base + rows[:, None] * skw_t + offs_w[None, :])
+                    vw = tl.load(vw_base + rows[:, None] * svw_t + offs_w[None, :])
                 g = t0 // GROUP  # one key group per block (BLOCK_N divides GROUP)
                 ksc = tl.load(ks_base + g * sks_g + offs_d).to(tl.float32)  # (D,)
                 kze = tl.load(kz_base + g * sks_g + offs_d).to(tl.float32)
@@ -453,14 +471,22 @@ if triton_available():
                 # Centred codes: the centre's share of k, CEN * s_k, joins the zero point.
                 qs = (q * ksc[None, :]).to(OPDT)  # (M, D)
                 bias = tl.sum(q * (kze + CEN * ksc)[None, :], 1)  # (M,)
-                kc = _unpack_words(kw, BITS, OPDT, BLOCK_N, D)  # (BLOCK_N, D) centred codes
+                if GATHER:
+                    kc = _gather_codes(kw_base + rows[:, None] * skw_t
+                                       + (offs_d // (32 // BITS))[None, :], offs_d, BITS, OPDT)
+                else:
+                    kc = _unpack_words(kw, BITS, OPDT, BLOCK_N, D)  # (BLOCK_N, D) centred codes
                 s = tl.dot(qs, tl.trans(kc), input_precision=PREC) + bias[:, None]  # (M, BN)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.math.exp2(m_i - m_new)
                 p = tl.math.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
                 z_i = z_i * alpha + tl.sum(p * (vze + CEN * vsc), 1)
-                vc = _unpack_words(vw, BITS, OPDT, BLOCK_N, D)  # (BLOCK_N, D) centred codes
+                if GATHER:
+                    vc = _gather_codes(vw_base + rows[:, None] * svw_t
+                                       + (offs_d // (32 // BITS))[None, :], offs_d, BITS, OPDT)
+                else:
+                    vc = _unpack_words(vw, BITS, OPDT, BLOCK_N, D)  # (BLOCK_N, D) centred codes
                 acc = acc * alpha[:, None] + tl.dot((p * vsc).to(OPDT), vc,
                                                     input_precision=PREC)
                 m_i = m_new
@@ -545,8 +571,14 @@ class DecodeConfig:
     num_stages: int = 3
     programs_per_sm: int = 4
     min_blocks: int = 4
+    #: "join": load the packed words as 16-byte vectors and unpack with shifts + tl.join
+    #: (measured default); "gather": each channel loads its word (see _gather_codes).
+    unpack: str = "join"
 
     def __post_init__(self) -> None:
+        if self.unpack not in ("join", "gather"):
+            raise ValueError(f"DecodeConfig: unpack={self.unpack!r}: expected 'join' or "
+                             "'gather'")
         for name in ("block_n", "num_warps", "num_stages", "programs_per_sm", "min_blocks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -577,7 +609,9 @@ def autotune_table(q: torch.Tensor, kv: PackedKV,
     if not q.is_cuda:
         raise ValueError("autotune_table: q is on the CPU: expected CUDA tensors")
     if candidates is None:
-        candidates = [DecodeConfig(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pp)
+        candidates = [DecodeConfig(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pp,
+                                   unpack=up)
+                      for up in ("join", "gather")
                       for bn in (32, 64) if bn <= kv.group_size
                       for nw in (4, 8) for ns in (2, 3, 4) for pp in (2, 4, 8)]
     rows = []
@@ -691,6 +725,7 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
         q.stride(0), q.stride(1), *strides, Hkv, num_splits,
         BITS=kv.bits, GROUP=kv.group_size, VGROUP=kv.v_group_size, D=D, QPG=qpg, M=m_rows,
         BLOCK_N=block_n, BLOCK_R=32, OPDT=opdt, PREC="ieee" if fp32 else "tf32",
+        GATHER=cfg.unpack == "gather",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _decode_reduce_kernel[(B * Hkv,)](pm[0], pm[1], pm[2], pacc, out, out.stride(0),
                                       out.stride(1), Hkv, parts, D=D, QPG=qpg,
