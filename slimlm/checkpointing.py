@@ -462,7 +462,12 @@ def profile_blocks(blocks: Sequence[nn.Module], probe: Callable[[], Any]) -> lis
             if mode == "save":
                 times = rec.times
             del result
-        steps = {mode: _step_seconds(blocks, probe, mode) for mode in MODES}
+        # The timed steps run dropout like the user's steps would: keep the RNG streams
+        # where the user's next step expects them.
+        cuda = sorted({p.device.index or 0 for b in blocks for p in b.parameters()
+                       if p.is_cuda})
+        with torch.random.fork_rng(devices=cuda):
+            steps = {mode: _step_seconds(blocks, probe, mode) for mode in MODES}
     finally:
         remove_(blocks)
         for b, f, o in zip(blocks, before, saved_orig):

@@ -633,13 +633,23 @@ def _graph_key(model: nn.Module, kv: StaticCache) -> tuple:
     """What a captured decode step depends on: the cache's shape, dtype and buffers, and
     the address, shape and dtype of every model parameter and buffer (so replacing a
     module, e.g. ``quantize_`` or ``lora.apply_``, or moving or casting the model after
-    capture means a new capture). No device work; one walk over the modules (a few
+    capture means a new capture), plus the Python-side state that changes what the step
+    computes without moving a tensor: each module's ``_graph_state()`` where it has one
+    (LoRA layers: active, merged, disabled and per-row adapters, scalings), the model's
+    ``cfg`` and the autocast state. No device work; one walk over the modules (a few
     hundred microseconds for a 16-layer model), paid once per generate call."""
-    model_tensors = [t for mod in model.modules() for d in (mod._parameters, mod._buffers)
+    mods = list(model.modules())
+    model_tensors = [t for mod in mods for d in (mod._parameters, mod._buffers)
                      for t in d.values() if t is not None]
+    states = tuple((i, mod._graph_state()) for i, mod in enumerate(mods)
+                   if callable(getattr(mod, "_graph_state", None)))
+    dev = kv.device.type
+    autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+                if torch.is_autocast_enabled(dev) else None)
     return (kv.batch_size, kv.max_len, kv.dtype, str(kv.device),
             tuple((t.data_ptr(), t.dtype, t.shape)
-                  for t in (*kv.k_buffers, *kv.v_buffers, *model_tensors)))
+                  for t in (*kv.k_buffers, *kv.v_buffers, *model_tensors)),
+            states, repr(getattr(model, "cfg", None)), autocast)
 
 
 def _graphed_step(model: nn.Module, kv: StaticCache) -> _GraphedStep:

@@ -558,6 +558,15 @@ class LoRALinear(nn.Module):
         # Shared with the model's other LoRA layers by apply_ (see _CastCache).
         self._cast_cache: _CastCache | None = None
 
+    def _graph_state(self) -> tuple:
+        """What a captured CUDA graph of this layer depends on beyond its tensors'
+        addresses (see :func:`slimlm.generate._graph_key`): switching, merging, disabling
+        or per-row adapters must not replay a stale graph."""
+        return (tuple(self.active_adapters), tuple(self.merged_adapters),
+                self.adapters_disabled,
+                None if self.row_adapters is None else tuple(self.row_adapters),
+                tuple(sorted(self.scaling.items())))
+
     # -- conveniences so code that reads `layer.weight` keeps working ---------------------
 
     @property

@@ -322,13 +322,26 @@ def _bf16_adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: tor
 _FUSED_UPDATE: dict[str, Any] = {}
 
 
+def _compiled_bf16_update() -> Callable[..., None] | None:
+    """``torch.compile`` of :func:`_bf16_adamw_update`, or None where inductor cannot round
+    intermediates as eager does. Inductor keeps bf16 intermediates in fp32 unless
+    ``emulate_precision_casts`` is set, and the Kahan compensation
+    ``y - (bf16(p + y) - p)`` is exactly that rounding (it would come out ~0)."""
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config, "emulate_precision_casts"):
+        return None
+    return torch.compile(_bf16_adamw_update, dynamic=True, fullgraph=True,
+                         options={"emulate_precision_casts": True})
+
+
 def _bf16_update_fn(device: torch.device) -> Callable[..., None]:
     """The compiled update on CUDA (eager where compiling is unavailable or fails)."""
     if device.type != "cuda":
         return _bf16_adamw_update
     fn = _FUSED_UPDATE.get("fn")
     if fn is None:
-        fn = torch.compile(_bf16_adamw_update, dynamic=True, fullgraph=True)
+        fn = _compiled_bf16_update() or _bf16_adamw_update
         _FUSED_UPDATE["fn"] = fn
     return fn
 
@@ -432,6 +445,8 @@ class BF16AdamW(torch.optim.Optimizer):
             extra = state["compensation"]
         try:
             _bf16_update_fn(p.device)(p, p.grad, m, v, extra, hp, self.rounding)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as e:  # no triton/inductor here: the same ops eagerly
             if _FUSED_UPDATE.get("fn") is _bf16_adamw_update:
                 raise

@@ -566,6 +566,26 @@ def test_cuda_graph_bookkeeping_emulated(model: Transformer, emulated_graphs: li
     assert generate(other, first, 6, cache=mine, compile="cuda-graph").tokens == \
         generate(other, first, 6).tokens
     assert len(emulated_graphs) == 3
+    # LoRA state that moves no tensor (switching, disabling, merging adapters) is part of
+    # the key too: a stale graph would apply the wrong adapter, or a merged one twice.
+    from slimlm import lora
+
+    lora.apply_(other, lora.LoRAConfig(r=2, targets=["q_proj"], init="gaussian"), "a")
+    lora.apply_(other, lora.LoRAConfig(r=2, targets=["q_proj"], init="gaussian"), "b")
+    n = len(emulated_graphs)
+    for change in (lambda: lora.set_adapter(other, "a"), lambda: lora.set_adapter(other, "b"),
+                   lambda: lora.merge_(other), lambda: lora.unmerge_(other)):
+        change()
+        mine.reset()
+        assert generate(other, first, 6, cache=mine, compile="cuda-graph").tokens == \
+            generate(other, first, 6).tokens
+        n += 1
+        assert len(emulated_graphs) == n
+    with lora.disable_adapters(other):
+        mine.reset()
+        assert generate(other, first, 6, cache=mine, compile="cuda-graph").tokens == \
+            generate(other, first, 6).tokens
+    assert len(emulated_graphs) == n + 1
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

@@ -34,6 +34,24 @@ def _quant_linear_op(x, qweight, scales, zeros, bias, bits, group_size):  # type
 def _(x, qweight, scales, zeros, bias, bits, group_size):  # type: ignore[no-untyped-def]
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))  # (..., N)
 
+
+def _quant_linear_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    x, qweight, scales, zeros, _bias, bits, group_size = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.meta = (bits, group_size, x.shape[-1], x.dtype)
+
+
+def _quant_linear_backward(ctx, dy):  # type: ignore[no-untyped-def]
+    """dx = dy @ dequant(W): the weights are frozen (no gradient for codes, scales, zeros or
+    the bias buffer); W is dequantized again here rather than kept from the forward."""
+    qweight, scales, zeros = ctx.saved_tensors
+    bits, group_size, k, x_dtype = ctx.meta
+    w = dequantize_weight(qweight, scales, zeros, bits, group_size, k, dy.dtype)  # (N, K)
+    return (dy @ w).to(x_dtype), None, None, None, None, None, None
+
+
+_quant_linear_op.register_autograd(_quant_linear_backward, setup_context=_quant_linear_setup)
+
 __all__ = ["QuantLinear"]
 
 
@@ -133,7 +151,9 @@ class QuantLinear(nn.Module):
             x = x * self.input_scale.to(x.dtype)
         if self.w8a8:
             return w8a8_matmul(x, self.qweight, self.scales, self.bias)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+            # The operator carries the backward (dx = dy @ dequant(W)); the Triton kernel
+            # alone has no autograd, and the gradient to earlier layers would be lost.
             return torch.ops.slimlm.quant_linear(x, self.qweight, self.scales, self.zeros,
                                                  self.bias, self.bits, self.group_size)
         if self._kernel_ok and x.is_cuda and x.dtype in _KERNEL_DTYPES:
