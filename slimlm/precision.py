@@ -370,6 +370,7 @@ class BF16AdamW(torch.optim.Optimizer):
         self.rounding = rounding
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
+        self._fused_on_cpu = False  # tests: the CUDA path's bookkeeping, eager, on the CPU
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -385,6 +386,7 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._hp_cache: dict[tuple, torch.Tensor] = {}  # this step's hyperparameter tensors
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], \
                 group["weight_decay"]
@@ -403,7 +405,7 @@ class BF16AdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 t = float(state["step"])
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                if p.dtype == torch.bfloat16 and p.is_cuda:
+                if p.dtype == torch.bfloat16 and (p.is_cuda or self._fused_on_cpu):
                     self._fused_step(p, m, v, state, lr, b1, b2, eps, wd, t)
                     continue
                 g = p.grad.float()
@@ -434,9 +436,13 @@ class BF16AdamW(torch.optim.Optimizer):
                     state: dict[str, Any], lr: float, b1: float, b2: float, eps: float,
                     wd: float, t: float) -> None:
         """The same update as the loop below, as one compiled pass (CUDA bf16 weights)."""
-        hp = torch.tensor([lr, 1 - b1, b2, 1 - b2, eps, wd, 1 - b1 ** t,
-                           math.sqrt(1 - b2 ** t)],
-                          dtype=torch.float32).to(p.device, non_blocking=True)
+        key = (lr, b1, b2, eps, wd, t, p.device)
+        hp = self._hp_cache.get(key)
+        if hp is None:  # one host-to-device copy per step and group, not per parameter
+            hp = torch.tensor([lr, 1 - b1, b2, 1 - b2, eps, wd, 1 - b1 ** t,
+                               math.sqrt(1 - b2 ** t)],
+                              dtype=torch.float32).to(p.device, non_blocking=True)
+            self._hp_cache[key] = hp
         extra = None
         if self.rounding == "stochastic":
             extra = torch.randint(0, 1 << 16, p.shape, dtype=torch.int32, device=p.device,

@@ -379,3 +379,26 @@ def test_compiled_bf16_update_equals_eager(rounding):
         assert torch.equal(a, b)
     if rounding == "kahan":
         assert out[4].float().abs().mean() > 1e-6  # the compensation is not lost
+
+
+@pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
+def test_bf16_adamw_fused_path_matches_the_loop(rounding):
+    # The CUDA path of BF16AdamW.step (_fused_step: hyperparameter tensor, random bits,
+    # compensation buffer) gives the loop's result; here run eagerly on the CPU.
+    torch.manual_seed(0)
+    p0 = torch.randn(40, 24).to(torch.bfloat16)
+    ps = [nn.Parameter(p0.clone()) for _ in range(2)]
+    opts = [precision.BF16AdamW([p], lr=1e-2, weight_decay=0.1, rounding=rounding, seed=1)
+            for p in ps]
+    opts[1]._fused_on_cpu = True
+    for _ in range(3):
+        g = torch.randn(40, 24).to(torch.bfloat16)
+        for p, opt in zip(ps, opts):
+            p.grad = g.clone()
+            opt.step()
+    a, b = opts[0].state[ps[0]], opts[1].state[ps[1]]
+    torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    ulp = (ps[0].detach().float().abs() * 2 ** -7).clamp_min(1e-30)
+    assert ((ps[0].detach().float() - ps[1].detach().float()).abs() <= ulp * 1.01).all()
+    assert (ps[0] != ps[1]).float().mean() < 0.05
