@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+#: ``slimlm generate --compile`` choices (see :func:`slimlm.generate.generate`'s compile=).
+GENERATE_COMPILE = ("none", "auto", "cuda-graph", "default", "reduce-overhead",
+                    "max-autotune")
+
 
 def _device(name: str) -> str:
     import torch
@@ -205,6 +209,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sgen = importlib.import_module("slimlm.generate")
 
     device = _device(args.device)
+    compile_arg: bool | str = {"none": False, "auto": True}.get(args.compile, args.compile)
+    if compile_arg is not False and args.kv != "static":
+        raise SystemExit(f"error: --compile {args.compile} with --kv {args.kv}: compiled "
+                         "decoding runs over the static cache; use --kv static")
+    if args.compile in ("cuda-graph", "reduce-overhead", "max-autotune") and \
+            not str(device).startswith("cuda"):
+        raise SystemExit(f"error: --compile {args.compile} records CUDA graphs, but the device "
+                         f"is {device}; use --compile auto or default off the GPU")
     model, tokenizer, _ = _load_run(args.run, device, args.adapter)
     ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -224,7 +236,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(args.prompt, end="", flush=True)
     res = sgen.generate(model, [ids], max_new, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, stop_tokens=[tokenizer.eos_id], cache=args.kv,
-                        stream=stream, generator=gen)
+                        stream=stream, generator=gen, compile=compile_arg)
     if args.stream:
         print()
     else:
@@ -465,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache kind: static | dense | kivi8 | kivi4 | kivi2 | sink | "
                         "sink-kivi4 | sink-kivi2 | h2o | snapkv (see slimlm.kvcache)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply")
+    p.add_argument("--compile", default="none", choices=GENERATE_COMPILE,
+                   help="decode step: none (eager) | auto (torch.compile; with CUDA graphs "
+                        "on a GPU) | cuda-graph (eager step replayed from a CUDA graph, no "
+                        "compile) | a torch.compile mode; needs --kv static")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
