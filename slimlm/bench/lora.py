@@ -15,7 +15,9 @@ layer but the LM head, in PEFT and slimlm alike):
 - ``slimlm-compiled-lora``: slimlm's own ``Transformer`` + slimlm LoRA under ``torch.compile``;
 - ``peft-dora`` / ``slimlm-dora``: DoRA (``use_dora``) through each;
 - ``slimlm-qlora-int4``: the HF model's linear layers quantized to int4 (``slimlm.quant``,
-  RTN, group 128) with slimlm LoRA on top (when ``slimlm.quant`` is present).
+  RTN, group 128) with slimlm LoRA on top (when ``slimlm.quant`` is present);
+- ``peft-lora-hf-compiled`` / ``slimlm-lora-hf-compiled``: the HF model with PEFT's /
+  slimlm's LoRA under ``torch.compile`` (the fair comparison for a compiled slimlm row).
 
 Reported per row: median step time over >= 10 steps after warm-up, tokens/s, peak memory
 (model, optimizer state, activations; ``max_memory_allocated`` over the timed steps),
@@ -55,10 +57,15 @@ from slimlm.bench.harness import fraction, free_memory, guarded, register, time_
 from slimlm.model import PRESETS, ModelConfig, Transformer
 
 METHODS = ("full-ft", "peft-lora", "slimlm-lora", "slimlm-compiled-lora", "peft-dora",
-           "slimlm-dora", "slimlm-qlora-int4")
+           "slimlm-dora", "slimlm-qlora-int4", "peft-lora-hf-compiled",
+           "slimlm-lora-hf-compiled")
 BASELINES = {"full-ft": "peft-lora", "peft-lora": None, "slimlm-lora": "peft-lora",
              "slimlm-compiled-lora": "peft-lora", "peft-dora": None,
-             "slimlm-dora": "peft-dora", "slimlm-qlora-int4": "slimlm-lora"}
+             "slimlm-dora": "peft-dora", "slimlm-qlora-int4": "slimlm-lora",
+             "peft-lora-hf-compiled": "peft-lora",
+             "slimlm-lora-hf-compiled": "peft-lora-hf-compiled"}
+#: Methods that run under torch.compile (left out of quick/CPU runs by default).
+COMPILED = ("slimlm-compiled-lora", "peft-lora-hf-compiled", "slimlm-lora-hf-compiled")
 REPORT_COLUMNS = ("model", "method", "batch", "seq_len", "precision", "base_dtype", "r",
                   "trainable_params", "step_ms", "tokens_per_s", "peak_mem_gib", "baseline",
                   "ratio_vs_baseline", "mem_ratio_vs_baseline", "err_vs_peft",
@@ -121,9 +128,10 @@ def _build(method: str, cfg: ModelConfig, device: torch.device, r: int,
         lora.apply_(model, lora.LoRAConfig(r=r, alpha=2 * r, targets="all-linear",
                                            use_dora=dora))
     model.train()
+    run = torch.compile(model) if method.endswith("-hf-compiled") else model
 
     def hf_fwd(x: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=x, labels=x).loss  # HF shifts the labels itself
+        return run(input_ids=x, labels=x).loss  # HF shifts the labels itself
 
     return model, hf_fwd
 
@@ -228,7 +236,7 @@ def lora_suite(quick: bool, device: torch.device, *, model: str | None = None,
     if name not in PRESETS:
         raise ValueError(f"model={name!r}: expected a preset from {sorted(PRESETS)}")
     todo = _as_tuple("methods", methods if methods is not None else tuple(
-        m for m in METHODS if not (small and m == "slimlm-compiled-lora")))
+        m for m in METHODS if not (small and m in COMPILED)))
     for m in todo:
         if m not in METHODS:
             raise ValueError(f"methods: {m!r} is not a method; expected names from {METHODS}")
@@ -268,7 +276,7 @@ def lora_suite(quick: bool, device: torch.device, *, model: str | None = None,
         if problem is not None:
             yield {**base_row, "skipped": problem}
             continue
-        if method == "slimlm-compiled-lora":
+        if method in COMPILED:
             torch.compiler.reset()
 
         def run(method: str = method) -> dict[str, Any]:
@@ -276,7 +284,7 @@ def lora_suite(quick: bool, device: torch.device, *, model: str | None = None,
                                warmup, steps, numerics, seed)
 
         row = guarded(base_row, run, device, errors=device.type == "cuda")
-        if method == "slimlm-compiled-lora":
+        if method in COMPILED:
             torch.compiler.reset()
             free_memory(device)
         ref = done.get(BASELINES[method] or "")
