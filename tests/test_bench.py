@@ -21,16 +21,6 @@ TRAIN_KEYS = {"suite", "model", "impl", "batch", "seq_len", "tokens_per_s", "mfu
               "baseline"}
 
 
-@pytest.fixture
-def one_thread():
-    """The CPU is shared by several processes: one intra-op thread avoids oversubscription,
-    which otherwise makes tiny steps 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_list_suites_has_first_suites():
     names = bench.list_suites()
     assert names[:2] == ["ceiling", "train"]

@@ -16,13 +16,7 @@ from slimlm import checkpointing as ck
 from slimlm.checkpointing import BlockProfile, CheckpointConfig
 from slimlm.model import ModelConfig, Transformer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # see conftest.py
 
 
 def _model(dropout: float = 0.1, attention: str = "sdpa", n_layers: int = 4) -> Transformer:

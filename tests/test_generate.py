@@ -30,13 +30,7 @@ def _model(attention: str = "sdpa", seed: int = 0) -> Transformer:
     return Transformer(cfg).double().eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    # The CPU is shared; one thread keeps compile and decode timings steady.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

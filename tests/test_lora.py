@@ -18,14 +18,7 @@ from slimlm.lora import LoRAConfig, LoRALinear
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes on a shared 2-core machine: one intra-op thread avoids oversubscription
-    # (100x slower when other processes hold the cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # see conftest.py
 
 
 CFG = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48,

@@ -52,14 +52,7 @@ from slimlm.quant.calibrated import rtn_dequant_fn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to oversubscription when the
-    2 CPU cores are shared (spinning OpenMP threads made some tests 100x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # see conftest.py
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

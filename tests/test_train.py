@@ -46,13 +46,7 @@ def _corpus() -> str:
     return "".join(lines)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These models are tiny: on a shared 2-core machine, intra-op threads only spin.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
