@@ -1024,4 +1024,9 @@ def hf_kivi_cache(model_or_config: Any, *, bits: int = 4, group_size: int = 64,
 
 def kivi_cache_bytes(cache: Any) -> int:
     """Bytes held by an :func:`hf_kivi_cache` (codes, scales, zero points, residual)."""
-    return sum(layer.memory_bytes() for layer in cache.layers)
+    layers = getattr(cache, "layers", None)
+    kivi = _HF_KIVI_LAYER
+    if not layers or kivi is None or not all(isinstance(layer, kivi) for layer in layers):
+        raise TypeError(f"kivi_cache_bytes: cache of type {type(cache).__name__}: expected a "
+                        "cache made by hf_kivi_cache")
+    return sum(layer.memory_bytes() for layer in layers)

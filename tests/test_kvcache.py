@@ -500,3 +500,19 @@ def test_hf_kivi_cache_matches_slimlm_quantized_cache():
         hf_kivi_cache(hf_model, bits=3)
     with pytest.raises(ValueError, match="group_size=48"):
         hf_kivi_cache(hf_model, group_size=48)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        hf_kivi_cache(object())
+    with pytest.raises(ValueError, match="residual=-1"):
+        hf_kivi_cache(hf_model, residual=-1)
+    with pytest.raises(TypeError, match="expected a cache made by hf_kivi_cache"):
+        from transformers import DynamicCache
+        kivi_cache_bytes(DynamicCache())
+
+
+def test_decode_config_rejects_bad_values():
+    from slimlm.kernels.decode_attention import DecodeConfig
+
+    with pytest.raises(ValueError, match="unpack='zip'"):
+        DecodeConfig(unpack="zip")
+    with pytest.raises(ValueError, match="block_n=48"):
+        DecodeConfig(block_n=48)
