@@ -3,7 +3,8 @@
 # session spends its minutes measuring rather than starting machines:
 #   bash scripts/gpu_session.sh STEP [STEP ...]
 # A STEP is "SECONDS:tests:FILE[,FILE...]" (GPU-marked tests of those files) or
-# "SECONDS:bench:SUITE[:k=v[;k=v...]]" (a benchmark suite, JSON under $OUT/results).
+# "SECONDS:bench:SUITE[:k=v[;k=v...]]" (a benchmark suite, JSON under $OUT/results) or
+# "SECONDS:cmd:SHELL COMMAND" (anything else, e.g. ncu on scripts/kernel_probe.py).
 # Example (about 9 minutes):
 #   bash scripts/gpu_session.sh "240:tests:tests/test_precision.py,tests/test_kvcache_gpu.py" \
 #       "150:bench:quant:decode=true;decode_modes=[\"eager\",\"cuda-graph\",\"reduce-overhead\"]" \
@@ -31,7 +32,11 @@ for step in "$@"; do
             "${opts[@]}" >> "$OUT/session.log" 2>&1
         echo "rc=$?" | tee -a "$OUT/session.log"
         grep -v -i -E "warn|^W[0-9]{4}|^\s*$" "$OUT/session.log" | tail -12
+    elif [ "$kind" = cmd ]; then
+        timeout "$limit" bash -c "$rest" >> "$OUT/session.log" 2>&1
+        echo "rc=$?" | tee -a "$OUT/session.log"
+        tail -6 "$OUT/session.log"
     else
-        echo "unknown step kind '$kind' in '$step': expected tests or bench" | tee -a "$OUT/session.log"
+        echo "unknown step kind '$kind' in '$step': expected tests, bench or cmd" | tee -a "$OUT/session.log"
     fi
 done

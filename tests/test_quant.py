@@ -478,9 +478,7 @@ def test_static_table_fills_the_gpu() -> None:
                     assert programs >= 132 or cfg.split_k > 1, (bits, n, k, m, cfg)
                 if cfg.split_k > 1:
                     assert -(-n // cfg.block_n) < 2 * 132, (bits, n, k, m, cfg)
-            # int8 decode at large N runs the tensor-core tile (measured on the H200)
-            decode = "dot" if bits == 8 and n >= 16384 else "gemv"
-            assert qm_default_config(bits, 1, n, k, 128, 132).mode == decode
+            assert qm_default_config(bits, 1, n, k, 128, 132).mode == "gemv"
             assert qm_default_config(bits, 16, n, k, 128, 132).mode == "dot"
             assert qm_default_config(bits, 4096, n, k, 128, 132).mode == "dequant"
 
@@ -510,16 +508,27 @@ def test_static_table_never_picks_what_triton_36_cannot_compile_for_sm90() -> No
     (2, 16, 28672, ("dot", 16, 32, 16, 1)), (4, 16, 4096, ("dot", 16, 32, 16, 4)),
     (4, 16, 6144, ("dot", 16, 32, 16, 1)), (8, 16, 6144, ("dot", 16, 32, 32, 1)),
     (2, 16, 4096, ("dot", 16, 16, 16, 1)), (2, 4, 6144, ("dot", 16, 16, 16, 1)),
-    (8, 4, 28672, ("dot", 16, 64, 32, 1)), (8, 1, 28672, ("dot", 16, 64, 32, 1)),
-    (4, 4, 4096, ("dot", 16, 64, 16, 4)),
-    (4, 1, 28672, ("gemv", 16, 8, 256, 1)), (2, 1, 28672, ("gemv", 16, 8, 256, 1)),
-    (8, 1, 4096, ("gemv", 16, 4, 256, 1)), (4, 1, 4096, ("gemv", 16, 8, 256, 1)),
+    (8, 4, 28672, ("dot", 16, 64, 32, 1)), (4, 4, 4096, ("dot", 16, 64, 16, 4)),
     (8, 64, 4096, ("dot", 64, 16, 32, 1)), (8, 64, 6144, ("dot", 64, 32, 32, 1)),
     (8, 64, 28672, ("dot", 64, 64, 32, 1)), (4, 64, 6144, ("dot", 64, 32, 16, 1)),
 ])
 def test_static_table_reproduces_the_h200_tuned_winners(bits, m, n, want) -> None:
     cfg = qm_default_config(bits, m, n, 4096, 64 if bits == 2 else 128, 132)
     assert (cfg.mode, cfg.block_m, cfg.block_n, cfg.block_kw, cfg.split_k) == want, cfg
+
+
+def test_gemv_table_gives_the_columns_all_the_warps() -> None:
+    """qmm_gemv reads x deinterleaved in the weight tile's column layout; warps split along
+    rows would replicate x and bring back the shared-memory conversions (two barriers per
+    value position and step on the H200 build): block_kw = 128 words per warp."""
+    for bits in (2, 4, 8):
+        for n, k in _TABLE_SHAPES:
+            for m in (1, 2):
+                cfg = qm_default_config(bits, m, n, k, 128, 132)
+                kw = k * bits // 32
+                assert cfg.mode == "gemv" and cfg.block_n == 8, (bits, n, k, cfg)
+                if kw >= 128:
+                    assert cfg.block_kw == 128 * cfg.num_warps <= 512, (bits, n, k, cfg)
 
 
 def test_shared_memory_bound_holds_for_the_sm90_compiler() -> None:
@@ -559,6 +568,8 @@ def test_shared_memory_bound_holds_for_the_sm90_compiler() -> None:
         else:
             fn = qmod.qmm_gemv if cfg.mode == "gemv" else qmod.qmm_dot
             const.update(HAS_BIAS=False, ATOMIC=False)
+            if cfg.mode == "gemv":
+                const.update(CHUNK_SCALES=not const["ONE_GROUP"], ASM=True)
             if cfg.mode == "dot":
                 ints = ["M", *ints]
                 const.update(BLOCK_M=cfg.block_m, PREC="tf32")

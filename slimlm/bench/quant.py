@@ -11,8 +11,10 @@ speed-up over bf16, the output's relative error vs the bf16 result (quantization
 and the kernel's error vs its PyTorch reference (kernel correctness). Each row also gives
 the fraction of the measured copy ceiling (``measured_ceilings``) the layer reaches, the
 launch configuration the static table picked, and the host (wrapper + launch) time per
-call in microseconds: with the L2 flush queued before each timed call, host time below
-the flush's ~60 us does not show in ``ms``; above it, it does.
+call in microseconds. Both sides are timed as CUDA-graph replays (``time_cuda(graph=True)``,
+since 2026-11-29): ``ms`` is the kernels' device time, what a model decoding under CUDA
+graphs or torch.compile sees; ``host_us`` is what an eager caller pays on top. (Earlier
+rows timed eager calls, where host time above the flush's ~60 us showed in ``ms``.)
 
 Options: ``tune=True`` also times the best config of
 :func:`slimlm.kernels.quant_matmul.autotune_table` per (format, shape, M) (``tuned_ms``,
@@ -84,7 +86,7 @@ def _reference(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _time_dense(x: torch.Tensor, w: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    t = time_fn(lambda: F.linear(x, w), device, flush_l2=device.type == "cuda")
+    t = time_fn(lambda: F.linear(x, w), device, flush_l2=device.type == "cuda", graph=True)
     nbytes = (w.numel() + x.numel() + x.shape[0] * w.shape[0]) * w.element_size()
     return {"bf16_ms": t["median_ms"], "bf16_tb_s": nbytes / (t["median_ms"] * 1e-3) / 1e12}
 
@@ -116,7 +118,7 @@ def _time_quant(ql: QuantLinear, x: torch.Tensor, ref_out: torch.Tensor, bf16_ms
     m, n = x.shape[0], ql.out_features
     with torch.no_grad():
         y = ql(x)
-        t = time_fn(lambda: ql(x), device, flush_l2=device.type == "cuda")
+        t = time_fn(lambda: ql(x), device, flush_l2=device.type == "cuda", graph=True)
         host_us = _host_us(lambda: ql(x), device)
     nbytes = ql.storage_bytes() + (x.numel() + m * n) * x.element_size()
     tb_s = nbytes / (t["median_ms"] * 1e-3) / 1e12
@@ -139,7 +141,7 @@ def _time_quant(ql: QuantLinear, x: torch.Tensor, ref_out: torch.Tensor, bf16_ms
             with torch.no_grad():
                 tt = time_fn(lambda: quant_matmul(x, ql.qweight, s, z, ql.bits,
                                                   ql.group_size, config=cfg),
-                             device, flush_l2=True)
+                             device, flush_l2=True, graph=True)
             row.update(tuned_ms=tt["median_ms"], tuned_speedup_vs_bf16=bf16_ms / tt["median_ms"],
                        tuned_config=",".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     return row
@@ -149,7 +151,8 @@ DECODE_FORMATS = ["bf16", "int8-g128", "int4-g128", "int2-g64"]
 
 
 def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
-                 modes: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
+                 modes: tuple[str, ...] | None = None, formats: list[str] | None = None,
+                 batches: list[int] | None = None) -> Iterator[dict[str, Any]]:
     """End-to-end greedy decode tokens/s: llama-1b (quick: tiny), random weights, static
     cache, 16-token prompts, batch 1 and 16, bf16 vs each weight format, per mode:
     "eager" (``generate`` as a user calls it: per-layer host overhead counts) and, on
@@ -177,13 +180,13 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
     base_model.eval()
     cfg = base_model.cfg
     ref_tps: dict[tuple[str, int], float] = {}  # (mode, batch) -> bf16 tokens/s
-    for fmt in DECODE_FORMATS:
+    for fmt in formats or DECODE_FORMATS:
         if fmt == "bf16":
             model = base_model
         else:
             model = copy.deepcopy(base_model)
             quantize_(model, FORMATS[fmt])
-        for batch in (1, 16):
+        for batch in batches or (1, 16):
             ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
             cache = StaticCache(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim,
                                 prompt + new_tokens - 1, device=device, dtype=dtype)
@@ -235,7 +238,10 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
     """Rows: one per (shape, M, format). Options: ``shapes`` [(N, K)], ``ms`` [M],
     ``formats`` [names of FORMATS], ``tune`` (bool: also time autotune_table's best),
     ``decode`` (bool: end-to-end decode tokens/s rows), ``decode_modes`` (generate's
-    ``compile=`` values for those rows; default eager, plus cuda-graph on CUDA)."""
+    ``compile=`` values for those rows; default eager, plus cuda-graph on CUDA),
+    ``decode_formats`` (subset of bf16 and the formats: default all four),
+    ``decode_batches`` (default [1, 16]), ``linear`` (bool, default true: the per-shape
+    linear rows; false runs the decode rows alone)."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     shapes = options.get("shapes") or ([(96, 128), (64, 256)] if quick else LLAMA3_8B_SHAPES)
@@ -245,6 +251,16 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
     if unknown:
         raise ValueError(f"formats={sorted(unknown)}: expected names from {list(FORMATS)}")
     dtype = torch.bfloat16 if on_gpu else torch.float32
+    dformats = options.get("decode_formats")
+    if dformats is not None:
+        bad = [f for f in dformats if f not in DECODE_FORMATS]
+        if bad:
+            raise ValueError(f"decode_formats={bad}: expected names from {DECODE_FORMATS}")
+    dbatches = options.get("decode_batches")
+    if dbatches is not None and not all(isinstance(b, int) and b >= 1 for b in dbatches):
+        raise ValueError(f"decode_batches={dbatches!r}: expected a list of positive integers")
+    if not options.get("linear", True):
+        shapes = []
     w8a8_min_m = 32 if quick else 64
     tune = bool(options.get("tune", False)) and on_gpu
     copy_tb_s = None
@@ -277,4 +293,5 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
     if options.get("decode", False):
         dm = options.get("decode_modes")
         yield from _decode_rows(quick, device, dtype,
-                                tuple([dm] if isinstance(dm, str) else dm) if dm else None)
+                                tuple([dm] if isinstance(dm, str) else dm) if dm else None,
+                                dformats, dbatches)

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slimlm.kernels import triton_available, warn_fallback
+from slimlm.kernels import interpreting, triton_available, warn_fallback
 
 __all__ = [
     "HOPPER_SMEM_LIMIT",
@@ -355,13 +355,14 @@ def default_config(bits: int, m: int, n: int, k: int, group_size: int, sms: int 
             return 1
         return max(1, min(4, _pow2_ceil(-(-target // blocks)), kw // bkw))
 
-    if m <= GEMV_MAX_M and not (bits == 8 and n >= 16384):
-        bkw = min(256, _pow2_ceil(kw))
-        bn = 4 if bits == 8 else 8
+    if m <= GEMV_MAX_M:
+        # columns take all the warps: 128 words (4 per thread) per warp, <= 4 warps
+        bkw = min(512, _pow2_ceil(kw))
+        warps = max(1, min(4, bkw // 128))
+        bn = 8
         split = 1
         if -(-n // bn) < target:
             split = max(1, min(8, target // max(1, -(-n // bn)), kw // bkw))
-        warps = 4 if bn * bkw >= 2048 else 2
         return fit(QMMConfig("gemv", 16, bn, bkw, split, warps, 2))
     if m >= DEQUANT_MIN_M:
         return fit(QMMConfig("dequant", 16, 32, max(4, min(64, 512 // per)), 1, 4, 2))
@@ -482,12 +483,54 @@ if triton_available():
         return s, z
 
     @triton.jit
+    def _field_magic(w, mask: tl.constexpr, ASM: tl.constexpr):
+        """float32 bit pattern ``(w & mask) | 0x4B000000``: 2**23 + the masked field. With
+        ``ASM`` one ``lop3.b32`` (LUT 0xEA = (a & b) | c) per value; ptxas otherwise emits
+        an AND and an OR (a LOP3 takes one immediate), and this is the kernel's most
+        frequent instruction. The interpreter cannot run PTX: it takes the plain form."""
+        if ASM:
+            m = tl.full(w.shape, mask, tl.int32)
+            c = tl.full(w.shape, 0x4B000000, tl.int32)
+            return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                             [w, m, c], dtype=tl.float32, is_pure=True,
+                                             pack=1)
+        return ((w & mask) | 0x4B000000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _chunk_scale_zero(s_ptr, z_ptr, rows, kw0, NG, BITS: tl.constexpr, GROUP: tl.constexpr,
+                          HAS_ZERO: tl.constexpr, BLOCK_KW: tl.constexpr):
+        """Scale and zero point per 4-word chunk, (BN, BLOCK_KW/4), for a step whose chunks
+        each lie in one group (4 * 32/BITS divides GROUP). The kernel sums each chunk's
+        words in-thread (a chunk is one 16-byte vector of the weight tile) and scales the
+        chunk sums: gathering a scale per word instead made the compiler give the scales a
+        layout of their own and move the (BN, BKW) partial sums through shared memory every
+        step, and cost an index computation and a load per word."""
+        PER: tl.constexpr = 32 // BITS
+        BC: tl.constexpr = BLOCK_KW // 4
+        chunk = kw0 // 4 + tl.arange(0, BC)
+        idx = rows[:, None] * NG + tl.minimum((chunk * (4 * PER)) // GROUP, NG - 1)[None, :]
+        s = tl.load(s_ptr + idx).to(tl.float32)  # (BN, BC)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + idx).to(tl.float32)
+        else:
+            z = s * 0.0 + (1 << (BITS - 1))
+        return s, z
+
+    @triton.jit
     def qmm_gemv(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
                  N, KW, NG, stride_xm, stride_om, KW_PER_SPLIT,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
-                 ONE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+                 ONE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                 CHUNK_SCALES: tl.constexpr, ASM: tl.constexpr):
         """y[row, n] = sum_k x[row, k] * (q[n, k] - z) * s on CUDA cores (no tl.dot).
+
+        ``x_ptr`` holds x *deinterleaved* by the wrapper: xp[row, i, kw] = x[row, kw*PER + i]
+        (PER = 32/BITS values per word), so the i-th values of a thread's packed words sit
+        next to each other: each x load is one vector in the weight tile's own column layout,
+        with no shared-memory layout conversion (the interleaved x needed two barriers per
+        position and step). Give the tile's columns all the warps (BLOCK_KW = 128 words x
+        num_warps): warps split along rows would replicate x and bring the conversions back.
 
         Per word: the value at bit offset b < 16 is masked in place (no shift) and read
         as 2**23 + q * 2**b through the mantissa trick; x is pre-scaled by 2**-b (exact),
@@ -506,6 +549,7 @@ if triton_available():
         rows = tl.where(n_ok, offs_n, 0)  # clamped: the weight loads need no row mask
         x_row = x_ptr + row * stride_xm
         acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+        acc_c = tl.zeros((BLOCK_N, BLOCK_KW // 4), dtype=tl.float32)
         kw_lo = pid_k * KW_PER_SPLIT
         kw_hi = tl.minimum(kw_lo + KW_PER_SPLIT, KW)
         for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
@@ -521,23 +565,33 @@ if triton_available():
             xs = tl.zeros((BLOCK_KW,), dtype=tl.float32)
             for i in tl.static_range(PER):
                 if EVEN_K:
-                    xi = tl.load(x_row + offs_kw * PER + i).to(tl.float32)
+                    xi = tl.load(x_row + i * KW + offs_kw).to(tl.float32)
                 else:
-                    xi = tl.load(x_row + offs_kw * PER + i, mask=k_ok, other=0.0
-                                 ).to(tl.float32)
+                    xi = tl.load(x_row + i * KW + offs_kw, mask=k_ok, other=0.0).to(tl.float32)
                 xs += xi
                 if i < HALF:
-                    v = ((w & (MASK << (i * BITS))) | 0x4B000000).to(tl.float32, bitcast=True)
+                    v = _field_magic(w, MASK << (i * BITS), ASM)
                     xi = xi * (1.0 / (1 << (i * BITS)))
                 else:
-                    v = ((hi & (MASK << ((i - HALF) * BITS))) | 0x4B000000).to(
-                        tl.float32, bitcast=True)
+                    v = _field_magic(hi, MASK << ((i - HALF) * BITS), ASM)
                     xi = xi * (1.0 / (1 << ((i - HALF) * BITS)))
                 t += (v - 8388608.0) * xi[None, :]
-            s, z = _scale_zero(s_ptr, z_ptr, rows, kw0, offs_kw, NG, BITS, GROUP, HAS_ZERO,
-                               ONE_GROUP)
-            acc += s * (t - z * xs[None, :])
-        y = tl.sum(acc, axis=1)  # (BN,)
+            if CHUNK_SCALES:
+                # 4-word chunks lie in one group: sum each chunk's words in-thread first,
+                # then one scale and zero per chunk (BC = BLOCK_KW / 4)
+                tc = tl.sum(tl.reshape(t, (BLOCK_N, BLOCK_KW // 4, 4)), axis=2)  # (BN, BC)
+                xc = tl.sum(tl.reshape(xs, (BLOCK_KW // 4, 4)), axis=1)  # (BC,)
+                s, z = _chunk_scale_zero(s_ptr, z_ptr, rows, kw0, NG, BITS, GROUP, HAS_ZERO,
+                                         BLOCK_KW)
+                acc_c += s * (tc - z * xc[None, :])
+            else:
+                s, z = _scale_zero(s_ptr, z_ptr, rows, kw0, offs_kw, NG, BITS, GROUP,
+                                   HAS_ZERO, ONE_GROUP)
+                acc += s * (t - z * xs[None, :])
+        if CHUNK_SCALES:
+            y = tl.sum(acc_c, axis=1)  # (BN,)
+        else:
+            y = tl.sum(acc, axis=1)  # (BN,)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_ok & (offs_n * 0 + pid_k == 0), other=0.0).to(tl.float32)
         if ATOMIC:
@@ -675,6 +729,9 @@ def _plan(cfg: QMMConfig, m: int, n: int, kw: int, bits: int, group_size: int,
     atomic = split > 1
     kw_args.update(HAS_BIAS=has_bias, ATOMIC=atomic, EVEN_K=split * kps == kw)
     if cfg.mode == "gemv":
+        kw_args["CHUNK_SCALES"] = (not kw_args["ONE_GROUP"] and bkw >= 4
+                                   and group_size % (4 * per) == 0)
+        kw_args["ASM"] = not interpreting()
         return (m, triton_cdiv(n, cfg.block_n), split), kps, atomic, kw_args
     kw_args.update(BLOCK_M=cfg.block_m, PREC="ieee" if fp32 else "tf32")
     return (triton_cdiv(m, cfg.block_m), triton_cdiv(n, cfg.block_n), split), kps, atomic, kw_args
@@ -702,7 +759,10 @@ def _launch(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
         out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     b = bias if bias is not None else scales
     if cfg.mode == "gemv":
-        kern[grid](x2, w32, scales, zp, b, out, n, kw, ng, x2.stride(0), n, kps, **kw_args)
+        per = 32 // bits
+        # deinterleave x: xp[row, i, kw] = x[row, kw * per + i] (see qmm_gemv)
+        xp = x2.reshape(m, kw, per).transpose(1, 2).contiguous()  # (M, PER, KW)
+        kern[grid](xp, w32, scales, zp, b, out, n, kw, ng, kw * per, n, kps, **kw_args)
     else:
         kern[grid](x2, w32, scales, zp, b, out, m, n, kw, ng, x2.stride(0), n, kps, **kw_args)
     return out.to(x2.dtype) if atomic else out
@@ -827,10 +887,12 @@ def candidate_configs(bits: int, m: int) -> list[QMMConfig]:
     per = 32 // bits
     out: list[QMMConfig] = []
     if m <= 4:
+        # gemv: columns take all the warps (block_kw = 128 words per warp, see qmm_gemv)
         for bn in (4, 8, 16):
-            for bkw in (64, 128, 256):
-                for warps in (2, 4):
-                    out.append(QMMConfig("gemv", 16, bn, bkw, 1, warps, 2))
+            for warps in (2, 4):
+                for split in (1, 2):
+                    for stages in (1, 2):
+                        out.append(QMMConfig("gemv", 16, bn, 128 * warps, split, warps, stages))
     if m <= 64:
         for bn in (16, 32, 64):
             for bk in (128, 256, 512):
@@ -852,7 +914,8 @@ def autotune_table(bits: int, n: int, k: int, group_size: int, ms: list[int] | t
                    candidates: list[QMMConfig] | None = None, rep: int = 20
                    ) -> dict[int, tuple[QMMConfig, float]]:
     """Time candidate configs on the GPU (random packed weights, L2 flushed before each
-    call) and return ``{M: (best config, median ms)}``. For the benchmark suite and for
+    call, replayed from a CUDA graph so that the host's launch cost does not hide the
+    kernels' differences) and return ``{M: (best config, median ms)}``. For the benchmark suite and for
     refreshing :func:`default_config`; never called by a forward pass.
 
     Example::
@@ -889,7 +952,7 @@ def autotune_table(bits: int, n: int, k: int, group_size: int, ms: list[int] | t
                     continue  # a config that computes the wrong thing never wins
                 t = time_fn(lambda c=cfg, x=x: _quant_matmul_triton(x, qw, s, z, bits,
                                                                     group_size, None, c),
-                            dev, rep=rep, flush_l2=True)["median_ms"]
+                            dev, rep=rep, flush_l2=True, graph=True)["median_ms"]
             except Exception:  # noqa: BLE001 - e.g. OutOfResources on another Triton
                 continue
             if m not in best or t < best[m][1]:
