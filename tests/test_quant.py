@@ -569,7 +569,11 @@ def test_shared_memory_bound_holds_for_the_sm90_compiler() -> None:
             fn = qmod.qmm_gemv if cfg.mode == "gemv" else qmod.qmm_dot
             const.update(HAS_BIAS=False, ATOMIC=False)
             if cfg.mode == "gemv":
-                const.update(CHUNK_SCALES=not const["ONE_GROUP"], ASM=True)
+                # the bf16x2 form (x as int32 pairs): it must compile for sm_90 too
+                packed = bits in (2, 4)
+                const.update(CHUNK_SCALES=not const["ONE_GROUP"], ASM=True, PACKED=packed)
+                if packed:
+                    ptrs = {**ptrs, "x_ptr": "*i32"}
             if cfg.mode == "dot":
                 ints = ["M", *ints]
                 const.update(BLOCK_M=cfg.block_m, PREC="tf32")

@@ -51,6 +51,7 @@ def make(bits: int, n: int, k: int, group: int | None, symmetric: bool, dtype: t
 _CASES = [(bits, m, group, sym, dt)
           for bits in (2, 4, 8)
           for m, group, sym, dt in ((1, 32, False, torch.float16),
+                                    (1, 64, False, torch.bfloat16),  # gemv's bf16x2 form
                                     (5, None, False, torch.bfloat16),
                                     (17, 32, False, torch.bfloat16),
                                     (300, 128, True, torch.float16))]
@@ -73,6 +74,7 @@ def test_kernel_matches_reference(bits, m, group, symmetric, dtype) -> None:
 
 @pytest.mark.parametrize("bits, cfg, m", [
     (4, QMMConfig("gemv", block_n=4, block_kw=64, split_k=4, num_warps=2), 3),  # split-K
+    (2, QMMConfig("gemv", block_n=8, block_kw=512, split_k=3, num_warps=4), 1),  # ragged
     (8, QMMConfig("gemv", block_n=8, block_kw=256), 1),
     (2, QMMConfig("dot", 16, 32, 16, 4), 3),  # split-K, K steps over 4 groups (mma.sync)
     (4, QMMConfig("dot", 16, 16, 32, 1), 16),

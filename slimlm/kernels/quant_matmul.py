@@ -497,6 +497,24 @@ if triton_available():
         return ((w & mask) | 0x4B000000).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _bf16x2_fma_fields(w, xq, acc, BITS: tl.constexpr):
+        """acc + (fields of ``w`` at bits 0 and 16, as bf16x2) * xq, all int32 bit patterns
+        of bf16x2: ``(w & 0x000F000F) | 0x43004300`` is the pair 128 + q (exact: 7 mantissa
+        bits), one ``sub.bf16x2`` makes it q, one ``fma.rn.bf16x2`` accumulates. GPU only."""
+        if BITS == 4:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 m, t; mov.b32 m, 0x43004300; "
+                "lop3.b32 t, $1, 0x000F000F, m, 0xEA; sub.rn.bf16x2 t, t, m; "
+                "fma.rn.bf16x2 $0, t, $2, $3; }",
+                "=r,r,r,r", [w, xq, acc], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 m, t; mov.b32 m, 0x43004300; "
+                "lop3.b32 t, $1, 0x00030003, m, 0xEA; sub.rn.bf16x2 t, t, m; "
+                "fma.rn.bf16x2 $0, t, $2, $3; }",
+                "=r,r,r,r", [w, xq, acc], dtype=tl.int32, is_pure=True, pack=1)
+
+    @triton.jit
     def _chunk_scale_zero(s_ptr, z_ptr, rows, kw0, NG, BITS: tl.constexpr, GROUP: tl.constexpr,
                           HAS_ZERO: tl.constexpr, BLOCK_KW: tl.constexpr):
         """Scale and zero point per 4-word chunk, (BN, BLOCK_KW/4), for a step whose chunks
@@ -522,7 +540,7 @@ if triton_available():
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
                  ONE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                 CHUNK_SCALES: tl.constexpr, ASM: tl.constexpr):
+                 CHUNK_SCALES: tl.constexpr, ASM: tl.constexpr, PACKED: tl.constexpr):
         """y[row, n] = sum_k x[row, k] * (q[n, k] - z) * s on CUDA cores (no tl.dot).
 
         ``x_ptr`` holds x *deinterleaved* by the wrapper: xp[row, i, kw] = x[row, kw*PER + i]
@@ -532,7 +550,17 @@ if triton_available():
         position and step). Give the tile's columns all the warps (BLOCK_KW = 128 words x
         num_warps): warps split along rows would replicate x and bring the conversions back.
 
-        Per word: the value at bit offset b < 16 is masked in place (no shift) and read
+        ``PACKED`` (bf16 x, 4- and 2-bit weights, GPU only): x comes as int32 pairs
+        (x[kw*PER + i], x[kw*PER + HALF + i]) (HALF = PER/2) and each pair of fields is
+        dequantized and multiplied two at a time in bf16x2 (one lop3 + one sub + one fma
+        per two weights, :func:`_bf16x2_fma_fields`), the word's HALF pair-products summed
+        in bf16x2 and widened to fp32 once per word; scales, zero points and everything
+        after stay fp32. The fp32 form below issued ~5 instructions per weight and left the
+        H200 kernel issue-bound at half the HBM bandwidth. The bf16 partial sums (of 4
+        int4 / 8 int2 products) round to 8 bits: an error of the order of bf16 rounding
+        of the output.
+
+        Otherwise, per word: the value at bit offset b < 16 is masked in place (no shift) and read
         as 2**23 + q * 2**b through the mantissa trick; x is pre-scaled by 2**-b (exact),
         so each value costs one LOP3, one FADD and one FFMA. The high half-word is shifted
         down once per word. Scale and zero are applied once per word:
@@ -560,22 +588,40 @@ if triton_available():
             else:
                 k_ok = offs_kw < KW
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
-            hi = w >> 16
-            t = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
             xs = tl.zeros((BLOCK_KW,), dtype=tl.float32)
-            for i in tl.static_range(PER):
-                if EVEN_K:
-                    xi = tl.load(x_row + i * KW + offs_kw).to(tl.float32)
-                else:
-                    xi = tl.load(x_row + i * KW + offs_kw, mask=k_ok, other=0.0).to(tl.float32)
-                xs += xi
-                if i < HALF:
-                    v = _field_magic(w, MASK << (i * BITS), ASM)
-                    xi = xi * (1.0 / (1 << (i * BITS)))
-                else:
-                    v = _field_magic(hi, MASK << ((i - HALF) * BITS), ASM)
-                    xi = xi * (1.0 / (1 << ((i - HALF) * BITS)))
-                t += (v - 8388608.0) * xi[None, :]
+            if PACKED:
+                # bf16x2 on CUDA cores (see the docstring): x arrives as int32 pairs
+                # (x[kw*PER + i], x[kw*PER + HALF + i]), the fields i and HALF + i of a word
+                # sit at bits i*BITS and 16 + i*BITS: one mask takes both
+                tp = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.int32)  # bf16x2 partial sums
+                for i in tl.static_range(HALF):
+                    if EVEN_K:
+                        xq = tl.load(x_row + i * KW + offs_kw)
+                    else:
+                        xq = tl.load(x_row + i * KW + offs_kw, mask=k_ok, other=0)
+                    xs += (xq << 16).to(tl.float32, bitcast=True)
+                    xs += (xq & -65536).to(tl.float32, bitcast=True)
+                    tp = _bf16x2_fma_fields(w >> (i * BITS), tl.broadcast_to(xq[None, :], w.shape),
+                                            tp, BITS)
+                t = (tp << 16).to(tl.float32, bitcast=True) + (tp & -65536).to(
+                    tl.float32, bitcast=True)
+            else:
+                hi = w >> 16
+                t = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+                for i in tl.static_range(PER):
+                    if EVEN_K:
+                        xi = tl.load(x_row + i * KW + offs_kw).to(tl.float32)
+                    else:
+                        xi = tl.load(x_row + i * KW + offs_kw, mask=k_ok, other=0.0
+                                     ).to(tl.float32)
+                    xs += xi
+                    if i < HALF:
+                        v = _field_magic(w, MASK << (i * BITS), ASM)
+                        xi = xi * (1.0 / (1 << (i * BITS)))
+                    else:
+                        v = _field_magic(hi, MASK << ((i - HALF) * BITS), ASM)
+                        xi = xi * (1.0 / (1 << ((i - HALF) * BITS)))
+                    t += (v - 8388608.0) * xi[None, :]
             if CHUNK_SCALES:
                 # 4-word chunks lie in one group: sum each chunk's words in-thread first,
                 # then one scale and zero per chunk (BC = BLOCK_KW / 4)
@@ -712,7 +758,7 @@ def _as_config(config: QMMConfig | dict[str, Any] | None, base: QMMConfig) -> QM
 
 @functools.lru_cache(maxsize=1024)
 def _plan(cfg: QMMConfig, m: int, n: int, kw: int, bits: int, group_size: int,
-          has_zero: bool, has_bias: bool, fp32: bool
+          has_zero: bool, has_bias: bool, fp32: bool, bf16: bool = False
           ) -> tuple[tuple[int, int, int], int, bool, dict[str, Any]]:
     """(grid, K words per split, atomic?, keyword arguments) of one launch, memoised so
     that a decode step spends no Python on arithmetic it did the step before."""
@@ -732,6 +778,7 @@ def _plan(cfg: QMMConfig, m: int, n: int, kw: int, bits: int, group_size: int,
         kw_args["CHUNK_SCALES"] = (not kw_args["ONE_GROUP"] and bkw >= 4
                                    and group_size % (4 * per) == 0)
         kw_args["ASM"] = not interpreting()
+        kw_args["PACKED"] = kw_args["ASM"] and bf16 and bits in (2, 4)
         return (m, triton_cdiv(n, cfg.block_n), split), kps, atomic, kw_args
     kw_args.update(BLOCK_M=cfg.block_m, PREC="ieee" if fp32 else "tf32")
     return (triton_cdiv(m, cfg.block_m), triton_cdiv(n, cfg.block_n), split), kps, atomic, kw_args
@@ -746,7 +793,8 @@ def _launch(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
     n, kw = w32.shape
     ng = scales.shape[1]
     grid, kps, atomic, kw_args = _plan(cfg, m, n, kw, bits, group_size, zeros is not None,
-                                       bias is not None, x2.dtype == torch.float32)
+                                       bias is not None, x2.dtype == torch.float32,
+                                       x2.dtype == torch.bfloat16)
     kern = _kernel(cfg.mode)
     zp = zeros if zeros is not None else scales  # a valid pointer the kernel never reads
     if cfg.mode == "dequant":
@@ -760,9 +808,14 @@ def _launch(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
     b = bias if bias is not None else scales
     if cfg.mode == "gemv":
         per = 32 // bits
-        # deinterleave x: xp[row, i, kw] = x[row, kw * per + i] (see qmm_gemv)
-        xp = x2.reshape(m, kw, per).transpose(1, 2).contiguous()  # (M, PER, KW)
-        kern[grid](xp, w32, scales, zp, b, out, n, kw, ng, kw * per, n, kps, **kw_args)
+        if kw_args["PACKED"]:
+            # int32 pairs xp[row, i, kw] = (x[row, kw*per + i], x[row, kw*per + per/2 + i])
+            xp = (x2.reshape(m, kw, 2, per // 2).permute(0, 3, 1, 2).contiguous()
+                  .view(torch.int32).view(m, per // 2, kw))  # (M, PER/2, KW)
+        else:
+            # deinterleave x: xp[row, i, kw] = x[row, kw * per + i] (see qmm_gemv)
+            xp = x2.reshape(m, kw, per).transpose(1, 2).contiguous()  # (M, PER, KW)
+        kern[grid](xp, w32, scales, zp, b, out, n, kw, ng, xp.stride(0), n, kps, **kw_args)
     else:
         kern[grid](x2, w32, scales, zp, b, out, m, n, kw, ng, x2.stride(0), n, kps, **kw_args)
     return out.to(x2.dtype) if atomic else out
