@@ -307,15 +307,14 @@ def default_config(bits: int, m: int, n: int, k: int, group_size: int, sms: int 
     stopped early); it follows the 4096-row rules. The rules below reproduce the winners
     (tuned config, old table -> tuned, in us):
 
-    - *gemv* (M <= GEMV_MAX_M): ``block_n`` 8 rows (int4/int2) or 4 (int8) of 256-word
-      (1 KiB) K steps, 4 warps (2 for 4 rows): 16 words per thread per step. Winners:
-      int4 28672 bn8 (2 warps) 68 -> 48, int2 28672 bn8 65 -> 50, int4/int2 4096 bn8,
-      int8 4096 bn4/2 warps 38 -> 17. Wider 16-row blocks lost everywhere they were
-      picked. Split-K only when N gives < 2 programs per SM.
-    - int8 decode with N >= 16384 takes the 16-row dot tiles below: a dot config beat
-      every gemv candidate there (28672x4096 M=1: gemv 107 -> dot 81 with 64-wide N
-      blocks and split-K 2; the table's 64-wide tile is not split, as N gives 448 blocks:
-      the M=4 winner, 62).
+    - *gemv* (M <= GEMV_MAX_M): ``block_n`` 4 rows x 256-word K steps x 2 warps (the
+      tile's columns take all the warps, see :func:`qmm_gemv`), for every width. Evidence:
+      the rewritten kernel (deinterleaved x, chunk scales, bf16x2 fields), H200 tuner run
+      of 2026-11-29 at 28672x4096 M=1 (CUDA-graph timing): int4 4x256x2 31.6 us against
+      36.6 for 8x512x4 (124 registers, 25% occupancy), int2 4x256x2 (split 2) 27.3 against
+      29.0. The other shapes follow the same rule untuned. int8 now also takes the gemv
+      (1.61x bf16 at 28672x4096; the old int8 dot tile measured 1.09x in the same run).
+      Split-K only when N gives < 2 programs per SM.
     - *dot*, 2 < M <= 16: 16-row tiles (mma.sync) with 128-value K steps (int8 32 words,
       int4 16) x 64-wide N blocks up to M = 8, 32-wide beyond (the tuner's picks: 64 at
       M = 4 on all three shapes, 32 at M = 16 on five of six, though both M run the same
