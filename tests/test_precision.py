@@ -397,3 +397,28 @@ def test_bf16_adamw_fused_path_matches_the_loop(rounding):
     ulp = (ps[0].detach().float().abs() * 2 ** -7).clamp_min(1e-30)
     assert ((ps[0].detach().float() - ps[1].detach().float()).abs() <= ulp * 1.01).all()
     assert (ps[0] != ps[1]).float().mean() < 0.05
+
+
+@pytest.mark.parametrize("dim", [None, 1, 0])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_quantize_fp8_in_bf16_matches_the_fp32_form(dim, dtype):
+    """quantize_fp8 multiplies bf16 inputs in bf16 (no fp32 copy): the dequantised values
+    equal those of the exact fp32 form (divide in fp32, round once) up to one fp8 step
+    (double-rounding ties, and the factor rounded to bf16 moves values by < 2**-8), never
+    overflow (no NaN), and reconstruct x as well as the fp32 form does."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 96) * torch.logspace(-3, 3, 96)).to(torch.bfloat16)  # wide range
+    q, s = quantize_fp8(x, dtype, dim)
+    fmax = torch.finfo(dtype).max
+    mbits, sub = (3, 2.0 ** -9) if dtype == torch.float8_e4m3fn else (2, 2.0 ** -16)
+    x32 = x.float()
+    amax = x32.abs().amax() if dim is None else x32.abs().amax(dim=dim, keepdim=True)
+    sr = amax / fmax
+    qr = (x32 / sr).clamp(-fmax, fmax).to(dtype).float()  # the fp32 form, in fp8 units
+    assert not torch.isnan(q.float()).any() and q.float().abs().max().item() <= fmax
+    got = q.float() * s / sr  # the bf16 form in the same units
+    step = torch.maximum(2.0 ** (torch.floor(torch.log2(qr.abs().clamp_min(1e-30))) - mbits),
+                         torch.tensor(sub))
+    assert ((got - qr).abs() <= step * 1.01 + qr.abs() * 2.0 ** -8).all()
+    assert (q.float() == qr).float().mean().item() > 0.9  # most codes are identical
+    assert _rel(q.float() * s, x32) <= _rel(qr * sr, x32) * 1.05 + 1e-4
