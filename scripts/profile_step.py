@@ -2,6 +2,7 @@
 
     python scripts/profile_step.py decode [--model llama-1b] [--format bf16|int8|int4|int2]
                                           [--batch 1] [--steps 8] [--out DIR]
+                                          [--compile none|cuda-graph|reduce-overhead|default]
 
 Runs eager greedy decode of a random-init preset (optionally with quantized weights) under
 ``torch.profiler`` and prints the kernels sorted by total device time (calls, total and
@@ -43,8 +44,12 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--compile", default="none",
+                    choices=["none", "cuda-graph", "reduce-overhead", "default"],
+                    help="generate's compile= for the profiled run (none: eager)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    comp = False if args.compile == "none" else args.compile
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     name = args.model or ("llama-1b" if cuda else "tiny")
@@ -65,14 +70,18 @@ def main() -> int:
     prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), device=device)
     cache = StaticCache(cfg.n_layers, args.batch, cfg.n_kv_heads, cfg.head_dim,
                         args.prompt + args.steps, device=device, dtype=dtype)
-    generate(model, prompts, args.steps, cache=cache)  # warm-up: kernels compiled, tuned
+    # warm-up: kernels compiled and tuned, the graph captured (twice: a compiled step's
+    # first calls may still record)
+    for _ in range(2 if comp else 1):
+        cache.reset()
+        generate(model, prompts, args.steps, cache=cache, compile=comp)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     cache.reset()
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
-        generate(model, prompts, args.steps, cache=cache)
+        generate(model, prompts, args.steps, cache=cache, compile=comp)
         if cuda:
             torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3
@@ -89,7 +98,8 @@ def main() -> int:
     total = sum(r["total_us"] for r in rows)
     for r in rows:
         r["share"] = r["total_us"] / total if total else 0.0
-    summary = {"model": name, "format": args.format, "batch": args.batch,
+    summary = {"model": name, "format": args.format, "compile": args.compile,
+               "batch": args.batch,
                "prompt": args.prompt, "steps": args.steps, "device": str(device),
                "wall_ms_per_generate": wall_ms, "device_ms_summed": total / 1e3,
                "kernels_per_generate": sum(r["calls"] for r in rows), "rows": rows}
@@ -102,7 +112,8 @@ def main() -> int:
               f"{r['share']:>6.1%}  {r['kernel']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"profile-decode-{args.format}-b{args.batch}.json"
+    tag = "" if args.compile == "none" else f"-{args.compile}"
+    path = out / f"profile-decode-{args.format}-b{args.batch}{tag}.json"
     from slimlm._io import atomic_write_text
 
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
