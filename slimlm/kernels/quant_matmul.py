@@ -19,8 +19,9 @@ implicit zero point ``2**(bits-1)`` (GPTQ's convention), so no zero-point bytes 
 
 Kernels
 -------
-Three Triton kernels; :func:`default_config` (a static table, no autotuning at call time)
-picks one per (bits, M, N, K, group):
+Four Triton kernels; :func:`default_config` (a static table, no autotuning at call time)
+picks one per (bits, M, N, K, group) (``qmm_gemvm`` only through ``config=`` and the tuner
+so far):
 
 - ``qmm_gemv`` (decode, M <= 2): CUDA cores, no ``tl.dot``. A program owns BLOCK_N output
   rows of one row of x and streams their packed words along K in 16-byte vectors (1 KiB
@@ -29,6 +30,11 @@ picks one per (bits, M, N, K, group):
   ``2**-b`` so one FMA per value accumulates ``q * x``, and scale and zero point are applied
   once per word: ``s * (sum q x - z * sum x)``. 8 (int4/int2) or 4 (int8) output rows
   per program; split-K (fp32 atomics) only when N is small.
+- ``qmm_gemvm`` (small batches, 2 <= M <= 16; a tuner candidate, not in the static table
+  until a GPU has timed it): the GEMV for BLOCK_M rows of x at once. Each program
+  dequantizes its weight tile once per K step, scale and zero point included, and
+  multiplies it with each row (bf16 x at 4/2 bits: one ``fma.rn.bf16x2`` per two weights
+  and row), so the dequantization is shared by the rows instead of repeated per row.
 - ``qmm_dot`` (2 < M < 1024, and int8 decode at large N): the packed tile is dequantized
   to x's dtype in registers (same trick, then one FMA ``q * s - z * s``), interleaved into
   K order with ``tl.join`` + ``tl.reshape`` (register-local), and fed to ``tl.dot`` against
@@ -173,7 +179,9 @@ def quant_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 # bound, so that no call ever autotunes and no config can exceed the SM's shared memory
 # ---------------------------------------------------------------------------------------
 
-MODES = ("gemv", "dot", "dequant")
+MODES = ("gemv", "gemvm", "dot", "dequant")
+#: Rows of x one ``gemvm`` program multiplies with each dequantized weight tile (unrolled).
+GEMVM_MAX_BLOCK_M = 16
 
 #: Shared memory per block on Hopper (sm_90: 227 KiB opt-in); the static table keeps every
 #: config under SMEM_BUDGET, which leaves room for what the analytic bound does not count.
@@ -186,11 +194,14 @@ class QMMConfig:
     """One launch configuration of the quantized matmul.
 
     - ``mode``: ``"gemv"`` (M small: fp32 FMA on CUDA cores, one program per (row of x,
-      BLOCK_N output rows, K split), no tensor cores), ``"dot"`` (tiles through ``tl.dot``
+      BLOCK_N output rows, K split), no tensor cores), ``"gemvm"`` (small batches: the same
+      on CUDA cores for ``block_m`` rows of x per program, the weight tile dequantized once
+      for all of them; ``block_m`` <= GEMVM_MAX_BLOCK_M), ``"dot"`` (tiles through ``tl.dot``
       with the weight tile dequantized in registers) or ``"dequant"`` (dequantize the whole
       weight to x's dtype with a Triton kernel, then cuBLAS ``F.linear``: long prefills,
       where the GEMM is compute-bound and cuBLAS is the best GEMM there is).
-    - ``block_m`` x ``block_n`` output tile (gemv: block_m unused), ``block_kw`` packed int32
+    - ``block_m`` x ``block_n`` output tile (gemv: block_m unused; gemvm: rows of x per
+      program, unrolled in the kernel), ``block_kw`` packed int32
       words of K per step (``block_kw * 32 / bits`` values).
     - ``split_k``: programs along K; > 1 reduces with fp32 atomics (one memset and one cast
       kernel more), used only where N alone gives too few programs to fill the SMs.
@@ -218,6 +229,9 @@ class QMMConfig:
         if self.mode == "dot" and (self.block_m < 16 or self.block_n < 16):
             raise ValueError(f"QMMConfig(mode='dot', block_m={self.block_m}, "
                              f"block_n={self.block_n}): tl.dot needs both >= 16")
+        if self.mode == "gemvm" and self.block_m > GEMVM_MAX_BLOCK_M:
+            raise ValueError(f"QMMConfig(mode='gemvm', block_m={self.block_m}): the rows of x "
+                             f"are unrolled in the kernel; expected <= {GEMVM_MAX_BLOCK_M}")
         if self.mode == "dequant" and self.split_k != 1:
             raise ValueError(f"QMMConfig.split_k={self.split_k} with mode='dequant': expected 1")
 
@@ -233,7 +247,8 @@ def smem_bytes(cfg: QMMConfig, bits: int, x_bytes: int = 2, s_bytes: int = 2) ->
 
     Every operand loaded in the K loop may be staged in shared memory by Triton's software
     pipeliner, once per stage: the x tile, the packed weight tile and the gathered scale
-    and zero tiles. A dot also stages its dequantized weight operand once, and its
+    and zero tiles (gemvm: ``block_m`` rows of x; the Triton 3.6 compiles stage none of
+    them, as for gemv). A dot also stages its dequantized weight operand once, and its
     epilogue may round-trip the fp32 output tile through shared memory. The bound is
     checked against the sm_90 compiler's figure in the tests (``metadata.shared``).
     """
@@ -244,6 +259,11 @@ def smem_bytes(cfg: QMMConfig, bits: int, x_bytes: int = 2, s_bytes: int = 2) ->
     if cfg.mode == "gemv":
         x_tile = bk * x_bytes
         return cfg.num_stages * (w_tile + sz_tile + x_tile) + 4 * cfg.block_n
+    if cfg.mode == "gemvm":
+        # block_m rows of x; reductions of the (BN, chunks) partial sums at the end
+        x_tile = cfg.block_m * bk * x_bytes
+        return (cfg.num_stages * (w_tile + sz_tile + x_tile)
+                + 4 * cfg.block_m * cfg.block_n * max(1, cfg.block_kw // 4))
     if cfg.mode == "dequant":
         return cfg.num_stages * (w_tile + sz_tile) + cfg.block_n * bk * x_bytes
     x_tile = cfg.block_m * bk * x_bytes
@@ -273,6 +293,14 @@ def _fit_stages(cfg: QMMConfig, bits: int, x_bytes: int, s_bytes: int) -> QMMCon
 GEMV_MAX_M = 2
 #: M above which prefill dequantizes to bf16 and calls cuBLAS instead of the fused dot.
 DEQUANT_MIN_M = 1024
+
+
+def gemvm_chunk_words(bits: int, group_size: int, block_kw: int) -> int:
+    """Words per scale chunk of ``qmm_gemvm``: each thread's 16-byte vector (4 words) when
+    a quantization group spans whole vectors, else the largest power of two (2 or 1) of
+    words that lies inside one group (int2 at group 32: 2 words)."""
+    gw = group_size // (32 // bits)  # words per group
+    return min(4, gw & -gw, block_kw)
 
 
 def one_group_step(cfg: QMMConfig, bits: int, group_size: int) -> bool:
@@ -647,6 +675,301 @@ if triton_available():
                      mask=n_ok)
 
     @triton.jit
+    def _bf16_lo(v):
+        """The low bf16 of a bf16x2 pair (int32 bit pattern) as fp32 (exact)."""
+        return (v << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _bf16_hi(v):
+        """The high bf16 of a bf16x2 pair (int32 bit pattern) as fp32 (exact)."""
+        return (v & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _bf16x2_pack(lo, hi):
+        """Two fp32 -> a bf16x2 pair (int32 bit pattern), each rounded to nearest even with
+        integer operations (no NaN handling): the interpreter's stand-in for the PTX."""
+        a = lo.to(tl.int32, bitcast=True)
+        b = hi.to(tl.int32, bitcast=True)
+        a = ((a + 0x7FFF + ((a >> 16) & 1)) >> 16) & 0xFFFF
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        return a | b
+
+    @triton.jit
+    def _bf16x2_splat(v, ASM: tl.constexpr):
+        """fp32 -> the bf16x2 pair (v, v) as an int32 bit pattern (round to nearest)."""
+        if ASM:
+            return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $1;", "=r,r", [v],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        return _bf16x2_pack(v, v)
+
+    @triton.jit
+    def _bf16x2_fma(a, b, c, ASM: tl.constexpr):
+        """a * b + c on bf16x2 pairs held as int32 bit patterns: one ``fma.rn.bf16x2``
+        (``ASM``), else emulated in fp32 (the product of two bf16 is exact in fp32; the sum
+        is rounded twice, to fp32 then bf16, where the GPU rounds once)."""
+        if ASM:
+            return tl.inline_asm_elementwise("fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                             [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
+        return _bf16x2_pack(_bf16_lo(a) * _bf16_lo(b) + _bf16_lo(c),
+                            _bf16_hi(a) * _bf16_hi(b) + _bf16_hi(c))
+
+    @triton.jit
+    def _acc_add(acc, v, ASM: tl.constexpr):
+        """acc + v (fp32). With ``ASM`` an opaque ``add.f32``: LLVM's SLP vectorizer otherwise
+        packs the same update of all the rows of x into vector ops placed after the last
+        row, so every row's partial sums stay live to the end of the K step (sm_90 compiles
+        of qmm_gemvm, Triton 3.6, int4 bf16x2: 94 instead of 62 registers at 8 rows x 1
+        weight row, 162 instead of 71 at 16 x 1; int8 fp32: 142 instead of 80 at 8 x 2)."""
+        if ASM:
+            return tl.inline_asm_elementwise("add.f32 $0, $1, $2;", "=r,r,r", [acc, v],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        return acc + v
+
+    @triton.jit
+    def _bf16x2_deq_fields(w, s2, nzs2, BITS: tl.constexpr, ASM: tl.constexpr):
+        """The fields of ``w`` at bits 0 and 16 dequantized to a bf16x2 pair (int32 bit
+        pattern), (q - z) * s = q * s + (-z * s) with ``s2`` = (s, s) and ``nzs2`` =
+        (-z s, -z s) as bf16x2 pairs. On the GPU three instructions per two weights:
+        ``(w & 0x000F000F) | 0x43004300`` is the pair 128 + q (exact: 7 mantissa bits), one
+        ``sub.bf16x2`` makes it q, one ``fma.rn.bf16x2`` scales it (rounded once to bf16,
+        as the reference's dequantization to bf16 is). Emulated without ``ASM``."""
+        if ASM:
+            if BITS == 4:
+                return tl.inline_asm_elementwise(
+                    "{ .reg .b32 m, t; mov.b32 m, 0x43004300; "
+                    "lop3.b32 t, $1, 0x000F000F, m, 0xEA; sub.rn.bf16x2 t, t, m; "
+                    "fma.rn.bf16x2 $0, t, $2, $3; }",
+                    "=r,r,r,r", [w, s2, nzs2], dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                return tl.inline_asm_elementwise(
+                    "{ .reg .b32 m, t; mov.b32 m, 0x43004300; "
+                    "lop3.b32 t, $1, 0x00030003, m, 0xEA; sub.rn.bf16x2 t, t, m; "
+                    "fma.rn.bf16x2 $0, t, $2, $3; }",
+                    "=r,r,r,r", [w, s2, nzs2], dtype=tl.int32, is_pure=True, pack=1)
+        MASK: tl.constexpr = (1 << BITS) - 1
+        return _bf16x2_pack((w & MASK).to(tl.float32) * _bf16_lo(s2) + _bf16_lo(nzs2),
+                            ((w >> 16) & MASK).to(tl.float32) * _bf16_hi(s2) + _bf16_hi(nzs2))
+
+    @triton.jit
+    def _gemvm_deq(w, hi, s2, nzs2, i: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
+                   PACKED: tl.constexpr):
+        """Value position ``i`` of the (BN, BC, CW) words ``w`` dequantized, (q - z) * s:
+        ``PACKED``, the bf16x2 pair of positions i and PER/2 + i (``s2``, ``nzs2``: bf16x2
+        pairs of s and -z s); else fp32 through the mantissa trick (``s2`` = s, ``nzs2`` =
+        z s, ``hi`` = w >> 16: fields at bit offsets b < 16 are masked in place and read as
+        q * 2**b, so the scale is pre-scaled by 2**-b)."""
+        HALF: tl.constexpr = 16 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        if PACKED:
+            d = _bf16x2_deq_fields(w >> (i * BITS), s2, nzs2, BITS, ASM)
+        elif i < HALF:
+            v = _field_magic(w, MASK << (i * BITS), ASM)
+            d = (v - 8388608.0) * (s2 * (1.0 / (1 << (i * BITS)))) - nzs2
+        else:
+            v = _field_magic(hi, MASK << ((i - HALF) * BITS), ASM)
+            d = (v - 8388608.0) * (s2 * (1.0 / (1 << ((i - HALF) * BITS)))) - nzs2
+        return d
+
+    @triton.jit
+    def _gemvm_fma(d, xi, t, ASM: tl.constexpr, PACKED: tl.constexpr):
+        """t + d * x for one value position: (BN, BC, CW) dequantized weights times the
+        (BC, CW) x values of one row (bf16x2 pairs, or x's dtype widened to fp32)."""
+        if PACKED:
+            t = _bf16x2_fma(d, xi[None, :, :], t, ASM)
+        else:
+            t = t + d * xi.to(tl.float32)[None, :, :]
+        return t
+
+    @triton.jit
+    def _gemvm_acc(acc, t, ASM: tl.constexpr, PACKED: tl.constexpr):
+        """acc (BN, BC) + the chunk sums of one row's per-word partial sums t (BN, BC, CW):
+        bf16x2 partial sums widened to fp32 first (both halves, exactly)."""
+        if PACKED:
+            t = (t << 16).to(tl.float32, bitcast=True) + (t & -65536).to(tl.float32,
+                                                                         bitcast=True)
+        return _acc_add(acc, tl.sum(t, axis=2), ASM)
+
+    @triton.jit
+    def qmm_gemvm(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+                  M, N, KW, NG, stride_xm, stride_om, KW_PER_SPLIT,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                  CW: tl.constexpr, ASM: tl.constexpr, PACKED: tl.constexpr,
+                  ROWS_OUTER: tl.constexpr):
+        """y[m, n] = sum_k x[m, k] * (q[n, k] - z) * s on CUDA cores for BLOCK_M rows of x
+        per program: the GEMV of small batches (mode ``gemvm``, 2 <= M <= 16).
+
+        ``qmm_gemv`` is issue-bound (instructions per weight), so its grid over the rows of
+        x repeats the dequantization once per row; ``qmm_dot`` moves the dequantized tile
+        into the tensor cores' operand layout through shared memory. Here a program
+        dequantizes its (BLOCK_N, BLOCK_KW) weight tile once per K step, scale and zero
+        point included ((q - z) * s), and multiplies it with BLOCK_M rows of x, each row
+        accumulating its own fp32 (BLOCK_N, chunks) tile (a tuple of BLOCK_M tensors: the
+        rows are unrolled).
+
+        Layout, as in qmm_gemv: the tile's columns take all the warps (BLOCK_KW = 128 words
+        x num_warps, one 16-byte vector of 4 words per thread and weight row), and x comes
+        deinterleaved by the wrapper so that each x load is one vector in the tile's own
+        column layout (no shared-memory conversions). x is also block-major over the K
+        steps (:func:`_gemvm_x`: xp[m, s, i, t] = x[m, (s * BLOCK_KW + t) * PER + i], K
+        zero-padded to whole steps): a row's loads of one step share one base address with
+        the value positions at constant offsets, and need no K mask. With an address
+        computed per load (x as (M, PER, KW), as qmm_gemv takes it), ptxas hoisted the loads
+        and addresses of all the rows (an earlier version of this kernel: 128 instead of 63
+        registers at 8 rows x 1 weight row, int4).
+
+        Scale and zero point: per chunk of CW words (a thread's vector, or the 2 or 1 words
+        inside a shorter group: :func:`gemvm_chunk_words`), folded into the dequantized
+        weight, so no per-row sums of x or per-row scale FMAs remain (nor the cancellation
+        of sum q x against z sum x). They are loaded as one (chunks,) vector per weight row
+        and placed into the (BLOCK_N, chunks, 1) tile by selects on register indices (which
+        the compiler folds away): every load of the kernel is then 1-D or contiguous along
+        one dimension, so its layout does not depend on how Triton orders dimensions of
+        equal contiguity. That order differs between versions: a (BLOCK_N, chunks) scale
+        load took rows first under Triton 3.6, and the transposed (chunks, BLOCK_N) load
+        that fixed it took rows first under 3.9; either way the whole tile was converted
+        through shared memory every step (BAR.SYNC/STS/LDS in the K loop).
+
+        ``PACKED`` (bf16 x at 4 and 2 bits): x comes as int32 pairs (x[.. + i],
+        x[.. + PER/2 + i]), a value position's field pair is dequantized once per step into a
+        bf16x2 register (lop3 + sub + fma: :func:`_bf16x2_deq_fields`) and each row costs one
+        ``fma.rn.bf16x2`` per two weights; each row's bf16x2 partial sums stay per word
+        (PER/2 products per half: 4 at int4, 8 at int2, as in qmm_gemv) and are widened to
+        fp32 exactly (shift, mask, two adds). Under the interpreter the PTX is emulated
+        with integer and fp32 operations (:func:`_bf16x2_pack`). Otherwise (fp16/fp32 x,
+        int8): fp32 through the mantissa trick, lop3 + fadd + ffma per weight shared by the
+        rows and one FFMA per weight and row.
+
+        ``ROWS_OUTER``: the order of the unrolled loops, chosen by :func:`_plan` as the one
+        with fewer live registers in the sm_90 compiles: rows outer keeps the dequantized
+        value positions live (PER/2 bf16x2 or PER fp32 tensors) and runs each row as one
+        chain; positions outer keeps every row's per-word partial sums live instead (bf16x2
+        with BLOCK_M < PER/2: int2 at 2 and 4 rows, int4 at 2).
+
+        Compiled for sm_90 by Triton 3.6 (and 3.9) on a CPU, not run: no GPU has timed this
+        kernel yet. The K loop has no BAR/STS/LDS, the weights load as LDG.E.128 and x as
+        LDG.E.128 (bf16 pairs) or LDG.E.64 (bf16 x at int8). SASS instructions per weight
+        and row of x in the K loop (int4 g128 / int2 g64, bf16x2, 256-word steps, 2 warps;
+        in parentheses the registers): 1.76 / 1.41 at 4 rows x 2 weight rows (74 / 100),
+        1.54 / 1.21 at 8 x 1 (62 / 79), 1.36 / 1.05 at 16 x 1 (71 / 96), 1.25 / 0.97 at
+        16 x 2 (167 / 255); qmm_gemv issues 3.77 / 3.22 per weight at M = 1 (4 weight rows).
+        Half of each row's share is the per-word widening of the bf16x2 sums at int4 (as
+        many instructions as its fma.bf16x2), a third at int2. The fp32 form (int8, bf16
+        x): 3.35 at 4 x 2 (72), 2.73 at 8 x 2 (80), 2.46 at 16 x 2 (165); the widening of x
+        to fp32 is about a quarter of it.
+        """
+        PER: tl.constexpr = 32 // BITS
+        HALF: tl.constexpr = 16 // BITS
+        BC: tl.constexpr = BLOCK_KW // CW
+        NX: tl.constexpr = HALF if PACKED else PER  # x values (or pairs) per word
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        rows = tl.where(n_ok, offs_n, 0)  # clamped: the weight loads need no row mask
+        offs_c = tl.arange(0, BC)
+        offs_w = tl.arange(0, BLOCK_KW)  # a step's words
+        accs = ()  # one (BN, BC) fp32 tile per row of x
+        for _r in tl.static_range(BLOCK_M):
+            accs = accs + (tl.zeros((BLOCK_N, BC), dtype=tl.float32),)
+        kw_lo = pid_k * KW_PER_SPLIT
+        kw_hi = tl.minimum(kw_lo + KW_PER_SPLIT, KW)
+        for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
+            w_ptrs = w_ptr + rows[:, None] * KW + kw0 + offs_w[None, :]
+            if EVEN_K:
+                w = tl.load(w_ptrs)  # (BN, BKW): 16-byte vectors along K
+            else:
+                w = tl.load(w_ptrs, mask=(kw0 + offs_w < KW)[None, :], other=0)
+            w = tl.reshape(w, (BLOCK_N, BC, CW))  # register-local: a thread's vector
+            # scale and zero point per chunk: one (BC,) load per weight row, placed into the
+            # (BN, BC, 1) tile by selects on register indices (folded by the compiler); see
+            # the docstring for why not one (BN, BC) load
+            if CW * PER == GROUP:
+                # one group per chunk: contiguous, so at CW < 4 a thread's chunks load as
+                # one vector, in the layout of the tile's (BN, BC, CW) view
+                g = (kw0 * PER) // GROUP + offs_c
+            else:
+                g = ((kw0 + offs_c * CW) * PER) // GROUP  # (BC,)
+            if not EVEN_K:
+                g = tl.minimum(g, NG - 1)  # words past K (masked) must not read past the rows
+            s = tl.zeros((BLOCK_N, BC, 1), dtype=tl.float32)
+            zs = tl.zeros((BLOCK_N, BC, 1), dtype=tl.float32)
+            sel = tl.arange(0, BLOCK_N)[:, None, None]
+            for n in tl.static_range(BLOCK_N):
+                row_n = tl.minimum(pid_n * BLOCK_N + n, N - 1)
+                s_n = tl.load(s_ptr + row_n * NG + g).to(tl.float32)[None, :, None]
+                s = tl.where(sel == n, s_n, s)
+                if HAS_ZERO:
+                    zs = tl.where(sel == n, tl.load(z_ptr + row_n * NG + g).to(tl.float32)
+                                  [None, :, None], zs)
+            if HAS_ZERO:
+                zs = zs * s
+            else:
+                zs = s * (1 << (BITS - 1))
+            if PACKED:
+                s2 = _bf16x2_splat(s, ASM)
+                nzs2 = _bf16x2_splat(-zs, ASM)
+                hi = w
+            else:
+                s2 = s
+                nzs2 = zs
+                hi = w >> 16
+            x_blk = x_ptr + kw0 * NX  # this step's block of x (block-major, see above)
+            if ROWS_OUTER:
+                # the NX dequantized positions stay live; each row of x is one chain
+                ds = ()
+                for i in tl.static_range(NX):
+                    ds = ds + (_gemvm_deq(w, hi, s2, nzs2, i, BITS, ASM, PACKED),)
+                new = ()
+                for r in tl.static_range(BLOCK_M):
+                    x_r = x_blk + tl.minimum(pid_m * BLOCK_M + r, M - 1) * stride_xm
+                    if PACKED:
+                        tp = tl.zeros((BLOCK_N, BC, CW), dtype=tl.int32)
+                    else:
+                        tp = tl.zeros((BLOCK_N, BC, CW), dtype=tl.float32)
+                    for i in tl.static_range(NX):
+                        xi = tl.reshape(tl.load(x_r + i * BLOCK_KW + offs_w), (BC, CW))
+                        tp = _gemvm_fma(ds[i], xi, tp, ASM, PACKED)
+                    new = new + (_gemvm_acc(accs[r], tp, ASM, PACKED),)
+                accs = new
+            else:
+                # the BLOCK_M rows' partial sums stay live; each position dequantized once
+                tps = ()
+                for _r in tl.static_range(BLOCK_M):
+                    if PACKED:
+                        tps = tps + (tl.zeros((BLOCK_N, BC, CW), dtype=tl.int32),)
+                    else:
+                        tps = tps + (tl.zeros((BLOCK_N, BC, CW), dtype=tl.float32),)
+                for i in tl.static_range(NX):
+                    d = _gemvm_deq(w, hi, s2, nzs2, i, BITS, ASM, PACKED)
+                    new = ()
+                    for r in tl.static_range(BLOCK_M):
+                        x_r = x_blk + tl.minimum(pid_m * BLOCK_M + r, M - 1) * stride_xm
+                        xi = tl.reshape(tl.load(x_r + i * BLOCK_KW + offs_w), (BC, CW))
+                        new = new + (_gemvm_fma(d, xi, tps[r], ASM, PACKED),)
+                    tps = new
+                new = ()
+                for r in tl.static_range(BLOCK_M):
+                    new = new + (_gemvm_acc(accs[r], tps[r], ASM, PACKED),)
+                accs = new
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=n_ok & (offs_n * 0 + pid_k == 0),
+                           other=0.0).to(tl.float32)
+        for r in tl.static_range(BLOCK_M):
+            y = tl.sum(accs[r], axis=1)  # (BN,)
+            if HAS_BIAS:
+                y += bias
+            row = pid_m * BLOCK_M + r
+            o_ptrs = out_ptr + row * stride_om + offs_n
+            o_ok = n_ok & (offs_n * 0 + row < M)
+            if ATOMIC:
+                tl.atomic_add(o_ptrs, y, mask=o_ok)
+            else:
+                tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=o_ok)
+
+    @triton.jit
     def qmm_dot(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
                 M, N, KW, NG, stride_xm, stride_om, KW_PER_SPLIT,
                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -727,7 +1050,7 @@ if triton_available():
 
 def _kernel(mode: str) -> Any:
     """The jitted kernel of a mode (only called once triton_available() said yes)."""
-    return {"gemv": qmm_gemv, "dot": qmm_dot, "dequant": qmm_dequant}[mode]
+    return {"gemv": qmm_gemv, "gemvm": qmm_gemvm, "dot": qmm_dot, "dequant": qmm_dequant}[mode]
 
 
 def kernel_supports(bits: int, in_features: int, group_size: int) -> str | None:
@@ -780,8 +1103,35 @@ def _plan(cfg: QMMConfig, m: int, n: int, kw: int, bits: int, group_size: int,
         kw_args["ASM"] = not interpreting()
         kw_args["PACKED"] = kw_args["ASM"] and bf16 and bits in (2, 4)
         return (m, triton_cdiv(n, cfg.block_n), split), kps, atomic, kw_args
+    if cfg.mode == "gemvm":
+        del kw_args["ONE_GROUP"]
+        kw_args["BLOCK_M"] = cfg.block_m
+        kw_args["CW"] = gemvm_chunk_words(bits, group_size, bkw)
+        kw_args["ASM"] = not interpreting()
+        # the bf16x2 form also runs under the interpreter (emulated): tests reach it on CPUs
+        kw_args["PACKED"] = bf16 and bits in (2, 4)
+        # loop order (see qmm_gemvm): the fewer live registers, from the sm_90 compiles
+        kw_args["ROWS_OUTER"] = not kw_args["PACKED"] or cfg.block_m >= 16 // bits
+        return ((triton_cdiv(m, cfg.block_m), triton_cdiv(n, cfg.block_n), split), kps, atomic,
+                kw_args)
     kw_args.update(BLOCK_M=cfg.block_m, PREC="ieee" if fp32 else "tf32")
     return (triton_cdiv(m, cfg.block_m), triton_cdiv(n, cfg.block_n), split), kps, atomic, kw_args
+
+
+def _gemvm_x(x2: torch.Tensor, kw: int, bits: int, block_kw: int, packed: bool) -> torch.Tensor:
+    """x (M, K) laid out for ``qmm_gemvm``: block-major over K steps of ``block_kw`` words,
+    each block deinterleaved by value position, K zero-padded to whole steps.
+    xp[m, s, i, t] = x[m, (s * block_kw + t) * PER + i] (PER = 32/bits values per word);
+    ``packed``: int32 pairs (x[.. + i], x[.. + PER/2 + i]) of bf16, i < PER/2."""
+    m = x2.shape[0]
+    per = 32 // bits
+    steps = -(-kw // block_kw)
+    if steps * block_kw != kw:
+        x2 = F.pad(x2, (0, (steps * block_kw - kw) * per))  # zeros: masked words add 0
+    if packed:
+        xp = x2.reshape(m, steps, block_kw, 2, per // 2).permute(0, 1, 4, 2, 3).contiguous()
+        return xp.view(torch.int32).view(m, steps, per // 2, block_kw)
+    return x2.reshape(m, steps, block_kw, per).transpose(2, 3).contiguous()
 
 
 def _launch(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
@@ -806,7 +1156,10 @@ def _launch(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
     else:
         out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     b = bias if bias is not None else scales
-    if cfg.mode == "gemv":
+    if cfg.mode == "gemvm":
+        xp = _gemvm_x(x2, kw, bits, cfg.block_kw, kw_args["PACKED"])  # (M, S, NX, BKW)
+        kern[grid](xp, w32, scales, zp, b, out, m, n, kw, ng, xp.stride(0), n, kps, **kw_args)
+    elif cfg.mode == "gemv":
         per = 32 // bits
         if kw_args["PACKED"]:
             # int32 pairs xp[row, i, kw] = (x[row, kw*per + i], x[row, kw*per + per/2 + i])
@@ -946,6 +1299,19 @@ def candidate_configs(bits: int, m: int) -> list[QMMConfig]:
                 for split in (1, 2):
                     for stages in (1, 2):
                         out.append(QMMConfig("gemv", 16, bn, 128 * warps, split, warps, stages))
+    if m <= GEMVM_MAX_BLOCK_M:
+        # gemvm (not yet measured on a GPU): block_m = M rounded up to a power of two (one
+        # program along M) or half of it (two: half the rows, twice the dequantization);
+        # 1-2 weight rows per thread (up to 4 at block_m = 2, 8 at block_m = 1): more kept
+        # too many registers live in the sm_90 compiles (see qmm_gemvm); 2 warps (256-word
+        # steps), plus 4 warps and split-K 2 at 2 weight rows. At M = 1, block_m = 1 (the
+        # GEMV of qmm_gemvm's layout: no shared-memory conversions in its K loop).
+        bm_cover = _pow2_ceil(m)
+        for bm in sorted({bm_cover, max(1, bm_cover // 2)}):
+            for bn in ((2, 4, 8) if bm == 1 else (1, 2, 4) if bm == 2 else (1, 2)):
+                out.append(QMMConfig("gemvm", bm, bn, 256, 1, 2, 1))
+            out.append(QMMConfig("gemvm", bm, 2, 512, 1, 4, 1))
+            out.append(QMMConfig("gemvm", bm, 2, 256, 2, 2, 1))
     if m <= 64:
         for bn in (16, 32, 64):
             for bk in (128, 256, 512):
