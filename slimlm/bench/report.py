@@ -203,6 +203,15 @@ def render_report(results_dir: str | os.PathLike = "benchmarks/results",
             lines += [f"> incomplete run: {doc.get('error') or doc.get('status')}", ""]
         if env.get("options"):
             lines += [f"Options: `{json.dumps(env['options'], separators=(',', ':'))}`", ""]
+        if env.get("merged_from"):
+            # a file re-measured in parts (scripts/merge_results.py): the header above is the
+            # latest part's; list every run its rows come from
+            lines += ["Rows from several runs (latest part above; each later run replaced the "
+                      "rows it re-measured):", ""]
+            for run in env["merged_from"]:
+                lines.append(f"- commit `{str(run.get('git_commit', '?'))[:10]}`, "
+                             f"{run.get('date', '?')}: {run.get('note') or run.get('command', '')}")
+            lines.append("")
         columns = getattr(_suite_module(suite), "REPORT_COLUMNS", None)
         for title, group in _sections(rows):
             if title:
