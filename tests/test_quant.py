@@ -830,3 +830,13 @@ def test_gradient_flows_through_a_quantized_layer_eager_and_compiled():
     assert eager.keys() == compiled.keys() and len(eager) == 2 * model.cfg.n_layers
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6)
+
+
+def test_bench_quant_decode_options_are_checked() -> None:
+    from slimlm.bench.harness import get_suite
+
+    suite = get_suite("quant")
+    with pytest.raises(ValueError, match="decode_formats"):
+        list(suite(True, torch.device("cpu"), decode=True, decode_formats=["int5"]))
+    with pytest.raises(ValueError, match="decode_batches"):
+        list(suite(True, torch.device("cpu"), decode=True, decode_batches=[0]))

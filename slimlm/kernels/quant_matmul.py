@@ -527,7 +527,7 @@ if triton_available():
     @triton.jit
     def _bf16x2_fma_fields(w, xq, acc, BITS: tl.constexpr):
         """acc + (fields of ``w`` at bits 0 and 16, as bf16x2) * xq, all int32 bit patterns
-        of bf16x2: ``(w & 0x000F000F) | 0x43004300`` is the pair 128 + q (exact: 7 mantissa
+        of bf16x2 (also the multi-row GEMV's dequantization, with xq = s and acc = -z s): ``(w & 0x000F000F) | 0x43004300`` is the pair 128 + q (exact: 7 mantissa
         bits), one ``sub.bf16x2`` makes it q, one ``fma.rn.bf16x2`` accumulates. GPU only."""
         if BITS == 4:
             return tl.inline_asm_elementwise(
@@ -734,18 +734,8 @@ if triton_available():
         ``sub.bf16x2`` makes it q, one ``fma.rn.bf16x2`` scales it (rounded once to bf16,
         as the reference's dequantization to bf16 is). Emulated without ``ASM``."""
         if ASM:
-            if BITS == 4:
-                return tl.inline_asm_elementwise(
-                    "{ .reg .b32 m, t; mov.b32 m, 0x43004300; "
-                    "lop3.b32 t, $1, 0x000F000F, m, 0xEA; sub.rn.bf16x2 t, t, m; "
-                    "fma.rn.bf16x2 $0, t, $2, $3; }",
-                    "=r,r,r,r", [w, s2, nzs2], dtype=tl.int32, is_pure=True, pack=1)
-            else:
-                return tl.inline_asm_elementwise(
-                    "{ .reg .b32 m, t; mov.b32 m, 0x43004300; "
-                    "lop3.b32 t, $1, 0x00030003, m, 0xEA; sub.rn.bf16x2 t, t, m; "
-                    "fma.rn.bf16x2 $0, t, $2, $3; }",
-                    "=r,r,r,r", [w, s2, nzs2], dtype=tl.int32, is_pure=True, pack=1)
+            # the same three instructions as the GEMV's fields * x + acc: q * s + (-z s)
+            return _bf16x2_fma_fields(w, s2, nzs2, BITS)
         MASK: tl.constexpr = (1 << BITS) - 1
         return _bf16x2_pack((w & MASK).to(tl.float32) * _bf16_lo(s2) + _bf16_lo(nzs2),
                             ((w >> 16) & MASK).to(tl.float32) * _bf16_hi(s2) + _bf16_hi(nzs2))
