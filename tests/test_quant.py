@@ -501,7 +501,7 @@ def test_static_table_fills_the_gpu() -> None:
                     assert programs >= 132 or cfg.split_k > 1, (bits, n, k, m, cfg)
                 if cfg.split_k > 1:
                     assert -(-n // cfg.block_n) < 2 * 132, (bits, n, k, m, cfg)
-            assert qm_default_config(bits, 1, n, k, 128, 132).mode == "gemv"
+            assert qm_default_config(bits, 1, n, k, 128, 132).mode in ("gemv", "gemvm")
             assert qm_default_config(bits, 16, n, k, 128, 132).mode == "dot"
             assert qm_default_config(bits, 4096, n, k, 128, 132).mode == "dequant"
 
@@ -530,8 +530,10 @@ def test_static_table_never_picks_what_triton_36_cannot_compile_for_sm90() -> No
     (8, 16, 28672, ("dot", 16, 32, 32, 1)), (4, 16, 28672, ("dot", 16, 32, 16, 1)),
     (2, 16, 28672, ("dot", 16, 32, 16, 1)), (4, 16, 4096, ("dot", 16, 32, 16, 4)),
     (4, 16, 6144, ("dot", 16, 32, 16, 1)), (8, 16, 6144, ("dot", 16, 32, 32, 1)),
-    (2, 16, 4096, ("dot", 16, 16, 16, 1)), (2, 4, 6144, ("dot", 16, 16, 16, 1)),
-    (8, 4, 28672, ("dot", 16, 64, 32, 1)), (4, 4, 4096, ("dot", 16, 64, 16, 4)),
+    (2, 16, 4096, ("dot", 16, 16, 16, 1)), (2, 4, 6144, ("gemvm", 4, 2, 256, 1)),
+    (8, 4, 28672, ("dot", 16, 64, 32, 1)), (4, 4, 4096, ("gemvm", 4, 2, 256, 1)),
+    (4, 4, 28672, ("gemvm", 4, 2, 256, 1)), (8, 1, 28672, ("gemvm", 1, 2, 256, 1)),
+    (4, 1, 28672, ("gemv", 16, 4, 256, 1)), (2, 1, 28672, ("gemv", 16, 4, 256, 1)),
     (8, 64, 4096, ("dot", 64, 16, 32, 1)), (8, 64, 6144, ("dot", 64, 32, 32, 1)),
     (8, 64, 28672, ("dot", 64, 64, 32, 1)), (4, 64, 6144, ("dot", 64, 32, 16, 1)),
 ])
@@ -541,15 +543,23 @@ def test_static_table_reproduces_the_h200_tuned_winners(bits, m, n, want) -> Non
 
 
 def test_gemv_table_gives_the_columns_all_the_warps() -> None:
-    """qmm_gemv reads x deinterleaved in the weight tile's column layout; warps split along
-    rows would replicate x and bring back the shared-memory conversions (two barriers per
-    value position and step on the H200 build): block_kw = 128 words per warp."""
+    """qmm_gemv and qmm_gemvm read x deinterleaved in the weight tile's column layout;
+    warps split along rows would replicate x and bring back the shared-memory conversions
+    (two barriers per value position and step on the H200 build): block_kw = 128 words per
+    warp."""
     for bits in (2, 4, 8):
         for n, k in _TABLE_SHAPES:
-            for m in (1, 2):
+            for m in (1, 2, 3, 4):
                 cfg = qm_default_config(bits, m, n, k, 128, 132)
                 kw = k * bits // 32
-                assert cfg.mode == "gemv" and cfg.block_n == 4, (bits, n, k, cfg)
+                if cfg.mode == "gemvm":  # the tuner's picks (see default_config)
+                    assert (m == 1 and (bits == 8 or k >= 8192)) or bits < 8, (bits, m, cfg)
+                    assert cfg.block_m == 1 << (m - 1).bit_length() and cfg.block_n == 2, cfg
+                elif cfg.mode == "dot":  # int8 at M = 3-4 (the tuner kept its dot tile)
+                    assert bits == 8 and m > 2, (bits, m, cfg)
+                    continue
+                else:
+                    assert m <= 2 and cfg.mode == "gemv" and cfg.block_n == 4, (bits, n, k, cfg)
                 if kw >= 128:
                     assert cfg.block_kw == 128 * cfg.num_warps <= 256, (bits, n, k, cfg)
 
@@ -650,13 +660,15 @@ def test_shared_memory_bound_holds_for_the_sm90_compiler() -> None:
             assert ops == {"bar.sync": 0, "st.shared": 0, "ld.shared": 0}, (cfg, bits, ops)
 
 
-def test_gemvm_is_a_tuner_candidate_for_small_batches_not_a_table_choice() -> None:
-    """The multi-row GEMV has not been timed on a GPU: the static table never picks it, and
-    the tuner tries it at 1 <= M <= 16 with block_m covering M (or half of it)."""
+def test_gemvm_is_the_table_choice_for_small_batches_only() -> None:
+    """The static table picks the multi-row GEMV only where the H200 tuner did (M <= 4,
+    see default_config), and the tuner tries it at 1 <= M <= 16 with block_m covering M
+    (or half of it)."""
     for bits in (2, 4, 8):
         for n, k in _TABLE_SHAPES:
             for m in _TABLE_MS:
-                assert qm_default_config(bits, m, n, k, 128, 132).mode != "gemvm"
+                if qm_default_config(bits, m, n, k, 128, 132).mode == "gemvm":
+                    assert m <= 4 and (bits < 8 or m == 1), (bits, n, k, m)
         for m in _TABLE_MS:
             cands = [c for c in candidate_configs(bits, m) if c.mode == "gemvm"]
             if m > 16:

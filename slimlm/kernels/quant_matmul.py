@@ -335,6 +335,14 @@ def default_config(bits: int, m: int, n: int, k: int, group_size: int, sms: int 
     stopped early); it follows the 4096-row rules. The rules below reproduce the winners
     (tuned config, old table -> tuned, in us):
 
+    - *gemvm* (session 4 tuner run, 2026-11-29, all four shapes): at M = 1 for int8 and for
+      int4 over K >= 8192, and at M = 2-4 for int4/int2: 2 weight rows x 256 words x 2
+      warps, ``block_m`` = M rounded up to a power of two. M = 4, in us against the old
+      dot tile: 28672x4096 int4 70.8 -> 52.1, int2 148 -> 49.8; 4096x14336 int4 43.7 ->
+      33.9. M = 1: int8 28672x4096 46.4 -> 46.1 (4096x14336 36.5 -> 30.1), int4
+      4096x14336 25.1 -> 21.1 (on K = 4096 the gemv below stays: 31.2 against the
+      gemvm's best 31.4 at 28672). int8 at M = 4 stays on the dot tile (1.06-1.09x either
+      way); M = 5-16 stays on it too (gemvm at 8 and 16 rows lost to it on every shape).
     - *gemv* (M <= GEMV_MAX_M): ``block_n`` 4 rows x 256-word K steps x 2 warps (the
       tile's columns take all the warps, see :func:`qmm_gemv`), for every width. Evidence:
       the rewritten kernel (deinterleaved x, chunk scales, bf16x2 fields), H200 tuner run
@@ -382,6 +390,13 @@ def default_config(bits: int, m: int, n: int, k: int, group_size: int, sms: int 
             return 1
         return max(1, min(4, _pow2_ceil(-(-target // blocks)), kw // bkw))
 
+    if (m == 1 and (bits == 8 or (bits == 4 and kw * per >= 8192))) or 2 <= m <= 4 and bits < 8:
+        # multi-row GEMV (H200 tuner, 2026-11-29 session 4): at M = 1 for int8 (fp32 path,
+        # 1.24-1.61x bf16 against the gemv's 1.12-1.60x) and int4 over long K (4096x14336:
+        # 21.1 us against 25.1); at M = 2-4 for int4/int2 (1.12-1.35x bf16 where the dot
+        # tile ran 0.45-0.97x). block_m covers M; 2 weight rows x 256 words x 2 warps.
+        bkw = min(256, _pow2_ceil(kw))
+        return fit(QMMConfig("gemvm", _pow2_ceil(m), 2, bkw, 1, max(1, min(2, bkw // 128)), 1))
     if m <= GEMV_MAX_M:
         # columns take all the warps: 128 words (4 per thread) per warp; 4 rows x 2 warps
         # (64 registers) beat 8 rows x 4 warps (124 registers, 25% occupancy) on the H200
