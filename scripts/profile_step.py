@@ -1,8 +1,15 @@
-"""Where a decode step's time goes, kernel by kernel (torch.profiler), for the GPU session.
+"""Where a decode or LoRA training step's time goes, kernel by kernel (torch.profiler).
 
     python scripts/profile_step.py decode [--model llama-1b] [--format bf16|int8|int4|int2]
                                           [--batch 1] [--steps 8] [--out DIR]
                                           [--compile none|cuda-graph|reduce-overhead|default]
+    python scripts/profile_step.py train --method slimlm-dora [--model llama-1b]
+                                         [--batch 4] [--prompt 2048] [--steps 3]
+
+``train`` profiles ``--steps`` optimizer steps of a method of ``slimlm bench lora`` (the
+same model, adapters, autocast and fused AdamW; HF methods need transformers/peft) and also
+lists the aten ops by the device time of their kernels (what each op costs, children
+included), to tell the adapter's extra passes from the base model's work.
 
 Runs eager greedy decode of a random-init preset (optionally with quantized weights) under
 ``torch.profiler`` and prints the kernels sorted by total device time (calls, total and
@@ -22,6 +29,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,7 +45,10 @@ FORMATS = ("bf16", "int8", "int4", "int2")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["decode"])
+    ap.add_argument("what", choices=["decode", "train"])
+    ap.add_argument("--method", default="slimlm-lora",
+                    help="train: a method of slimlm bench lora (e.g. slimlm-dora, peft-dora)")
+    ap.add_argument("--rank", type=int, default=16, help="train: LoRA rank")
     ap.add_argument("--model", default=None, help="preset (default llama-1b on CUDA, tiny on CPU)")
     ap.add_argument("--format", default="bf16", choices=FORMATS)
     ap.add_argument("--batch", type=int, default=1)
@@ -58,6 +69,8 @@ def main() -> int:
     if args.batch < 1 or args.steps < 2 or args.prompt < 1:
         raise SystemExit("--batch, --prompt must be >= 1 and --steps >= 2")
     dtype = torch.bfloat16 if cuda else torch.float32
+    if args.what == "train":
+        return _train(args, name, device, cuda)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset(name)).to(device=device, dtype=dtype).eval()
     if args.format != "bf16":
@@ -85,6 +98,23 @@ def main() -> int:
         if cuda:
             torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3
+    rows, total = _kernel_rows(prof, cuda)
+    summary = {"model": name, "format": args.format, "compile": args.compile,
+               "batch": args.batch,
+               "prompt": args.prompt, "steps": args.steps, "device": str(device),
+               "wall_ms_per_generate": wall_ms, "device_ms_summed": total / 1e3,
+               "kernels_per_generate": sum(r["calls"] for r in rows), "rows": rows}
+    print(f"{name} {args.format} batch {args.batch}: wall {wall_ms:.1f} ms for {args.steps} "
+          f"tokens (prefill included), summed {'kernel' if cuda else 'op'} time "
+          f"{total / 1e3:.1f} ms, {summary['kernels_per_generate']} launches")
+    _print_rows(rows, args.top)
+    tag = "" if args.compile == "none" else f"-{args.compile}"
+    _write(Path(args.out) / f"profile-decode-{args.format}-b{args.batch}{tag}.json", summary)
+    return 0
+
+
+def _kernel_rows(prof: Any, cuda: bool) -> tuple[list[dict[str, Any]], float]:
+    """Kernels (CPU ops on a CPU) by self device time, largest first, and their sum (us)."""
     rows = []
     for ev in prof.key_averages():
         dev_us = getattr(ev, "self_device_time_total", None)
@@ -98,26 +128,95 @@ def main() -> int:
     total = sum(r["total_us"] for r in rows)
     for r in rows:
         r["share"] = r["total_us"] / total if total else 0.0
-    summary = {"model": name, "format": args.format, "compile": args.compile,
-               "batch": args.batch,
-               "prompt": args.prompt, "steps": args.steps, "device": str(device),
-               "wall_ms_per_generate": wall_ms, "device_ms_summed": total / 1e3,
-               "kernels_per_generate": sum(r["calls"] for r in rows), "rows": rows}
-    print(f"{name} {args.format} batch {args.batch}: wall {wall_ms:.1f} ms for {args.steps} "
-          f"tokens (prefill included), summed {'kernel' if cuda else 'op'} time "
-          f"{total / 1e3:.1f} ms, {summary['kernels_per_generate']} launches")
-    print(f"{'calls':>7} {'total_us':>10} {'mean_us':>9} {'share':>6}  kernel")
-    for r in rows[:args.top]:
+    return rows, total
+
+
+def _op_rows(prof: Any, cuda: bool) -> list[dict[str, Any]]:
+    """aten ops by the device time of their kernels, children included (CPU: CPU time)."""
+    rows = []
+    for ev in prof.key_averages():
+        if not ev.key.startswith("aten::"):
+            continue
+        us = (getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+              ) if cuda else ev.cpu_time_total
+        if us > 0:
+            rows.append({"kernel": ev.key[:90], "calls": ev.count, "total_us": us,
+                         "mean_us": us / max(ev.count, 1)})
+    rows.sort(key=lambda r: -r["total_us"])
+    return rows
+
+
+def _print_rows(rows: list[dict[str, Any]], top: int, what: str = "kernel") -> None:
+    print(f"{'calls':>7} {'total_us':>10} {'mean_us':>9} {'share':>6}  {what}")
+    for r in rows[:top]:
         print(f"{r['calls']:>7} {r['total_us']:>10.0f} {r['mean_us']:>9.1f} "
-              f"{r['share']:>6.1%}  {r['kernel']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "" if args.compile == "none" else f"-{args.compile}"
-    path = out / f"profile-decode-{args.format}-b{args.batch}{tag}.json"
+              f"{r.get('share', 0.0):>6.1%}  {r['kernel']}")
+
+
+def _write(path: Path, summary: dict[str, Any]) -> None:
     from slimlm._io import atomic_write_text
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def _train(args: argparse.Namespace, name: str, device: torch.device, cuda: bool) -> int:
+    """Profile ``args.steps`` steps of a ``slimlm bench lora`` method."""
+    from slimlm.bench.lora import METHODS, _build, _needs
+
+    if args.method not in METHODS:
+        raise SystemExit(f"--method {args.method!r}: expected one of {METHODS}")
+    why = _needs(args.method)
+    if why:
+        raise SystemExit(f"--method {args.method}: {why}")
+    if args.rank < 1:
+        raise SystemExit(f"--rank {args.rank}: expected >= 1")
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(name)
+    seq = min(args.prompt, cfg.max_seq_len)
+    model, fwd = _build(args.method, cfg, device, args.rank,
+                        torch.bfloat16 if cuda else torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=cuda)
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, seq), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = fwd(tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # warm-up (compiles, cuBLAS handles, allocator)
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    rows, total = _kernel_rows(prof, cuda)
+    ops = _op_rows(prof, cuda)
+    per = args.steps
+    for r in rows + ops:
+        r["calls"] = r["calls"] / per
+        r["total_us"] = r["total_us"] / per
+    summary = {"model": name, "method": args.method, "rank": args.rank, "batch": args.batch,
+               "seq": seq, "steps": args.steps, "device": str(device),
+               "wall_ms_per_step": wall_ms, "device_ms_per_step": total / 1e3 / per,
+               "kernels_per_step": sum(r["calls"] for r in rows), "rows": rows, "ops": ops}
+    print(f"{name} {args.method} B{args.batch}x{seq}: wall {wall_ms:.1f} ms per step, summed "
+          f"{'kernel' if cuda else 'op'} time {total / 1e3 / per:.1f} ms, "
+          f"{summary['kernels_per_step']:.0f} launches per step (figures per step)")
+    _print_rows(rows, args.top)
+    print("aten ops by device time of their kernels (children included), per step:")
+    _print_rows(ops, args.top, "op")
+    _write(Path(args.out) / f"profile-train-{args.method}-b{args.batch}x{seq}.json", summary)
     return 0
 
 

@@ -444,9 +444,9 @@ class _LoRAFn(torch.autograd.Function):
                 assert norm is not None
                 scale = m.detach() / norm  # (out,)
                 z = y
-                y = z * scale.to(cd)
-                if b is not None:
-                    y = y + b.to(cd)
+                # one pass over (N, out): scale and bias together
+                y = (torch.addcmul(b.to(cd), z, scale.to(cd)) if b is not None
+                     else z * scale.to(cd))
         ctx.save_for_backward(h, xa, W, A, B, z if scale is not None else None, scale, norm)
         ctx.same, ctx.s, ctx.cd, ctx.x_shape = h is x, s, cd, x.shape
         return y
@@ -459,21 +459,35 @@ class _LoRAFn(torch.autograd.Function):
         dm = None
         with torch.autocast(gy.device.type, enabled=False):
             g = gy.reshape(-1, gy.shape[-1]).to(cd)  # (N, out)
+            # DoRA: the gradient reaching z is g * scale (per output feature). Instead of
+            # that (N, out) pass, the scale goes into the (out, r) B and, when the weight
+            # is the smaller tensor (in < N), into the (out, in) weight of dx's GEMM.
+            wcol = bcol = None  # per-output factors of W and of B (besides s)
             if scale is not None:
                 if ctx.needs_input_grad[8]:
-                    # d/dm of z * m / norm, summed over tokens in fp32 (fp64 stays fp64)
+                    # d/dm of z * m / norm: sum over tokens of g * z, in fp32 (fp64 stays
+                    # fp64), one fused pass over g and z on the GPU (col_dot)
+                    from slimlm.kernels.col_dot import col_dot
+
                     acc = torch.float64 if norm.dtype == torch.float64 else torch.float32
-                    dm = (g * z.reshape(g.shape)).sum(0, dtype=acc) / norm.to(acc)  # (out,)
-                g = g * scale.to(cd)  # (N, out): the gradient reaching z
+                    dm = col_dot(g, z.reshape(g.shape)).to(acc) / norm.to(acc)  # (out,)
+                sc = scale.to(cd)
+                if need_x and W.shape[1] >= g.shape[0]:
+                    g = g * sc  # (N, out): cheaper than scaling the (out, in) weight
+                else:
+                    wcol = bcol = sc
             xa2 = xa.reshape(-1, xa.shape[-1])  # (N, r)
             h2 = h.reshape(-1, h.shape[-1])  # (N, in)
             Ac = A.to(cd)
-            gxa = g @ (B.to(cd) * s)  # (N, r)
-            dB = (g.t() @ xa2).mul_(s)  # (out, r)
+            Bs = B.to(cd) * s if bcol is None else B.to(cd) * (bcol * s)[:, None]  # (out, r)
+            gxa = g @ Bs  # (N, r)
+            dB = g.t() @ xa2  # (out, r)
+            dB = dB.mul_(s) if bcol is None else dB.mul_((bcol * s)[:, None])
             dA = gxa.t() @ h2  # (r, in)
             dx = dh = None
             if need_x:
-                dx = g @ W.to(cd)  # (N, in): the frozen base's input gradient
+                Wc = W.to(cd) if wcol is None else W.to(cd) * wcol[:, None]  # (out, in)
+                dx = g @ Wc  # (N, in): the frozen base's input gradient
                 if ctx.same:
                     dx.addmm_(gxa, Ac)  # plus the adapter's, in the GEMM epilogue
                 dx = dx.view(ctx.x_shape)
@@ -513,6 +527,31 @@ class _CastCache:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _CastCache:
         return _CastCache()
+
+
+class _TensorCache:
+    """One value derived from a tensor, served again while that very tensor (a weak
+    reference: a new tensor at a reused address is a miss) and the key (version counter,
+    dtype, ...) are unchanged. Copies and pickles start empty."""
+
+    def __init__(self) -> None:
+        self._src: Any = None
+        self._key: Any = None
+        self._value: Any = None
+
+    def get(self, src: torch.Tensor, key: Any) -> Any:
+        if self._src is not None and self._src() is src and self._key == key:
+            return self._value
+        return None
+
+    def put(self, src: torch.Tensor, key: Any, value: Any) -> None:
+        self._src, self._key, self._value = weakref.ref(src), key, value
+
+    def __getstate__(self) -> dict[str, Any]:  # weak references do not pickle
+        return {"_src": None, "_key": None, "_value": None}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _TensorCache:
+        return _TensorCache()
 
 
 def _exact_dtype(w: torch.Tensor) -> torch.dtype:
@@ -656,13 +695,35 @@ class LoRALinear(nn.Module):
         dt = _exact_dtype(A)
         return self.scaling[name] * (B.to(dt) @ A.to(dt))
 
+    def _weight_sq_norms(self, W: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        """``||W_i||^2`` per output row in ``dt``, cached: the base weight is frozen, so
+        the (out, in) pass runs again only when W changes (another tensor, an in-place
+        write such as a merge, which bumps its version counter, a new dtype or device)."""
+        try:
+            version = W._version
+        except RuntimeError:  # inference tensors have no version counter: no caching
+            version = None
+        key = (version, W.dtype, tuple(W.shape), W.device, dt)
+        cache = getattr(self, "_wsq_cache", None)
+        if cache is None:
+            cache = self._wsq_cache = _TensorCache()
+        if version is not None:
+            hit = cache.get(W, key)
+            if hit is not None:
+                return hit
+        wsq = torch.linalg.vector_norm(W, dim=1, dtype=dt).pow(2)  # (out,), no W-sized temp
+        if version is not None:
+            cache.put(W, key, wsq)
+        return wsq
+
     @torch.no_grad()
     def _dora_norm(self, name: str) -> torch.Tensor:
         """``||W_i + s (B A)_i||`` for every output row i, detached, fp32 (fp64 if W is).
 
         Expanded as ``||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 B_i (A A^T) B_i^T`` so that
         W + s B A (out x in) is never built; costs one (out, in) x (in, r) product."""
-        W = _base_weight(self.base_layer).detach()
+        Wp = _base_weight(self.base_layer)  # the parameter itself: the norm cache's key
+        W = Wp.detach()
         A, B = self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach()
         s = self.scaling[name]
         dt = torch.float64 if W.dtype == torch.float64 else torch.float32
@@ -671,7 +732,7 @@ class LoRALinear(nn.Module):
                 wa = W.to(dt) @ A.to(dt).t()  # (out, r)
             else:  # half-precision base: product in its dtype (fp32 accumulate), sums in fp32
                 wa = (W @ A.to(W.dtype).t()).to(dt)  # (out, r)
-            wsq = torch.linalg.vector_norm(W, dim=1, dtype=dt).pow(2)  # (out,), no W-sized temp
+            wsq = self._weight_sq_norms(Wp, dt)  # (out,)
             Ad, Bd = A.to(dt), B.to(dt)
             gram = Ad @ Ad.t()  # (r, r)
             sq = wsq + 2 * s * (Bd * wa).sum(1) + s * s * ((Bd @ gram) * Bd).sum(1)

@@ -4,8 +4,10 @@ directions, with peft when installed), a short training run and the error cases.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 import re
 
 import pytest
@@ -182,7 +184,8 @@ def test_pissa_init_moves_top_singular_components():
 # ---------------------------------------------------------------------------------------
 
 
-def test_dora_matches_its_formula_with_detached_norm():
+@pytest.mark.parametrize("tokens", [7, 20])  # N = 14 <= in (g scaled) / 40 > in (W scaled)
+def test_dora_matches_its_formula_with_detached_norm(tokens):
     torch.manual_seed(0)
     base = nn.Linear(16, 12, bias=True, dtype=torch.float64).requires_grad_(False)
     layer = LoRALinear(base)
@@ -192,7 +195,7 @@ def test_dora_matches_its_formula_with_detached_norm():
     A, B = layer.lora_A["d"].weight, layer.lora_B["d"].weight
     m = layer.lora_magnitude_vector["d"].weight
     s = layer.scaling["d"]
-    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, tokens, 16, dtype=torch.float64, requires_grad=True)
 
     # Direct formula: W' = m * (W + sBA) / ||W + sBA|| (norm per output row, detached).
     v = base.weight + s * B @ A  # (out, in)
@@ -212,6 +215,35 @@ def test_dora_matches_its_formula_with_detached_norm():
     assert_close(out2, ref)
     for a, b in zip(torch.autograd.grad(out2, [x, A, B, m], g), refg):
         assert_close(a, b)
+
+
+def test_dora_weight_norm_cache_follows_the_weight():
+    """||W_i||^2 is cached across steps (W is frozen) but recomputed after an in-place
+    change (version counter) or when the weight is replaced by another tensor."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12, bias=False, dtype=torch.float64).requires_grad_(False)
+    layer = LoRALinear(base)
+    layer.add_adapter("d", 4, 6.0, use_dora=True, init="random")
+    A, B, s = layer.lora_A["d"].weight, layer.lora_B["d"].weight, layer.scaling["d"]
+
+    def fresh() -> torch.Tensor:
+        return torch.linalg.norm(base.weight + s * B @ A, dim=1).detach()
+
+    first = layer._dora_norm("d")
+    assert_close(first, fresh())
+    assert layer._dora_norm("d") is not first  # a new norm each call (A, B train) ...
+    wsq = layer._wsq_cache._value
+    layer._dora_norm("d")
+    assert layer._wsq_cache._value is wsq  # ... over the cached ||W||^2
+    with torch.no_grad():
+        base.weight.mul_(2.0)  # in place: version bump
+    assert_close(layer._dora_norm("d"), fresh())
+    base.weight = nn.Parameter(torch.randn(12, 16, dtype=torch.float64), requires_grad=False)
+    assert_close(layer._dora_norm("d"), fresh())
+    clone = copy.deepcopy(layer)  # copies start with an empty cache and stay correct
+    assert clone._wsq_cache._value is None
+    assert_close(clone._dora_norm("d"), layer._dora_norm("d"))
+    pickle.loads(pickle.dumps(layer))  # the weak reference does not break pickling
 
 
 def test_dora_norm_in_bf16_base_is_close():

@@ -1,0 +1,107 @@
+"""Column dot products ``out[j] = sum_i a[i, j] * b[i, j]`` in fp32, one pass over a and b.
+
+DoRA's backward needs, per output feature, the sum over tokens of the incoming gradient
+times the pre-scale output (the magnitude's gradient). In PyTorch that is
+``(a * b).sum(0, dtype=torch.float32)``: the product is written as a full (N, F) tensor and
+read back (four passes over N x F elements, the product rounded to the inputs' dtype
+before it is summed). The kernel reads a and b once, multiplies and accumulates in fp32
+and writes one (chunks, F) fp32 partial per row chunk, summed in a fixed order afterwards
+(deterministic: no atomics).
+
+:func:`col_dot_ref` is the PyTorch reference (fp32 products); :func:`col_dot` runs the
+kernel on CUDA tensors (and under ``TRITON_INTERPRET=1``), else the reference.
+
+Example::
+
+    from slimlm.kernels.col_dot import col_dot
+    dm = col_dot(grad, z)  # (N, F), (N, F) -> (F,) fp32
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.kernels import interpreting, triton_available, warn_fallback
+
+__all__ = ["col_dot", "col_dot_ref"]
+
+
+def col_dot_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(0)`` with fp32 products and sums (fp64 inputs stay fp64): (N, F) -> (F,)."""
+    acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    return (a.to(acc) * b.to(acc)).sum(0)
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _col_dot_kernel(a_ptr, b_ptr, part_ptr, N, F, stride_a, stride_b, ROWS_PER_PROG,
+                        BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+        """Program (f, c): columns f*BLOCK_F.., rows c*ROWS_PER_PROG.. (a multiple of
+        BLOCK_R); writes its fp32 partial sums to part[c, f*BLOCK_F..]."""
+        pid_f = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+        f_ok = offs_f < F
+        acc = tl.zeros((BLOCK_R, BLOCK_F), dtype=tl.float32)
+        start = pid_c * ROWS_PER_PROG
+        for r0 in range(start, tl.minimum(start + ROWS_PER_PROG, N), BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            ok = (rows < N)[:, None] & f_ok[None, :]
+            a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_a + offs_f[None, :],
+                        mask=ok, other=0.0)
+            b = tl.load(b_ptr + rows[:, None].to(tl.int64) * stride_b + offs_f[None, :],
+                        mask=ok, other=0.0)
+            acc += a.to(tl.float32) * b.to(tl.float32)
+        tl.store(part_ptr + pid_c * F + offs_f, tl.sum(acc, axis=0), mask=f_ok)
+
+
+def _kernel_ok(a: torch.Tensor) -> bool:
+    if a.dtype == torch.float64:
+        return False  # exact reference runs stay in PyTorch (fp64 accumulation)
+    if interpreting():
+        return triton_available()
+    if not a.is_cuda:
+        return False
+    if not triton_available():
+        warn_fallback("col_dot", "triton is not installed")
+        return False
+    return True
+
+
+def col_dot(a: torch.Tensor, b: torch.Tensor, *, block_r: int = 32, block_f: int = 128
+            ) -> torch.Tensor:
+    """``out[j] = sum_i a[i, j] * b[i, j]`` for a, b (N, F) (or (..., F), flattened),
+    accumulated in fp32 (fp64 when an input is fp64). Returns (F,)."""
+    if a.shape != b.shape:
+        raise ValueError(f"col_dot: a.shape={tuple(a.shape)} and b.shape={tuple(b.shape)}: "
+                         "expected equal shapes")
+    if a.dim() < 1:
+        raise ValueError("col_dot: expected tensors with at least one dimension, got scalars")
+    if a.device != b.device:
+        raise ValueError(f"col_dot: a on {a.device}, b on {b.device}: expected one device")
+    for name, v in (("block_r", block_r), ("block_f", block_f)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"col_dot: {name}={v!r}: expected a power of two >= 1")
+    f = a.shape[-1]
+    a2 = a.reshape(-1, f)  # (N, F)
+    b2 = b.reshape(-1, f)
+    n = a2.shape[0]
+    if n == 0 or f == 0 or not _kernel_ok(a2):
+        return col_dot_ref(a2, b2)
+    if a2.stride(-1) != 1:
+        a2 = a2.contiguous()
+    if b2.stride(-1) != 1:
+        b2 = b2.contiguous()
+    col_blocks = triton.cdiv(f, block_f)
+    # enough programs for ~4 per SM on a 132-SM GPU, each >= 8 row blocks
+    chunks = max(1, min(triton.cdiv(n, 8 * block_r), triton.cdiv(528, col_blocks)))
+    rows_per = triton.cdiv(triton.cdiv(n, chunks), block_r) * block_r
+    chunks = triton.cdiv(n, rows_per)
+    part = torch.empty(chunks, f, device=a2.device, dtype=torch.float32)  # (C, F)
+    _col_dot_kernel[(col_blocks, chunks)](a2, b2, part, n, f, a2.stride(0), b2.stride(0),
+                                          rows_per, BLOCK_R=block_r, BLOCK_F=block_f,
+                                          num_warps=4)
+    return part.sum(0) if chunks > 1 else part[0]
