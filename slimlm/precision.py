@@ -533,6 +533,15 @@ def quantize_fp8(x: torch.Tensor, dtype: torch.dtype, dim: int | None = None
     return q, scale
 
 
+def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tensor :func:`quantize_fp8` of a 2-D x in both layouts, ``(q, q.T contiguous,
+    scale)``: one fused pass on the GPU (:mod:`slimlm.kernels.fp8_cast`), the same bits."""
+    from slimlm.kernels.fp8_cast import quantize_fp8_both as both
+
+    return both(x, dtype)
+
+
 def _dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale
 
@@ -578,13 +587,21 @@ class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype,
                 rowwise: bool, emulate: bool) -> torch.Tensor:
-        dim = 1 if rowwise else None
         # Autocast must not turn the emulation's fp32 matmul into a bf16 one.
         with torch.autocast(x.device.type, enabled=False):
-            xq, xs = quantize_fp8(x, E4M3, dim)  # (M, K), (M, 1) or ()
-            wq, ws = quantize_fp8(weight, E4M3, dim)  # (N, K), (N, 1) or ()
-            out = _mm_fp8(xq, xs, wq, ws, out_dtype, emulate)  # (M, N)
-        ctx.save_for_backward(x if rowwise else xq, weight if rowwise else wq, xs, ws)
+            if rowwise:
+                xq, xs = quantize_fp8(x, E4M3, 1)  # (M, K), (M, 1)
+                wq, ws = quantize_fp8(weight, E4M3, 1)  # (N, K), (N, 1)
+                out = _mm_fp8(xq, xs, wq, ws, out_dtype, emulate)  # (M, N)
+                saved = (x, weight)
+            else:
+                # each operand in both layouts from one pass (the backward's GEMMs take the
+                # transposes: dX = dY W, dW = dY^T X), scales per tensor
+                xq, xq_t, xs = quantize_fp8_both(x, E4M3)  # (M, K), (K, M), ()
+                wq, wq_t, ws = quantize_fp8_both(weight, E4M3)  # (N, K), (K, N), ()
+                out = _mm_fp8(xq, xs, wq, ws, out_dtype, emulate)  # (M, N)
+                saved = (xq_t, wq_t)
+        ctx.save_for_backward(*saved, xs, ws)
         ctx.meta = (x.dtype, weight.dtype, rowwise, emulate)
         return out
 
@@ -607,12 +624,13 @@ class _Fp8Matmul(torch.autograd.Function):
                 xtq, xts = quantize_fp8(x.t(), E4M3, 1)  # X^T (K, M), (K, 1)
                 dw = _mm_fp8(dytq, dyts, xtq, xts, w_dtype, emulate)  # (N, K)
             return dx, dw, None, None, None
-        xq, wq = a, b
-        dyq, dys = quantize_fp8(dy, gdtype)  # (M, N)
-        if ctx.needs_input_grad[0]:
-            dx = _mm_fp8(dyq, dys, wq.t(), ws, x_dtype, emulate)  # dY @ W: (M, K)
-        if ctx.needs_input_grad[1]:
-            dw = _mm_fp8(dyq.t(), dys, xq.t(), xs, w_dtype, emulate)  # dY^T @ X: (N, K)
+        xq_t, wq_t = a, b  # X^T (K, M), W^T (K, N) in fp8
+        with torch.autocast(dy.device.type, enabled=False):
+            dyq, dyq_t, dys = quantize_fp8_both(dy, gdtype)  # (M, N), (N, M), ()
+            if ctx.needs_input_grad[0]:
+                dx = _mm_fp8(dyq, dys, wq_t, ws, x_dtype, emulate)  # dY @ W: (M, K)
+            if ctx.needs_input_grad[1]:
+                dw = _mm_fp8(dyq_t, dys, xq_t, xs, w_dtype, emulate)  # dY^T @ X: (N, K)
         return dx, dw, None, None, None
 
 

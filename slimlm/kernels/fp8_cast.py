@@ -1,0 +1,155 @@
+"""fp8 quantization of a 2-D tensor into both layouts at once: ``q`` (R, C) and ``q_t``
+(C, R), one per-tensor scale.
+
+``torch._scaled_mm`` takes its first operand row-major and its second column-major, so an
+fp8 linear layer needs x, W and dY each in both layouts across forward and backward
+(y = x W^T, dX = dY W, dW = dY^T x). Quantizing in PyTorch and then transposing costs a
+multiply pass, a cast pass and a transpose copy per tensor (the transpose of a 1-byte
+tensor is one of PyTorch's slowest copies). Here one kernel reads each tile of x once and
+writes the fp8 tile and its transpose; the amax (one read of x) stays a PyTorch reduction.
+
+Numerics are those of :func:`slimlm.precision.quantize_fp8` (per tensor) bit for bit: the
+factor ``fmax / amax`` rounded to bf16 for bf16 inputs and the product rounded to the
+input's dtype before the fp8 cast (round to nearest even), so a layer may mix both paths.
+
+Example::
+
+    from slimlm.kernels.fp8_cast import quantize_fp8_both
+    q, q_t, scale = quantize_fp8_both(x, torch.float8_e4m3fn)  # x ~= q.float() * scale
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.kernels import interpreting, triton_available, warn_fallback
+
+__all__ = ["quantize_fp8_both", "quantize_fp8_both_ref", "fp8_factor"]
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def fp8_factor(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-tensor quantization factor ``inv`` (multiply x by it) and dequantization
+    scale (``1 / inv``), as 0-d fp32 tensors on x's device (no host sync): amax of |x| over
+    the fp8 format's largest finite value, 1 for an all-zero x, the factor rounded to bf16
+    for bf16 inputs (the product is then formed in bf16, see the module docstring)."""
+    fmax = float(torch.finfo(dtype).max)
+    amax = torch.linalg.vector_norm(x, float("inf")).float()
+    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax)).clamp_min(1e-30)
+    inv = 1.0 / scale
+    if x.dtype == torch.bfloat16:
+        inv = inv.to(torch.bfloat16).float()
+        scale = 1.0 / inv
+    return inv, scale
+
+
+def quantize_fp8_both_ref(x: torch.Tensor, dtype: torch.dtype
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch reference of :func:`quantize_fp8_both`."""
+    inv, scale = fp8_factor(x, dtype)
+    q = (x * inv).to(dtype)  # a 0-d factor: the product is formed in x's dtype
+    return q, q.t().contiguous(), scale
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _round_to_grid(p, EMIN: tl.constexpr, MBITS: tl.constexpr):
+        """fp32 p rounded (to nearest even) to a float format of MBITS mantissa bits and
+        smallest normal exponent EMIN (no overflow handling: callers stay in range):
+        ulp = 2**(max(e, EMIN) - MBITS) for |p| in [2**e, 2**(e+1))."""
+        bits = p.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 127
+        e = tl.maximum(e, EMIN)
+        ulp = ((e - MBITS + 127) << 23).to(tl.float32, bitcast=True)  # normal fp32 for
+        inv_ulp = ((127 - e + MBITS) << 23).to(tl.float32, bitcast=True)  # fp16 and fp8
+        y = p * inv_ulp  # exact (a power of two); |y| < 2**(MBITS + 1)
+        y = (y + 12582912.0) - 12582912.0  # round half to even (the 1.5 * 2**23 trick)
+        r = (y * ulp).to(tl.int32, bitcast=True)
+        # the trick turns -0 (and negatives that round to 0) into +0: put p's sign back
+        return (r | (bits & -2147483648)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_to_bf16(p):
+        """fp32 p rounded to bf16 (to nearest even), as fp32: on the bits, which also covers
+        fp32 subnormals (finite inputs only)."""
+        b = p.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        return b.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp8_both_kernel(x_ptr, q_ptr, qt_ptr, inv_ptr, R, C, stride_x,
+                         FP8: tl.constexpr, ROUND: tl.constexpr, FMAX: tl.constexpr,
+                         EMIN: tl.constexpr, MBITS: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One (BLOCK_R, BLOCK_C) tile: q[r, c] = fp8(x[r, c] * inv), q_t[c, r] = q[r, c]."""
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = (rows < R)[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok,
+                    other=0.0)
+        inv = tl.load(inv_ptr)
+        p = x.to(tl.float32) * inv
+        # The roundings are done on the fp32 value (to nearest even) so that every cast is
+        # exact: the Triton interpreter's fp32 -> fp8 conversion drops the carry into the
+        # next binade (125.9 -> 64 instead of 128 in E4M3) and its fp32 -> bf16 one
+        # truncates; an exact cast is the same on every backend.
+        if ROUND == 1:  # the product in x's dtype, as PyTorch forms it
+            p = _round_to_bf16(p)
+        elif ROUND == 2:
+            p = _round_to_grid(p, -14, 10)  # fp16
+        # in range by construction (amax * inv rounds to FMAX); the clamp keeps it so
+        p = tl.minimum(tl.maximum(_round_to_grid(p, EMIN, MBITS), -FMAX), FMAX)
+        q = p.to(FP8)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], q, mask=ok)
+        ok_t = (cols < C)[:, None] & (rows < R)[None, :]
+        tl.store(qt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], tl.trans(q),
+                 mask=ok_t)
+
+
+def _kernel_ok(x: torch.Tensor) -> bool:
+    if interpreting():
+        return triton_available()
+    if not x.is_cuda:
+        return False
+    if not triton_available():
+        warn_fallback("quantize_fp8_both", "triton is not installed")
+        return False
+    return True
+
+
+def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype, *, block: int = 64
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (R, C) float -> (q (R, C), q_t (C, R), scale) in ``dtype`` (float8_e4m3fn or
+    float8_e5m2) with ``x ~= q.float() * scale`` (per-tensor, 0-d fp32)."""
+    if dtype not in _FP8:
+        raise ValueError(f"quantize_fp8_both: dtype={dtype}: expected one of {_FP8}")
+    if x.dim() != 2:
+        raise ValueError(f"quantize_fp8_both: x.shape={tuple(x.shape)}: expected a 2-D tensor")
+    if not x.is_floating_point() or x.dtype in _FP8:
+        raise ValueError(f"quantize_fp8_both: x.dtype={x.dtype}: expected fp32, bf16 or fp16")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise ValueError(f"quantize_fp8_both: block={block!r}: expected a power of two >= 16")
+    if x.numel() == 0 or not _kernel_ok(x):
+        return quantize_fp8_both_ref(x, dtype)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    r, c = x.shape
+    inv, scale = fp8_factor(x, dtype)
+    q = torch.empty(r, c, device=x.device, dtype=dtype)
+    q_t = torch.empty(c, r, device=x.device, dtype=dtype)
+    fp8 = tl.float8e4nv if dtype == torch.float8_e4m3fn else tl.float8e5
+    grid = (triton.cdiv(r, block), triton.cdiv(c, block))
+    _fp8_both_kernel[grid](x, q, q_t, inv.reshape(1), r, c, x.stride(0), FP8=fp8,
+                           ROUND={torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0),
+                           FMAX=float(torch.finfo(dtype).max),
+                           EMIN=-6 if dtype == torch.float8_e4m3fn else -14,
+                           MBITS=3 if dtype == torch.float8_e4m3fn else 2,
+                           BLOCK_R=block, BLOCK_C=block,
+                           num_warps=4)
+    return q, q_t, scale

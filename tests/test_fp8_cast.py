@@ -1,0 +1,84 @@
+"""quantize_fp8_both: the fused fp8 cast (both layouts) under the Triton interpreter and
+on the GPU, bit for bit against slimlm.precision.quantize_fp8 (per tensor)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slimlm.kernels import triton_available
+from slimlm.kernels.fp8_cast import quantize_fp8_both, quantize_fp8_both_ref
+from slimlm.precision import quantize_fp8
+
+
+def test_reference_layouts_and_scale():
+    x = torch.randn(7, 5) * 4
+    q, q_t, s = quantize_fp8_both(x, torch.float8_e4m3fn)  # CPU: the reference
+    q0, s0 = quantize_fp8(x, torch.float8_e4m3fn)
+    assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and s.shape == ()
+    assert torch.equal(q_t.view(torch.uint8), q0.t().contiguous().view(torch.uint8))
+    assert (q.float() * s - x).abs().max() <= x.abs().max() / 16  # one E4M3 step at the top
+
+
+def test_errors_name_the_argument():
+    x = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="dtype"):
+        quantize_fp8_both(x, torch.bfloat16)
+    with pytest.raises(ValueError, match="x.shape"):
+        quantize_fp8_both(torch.randn(2, 2, 2), torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="block"):
+        quantize_fp8_both(x, torch.float8_e4m3fn, block=24)
+    with pytest.raises(ValueError, match="x.dtype"):
+        quantize_fp8_both(torch.ones(2, 2, dtype=torch.int32), torch.float8_e4m3fn)
+
+
+_SCRIPT = r"""
+import torch
+from slimlm.kernels.fp8_cast import quantize_fp8_both
+from slimlm.precision import quantize_fp8
+torch.manual_seed(0)
+cases = [(torch.randn(70, 45) * 3, 16), (torch.randn(33, 64) * 1e-3, 32)]
+# tiny values next to large ones (subnormal fp8 codes, values that round to zero), zeros
+cases.append((torch.tensor([[1e4, 1e-3, -2e-4, 0.0], [3e-5, 7.0, -1e4, 1e-1]]), 16))
+for x, block in cases:
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        xd = x.to(dt)
+        for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+            q, q_t, s = quantize_fp8_both(xd, f8, block=block)
+            q0, s0 = quantize_fp8(xd, f8)
+            assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (dt, f8)
+            assert torch.equal(q_t.view(torch.uint8), q0.t().contiguous().view(torch.uint8))
+            assert torch.equal(s, s0), (s, s0)
+z = torch.zeros(3, 5, dtype=torch.bfloat16)
+q, q_t, s = quantize_fp8_both(z, torch.float8_e4m3fn, block=16)
+assert float(s) == 1.0 and not q.float().any() and q_t.shape == (5, 3)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_kernel_matches_quantize_fp8_bit_for_bit_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_kernel_on_gpu_matches_quantize_fp8_bit_for_bit():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(0)
+    for (r, c), dt in (((4096, 8192), torch.bfloat16), ((1000, 24), torch.float32),
+                       ((257, 130), torch.float16)):
+        x = torch.randn(r, c, device="cuda").to(dt)
+        for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+            q, q_t, s = quantize_fp8_both(x, f8)
+            q0, q0_t, s0 = quantize_fp8_both_ref(x, f8)
+            assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (r, c, dt, f8)
+            assert torch.equal(q_t.view(torch.uint8), q0_t.view(torch.uint8)), (r, c, dt, f8)
+            assert torch.equal(s, s0)
