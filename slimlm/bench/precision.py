@@ -8,7 +8,9 @@ Three parts (``parts`` option), each a ratio against a baseline of the same run:
     (cuBLAS), forward + backward, at (M, K, N) = (4096, 8192, 16384) and
     (1024, 2048, 1024), per-tensor and row-wise scaling; plus ``Float8Linear`` with its
     per-shape fallback (after ``calibrate_fp8_``), which must never be much slower than
-    bf16. Each row carries the relative error of the output against an fp32 matmul.
+    bf16, and the ``nn.Linear`` under autocast that the fallback calls (what a user runs
+    without slimlm: ``speedup_vs_autocast_linear`` isolates the fallback's own cost).
+    Each row carries the relative error of the output against an fp32 matmul.
 ``step``
     One whole training step (forward, backward, AdamW) of the "llama-1b" preset at batch 4 x
     sequence 2048, compiled, under fp32 (TF32 off), tf32, bf16-mixed, bf16-pure,
@@ -142,9 +144,31 @@ def _linear_shape_rows(device: torch.device, m: int, k: int, n: int, warmup: int
         return {"ms": t["median_ms"], "tflops": flops / t["median_ms"] / 1e9,
                 "uses_fp8": uses_fp8}
 
+    def autocast_run() -> dict[str, Any]:
+        # what a user runs without slimlm: an nn.Linear (fp32 master weight) under autocast,
+        # the same call the Float8Linear fallback makes
+        lin = torch.nn.Linear(k, n, bias=False, device=device)
+        with torch.no_grad():
+            lin.weight.copy_(w0)
+        x = x0.to(torch.bfloat16).requires_grad_()
+
+        def fn() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                y = lin(x)
+            y.backward(dy)
+
+        t = time_fn(fn, device, warmup=warmup, rep=rep)
+        return {"ms": t["median_ms"], "tflops": flops / t["median_ms"] / 1e9}
+
+    ra = guarded({**base, "impl": "nn.Linear (autocast)", "scaling": None}, autocast_run,
+                 device, errors=device.type == "cuda")
+    ra["speedup_vs_bf16"] = bf16_ms / ra["ms"] if bf16_ms and ra.get("ms") else None
+    yield ra
     r = guarded({**base, "impl": "Float8Linear (fallback)", "scaling": "tensor"},
                 fallback_run, device, errors=device.type == "cuda")
     r["speedup_vs_bf16"] = bf16_ms / r["ms"] if bf16_ms and r.get("ms") else None
+    r["speedup_vs_autocast_linear"] = (ra["ms"] / r["ms"] if ra.get("ms") and r.get("ms")
+                                       else None)
     yield r
     free_memory(device)
 
