@@ -529,6 +529,10 @@ def quantize_fp8(x: torch.Tensor, dtype: torch.dtype, dim: int | None = None
         # still reconstructs x; amax * inv then exceeds fmax by < 2**-8, which rounds back
         inv = inv.to(torch.bfloat16)
         scale = 1.0 / inv.float()
+    elif x.dtype == torch.float16:
+        # an fp16 product would round the 0-d factor to fp16 on CUDA, where it overflows
+        # for amax < fmax / 65504 (small gradients): form the product in fp32
+        return (x.float() * inv).to(dtype), scale
     q = (x * inv).to(dtype)
     return q, scale
 

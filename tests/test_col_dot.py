@@ -24,6 +24,8 @@ def test_reference_is_fp32_and_matches_a_plain_sum():
     a64 = torch.randn(5, 3, dtype=torch.float64)
     assert col_dot(a64, a64).dtype == torch.float64
     assert_close(col_dot(a.view(1, 37, 9), b.view(1, 37, 9)), out)  # leading dims flatten
+    d = torch.rand(9) + 0.5
+    assert_close(col_dot(a, b, div=d), out / d)
 
 
 def test_errors_name_the_argument():
@@ -31,6 +33,8 @@ def test_errors_name_the_argument():
         col_dot(torch.ones(3, 4), torch.ones(4, 3))
     with pytest.raises(ValueError, match="block_r"):
         col_dot(torch.ones(3, 4), torch.ones(3, 4), block_r=3)
+    with pytest.raises(ValueError, match="div.shape"):
+        col_dot(torch.ones(3, 4), torch.ones(3, 4), div=torch.ones(3))
     with pytest.raises(ValueError, match="scalars"):
         col_dot(torch.tensor(1.0), torch.tensor(2.0))
 
@@ -47,6 +51,9 @@ for n, f, dt in ((1, 5, torch.float32), (70, 33, torch.float16), (300, 130, torc
     got = col_dot(a, b, block_r=16, block_f=32)
     assert got.dtype == torch.float32 and got.shape == (f,)
     assert_close(got, col_dot_ref(a, b), rtol=1e-5, atol=1e-4)
+    d = torch.rand(f) + 0.5
+    assert_close(col_dot(a, b, div=d, block_r=16, block_f=32), col_dot_ref(a, b, d),
+                 rtol=1e-5, atol=1e-4)
     # strided rows (a view of a wider tensor)
     wide = torch.randn(n, f + 7, dtype=dt)
     assert_close(col_dot(wide[:, :f], b, block_r=16, block_f=32),

@@ -74,11 +74,24 @@ def test_kernel_on_gpu_matches_quantize_fp8_bit_for_bit():
         pytest.skip("no CUDA device")
     torch.manual_seed(0)
     for (r, c), dt in (((4096, 8192), torch.bfloat16), ((1000, 24), torch.float32),
-                       ((257, 130), torch.float16)):
+                       ((257, 130), torch.float16), ((64, 64), torch.float16)):
         x = torch.randn(r, c, device="cuda").to(dt)
+        if c == 64:
+            x = x * 1e-4  # fp16 with a factor beyond fp16's range
         for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
             q, q_t, s = quantize_fp8_both(x, f8)
             q0, q0_t, s0 = quantize_fp8_both_ref(x, f8)
             assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (r, c, dt, f8)
             assert torch.equal(q_t.view(torch.uint8), q0_t.view(torch.uint8)), (r, c, dt, f8)
             assert torch.equal(s, s0)
+
+
+def test_fp16_with_small_amax_does_not_overflow():
+    """fmax / amax exceeds fp16's range when amax < fmax / 65504: the product is formed in
+    fp32 (an fp16 product would round the factor to inf on CUDA)."""
+    x = (torch.randn(16, 16) * 1e-4).half()
+    for fn in (lambda t: quantize_fp8(t, torch.float8_e4m3fn),
+               lambda t: quantize_fp8_both(t, torch.float8_e4m3fn)[::2]):
+        q, s = fn(x)
+        assert torch.isfinite(q.float()).all()
+        assert (q.float() * s - x.float()).abs().max() <= x.float().abs().max() / 16

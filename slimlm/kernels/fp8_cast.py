@@ -8,9 +8,10 @@ multiply pass, a cast pass and a transpose copy per tensor (the transpose of a 1
 tensor is one of PyTorch's slowest copies). Here one kernel reads each tile of x once and
 writes the fp8 tile and its transpose; the amax (one read of x) stays a PyTorch reduction.
 
-Numerics are those of :func:`slimlm.precision.quantize_fp8` (per tensor) bit for bit: the
-factor ``fmax / amax`` rounded to bf16 for bf16 inputs and the product rounded to the
-input's dtype before the fp8 cast (round to nearest even), so a layer may mix both paths.
+Numerics are those of :func:`slimlm.precision.quantize_fp8` (per tensor) bit for bit: for
+bf16 inputs the factor ``fmax / amax`` rounded to bf16 and the product rounded to bf16
+before the fp8 cast (round to nearest even); fp32 and fp16 inputs multiply in fp32. A
+layer may mix both paths.
 
 Example::
 
@@ -48,7 +49,8 @@ def quantize_fp8_both_ref(x: torch.Tensor, dtype: torch.dtype
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch reference of :func:`quantize_fp8_both`."""
     inv, scale = fp8_factor(x, dtype)
-    q = (x * inv).to(dtype)  # a 0-d factor: the product is formed in x's dtype
+    # the product in x's dtype for bf16 (factor rounded to bf16) and fp32, in fp32 for fp16
+    q = (x.float() * inv if x.dtype == torch.float16 else x * inv).to(dtype)
     return q, q.t().contiguous(), scale
 
 
@@ -82,7 +84,7 @@ if triton_available():
 
     @triton.jit
     def _fp8_both_kernel(x_ptr, q_ptr, qt_ptr, inv_ptr, R, C, stride_x,
-                         FP8: tl.constexpr, ROUND: tl.constexpr, FMAX: tl.constexpr,
+                         FP8: tl.constexpr, ROUND_BF16: tl.constexpr, FMAX: tl.constexpr,
                          EMIN: tl.constexpr, MBITS: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """One (BLOCK_R, BLOCK_C) tile: q[r, c] = fp8(x[r, c] * inv), q_t[c, r] = q[r, c]."""
@@ -99,10 +101,8 @@ if triton_available():
         # exact: the Triton interpreter's fp32 -> fp8 conversion drops the carry into the
         # next binade (125.9 -> 64 instead of 128 in E4M3) and its fp32 -> bf16 one
         # truncates; an exact cast is the same on every backend.
-        if ROUND == 1:  # the product in x's dtype, as PyTorch forms it
+        if ROUND_BF16:  # the product in bf16, as PyTorch forms it (fp16: kept in fp32)
             p = _round_to_bf16(p)
-        elif ROUND == 2:
-            p = _round_to_grid(p, -14, 10)  # fp16
         # in range by construction (amax * inv rounds to FMAX); the clamp keeps it so
         p = tl.minimum(tl.maximum(_round_to_grid(p, EMIN, MBITS), -FMAX), FMAX)
         q = p.to(FP8)
@@ -146,7 +146,7 @@ def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype, *, block: int = 64
     fp8 = tl.float8e4nv if dtype == torch.float8_e4m3fn else tl.float8e5
     grid = (triton.cdiv(r, block), triton.cdiv(c, block))
     _fp8_both_kernel[grid](x, q, q_t, inv.reshape(1), r, c, x.stride(0), FP8=fp8,
-                           ROUND={torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0),
+                           ROUND_BF16=x.dtype == torch.bfloat16,
                            FMAX=float(torch.finfo(dtype).max),
                            EMIN=-6 if dtype == torch.float8_e4m3fn else -14,
                            MBITS=3 if dtype == torch.float8_e4m3fn else 2,
