@@ -252,12 +252,14 @@ def precision_context(precision: str, device_type: str) -> contextlib.AbstractCo
 
 
 def apply_checkpointing(model: nn.Module, policy: str,
-                        probe: Callable[[], Any] | None = None) -> Any:
+                        probe: Callable[[], Any] | None = None, compiled: bool = False) -> Any:
     """Activation checkpointing of the blocks of ``model.layers`` under ``policy`` (see
     ``slimlm.checkpointing``; "none" undoes any). Parameters and state-dict keys are
     untouched; each block's forward is replaced by an instance attribute (a
     ``functools.partial``, so deepcopy follows). "budget:F" needs ``probe``, a callable
-    running one forward. Returns the ``checkpointing.Plan``."""
+    running one forward; ``compiled``: the step will run under torch.compile (prices
+    selective checkpointing without its eager per-op overhead). Returns the
+    ``checkpointing.Plan``."""
     _checkpointing.validate_policy(policy)  # a ValueError naming the policy, before work
     layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -266,7 +268,7 @@ def apply_checkpointing(model: nn.Module, policy: str,
     if policy == "none":
         _checkpointing.remove_(layers)
         return _checkpointing.Plan(policy="none", modes=["save"] * len(layers))
-    return _checkpointing.apply_(layers, policy, probe=probe)
+    return _checkpointing.apply_(layers, policy, probe=probe, compiled=compiled)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -749,7 +751,8 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
             def probe() -> torch.Tensor:
                 with policy.autocast(device.type):
                     return model(px, py)[1]
-        apply_checkpointing(model, cfg.checkpointing, probe=probe)
+        apply_checkpointing(model, cfg.checkpointing, probe=probe,
+                            compiled=cfg.compile and device.type == "cuda")
     optimizer = policy.wrap_optimizer(make_optimizer(model, cfg))
     scheduler = make_scheduler(optimizer, cfg)
     generator = torch.Generator()  # the batch sampler's own stream, saved in checkpoints

@@ -203,3 +203,30 @@ def test_hf_llama_layers_apply_and_remove():
                                        msg=f"{policy}: {name}")
         ck.remove_(layers)
         assert all("forward" not in b.__dict__ for b in layers)
+
+
+def test_compiled_planner_prices_recompute_with_the_op_model():
+    """compiled=True: no eager step timings (their per-op selective-checkpointing overhead
+    does not exist under torch.compile): the op model prices each mode, so selective
+    (elementwise recompute) is cheaper than full for every block, and the plan still fits."""
+    model = _model(dropout=0.0)
+    x, y = _batch()
+    calls = []
+
+    def probe() -> torch.Tensor:
+        calls.append(1)
+        return model(x, y)[1]
+
+    prof = ck.profile_blocks(model.layers, probe, compiled=True)
+    assert len(calls) == 4  # warm-up + one forward per mode, no timed steps
+    for p in prof:
+        assert p.mode_s is None
+        assert 0 < p.recompute_s("selective") < p.recompute_s("full")
+    plan = ck.apply_(model.layers, "budget:0.6", probe=lambda: model(x, y)[1], compiled=True)
+    assert plan.feasible and plan.predicted_bytes <= plan.budget_bytes
+    # the plan is the optimum under the op model: no costlier than all-selective if that fits
+    if sum(p.bytes["selective"] for p in plan.profiles) <= plan.budget_bytes:
+        assert plan.predicted_recompute_s <= sum(p.recompute_s("selective")
+                                                 for p in plan.profiles) + 1e-12
+    with pytest.raises(ValueError, match="compiled="):
+        ck.apply_(model.layers, "full", compiled="yes")

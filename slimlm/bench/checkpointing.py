@@ -110,7 +110,7 @@ def _slimlm_step(cfg: ModelConfig, precision: str, policy: str, x: torch.Tensor,
             with pol.autocast(device.type):
                 return model(x, y)[1]
 
-        plan = ckpt.apply_(model.layers, policy, probe=probe)
+        plan = ckpt.apply_(model.layers, policy, probe=probe, compiled=compile)
         info["modes"] = ",".join({"save": "S", "selective": "sel", "full": "F"}.get(m, m)
                                  for m in plan.modes)
         if plan.predicted_bytes is not None:
