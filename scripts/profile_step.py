@@ -49,6 +49,12 @@ def main() -> int:
     ap.add_argument("--method", default="slimlm-lora",
                     help="train: a method of slimlm bench lora (e.g. slimlm-dora, peft-dora)")
     ap.add_argument("--rank", type=int, default=16, help="train: LoRA rank")
+    ap.add_argument("--timed", type=int, default=0,
+                    help="train: also time this many steps one by one (no profiler) and "
+                         "report each step's time and the allocator's retries/device "
+                         "mallocs over them (stalls that the kernel table does not show)")
+    ap.add_argument("--no-gc", action="store_true",
+                    help="train: run the --timed steps with Python's garbage collector off")
     ap.add_argument("--model", default=None, help="preset (default llama-1b on CUDA, tiny on CPU)")
     ap.add_argument("--format", default="bf16", choices=FORMATS)
     ap.add_argument("--batch", type=int, default=1)
@@ -216,8 +222,48 @@ def _train(args: argparse.Namespace, name: str, device: torch.device, cuda: bool
     _print_rows(rows, args.top)
     print("aten ops by device time of their kernels (children included), per step:")
     _print_rows(ops, args.top, "op")
+    if args.timed > 0:
+        summary["timed"] = _timed_steps(step, args.timed, args.no_gc, cuda)
     _write(Path(args.out) / f"profile-train-{args.method}-b{args.batch}x{seq}.json", summary)
     return 0
+
+
+def _timed_steps(step: Any, n: int, no_gc: bool, cuda: bool) -> dict[str, Any]:
+    """Wall time of each of ``n`` steps (synchronised) and the allocator's counters over
+    them: device mallocs/frees and retries (a retry frees cached blocks and synchronises)."""
+    import gc
+
+    def stats() -> dict[str, int]:
+        if not cuda:
+            return {}
+        st = torch.cuda.memory_stats()
+        return {k: int(st.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc",
+                                               "num_device_free", "num_sync_all_streams")}
+
+    before = stats()
+    was = gc.isenabled()
+    if no_gc:
+        gc.disable()
+    times = []
+    try:
+        for _ in range(n):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        if no_gc and was:
+            gc.enable()
+    after = stats()
+    out = {"step_ms": times, "gc_disabled": no_gc,
+           "allocator": {k: after[k] - before.get(k, 0) for k in after}}
+    print(f"timed steps (ms{', gc off' if no_gc else ''}): "
+          + " ".join(f"{t:.1f}" for t in times))
+    print(f"allocator over them: {out['allocator']}")
+    return out
 
 
 if __name__ == "__main__":
