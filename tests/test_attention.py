@@ -310,3 +310,157 @@ def test_bench_suite_quick_rows():
     assert [r["impl"] for r in rows] == ["sdpa-default", "slimlm-ref"]
     for r in rows:
         assert r["fwd_ms"] > 0 and r["fwdbwd_tflops"] > 0 and r["err_rel"] < 1e-5
+
+
+# ---------------------------------------------------------------------------------------
+# The Hopper forward (_attn_fwd_tma: TMA descriptors, warp-specialized loop)
+# ---------------------------------------------------------------------------------------
+
+TMA_CASES = [  # B, H, Hkv, Tq, Tk, D, causal
+    (1, 2, 1, 37, 37, 64, True),     # GQA, ragged end, diagonal inside blocks
+    (2, 2, 2, 50, 37, 64, True),     # Tq > Tk: 13 rows see no key
+    (1, 2, 2, 29, 45, 128, False),   # Tq < Tk, D = 128
+    (1, 4, 1, 33, 70, 128, True),    # MQA, bottom-right diagonal
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("warp_spec", [False, True], ids=["split-loops", "one-ws-loop"])
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_tma_forward_matches_reference_and_pointer_kernel(case, warp_spec, monkeypatch):
+    B, H, Hkv, Tq, Tk, D, causal = case
+    q, k, v = _qkv(B, H, Hkv, Tq, Tk, D, torch.float16)
+    monkeypatch.setenv(fa.TMA_ENV, "1")
+    assert fa.tma_forward_reason(q, k, v, causal=causal) is None
+    out, lse = torch.empty_like(q), torch.empty(B, H, Tq)
+    fa._forward_tma(q, k, v, out, lse, B, H, Hkv, Tq, Tk, D, D ** -0.5, causal,
+                    config=dict(BLOCK_M=16, BLOCK_N=16, WARP_SPEC=warp_spec))
+    want, lse_ref = fa.attention_naive(q.double(), k.double(), v.double(), causal=causal)
+    torch.testing.assert_close(out.double(), want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse.double(), lse_ref, atol=1e-4, rtol=1e-4)  # -inf included
+    monkeypatch.setenv(fa.TMA_ENV, "0")  # the pointer kernel: same O and LSE to rounding
+    out_p, lse_p = fa.flash_attn_forward(q, k, v, causal=causal)
+    torch.testing.assert_close(out, out_p, atol=2e-3, rtol=0)
+    torch.testing.assert_close(lse, lse_p, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+def test_tma_forward_strided_views_and_store_bounds(monkeypatch):
+    # (B, T, H, D) storage seen as (B, H, T, D); O written into a padded buffer whose extra
+    # rows must survive (the descriptor store stops at seqlen_q).
+    monkeypatch.setenv(fa.TMA_ENV, "1")
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 21, 2, 64, generator=g).half().transpose(1, 2)  # (B, H, Tq, D)
+    k = torch.randn(2, 27, 1, 64, generator=g).half().transpose(1, 2)
+    v = torch.randn(2, 27, 1, 64, generator=g).half().transpose(1, 2)
+    buf = torch.full((2, 2, 32, 64), float("nan"), dtype=torch.float16)
+    out, lse = buf[:, :, :21], torch.empty(2, 2, 21)
+    assert fa.tma_forward_reason(q, k, v, causal=True, out=out) is None
+    fa._forward_tma(q, k, v, out, lse, 2, 2, 1, 21, 27, 64, 0.125, True)
+    assert torch.isnan(buf[:, :, 21:]).all()
+    want, _ = fa.attention_naive(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(out.double(), want, atol=2e-3, rtol=2e-3)
+
+
+@needs_interpreter
+def test_tma_forward_with_the_existing_backward(monkeypatch):
+    # flash_attention takes the TMA forward (SLIMLM_FLASH_TMA=1); the backward reuses its
+    # O and LSE unchanged.
+    monkeypatch.setenv(fa.TMA_ENV, "1")
+    q, k, v = _qkv(1, 2, 1, 37, 37, 64, torch.float16)
+    assert fa.tma_forward_reason(q, k, v, causal=True) is None
+    _check_kernel(q, k, v, causal=True, atol=2e-3, rtol=2e-3)
+
+
+def test_tma_forward_selection(monkeypatch):
+    q, k, v = _qkv(1, 2, 1, 8, 8, 64, torch.float16)
+    monkeypatch.setenv(fa.TMA_ENV, "0")
+    assert "SLIMLM_FLASH_TMA=0" in fa.tma_forward_reason(q, k, v, causal=True)
+    monkeypatch.setenv(fa.TMA_ENV, "1")
+    if not triton_available():
+        assert "make_tensor_descriptor" in fa.tma_forward_reason(q, k, v, causal=True)
+        return
+    assert "sliding window" in fa.tma_forward_reason(q, k, v, causal=True, window_size=4)
+    assert "varlen" in fa.tma_forward_reason(q, k, v, causal=True, varlen=True)
+    assert "dtype" in fa.tma_forward_reason(q.float(), k.float(), v.float(), causal=True)
+    q32, k32, v32 = _qkv(1, 2, 1, 8, 8, 32, torch.float16)
+    assert "head dim 32" in fa.tma_forward_reason(q32, k32, v32, causal=False)
+    odd = torch.zeros(1, 2, 8, 65, dtype=torch.float16)[..., :64]  # row stride 130 bytes
+    assert "q strides" in fa.tma_forward_reason(odd, k, v, causal=True)
+    if interpreting():
+        assert fa.tma_forward_reason(q, k, v, causal=True) is None
+        monkeypatch.delenv(fa.TMA_ENV)  # auto: the interpreter keeps the pointer kernel
+        assert "interpreter" in fa.tma_forward_reason(q, k, v, causal=True)
+    elif not torch.cuda.is_available():
+        assert "CUDA" in fa.tma_forward_reason(q, k, v, causal=True)
+
+
+# The sm_90 compile runs in child processes: this module may have switched the process to
+# the interpreter, and a Triton compiler assertion aborts its process. Set
+# SLIMLM_TRITON_PATH to compile with another Triton (e.g. the GPU machine's version).
+_SM90_CHILD = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from slimlm.kernels import flash_attention as fa
+
+D = int(sys.argv[1])
+ptrs = {n: "*bf16" for n in "QKVO"}
+ints = ["sqb", "sqh", "sqt", "skb", "skh", "skt", "svb", "svh", "svt", "sob", "soh", "sot",
+        "slb", "slh", "H", "GROUP", "seqlen_q", "seqlen_k"]
+runs = [(cfg, True) for cfg in fa._tma_configs(D)]  # causal: both loop forms in each
+rows = []
+for cfg, causal in runs:
+    const = dict(HEAD_DIM=D, IS_CAUSAL=causal, **cfg.kwargs)
+    sig = {**ptrs, "LSE": "*fp32", **{k: "i32" for k in ints}, "qk_scale": "fp32",
+           "SEQ_BUCKET_Q": "i32", "SEQ_BUCKET_K": "i32", **{k: "constexpr" for k in const}}
+    c = triton.compile(ASTSource(fn=fa._attn_fwd_tma, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", 90, 64),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = c.asm["ptx"]
+    rows.append(dict(cfg=str(cfg), causal=causal, ws=cfg.kwargs["WARP_SPEC"],
+                     shared=c.metadata.shared, warps=c.metadata.num_warps,
+                     tma_load=bool(re.search(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)),
+                     tma_store=bool(re.search(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx)),
+                     wgmma=ptx.count("wgmma.mma_async"), setmaxnreg=ptx.count("setmaxnreg"),
+                     triton=triton.__version__))
+print("ROWS" + json.dumps(rows))
+"""
+
+
+def test_tma_forward_compiles_for_sm90():
+    """Every autotune config of the TMA forward compiles for sm_90 (on the CPU) with TMA
+    loads and store, wgmma, at most 227 KiB of shared memory, and - for WARP_SPEC - a
+    producer/consumer split (12 warps, setmaxnreg)."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.compiler")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton cannot compile for a target without a GPU")
+    if not hasattr(triton.language, "make_tensor_descriptor"):
+        pytest.skip("this triton has no tl.make_tensor_descriptor")
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if os.environ.get("SLIMLM_TRITON_PATH"):
+        env["PYTHONPATH"] = os.pathsep.join(
+            [os.environ["SLIMLM_TRITON_PATH"], *filter(None, [env.get("PYTHONPATH")])])
+    procs = [subprocess.Popen([sys.executable, "-c", _SM90_CHILD, str(D)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for D in (64, 128)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        if "ptxas" in err and "not found" in err.lower():
+            pytest.skip("no ptxas for sm_90 in this triton")
+        assert p.returncode == 0 and "ROWS" in out, err[-3000:]
+        for r in json.loads(out.split("ROWS", 1)[1]):
+            assert r["tma_load"] and r["tma_store"] and r["wgmma"] > 0, r
+            assert 0 < r["shared"] <= 232448, r  # H100/H200: 227 KiB per block
+            if r["ws"]:
+                assert r["warps"] == 12 and r["setmaxnreg"] > 0, r
+            else:
+                assert r["setmaxnreg"] == 0, r

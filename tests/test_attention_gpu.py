@@ -159,3 +159,105 @@ def test_model_flash_training_step_matches_sdpa():
     g_ref = model.layers[0].self_attn.q_proj.weight.grad
     g = flash.layers[0].self_attn.q_proj.weight.grad
     assert _rel(g, g_ref) < 5e-2
+
+
+# ---------------------------------------------------------------------------------------
+# The Hopper forward (TMA descriptors, warp-specialized loop): SLIMLM_FLASH_TMA on vs off
+# ---------------------------------------------------------------------------------------
+
+needs_sm90 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="the TMA forward needs compute capability >= 9.0")
+
+TMA_CASES = [  # B, H, Hkv, Tq, Tk, D, causal
+    (2, 16, 16, 1024, 1024, 128, True),
+    (2, 16, 16, 1024, 1024, 64, False),
+    (2, 16, 4, 2049, 2049, 128, False),   # ragged end, GQA
+    (2, 16, 4, 2049, 2049, 64, True),
+    (1, 8, 2, 777, 1500, 128, True),      # bottom-right diagonal, ragged both sides
+    (1, 8, 8, 1500, 777, 64, True),       # Tq > Tk: the first rows see no key
+    (4, 32, 32, 4096, 4096, 128, True),   # the benchmark's shape
+]
+
+
+def _fwd_both_paths(monkeypatch, q, k, v, causal):
+    monkeypatch.delenv(fa.TMA_ENV, raising=False)
+    assert fa.tma_forward_reason(q, k, v, causal=causal) is None
+    out_t, lse_t = fa.flash_attn_forward(q, k, v, causal=causal)
+    assert fa._tma_failed is None, fa._tma_failed
+    monkeypatch.setenv(fa.TMA_ENV, "0")
+    assert fa.tma_forward_reason(q, k, v, causal=causal) is not None
+    out_p, lse_p = fa.flash_attn_forward(q, k, v, causal=causal)
+    monkeypatch.delenv(fa.TMA_ENV)
+    return (out_t, lse_t), (out_p, lse_p)
+
+
+@needs_sm90
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_tma_forward_matches_pointer_kernel(case, monkeypatch):
+    B, H, Hkv, Tq, Tk, D, causal = case
+    q, k, v, _ = _inputs(B, H, Hkv, Tq, Tk, D)
+    (out_t, lse_t), (out_p, lse_p) = _fwd_both_paths(monkeypatch, q, k, v, causal)
+    hs, hks = slice(0, 2), slice(0, max(1, 2 * Hkv // H))  # fp32 reference on two heads
+    ref, lse_ref = fa.attention_naive(q[:, hs].float(), k[:, hks].float(), v[:, hks].float(),
+                                      causal=causal)
+    ours, pointer = _rel(out_t[:, hs], ref), _rel(out_p[:, hs], ref)
+    assert ours <= 1.2 * pointer + 2e-4, f"out: tma {ours:.2e} vs pointer {pointer:.2e}"
+    assert torch.equal(torch.isneginf(lse_t), torch.isneginf(lse_p))
+    fin = torch.isfinite(lse_p)
+    torch.testing.assert_close(lse_t[fin], lse_p[fin], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lse_t[:, hs][fin[:, hs]], lse_ref[fin[:, hs]], atol=1e-3,
+                               rtol=1e-4)
+    if Tq > Tk:
+        assert torch.equal(out_t[:, :, :Tq - Tk], torch.zeros_like(out_t[:, :, :Tq - Tk]))
+
+
+@needs_sm90
+@pytest.mark.parametrize("D,causal", [(64, True), (128, True), (128, False)])
+def test_tma_every_autotune_config(D, causal):
+    """Each config of the autotune list, launched directly: the autotuner may pick any."""
+    B, H, Hkv, T = 2, 8, 2, 1000
+    q, k, v, _ = _inputs(B, H, Hkv, T, T, D, dtype=torch.float16)
+    ref, lse_ref = fa.attention_naive(q.float(), k.float(), v.float(), causal=causal)
+    for cfg in fa._tma_configs(D):
+        out, lse = torch.empty_like(q), torch.empty(B, H, T, device=DEV)
+        fa._forward_tma(q, k, v, out, lse, B, H, Hkv, T, T, D, D ** -0.5, causal,
+                        config={**cfg.kwargs, "num_warps": cfg.num_warps,
+                                "num_stages": cfg.num_stages})
+        assert _rel(out, ref) < 2e-3, cfg
+        torch.testing.assert_close(lse, lse_ref, atol=1e-3, rtol=1e-4, msg=str(cfg))
+
+
+@needs_sm90
+@pytest.mark.parametrize("case", [(2, 16, 4, 2049, 2049, 128, True),
+                                  (2, 16, 16, 1024, 1024, 64, False),
+                                  (1, 8, 2, 777, 1500, 64, True)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_tma_forward_backward_no_worse_than_sdpa(case, monkeypatch):
+    B, H, Hkv, Tq, Tk, D, causal = case
+    monkeypatch.delenv(fa.TMA_ENV, raising=False)
+    q, k, v, do = _inputs(B, H, Hkv, Tq, Tk, D)
+    assert fa.tma_forward_reason(q, k, v, causal=causal) is None
+    ref_out, ref_grads = _run(lambda q, k, v: fa.attention_naive(q, k, v, causal=causal)[0],
+                              q.float(), k.float(), v.float(), do.float())
+    sd_out, sd_grads = _run(lambda q, k, v: sdpa_attention(q, k, v, causal=causal), q, k, v, do)
+    our_out, our_grads = _run(lambda q, k, v: attention.flash_attention(q, k, v, causal=causal),
+                              q, k, v, do)
+    assert fa._tma_failed is None, fa._tma_failed
+    ours, theirs = _rel(our_out, ref_out), _rel(sd_out, ref_out)
+    assert ours <= 1.2 * theirs + 2e-4, f"out: ours {ours:.2e} vs sdpa {theirs:.2e}"
+    for name, a, b, r in zip("qkv", our_grads, sd_grads, ref_grads):
+        ours, theirs = _rel(a, r), _rel(b, r)
+        assert ours <= 1.2 * theirs + 5e-4, f"d{name}: ours {ours:.2e} vs sdpa {theirs:.2e}"
+
+
+@needs_sm90
+def test_tma_forward_strided_views(monkeypatch):
+    B, T, H, Hkv, D = 2, 333, 8, 2, 128
+    g = torch.Generator(device=DEV).manual_seed(4)
+    q = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    k = torch.randn(B, T, Hkv, D, device=DEV, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    v = torch.randn(B, T, Hkv, D, device=DEV, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    (out_t, lse_t), (out_p, lse_p) = _fwd_both_paths(monkeypatch, q, k, v, True)
+    assert _rel(out_t, out_p) < 5e-3
+    torch.testing.assert_close(lse_t, lse_p, atol=1e-4, rtol=1e-5)

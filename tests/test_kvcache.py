@@ -516,3 +516,126 @@ def test_decode_config_rejects_bad_values():
         DecodeConfig(unpack="zip")
     with pytest.raises(ValueError, match="block_n=48"):
         DecodeConfig(block_n=48)
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA-core ("simt") decode kernel: interpreter (fp16x2 arithmetic emulated) and sm_90
+# ---------------------------------------------------------------------------------------
+
+_SIMT_SCRIPT = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from slimlm.kernels.decode_attention import (DecodeConfig, decode_attention,
+                                             decode_attention_ref, quantize_kv)
+torch.manual_seed(0)
+cases = [  # bits, dtype, B, Hq, Hkv, D, T, group, vgroup, splits, n_res, warps
+    (2, torch.float32, 2, 4, 2, 32, 16 * 5 + 7, 16, 16, 2, None, 1),  # 3 + 2 blocks per split
+    (4, torch.float16, 1, 4, 1, 32, 64 + 5, 32, 16, 1, None, 1),  # GQA 4, two sub-tiles
+    (8, torch.float16, 1, 2, 2, 16, 32 + 5, 32, 16, 1, None, 1),  # GQA 1, int8
+    (8, torch.float32, 1, 8, 1, 64, 128 + 3, 32, 16, 3, None, 2),  # GQA 8, 2 warps
+    (4, torch.float32, 1, 8, 2, 32, 16 * 6, 16, 32, 3, 0, 1),  # no residual
+    (4, torch.float32, 2, 3, 1, 32, 7, 16, 16, 1, None, 1),  # residual only, 3 heads
+    (2, torch.float16, 1, 4, 1, 32, 64 + 40, 64, 32, None, 40, 1),  # residual > one block
+]
+for bits, dt, B, Hq, Hkv, D, T, G, Gv, splits, n_res, nw in cases:
+    k = torch.randn(B, Hkv, T, D).to(dt)
+    k[..., 1] *= 6  # an outlier key channel
+    v = torch.randn(B, Hkv, T, D).to(dt)
+    q = torch.randn(B, Hq, D).to(dt)
+    kv = quantize_kv(k, v, bits=bits, group_size=G, v_group_size=Gv, n_res=n_res)
+    cfg = DecodeConfig(kernel="simt", block_n=64, num_warps=nw)
+    out = decode_attention(q, kv, num_splits=splits, config=cfg)
+    ref = decode_attention_ref(q, kv)
+    tol = 2e-3 if dt == torch.float16 else 1e-5  # as for the MMA kernel
+    err = (out.float() - ref.float()).abs().max().item()
+    assert out.dtype == dt and out.shape == (B, Hq, D)
+    assert err < tol, (bits, dt, err)
+print("SIMT_OK")
+"""
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_simt_decode_kernel_under_interpreter_matches_reference():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run([sys.executable, "-c", _SIMT_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "SIMT_OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_simt_config_and_layout():
+    from slimlm.kernels.decode_attention import DecodeConfig, _simt_layout
+
+    with pytest.raises(ValueError, match="kernel='tc'"):
+        DecodeConfig(kernel="tc")
+    assert DecodeConfig().kernel == "mma"
+    # 16 channels per thread: int4 2 words, int2 1, int8 4; 8 lanes per token at D=128
+    assert _simt_layout(4, 128, 64, 64, 4) == (2, 16)
+    assert _simt_layout(2, 128, 64, 64, 1) == (1, 4)
+    assert _simt_layout(8, 128, 64, 64, 2) == (4, 8)
+    assert _simt_layout(2, 128, 8, 64, 4) is None  # a word would span two value groups
+
+
+_SIMT_SM90_SCRIPT = r"""
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from slimlm.kernels import decode_attention as da
+
+fn = da._decode_simt_kernel
+bits, nw = 2, 4
+cpt, rows = da._simt_layout(bits, 128, 64, 64, nw)
+const = dict(BITS=bits, GROUP=64, VGROUP=64, D=128, QPG=4, BLOCK_N=64, ROWS=rows, CPT=cpt,
+             BLOCK_R=32, H2=True, ASM=True)
+ptrs = {n: "*i32" if n in ("KW", "VW") else "*fp32" if n.startswith("P") else
+        "*fp16" if n in ("KS", "KZ", "VS", "VZ") else "*bf16"
+        for n in ("Q", "KW", "KS", "KZ", "VW", "VS", "VZ", "KR", "VR", "PM", "PL", "PZ", "PACC")}
+sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n == "qk_scale" else "i32")
+       for n in fn.arg_names}
+odd = ("blocks_per_split", "n_kv_heads", "n_splits", "svs_j")  # a launch's multiples of 16
+attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
+         if n in ptrs or (sig[n] == "i32" and n not in odd)}
+c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                   target=GPUTarget("cuda", 90, 64), options={"num_warps": nw, "num_stages": 3})
+lines = c.asm["ptx"].splitlines()
+labels, span = {}, None
+for i, line in enumerate(lines):
+    m = re.match(r"\s*(\$L__BB\d+_\d+):", line)
+    if m:
+        labels[m.group(1)] = i
+    m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+    if m and m.group(1) in labels and (span is None or i - labels[m.group(1)] > span[1] - span[0]):
+        span = (labels[m.group(1)], i)
+body = lines[span[0]:span[1] + 1]
+ops = {op: sum(op in line for line in body)
+       for op in ("bar.sync", "shared", "mma.", "fma.rn.f16x2")}
+print("OPS", triton.__version__, ops)
+# no tensor cores; one fp16x2 FMA per two MACs: 4 heads x 128 channels x 64 tokens x (K + V)
+# / 2 per pair / (32 lanes x warps) per thread
+assert ops["mma."] == 0 and ops["fma.rn.f16x2"] == 4 * 128 * 64 * 2 // 2 // (32 * nw), ops
+if triton.__version__.startswith("3.6"):
+    # the H200's Triton: no layout conversion in the token loop (no barrier, no shared memory)
+    assert ops["bar.sync"] == 0 and ops["shared"] == 0, ops
+print("SM90_OK", flush=True)
+import os
+os._exit(0)  # skip interpreter teardown (a CompiledKernel.__del__ there can fail)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_simt_kernel_compiles_for_sm90():
+    """The simt kernel compiled for sm_90 on the CPU (no GPU needed): no tensor-core
+    instruction and one fp16x2 FMA per two multiply-adds in the token loop; under Triton
+    3.6 (the version the H200 runs) no barrier or shared-memory access there either.
+    Triton 3.9 lays the score reduction out differently (a conversion through shared
+    memory per sub-tile), so the barrier check is limited to 3.6."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run([sys.executable, "-c", _SIMT_SM90_SCRIPT], env=env,
+                         capture_output=True, text=True, timeout=600)
+    if res.returncode and ("ptxas" in res.stderr or "GPUTarget" in res.stderr):
+        pytest.skip(f"no sm_90 target compile here: {res.stderr[-300:]}")
+    assert res.returncode == 0 and "SM90_OK" in res.stdout, (res.stdout[-2000:]
+                                                              + res.stderr[-3000:])

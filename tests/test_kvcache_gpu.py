@@ -127,3 +127,72 @@ def test_autotune_table_runs_and_sorts():
     kv = quantize_kv(k, torch.randn_like(k), bits=4, group_size=64, v_group_size=64, n_res=128)
     rows = autotune_table(q, kv, [DecodeConfig(num_stages=2), DecodeConfig(num_warps=8)], rep=3)
     assert len(rows) == 2 and rows[0]["us"] <= rows[1]["us"] < float("inf")
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA-core ("simt") kernel: DecodeConfig(kernel="simt"), same bounds as the MMA kernel
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("ctx, batch", [(4096, 4), (16384 + 100, 2), (32768, 1)])
+@pytest.mark.parametrize("q_gain", [1.0, 4.0], ids=["spread", "peaked"])
+@pytest.mark.parametrize("warps", [1, 4])
+def test_simt_kernel_matches_reference_bf16_real_shapes(bits, ctx, batch, q_gain, warps):
+    """As test_kernel_matches_reference_bf16_real_shapes, for the simt kernel (fp16x2
+    chains of 8 products per half and of one block's tokens per row: see
+    _decode_simt_kernel), at 1 warp (16 sub-tiles per 64-token block) and 4 warps (4)."""
+    from slimlm.kernels.decode_attention import DecodeConfig
+
+    torch.manual_seed(0)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    k = torch.randn(batch, 8, ctx, 128, device=dev, dtype=dt)
+    k[..., 5] *= 8
+    v = torch.randn(batch, 8, ctx, 128, device=dev, dtype=dt)
+    q = (torch.randn(batch, 32, 128, device=dev) * q_gain).to(dt)
+    kv = quantize_kv(k, v, bits=bits, group_size=64, v_group_size=64, n_res=128 + ctx % 64)
+    ref = decode_attention_ref(q.float(), kv)
+    err_base = _rel(_sdpa_bf16_baseline(q, kv), ref)
+    cfg = DecodeConfig(kernel="simt", num_warps=warps, num_stages=3)
+    for splits in (None, 1, 7):
+        out = decode_attention(q, kv, num_splits=splits, config=cfg)
+        assert out.dtype == dt and out.shape == (batch, 32, 128)
+        assert torch.isfinite(out).all()
+        err = _rel(out, ref)
+        assert err <= 1.5 * err_base + 1e-3, (splits, err, err_base)
+
+
+@pytest.mark.parametrize("dt, tol", [(torch.float16, 5e-3), (torch.float32, 1e-4)],
+                         ids=["fp16", "fp32"])
+def test_simt_kernel_fp16_fp32_small_groups_and_gqa(dt, tol):
+    """fp16: fp16x2 arithmetic; fp32: the fp32 form of the same loop. Group sizes 16-128,
+    GQA 1, 4 and 8, a value group smaller than a code word (int2, Gv=8: falls back to the
+    MMA kernel)."""
+    from slimlm.kernels.decode_attention import DecodeConfig
+
+    torch.manual_seed(1)
+    k = torch.randn(3, 2, 1000, 64, device="cuda", dtype=dt)
+    v = torch.randn(3, 2, 1000, 64, device="cuda", dtype=dt)
+    for hq in (2, 8, 16):
+        q = torch.randn(3, hq, 64, device="cuda", dtype=dt)
+        for bits, g, gv in ((4, 32, 32), (2, 16, 16), (8, 128, 64), (2, 64, 8)):
+            kv = quantize_kv(k, v, bits=bits, group_size=g, v_group_size=gv)
+            for warps in (1, 2, 4):
+                cfg = DecodeConfig(kernel="simt", num_warps=warps)
+                err = _rel(decode_attention(q, kv, config=cfg), decode_attention_ref(q, kv))
+                assert err < tol, (hq, bits, g, gv, warps, err)
+
+
+def test_autotune_default_candidates_include_simt():
+    from slimlm.kernels.decode_attention import DecodeConfig, autotune_table
+
+    torch.manual_seed(0)
+    k = torch.randn(2, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
+    kv = quantize_kv(k, torch.randn_like(k), bits=4, group_size=64, v_group_size=64, n_res=128)
+    rows = autotune_table(q, kv, rep=2)
+    simt = [r for r in rows if r["config"].kernel == "simt"]
+    assert 1 <= len(simt) <= 8 and all(r["us"] < float("inf") for r in simt), simt
+    rows = autotune_table(q, kv, [DecodeConfig(kernel="simt", num_warps=2),
+                                  DecodeConfig(kernel="mma")], rep=3)
+    assert len(rows) == 2 and rows[0]["us"] <= rows[1]["us"] < float("inf")

@@ -68,6 +68,31 @@ included) for a quantization error that the residual window and per-channel keys
 small. What remains besides bytes is the fp16 tile's trip through shared memory on the
 way to the MMA (~1 KiB of shared traffic per token and head).
 
+A second split kernel, ``DecodeConfig(kernel="simt")`` (:func:`_decode_simt_kernel`), runs
+on CUDA cores: no ``tl.dot`` and, compiled by Triton 3.6 for sm_90, no barrier, shared
+memory access or layout conversion in its token loop (the MMA kernel has 21 BAR.SYNC per
+block there). Codes become fp16x2 pairs (``lop3`` + ``sub.f16x2`` per two codes through
+inline PTX, emulated under the interpreter) and both contractions are ``fma.rn.f16x2``
+chains; each token row of a sub-tile keeps its own softmax state, merged once per
+program. **It has not run on a GPU yet**: SASS counts of the token loop per 64-token
+block and program (all warps; 4 query / 1 KV head, D=128, bf16, Triton 3.6, divisibility
+hints as a launch specializes them):
+
+    ==========================  ============  ============  =====  =========
+    kernel                      int4          int2          BAR    registers
+    ==========================  ============  ============  =====  =========
+    mma, 4 warps (CONFIGS)      4308          4132          21     168/182
+    simt, 1 warp                3563          3533          0      255 (spills)
+    simt, 2 warps               3976          4012          0      255 (spills)
+    simt, 4 warps               4800          4940          0      255
+    ==========================  ============  ============  =====  =========
+
+About 1060 of the simt kernel's instructions are the fp16x2 FMAs themselves (the floor on
+CUDA cores: 2 x 4 x 128 x 64 multiply-adds / 64 per warp instruction); the rest is
+dequantization (~260), the reduction of each score across the 8 lanes of a token row and
+its widening to fp32 (~700), and the softmax, replicated on those 8 lanes (~450). Whether
+the missing barriers pay for that is for a GPU to tell; :func:`autotune_table` tries both.
+
 Example::
 
     from slimlm.kernels.decode_attention import quantize_kv, decode_attention
@@ -553,6 +578,391 @@ if triton_available():
         o_ptr = OUT + b * so_b + (h * QPG + offs_g)[:, None] * so_h + offs_d[None, :]
         tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=ok[:, None])
 
+    # -----------------------------------------------------------------------------------
+    # The CUDA-core ("simt") variant: DecodeConfig(kernel="simt")
+    # -----------------------------------------------------------------------------------
+
+    @triton.jit
+    def _h2_lo(x):
+        """The low fp16 of an fp16x2 pair (int32 bit pattern) as fp32 (exact)."""
+        return (x & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _h2_hi(x):
+        """The high fp16 of an fp16x2 pair (int32 bit pattern) as fp32 (exact)."""
+        return (x >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _h2_pack(lo, hi, ASM: tl.constexpr):
+        """Two fp32 -> an fp16x2 pair (int32 bit pattern, ``lo`` in the low half), each
+        rounded to nearest: one ``cvt.rn.f16x2.f32`` (``ASM``), else fp32 -> fp16 casts."""
+        if ASM:
+            return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r",
+                                             [lo, hi], dtype=tl.int32, is_pure=True, pack=1)
+        a = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        b = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+        return a | b
+
+    @triton.jit
+    def _h2_widen(x, ASM: tl.constexpr):
+        """fp16x2 pair -> (lo, hi) fp32 (exact)."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "{ .reg .f16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
+                "=r,=r,r", [x], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        return _h2_lo(x), _h2_hi(x)
+
+    @triton.jit
+    def _h2_fma(a, b, c, ASM: tl.constexpr):
+        """a * b + c on fp16x2 pairs (int32 bit patterns): one ``fma.rn.f16x2`` (``ASM``),
+        else emulated in fp32 (the product of two fp16 is exact in fp32; the sum is rounded
+        twice, to fp32 then fp16, where the GPU rounds once)."""
+        if ASM:
+            return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                             [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
+        return _h2_pack(_h2_lo(a) * _h2_lo(b) + _h2_lo(c), _h2_hi(a) * _h2_hi(b) + _h2_hi(c),
+                        False)
+
+    @triton.jit
+    def _h2_add(a, b, ASM: tl.constexpr):
+        """a + b on fp16x2 pairs (one ``add.rn.f16x2``; emulated without ``ASM``)."""
+        if ASM:
+            return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        return _h2_pack(_h2_lo(a) + _h2_lo(b), _h2_hi(a) + _h2_hi(b), False)
+
+    @triton.jit
+    def _h2_add_asm(a, b):
+        return _h2_add(a, b, True)
+
+    @triton.jit
+    def _h2_add_emu(a, b):
+        return _h2_add(a, b, False)
+
+    @triton.jit
+    def _h2_codes(w, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+        """Pair ``j`` of int32 code words -- the fields at bits ``j*BITS`` and
+        ``16 + j*BITS`` (channels ``j`` and ``PER/2 + j`` of the word) -- as the fp16x2 pair
+        of offset codes ``c - 2**(BITS-1)`` (exact). On the GPU two instructions per two
+        codes: ``lop3`` puts both fields, in place, into the mantissas of the magic number
+        ``2**(10-K)`` (K = the field's bit offset in its half-word, after one shift by 8
+        for fields at bits >= 8 of a half; the mantissa step is then 1), and one
+        ``sub.f16x2`` removes ``2**(10-K) + 2**(BITS-1)``."""
+        B: tl.constexpr = j * BITS
+        K: tl.constexpr = B % 8
+        OFF: tl.constexpr = 1 << (BITS - 1)
+        MASK: tl.constexpr = (1 << BITS) - 1
+        if B >= 8:
+            t = w >> 8  # arithmetic: the sign bits land above the fields, masked off
+        else:
+            t = w
+        if ASM:
+            MASK2: tl.constexpr = (MASK << K) * 0x10001
+            MAGIC: tl.constexpr = (25 - K) << 10  # fp16 2**(10-K)
+            SUB: tl.constexpr = MAGIC + (OFF << K)  # fp16 2**(10-K) + OFF (exact)
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0xEA; sub.rn.f16x2 $0, t, $4; }",
+                "=r,r,r,r,r",
+                [t, tl.full(t.shape, MASK2, tl.int32), tl.full(t.shape, MAGIC * 0x10001, tl.int32),
+                 tl.full(t.shape, SUB * 0x10001, tl.int32)],
+                dtype=tl.int32, is_pure=True, pack=1)
+        lo = ((t >> K) & MASK).to(tl.float32) - OFF
+        hi = ((t >> (16 + K)) & MASK).to(tl.float32) - OFF
+        return _h2_pack(lo, hi, False)  # exact: small integers
+
+    @triton.jit
+    def _f32_codes(w, j: tl.constexpr, BITS: tl.constexpr):
+        """fp32 form of :func:`_h2_codes` (fp32 caches): the pair as two fp32 tensors."""
+        OFF: tl.constexpr = 1 << (BITS - 1)
+        MASK: tl.constexpr = (1 << BITS) - 1
+        lo = ((w >> (j * BITS)) & MASK).to(tl.float32) - OFF
+        hi = ((w >> (16 + j * BITS)) & MASK).to(tl.float32) - OFF
+        return lo, hi
+
+    @triton.jit
+    def _decode_simt_kernel(
+        Q, KW, KS, KZ, VW, VS, VZ, KR, VR, PM, PL, PZ, PACC,
+        n_quant, n_res, blocks_per_split, qk_scale,
+        sq_b, sq_h,
+        skw_b, skw_h, skw_t, sks_b, sks_h, sks_g,
+        svw_b, svw_h, svw_t, svs_b, svs_h, svs_t, svs_j,
+        skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
+        n_kv_heads, n_splits,
+        BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
+        QPG: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CPT: tl.constexpr,
+        BLOCK_R: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
+    ):
+        """The CUDA-core split kernel (``DecodeConfig(kernel="simt")``): no ``tl.dot``, no
+        layout conversion, no cross-warp communication in the token loop.
+
+        Layout. A block of BLOCK_N tokens is processed as REPS = BLOCK_N / ROWS sub-tiles
+        of shape (LPT, CPT, ROWS) int32 code words: a token row is spread over LPT lanes,
+        each holding CPT consecutive words (16 channels: one 8- or 4-byte vector), and a
+        thread holds one token row per sub-tile. Key and value tiles use the same layout,
+        so per-token values (scores, p) and per-channel values (q, accumulators) meet
+        without conversions. Scores of a token are reduced in-thread over its words and
+        across its LPT lanes (shuffles, within a warp).
+
+        Softmax state per token row. Every row (lane group) keeps its own running max,
+        sum and accumulators for the QPG query heads (tuples: the heads, and the fp16x2
+        code pairs of a word, are unrolled); rows are merged once, after the token loop
+        (flash-decoding within the program). So no max or sum crosses lanes or warps
+        per block; the price is per-row state (QPG * 16 fp32 accumulators per thread).
+
+        Arithmetic (``H2``: fp16/bf16 caches). Codes become fp16x2 pairs of offset codes
+        ``c - 2**(BITS-1)`` (:func:`_h2_codes`: lop3 + sub per two codes). Keys: the key
+        scale folds into q (``q*s_k`` as fp16x2, per block = key group), the zero point
+        into a per-head bias ``q . (z_k + 2**(BITS-1) s_k)`` (fp32); each head's partial
+        score is an ``fma.rn.f16x2`` chain over the thread's 16 channels (8 products per
+        half), the word partials are added in fp16x2, widened to fp32 and summed across
+        the row's lanes. Values: the value scale folds into p (``p * s_v`` per token, as
+        fp16x2), the zero point into a per-row fp32 sum ``p * (z_v + 2**(BITS-1) s_v)``;
+        each head accumulates ``fma.rn.f16x2(p s_v, codes, acc)`` chains over the block's
+        REPS tokens of its row, widened into fp32 accumulators (rescaled by the block's
+        alpha) once per block. fp16 chains are short (8 products, REPS tokens): their
+        rounding is of the order of the fp16 rounding of ``q*s_k`` that the MMA kernel
+        already has. Without ``ASM`` (the interpreter) the fp16x2 instructions are emulated
+        (fp32 arithmetic rounded to fp16); fp32 caches (``H2`` off) run the same loop in
+        fp32 on separate fields.
+
+        Partials: (max, sum, acc) per (program, head), with a zero PZ, in the layout the
+        reduce kernel reads with ``M = QPG`` rows and ``VGROUP = D`` (one replica).
+
+        Compiled for sm_90 on a CPU, never run on a GPU. Token loop, Triton 3.6, 4 query
+        heads, D=128, bf16, per 64-token block and program (all warps): int4 3563 / 3976 /
+        4800 instructions at 1 / 2 / 4 warps, int2 3533 / 4012 / 4940, no BAR.SYNC, STS or
+        LDS; 255 registers with a few spills at 1 and 2 warps (LDL 64 / 25 per block). At
+        1 warp, int4: HFMA2 1057, HADD2 543 (the fp16 subtractions of the dequantization
+        and the fp16 -> fp32 widenings), FADD 484, LOP3 275, SHFL 212, FFMA 176. The MMA
+        kernel: 4308 (int4) / 4132 (int2) at 4 warps, 21 BAR.SYNC. More warps cost more
+        here because the per-block work (q * s_k as fp16x2, the bias) is repeated per
+        warp. Triton 3.9 orders the (LPT, CPT, ROWS) tile's two non-contiguous dimensions
+        the other way and spreads a token row's lanes over two warps: the score sums then
+        go through shared memory (a loop with bar.sync); a layout that does not depend on
+        that order is still to be found (a 2-D (ROWS, W) load, reshaped and permuted,
+        made 3.9 worse)."""
+        PER: tl.constexpr = 32 // BITS
+        HALF: tl.constexpr = PER // 2
+        W: tl.constexpr = D * BITS // 32
+        LPT: tl.constexpr = W // CPT
+        REPS: tl.constexpr = BLOCK_N // ROWS
+        OFF: tl.constexpr = 1 << (BITS - 1)
+        pid_bh = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = pid_bh // n_kv_heads
+        h = pid_bh % n_kv_heads
+        part = pid_bh * (n_splits + 1) + pid_s
+        q_base = Q + b * sq_b + (h * QPG) * sq_h
+        if pid_s < n_splits:
+            offs_r = tl.arange(0, ROWS)
+            offs_l = tl.arange(0, LPT)
+            offs_c = tl.arange(0, CPT)
+            word = offs_l[:, None] * CPT + offs_c[None, :]  # (LPT, CPT) word index
+            word3 = word[:, :, None]
+            vgrp = ((offs_l * (CPT * PER)) // VGROUP)[:, None, None]  # (LPT, 1, 1)
+            # q * qk_scale (fp32) per head and pair: channels word*PER + j and + HALF + j
+            qv = ()
+            for g in tl.static_range(QPG):
+                for j in tl.static_range(HALF):
+                    qv = qv + (tl.load(q_base + g * sq_h + word * PER + j).to(tl.float32)
+                               * qk_scale,
+                               tl.load(q_base + g * sq_h + word * PER + HALF + j).to(tl.float32)
+                               * qk_scale)
+            m_i = ()
+            l_i = ()
+            z_i = ()
+            acc = ()
+            for _g in tl.static_range(QPG):
+                m_i = m_i + (tl.full((ROWS,), -1.0e30, dtype=tl.float32),)
+                l_i = l_i + (tl.zeros((ROWS,), dtype=tl.float32),)
+                z_i = z_i + (tl.zeros((LPT, 1, ROWS), dtype=tl.float32),)
+                for _j in tl.static_range(2 * HALF):
+                    acc = acc + (tl.zeros((LPT, CPT, ROWS), dtype=tl.float32),)
+            n_blocks = n_quant // BLOCK_N
+            start = pid_s * blocks_per_split
+            end = tl.minimum(start + blocks_per_split, n_blocks)
+            kw_base = KW + b * skw_b + h * skw_h
+            vw_base = VW + b * svw_b + h * svw_h
+            ks_base = KS + b * sks_b + h * sks_h
+            kz_base = KZ + b * sks_b + h * sks_h
+            vs_base = VS + b * svs_b + h * svs_h + vgrp * svs_j
+            vz_base = VZ + b * svs_b + h * svs_h + vgrp * svs_j
+            for blk in range(start, end):
+                t0 = blk * BLOCK_N
+                kg = (t0 // GROUP) * sks_g  # one key group per block (BLOCK_N divides GROUP)
+                # Key scale into q, key zero point (plus the code offset) into a bias.
+                qs = ()
+                bias = ()
+                for g in tl.static_range(QPG):
+                    bsum = tl.zeros((LPT, CPT), dtype=tl.float32)
+                    for j in tl.static_range(HALF):
+                        sk0 = tl.load(ks_base + kg + word * PER + j).to(tl.float32)
+                        sk1 = tl.load(ks_base + kg + word * PER + HALF + j).to(tl.float32)
+                        zk0 = tl.load(kz_base + kg + word * PER + j).to(tl.float32)
+                        zk1 = tl.load(kz_base + kg + word * PER + HALF + j).to(tl.float32)
+                        q0 = qv[2 * (g * HALF + j)]
+                        q1 = qv[2 * (g * HALF + j) + 1]
+                        bsum += q0 * (zk0 + OFF * sk0) + q1 * (zk1 + OFF * sk1)
+                        if H2:
+                            qs = qs + (_h2_pack(q0 * sk0, q1 * sk1, ASM)[:, :, None],)
+                        else:
+                            qs = qs + ((q0 * sk0)[:, :, None], (q1 * sk1)[:, :, None])
+                    bias = bias + (tl.sum(tl.sum(bsum, 1), 0),)
+                # Scores of the REPS sub-tiles: s[r * QPG + g], (ROWS,) each.
+                s = ()
+                for r in tl.static_range(REPS):
+                    rows = t0 + r * ROWS + offs_r
+                    kw = tl.load(kw_base + rows[None, None, :] * skw_t + word3)
+                    cps = ()
+                    for j in tl.static_range(HALF):
+                        if H2:
+                            cps = cps + (_h2_codes(kw, j, BITS, ASM),)
+                        else:
+                            c0, c1 = _f32_codes(kw, j, BITS)
+                            cps = cps + (c0, c1)
+                    for g in tl.static_range(QPG):
+                        if H2:
+                            a = tl.zeros((LPT, CPT, ROWS), dtype=tl.int32)
+                            for j in tl.static_range(HALF):
+                                a = _h2_fma(tl.broadcast_to(qs[g * HALF + j], a.shape), cps[j],
+                                            a, ASM)
+                            if ASM:  # the words' partials, in fp16x2, in-thread
+                                a = tl.reduce(a, 1, _h2_add_asm)
+                            else:
+                                a = tl.reduce(a, 1, _h2_add_emu)
+                            lo, hi = _h2_widen(a, ASM)
+                            t = tl.sum(lo + hi, 0)
+                        else:
+                            a = tl.zeros((LPT, CPT, ROWS), dtype=tl.float32)
+                            for j in tl.static_range(HALF):
+                                a += (qs[2 * (g * HALF + j)] * cps[2 * j]
+                                      + qs[2 * (g * HALF + j) + 1] * cps[2 * j + 1])
+                            t = tl.sum(tl.sum(a, 1), 0)
+                        s = s + (t + bias[g],)
+                # Per-row running max.
+                m_new = ()
+                alpha = ()
+                for g in tl.static_range(QPG):
+                    mx = m_i[g]
+                    for r in tl.static_range(REPS):
+                        mx = tl.maximum(mx, s[r * QPG + g])
+                    m_new = m_new + (mx,)
+                    alpha = alpha + (tl.math.exp2(m_i[g] - mx),)
+                # Values: fp16x2 chains over the block's tokens of each row.
+                lsum = ()
+                zsum = ()
+                vacc = ()
+                for _g in tl.static_range(QPG):
+                    lsum = lsum + (tl.zeros((ROWS,), dtype=tl.float32),)
+                    zsum = zsum + (tl.zeros((LPT, 1, ROWS), dtype=tl.float32),)
+                    for _j in tl.static_range(HALF):
+                        if H2:
+                            vacc = vacc + (tl.zeros((LPT, CPT, ROWS), dtype=tl.int32),)
+                        else:
+                            vacc = vacc + (tl.zeros((LPT, CPT, ROWS), dtype=tl.float32),
+                                           tl.zeros((LPT, CPT, ROWS), dtype=tl.float32))
+                for r in tl.static_range(REPS):
+                    rows = t0 + r * ROWS + offs_r
+                    vw = tl.load(vw_base + rows[None, None, :] * svw_t + word3)
+                    vsc = tl.load(vs_base + rows[None, None, :] * svs_t).to(tl.float32)
+                    vze = tl.load(vz_base + rows[None, None, :] * svs_t).to(tl.float32)
+                    vzz = vze + OFF * vsc  # (LPT, 1, ROWS)
+                    cps = ()
+                    for j in tl.static_range(HALF):
+                        if H2:
+                            cps = cps + (_h2_codes(vw, j, BITS, ASM),)
+                        else:
+                            c0, c1 = _f32_codes(vw, j, BITS)
+                            cps = cps + (c0, c1)
+                    new_l = ()
+                    new_z = ()
+                    new_v = ()
+                    for g in tl.static_range(QPG):
+                        p = tl.math.exp2(s[r * QPG + g] - m_new[g])  # (ROWS,)
+                        new_l = new_l + (lsum[g] + p,)
+                        p3 = p[None, None, :]
+                        new_z = new_z + (zsum[g] + p3 * vzz,)
+                        pv = p3 * vsc  # (LPT, 1, ROWS)
+                        if H2:
+                            pv2 = tl.broadcast_to(_h2_pack(pv, pv, ASM), (LPT, CPT, ROWS))
+                            for j in tl.static_range(HALF):
+                                new_v = new_v + (_h2_fma(pv2, cps[j], vacc[g * HALF + j], ASM),)
+                        else:
+                            for j in tl.static_range(2 * HALF):
+                                new_v = new_v + (vacc[g * 2 * HALF + j] + pv * cps[j],)
+                    lsum = new_l
+                    zsum = new_z
+                    vacc = new_v
+                # Fold the block into the fp32 state (rescaled by alpha).
+                new_m = ()
+                new_l = ()
+                new_z = ()
+                new_acc = ()
+                for g in tl.static_range(QPG):
+                    al = alpha[g]
+                    al3 = al[None, None, :]
+                    new_m = new_m + (m_new[g],)
+                    new_l = new_l + (l_i[g] * al + lsum[g],)
+                    new_z = new_z + (z_i[g] * al3 + zsum[g],)
+                    for j in tl.static_range(HALF):
+                        if H2:
+                            lo, hi = _h2_widen(vacc[g * HALF + j], ASM)
+                        else:
+                            lo = vacc[g * 2 * HALF + 2 * j]
+                            hi = vacc[g * 2 * HALF + 2 * j + 1]
+                        new_acc = new_acc + (acc[g * 2 * HALF + 2 * j] * al3 + lo,
+                                             acc[g * 2 * HALF + 2 * j + 1] * al3 + hi)
+                m_i = new_m
+                l_i = new_l
+                z_i = new_z
+                acc = new_acc
+            # Merge the rows (once per program) and write the partials.
+            for g in tl.static_range(QPG):
+                mg = tl.max(m_i[g], 0)
+                f = tl.math.exp2(m_i[g] - mg)  # (ROWS,)
+                f3 = f[None, None, :]
+                tl.store(PM + part * QPG + g, mg)
+                tl.store(PL + part * QPG + g, tl.sum(l_i[g] * f, 0))
+                tl.store(PZ + part * QPG + g, 0.0)
+                zf = z_i[g] * f3  # (LPT, 1, ROWS)
+                o_base = PACC + (part * QPG + g) * D + word * PER
+                for j in tl.static_range(HALF):
+                    tl.store(o_base + j, tl.sum(acc[g * 2 * HALF + 2 * j] * f3 + zf, 2))
+                    tl.store(o_base + HALF + j, tl.sum(acc[g * 2 * HALF + 2 * j + 1] * f3 + zf, 2))
+        else:
+            # The full-precision residual, in fp32 on CUDA cores, one head at a time.
+            offs_t = tl.arange(0, BLOCK_R)
+            offs_d = tl.arange(0, D)
+            kr_base = KR + b * skr_b + h * skr_h
+            vr_base = VR + b * svr_b + h * svr_h
+            for g in tl.static_range(QPG):
+                qg = tl.load(q_base + g * sq_h + offs_d).to(tl.float32)
+                m_r = tl.full((BLOCK_R,), -1.0e30, dtype=tl.float32)
+                l_r = tl.zeros((BLOCK_R,), dtype=tl.float32)
+                acc_r = tl.zeros((BLOCK_R, D), dtype=tl.float32)
+                for tr in range(0, n_res, BLOCK_R):
+                    rows_r = tr + offs_t
+                    valid_r = rows_r < n_res
+                    k_r = tl.load(kr_base + rows_r[:, None] * skr_t + offs_d[None, :],
+                                  mask=valid_r[:, None], other=0.0).to(tl.float32)
+                    sc_r = tl.sum(k_r * qg[None, :], 1) * qk_scale
+                    sc_r = tl.where(valid_r, sc_r, -1.0e30)
+                    # per-row state here too (merged below): no reduction in the loop
+                    mn_r = tl.maximum(m_r, sc_r)
+                    al_r = tl.math.exp2(m_r - mn_r)
+                    p_r = tl.math.exp2(sc_r - mn_r)
+                    l_r = l_r * al_r + p_r
+                    v_r = tl.load(vr_base + rows_r[:, None] * svr_t + offs_d[None, :],
+                                  mask=valid_r[:, None], other=0.0).to(tl.float32)
+                    acc_r = acc_r * al_r[:, None] + p_r[:, None] * v_r
+                    m_r = mn_r
+                mg_r = tl.max(m_r, 0)
+                f_r = tl.math.exp2(m_r - mg_r)
+                tl.store(PM + part * QPG + g, mg_r)
+                tl.store(PL + part * QPG + g, tl.sum(l_r * f_r, 0))
+                tl.store(PZ + part * QPG + g, 0.0)
+                tl.store(PACC + (part * QPG + g) * D + offs_d, tl.sum(acc_r * f_r[:, None], 0))
+
 
 # ---------------------------------------------------------------------------------------
 # Launch configuration
@@ -573,12 +983,21 @@ class DecodeConfig:
     min_blocks: int = 4
     #: "join": load the packed words as 16-byte vectors and unpack with shifts + tl.join
     #: (measured default); "gather": each channel loads its word (see _gather_codes).
+    #: Used by the "mma" kernel only.
     unpack: str = "join"
+    #: "mma": :func:`_decode_split_kernel` (tensor cores, measured); "simt":
+    #: :func:`_decode_simt_kernel` (CUDA cores, fp16x2; compiled for sm_90 but not yet
+    #: timed on a GPU). For "simt", ``block_n`` tokens per block are split into sub-tiles
+    #: of one token row per thread, and fewer warps mean more sub-tiles per block.
+    kernel: str = "mma"
 
     def __post_init__(self) -> None:
         if self.unpack not in ("join", "gather"):
             raise ValueError(f"DecodeConfig: unpack={self.unpack!r}: expected 'join' or "
                              "'gather'")
+        if self.kernel not in ("mma", "simt"):
+            raise ValueError(f"DecodeConfig: kernel={self.kernel!r}: expected 'mma' or "
+                             "'simt'")
         for name in ("block_n", "num_warps", "num_stages", "programs_per_sm", "min_blocks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -614,6 +1033,11 @@ def autotune_table(q: torch.Tensor, kv: PackedKV,
                       for up in ("join", "gather")
                       for bn in (32, 64) if bn <= kv.group_size
                       for nw in (4, 8) for ns in (2, 3, 4) for pp in (2, 4, 8)]
+        # The CUDA-core kernel (untimed so far): a handful around 64-token blocks.
+        candidates += [DecodeConfig(kernel="simt", block_n=min(64, kv.group_size),
+                                    num_warps=nw, num_stages=ns, programs_per_sm=pp)
+                       for nw, ns, pp in ((2, 3, 8), (4, 2, 4), (4, 3, 4), (4, 3, 8),
+                                          (8, 2, 2), (8, 3, 4))]
     rows = []
     for cfg in candidates:
         try:
@@ -632,6 +1056,22 @@ def autotune_table(q: torch.Tensor, kv: PackedKV,
         except Exception as e:  # a config that does not compile (shared memory) is skipped
             rows.append({"config": cfg, "us": float("inf"), "error": repr(e)[:200]})
     return sorted(rows, key=lambda r: r["us"])
+
+
+def _simt_layout(bits: int, d: int, v_group_size: int, block_n: int, num_warps: int
+                 ) -> tuple[int, int] | None:
+    """(CPT, ROWS) of :func:`_decode_simt_kernel`: CPT code words per thread (16 channels,
+    fewer when the value groups are smaller: a thread's channels share one value group),
+    ROWS token rows per sub-tile (one per thread: 32 * num_warps / lanes per token). None
+    when a word spans two value groups (v_group_size < 32 / bits)."""
+    per = 32 // bits
+    w = d * bits // 32
+    if v_group_size < per or w < 1:
+        return None
+    cpt = max(1, min(w, min(16, v_group_size) // per))
+    lpt = w // cpt
+    rows = max(1, min(block_n, 32 * num_warps // lpt))
+    return cpt, rows
 
 
 def _rows_m(qpg: int, ng: int) -> int:
@@ -703,8 +1143,6 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
     bps = -(-n_blocks // num_splits) if n_blocks else 0
     parts = num_splits + 1
     dev = q.device
-    pm = torch.empty(3, B * Hkv, parts, m_rows, device=dev, dtype=torch.float32)
-    pacc = torch.empty(B * Hkv, parts, m_rows, D, device=dev, dtype=torch.float32)
     out = torch.empty(B, Hq, D, device=dev, dtype=q.dtype)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -719,6 +1157,29 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
     kw, vw, strides = kv._launch
     fp32 = q.dtype == torch.float32
     opdt = tl.float32 if fp32 else tl.float16
+    if cfg.kernel == "simt":
+        lay = _simt_layout(kv.bits, D, kv.v_group_size, block_n, cfg.num_warps)
+        if lay is not None:
+            cpt, rows = lay
+            pm = torch.empty(3, B * Hkv, parts, qpg, device=dev, dtype=torch.float32)
+            pacc = torch.empty(B * Hkv, parts, qpg, D, device=dev, dtype=torch.float32)
+            h2 = not fp32
+            _decode_simt_kernel[(B * Hkv, parts)](
+                q, kw, kv.k_scale, kv.k_zero, vw, kv.v_scale, kv.v_zero, kv.k_res, kv.v_res,
+                pm[0], pm[1], pm[2], pacc, kv.n_quant, kv.n_res, bps, scale,
+                q.stride(0), q.stride(1), *strides, Hkv, num_splits,
+                BITS=kv.bits, GROUP=kv.group_size, VGROUP=kv.v_group_size, D=D, QPG=qpg,
+                BLOCK_N=block_n, ROWS=rows, CPT=cpt, BLOCK_R=32, H2=h2,
+                ASM=h2 and not interpreting(),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _decode_reduce_kernel[(B * Hkv,)](pm[0], pm[1], pm[2], pacc, out, out.stride(0),
+                                              out.stride(1), Hkv, parts, D=D, QPG=qpg,
+                                              QPG_P2=1 << (qpg - 1).bit_length(), M=qpg,
+                                              VGROUP=D, num_warps=4)
+            return out
+        # a code word spans two value groups: the MMA kernel handles it
+    pm = torch.empty(3, B * Hkv, parts, m_rows, device=dev, dtype=torch.float32)
+    pacc = torch.empty(B * Hkv, parts, m_rows, D, device=dev, dtype=torch.float32)
     _decode_split_kernel[(B * Hkv, parts)](
         q, kw, kv.k_scale, kv.k_zero, vw, kv.v_scale, kv.v_zero, kv.k_res, kv.v_res,
         pm[0], pm[1], pm[2], pacc, kv.n_quant, kv.n_res, bps, scale,
