@@ -375,7 +375,9 @@ def test_tma_forward_with_the_existing_backward(monkeypatch):
 def test_tma_forward_selection(monkeypatch):
     q, k, v = _qkv(1, 2, 1, 8, 8, 64, torch.float16)
     monkeypatch.setenv(fa.TMA_ENV, "0")
-    assert "SLIMLM_FLASH_TMA=0" in fa.tma_forward_reason(q, k, v, causal=True)
+    assert fa.TMA_ENV in fa.tma_forward_reason(q, k, v, causal=True)
+    monkeypatch.delenv(fa.TMA_ENV)  # opt-in: off by default everywhere
+    assert "opt-in" in fa.tma_forward_reason(q, k, v, causal=False)
     monkeypatch.setenv(fa.TMA_ENV, "1")
     if not triton_available():
         assert "make_tensor_descriptor" in fa.tma_forward_reason(q, k, v, causal=True)
@@ -389,8 +391,6 @@ def test_tma_forward_selection(monkeypatch):
     assert "q strides" in fa.tma_forward_reason(odd, k, v, causal=True)
     if interpreting():
         assert fa.tma_forward_reason(q, k, v, causal=True) is None
-        monkeypatch.delenv(fa.TMA_ENV)  # auto: the interpreter keeps the pointer kernel
-        assert "interpreter" in fa.tma_forward_reason(q, k, v, causal=True)
     elif not torch.cuda.is_available():
         assert "CUDA" in fa.tma_forward_reason(q, k, v, causal=True)
 

@@ -74,7 +74,10 @@ memory access or layout conversion in its token loop (the MMA kernel has 21 BAR.
 block there). Codes become fp16x2 pairs (``lop3`` + ``sub.f16x2`` per two codes through
 inline PTX, emulated under the interpreter) and both contractions are ``fma.rn.f16x2``
 chains; each token row of a sub-tile keeps its own softmax state, merged once per
-program. **It has not run on a GPU yet**: SASS counts of the token loop per 64-token
+program. **Measured slower than the MMA kernel**: in the H200 autotune run of session 4
+(int4, batch 8, 32 query / 8 KV heads, 32k tokens) its best config took 788 us (2 warps)
+against 488 us for the best MMA config in the same run (SDPA on a bf16 cache: 252 us); its
+GPU correctness tests have not run yet. SASS counts of the token loop per 64-token
 block and program (all warps; 4 query / 1 KV head, D=128, bf16, Triton 3.6, divisibility
 hints as a launch specializes them):
 
@@ -90,8 +93,9 @@ hints as a launch specializes them):
 About 1060 of the simt kernel's instructions are the fp16x2 FMAs themselves (the floor on
 CUDA cores: 2 x 4 x 128 x 64 multiply-adds / 64 per warp instruction); the rest is
 dequantization (~260), the reduction of each score across the 8 lanes of a token row and
-its widening to fp32 (~700), and the softmax, replicated on those 8 lanes (~450). Whether
-the missing barriers pay for that is for a GPU to tell; :func:`autotune_table` tries both.
+its widening to fp32 (~700), and the softmax, replicated on those 8 lanes (~450). The
+missing barriers did not pay for that (above): 255 registers with spills, few warps per
+SM. :func:`autotune_table` still tries both.
 
 Example::
 
@@ -986,8 +990,8 @@ class DecodeConfig:
     #: Used by the "mma" kernel only.
     unpack: str = "join"
     #: "mma": :func:`_decode_split_kernel` (tensor cores, measured); "simt":
-    #: :func:`_decode_simt_kernel` (CUDA cores, fp16x2; compiled for sm_90 but not yet
-    #: timed on a GPU). For "simt", ``block_n`` tokens per block are split into sub-tiles
+    #: :func:`_decode_simt_kernel` (CUDA cores, fp16x2; timed on the H200: 1.6x slower
+    #: than "mma"). For "simt", ``block_n`` tokens per block are split into sub-tiles
     #: of one token row per thread, and fewer warps mean more sub-tiles per block.
     kernel: str = "mma"
 
@@ -1033,7 +1037,7 @@ def autotune_table(q: torch.Tensor, kv: PackedKV,
                       for up in ("join", "gather")
                       for bn in (32, 64) if bn <= kv.group_size
                       for nw in (4, 8) for ns in (2, 3, 4) for pp in (2, 4, 8)]
-        # The CUDA-core kernel (untimed so far): a handful around 64-token blocks.
+        # The CUDA-core kernel (1.6x slower than the MMA kernel on the H200): a handful.
         candidates += [DecodeConfig(kernel="simt", block_n=min(64, kv.group_size),
                                     num_warps=nw, num_stages=ns, programs_per_sm=pp)
                        for nw, ns, pp in ((2, 3, 8), (4, 2, 4), (4, 3, 4), (4, 3, 8),
