@@ -433,7 +433,8 @@ class _LoRAFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, h: torch.Tensor, W: torch.Tensor,
                 b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, s: float,
                 cd: torch.dtype, m: torch.Tensor | None = None,
-                norm: torch.Tensor | None = None) -> torch.Tensor:
+                norm: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                scale_cd: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             dora = m is not None
             y = F.linear(x, W.to(cd), None if b is None or dora else b.to(cd))  # (..., out)
@@ -442,18 +443,23 @@ class _LoRAFn(torch.autograd.Function):
             scale = None
             if dora:  # DoRA: m / ||W + sBA|| (norm detached) times z = x W^T + s xa B^T
                 assert norm is not None
-                scale = m.detach() / norm  # (out,)
+                if scale is None:
+                    scale = m.detach() / norm  # (out,)
+                if scale_cd is None:
+                    scale_cd = scale.to(cd)
                 z = y
                 # one pass over (N, out): scale and bias together
-                y = (torch.addcmul(b.to(cd), z, scale.to(cd)) if b is not None
-                     else z * scale.to(cd))
-        ctx.save_for_backward(h, xa, W, A, B, z if scale is not None else None, scale, norm)
+                y = (torch.addcmul(b.to(cd), z, scale_cd) if b is not None
+                     else z * scale_cd)
+        ctx.save_for_backward(h, xa, W, A, B, z if scale is not None else None, scale, norm,
+                              scale_cd)
         ctx.same, ctx.s, ctx.cd, ctx.x_shape = h is x, s, cd, x.shape
+        ctx.m_dtype = m.dtype if m is not None else None
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
-        h, xa, W, A, B, z, scale, norm = ctx.saved_tensors
+        h, xa, W, A, B, z, scale, norm, scale_cd = ctx.saved_tensors
         cd, s = ctx.cd, ctx.s
         need_x, need_h = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dm = None
@@ -470,7 +476,7 @@ class _LoRAFn(torch.autograd.Function):
                     from slimlm.kernels.col_dot import col_dot
 
                     dm = col_dot(g, z.reshape(g.shape), div=norm)  # (out,)
-                sc = scale.to(cd)
+                sc = scale_cd if scale_cd is not None else scale.to(cd)
                 if need_x and W.shape[1] >= g.shape[0]:
                     g = g * sc  # (N, out): cheaper than scaling the (out, in) weight
                 else:
@@ -494,7 +500,7 @@ class _LoRAFn(torch.autograd.Function):
                 dh = (gxa @ Ac).view(ctx.x_shape)  # (..., in), back through the dropout
         return (dx, dh, None, None, dA.to(A.dtype) if ctx.needs_input_grad[4] else None,
                 dB.to(B.dtype) if ctx.needs_input_grad[5] else None, None, None,
-                None if dm is None else dm.to(scale.dtype), None)
+                None if dm is None else dm.to(ctx.m_dtype), None, None, None)
 
 
 class _CastCache:
@@ -856,8 +862,16 @@ class LoRALinear(nn.Module):
         h = drop(xc) if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0 else xc
         if mag is None:
             return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd)
-        return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag,
-                             self._dora_norm(n).to(mag.dtype))
+        if base.weight.dtype == torch.float64:  # exact reference runs: the PyTorch path
+            return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag,
+                                 self._dora_norm(n).to(mag.dtype))
+        from slimlm.kernels.dora_norm import dora_norm_scale
+
+        # norm, m / norm and its compute-dtype copy in one launch on the GPU (the DoRA
+        # step is bound by its host-side launches; see slimlm.kernels.dora_norm)
+        norm, scale, scale_cd = dora_norm_scale(base.weight, A, B, mag, self.scaling[n], cd)
+        return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag, norm,
+                             scale, scale_cd)
 
     def _mixed_forward(self, x: torch.Tensor, xc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Row b of the batch uses adapter ``row_adapters[b]`` ("__base__": none)."""
