@@ -733,11 +733,12 @@ class Float8Linear(nn.Linear):
         linear.__class__ = cls
         linear.scaling, linear.backend, linear.fallback = scaling, backend, fallback
         linear.fp8_decisions = {}
+        linear.fp8_timings = {}  # (M, K, N) -> (fp8 ms, bf16 ms) where measured
         return linear
 
     def to_linear(self) -> nn.Linear:
         """Undo :meth:`from_linear` in place."""
-        for name in ("scaling", "backend", "fallback", "fp8_decisions"):
+        for name in ("scaling", "backend", "fallback", "fp8_decisions", "fp8_timings"):
             self.__dict__.pop(name, None)
         self.__class__ = nn.Linear
         return self
@@ -768,6 +769,8 @@ class Float8Linear(nn.Linear):
             if measure and self.fallback == "auto":
                 t8, t16 = benchmark_fp8_vs_bf16(m, k, n, device, scaling=self.scaling)
                 decision = t8 < t16
+                if isinstance(getattr(self, "fp8_timings", None), dict):
+                    self.fp8_timings[key] = (t8, t16)
             else:
                 decision = fp8_threshold_rule(m, k, n)
         return decision

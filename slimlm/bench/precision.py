@@ -196,8 +196,17 @@ def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
             model.train()
             policy = prec.get_policy(name)
             policy.prepare_(model)
+            fp8_info: dict[str, Any] = {}
             if name == "fp8":
-                prec.calibrate_fp8_(model, tokens=batch * seq_len)
+                decisions = prec.calibrate_fp8_(model, tokens=batch * seq_len)
+                # how many layers run fp8, and the calibration's (fp8, bf16) ms per shape
+                timings = {}
+                for mod in model.modules():
+                    for (m_, k_, n_), (t8, t16) in getattr(mod, "fp8_timings", {}).items():
+                        timings[f"{m_}x{k_}x{n_}"] = [round(t8, 4), round(t16, 4)]
+                fp8_info = {"fp8_layers": sum(decisions.values()),
+                            "fp8_candidates": len(decisions),
+                            "fp8_calibration_ms": timings or None}
             opt = policy.wrap_optimizer(torch.optim.AdamW(
                 model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda"))
             fwd = torch.compile(model) if compile else model
@@ -217,7 +226,7 @@ def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
                    "step_p90_ms": t["step_p90_ms"], "tokens_per_s": tps,
                    "model_tflops": fpt * tps / 1e12,
                    "peak_mem_gib": None if peak is None else peak / 2 ** 30,
-                   "loss": float(t["last"].float()), **policy.stats()}
+                   "loss": float(t["last"].float()), **policy.stats(), **fp8_info}
 
             return out
 
