@@ -3,12 +3,9 @@ under the interpreter and on the GPU against the PyTorch expansion and the direc
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from _interp import run_interpreted
 from torch.testing import assert_close
 
 from slimlm.kernels import triton_available
@@ -88,10 +85,7 @@ print("ok")
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_kernel_matches_reference_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    run_interpreted(_SCRIPT)
 
 
 @pytest.mark.gpu

@@ -3,12 +3,9 @@ on the GPU, bit for bit against slimlm.precision.quantize_fp8 (per tensor)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from _interp import run_interpreted
 
 from slimlm.kernels import triton_available
 from slimlm.kernels.fp8_cast import quantize_fp8_both, quantize_fp8_both_ref
@@ -62,10 +59,7 @@ print("ok")
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_kernel_matches_quantize_fp8_bit_for_bit_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    run_interpreted(_SCRIPT)
 
 
 @pytest.mark.gpu

@@ -19,7 +19,8 @@ import importlib.util
 import os
 import warnings
 
-__all__ = ["SlimlmFallbackWarning", "interpreting", "triton_available", "warn_fallback"]
+__all__ = ["SlimlmFallbackWarning", "interpreting", "triton_available", "triton_runs_on",
+           "warn_fallback"]
 
 
 class SlimlmFallbackWarning(RuntimeWarning):
@@ -50,3 +51,18 @@ def warn_fallback(what: str, why: str) -> None:
     """Warn once per process that ``what`` falls back to PyTorch because ``why``."""
     warnings.warn(f"slimlm: {what} falls back to PyTorch: {why}. Results are the same; "
                   "speed and memory are not.", SlimlmFallbackWarning, stacklevel=3)
+
+
+def triton_runs_on(x: object, what: str) -> bool:
+    """Whether a kernel of ``what`` should launch on tensor ``x``: under the interpreter when
+    Triton is installed, else for CUDA tensors when it is (a CUDA tensor without Triton
+    warns once through :func:`warn_fallback`); CPU tensors take the PyTorch reference
+    silently (it is their path, not a fallback)."""
+    if interpreting():
+        return triton_available()
+    if not getattr(x, "is_cuda", False):
+        return False
+    if not triton_available():
+        warn_fallback(what, "triton is not installed")
+        return False
+    return True

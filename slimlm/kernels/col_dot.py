@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from slimlm.kernels import interpreting, triton_available, warn_fallback
+from slimlm.kernels import triton_available, triton_runs_on
 
 __all__ = ["col_dot", "col_dot_ref"]
 
@@ -70,14 +70,7 @@ if triton_available():
 def _kernel_ok(a: torch.Tensor) -> bool:
     if a.dtype == torch.float64:
         return False  # exact reference runs stay in PyTorch (fp64 accumulation)
-    if interpreting():
-        return triton_available()
-    if not a.is_cuda:
-        return False
-    if not triton_available():
-        warn_fallback("col_dot", "triton is not installed")
-        return False
-    return True
+    return triton_runs_on(a, "col_dot")
 
 
 def col_dot(a: torch.Tensor, b: torch.Tensor, *, div: torch.Tensor | None = None,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from slimlm.kernels import interpreting, triton_available, warn_fallback
+from slimlm.kernels import triton_available, triton_runs_on
 
 __all__ = ["dora_norm_scale", "dora_norm_ref"]
 
@@ -96,15 +96,8 @@ if triton_available():
 
 def _kernel_ok(W: torch.Tensor) -> bool:
     if W.dtype == torch.float64:
-        return False  # exact reference runs stay in PyTorch
-    if interpreting():
-        return triton_available()
-    if not W.is_cuda:
-        return False
-    if not triton_available():
-        warn_fallback("dora_norm_scale", "triton is not installed")
-        return False
-    return True
+        return False  # exact reference runs stay in PyTorch (fp64 accumulation)
+    return triton_runs_on(W, "dora_norm_scale")
 
 
 def dora_norm_scale(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from slimlm.kernels import interpreting, triton_available, warn_fallback
+from slimlm.kernels import triton_available, triton_runs_on
 
 __all__ = ["quantize_fp8_both", "quantize_fp8_both_ref", "fp8_factor"]
 
@@ -113,14 +113,7 @@ if triton_available():
 
 
 def _kernel_ok(x: torch.Tensor) -> bool:
-    if interpreting():
-        return triton_available()
-    if not x.is_cuda:
-        return False
-    if not triton_available():
-        warn_fallback("quantize_fp8_both", "triton is not installed")
-        return False
-    return True
+    return triton_runs_on(x, "quantize_fp8_both")
 
 
 def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype, *, block: int = 64
