@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +128,17 @@ def _linear_shape_rows(device: torch.device, m: int, k: int, n: int, warmup: int
         r["speedup_vs_bf16"] = bf16_ms / r["ms"] if bf16_ms and r.get("ms") else None
         yield r
 
-    def fallback_run() -> dict[str, Any]:
+    def linear_run(fp8: bool) -> dict[str, Any]:
+        # an nn.Linear (fp32 master weight) under autocast: what a user runs without slimlm
+        # (fp8=False), or turned into a calibrated Float8Linear (fp8=True), whose fallback
+        # makes the same call
         lin = torch.nn.Linear(k, n, bias=False, device=device)
         with torch.no_grad():
             lin.weight.copy_(w0)
-        prec.Float8Linear.from_linear(lin)
-        uses_fp8 = prec.calibrate_fp8_(torch.nn.ModuleList([lin]), tokens=m)["0"]
+        info: dict[str, Any] = {}
+        if fp8:
+            prec.Float8Linear.from_linear(lin)
+            info["uses_fp8"] = prec.calibrate_fp8_(torch.nn.ModuleList([lin]), tokens=m)["0"]
         x = x0.to(torch.bfloat16).requires_grad_()
 
         def fn() -> None:
@@ -141,31 +147,14 @@ def _linear_shape_rows(device: torch.device, m: int, k: int, n: int, warmup: int
             y.backward(dy)
 
         t = time_fn(fn, device, warmup=warmup, rep=rep)
-        return {"ms": t["median_ms"], "tflops": flops / t["median_ms"] / 1e9,
-                "uses_fp8": uses_fp8}
+        return {"ms": t["median_ms"], "tflops": flops / t["median_ms"] / 1e9, **info}
 
-    def autocast_run() -> dict[str, Any]:
-        # what a user runs without slimlm: an nn.Linear (fp32 master weight) under autocast,
-        # the same call the Float8Linear fallback makes
-        lin = torch.nn.Linear(k, n, bias=False, device=device)
-        with torch.no_grad():
-            lin.weight.copy_(w0)
-        x = x0.to(torch.bfloat16).requires_grad_()
-
-        def fn() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                y = lin(x)
-            y.backward(dy)
-
-        t = time_fn(fn, device, warmup=warmup, rep=rep)
-        return {"ms": t["median_ms"], "tflops": flops / t["median_ms"] / 1e9}
-
-    ra = guarded({**base, "impl": "nn.Linear (autocast)", "scaling": None}, autocast_run,
-                 device, errors=device.type == "cuda")
+    ra = guarded({**base, "impl": "nn.Linear (autocast)", "scaling": None},
+                 partial(linear_run, False), device, errors=device.type == "cuda")
     ra["speedup_vs_bf16"] = bf16_ms / ra["ms"] if bf16_ms and ra.get("ms") else None
     yield ra
     r = guarded({**base, "impl": "Float8Linear (fallback)", "scaling": "tensor"},
-                fallback_run, device, errors=device.type == "cuda")
+                partial(linear_run, True), device, errors=device.type == "cuda")
     r["speedup_vs_bf16"] = bf16_ms / r["ms"] if bf16_ms and r.get("ms") else None
     r["speedup_vs_autocast_linear"] = (ra["ms"] / r["ms"] if ra.get("ms") and r.get("ms")
                                        else None)
