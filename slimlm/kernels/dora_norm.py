@@ -58,8 +58,8 @@ if triton_available():
     @triton.jit
     def _dora_norm_kernel(w_ptr, a_ptr, b_ptr, m_ptr, norm_ptr, scale_ptr, scale_cd_ptr,
                           OUT, IN, R, stride_w, stride_a, stride_b, s,
-                          HALF_W: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-                          RP: tl.constexpr):
+                          HALF_W: tl.constexpr, CD_BF16: tl.constexpr, BLOCK_O: tl.constexpr,
+                          BLOCK_K: tl.constexpr, RP: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_O + tl.arange(0, BLOCK_O)
         r_ok = rows < OUT
@@ -91,6 +91,12 @@ if triton_available():
         scale = mag / tl.where(r_ok, norm, 1.0)
         tl.store(norm_ptr + rows, norm, mask=r_ok)
         tl.store(scale_ptr + rows, scale, mask=r_ok)
+        if CD_BF16:
+            # round to nearest even on the bits, then an exact cast: the Triton interpreter
+            # truncates fp32 -> bf16 conversions (the GPU rounds)
+            bits = scale.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            scale = bits.to(tl.float32, bitcast=True)
         tl.store(scale_cd_ptr + rows, scale.to(scale_cd_ptr.dtype.element_ty), mask=r_ok)
 
 
@@ -137,6 +143,7 @@ def dora_norm_scale(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.
     rp = max(16, 1 << (r - 1).bit_length())
     _dora_norm_kernel[(triton.cdiv(out, block_o),)](
         W, A, B, m.detach(), norm, scale, scale_cd, out, inf, r, W.stride(0), A.stride(0),
-        B.stride(0), float(s), HALF_W=half, BLOCK_O=block_o, BLOCK_K=block_k, RP=rp,
+        B.stride(0), float(s), HALF_W=half, CD_BF16=cd == torch.bfloat16, BLOCK_O=block_o,
+        BLOCK_K=block_k, RP=rp,
         num_warps=4)
     return norm, scale, scale_cd
