@@ -417,6 +417,12 @@ class _FrozenBaseFn(torch.autograd.Function):
         return gx.to(ctx.x_dtype), None
 
 
+#: Run the DoRA kernels (col_dot, dora_norm) on CPU tensors too, under TRITON_INTERPRET=1:
+#: for tests of the whole layer through the kernels. Off: CPU training takes PyTorch even
+#: when the interpreter is on (it is for kernel tests, not for training loops).
+_KERNELS_ON_CPU = False
+
+
 class _LoRAFn(torch.autograd.Function):
     """One adapted linear layer, forward and backward by hand (frozen nn.Linear base, one
     adapter): ``y = x W^T + b + s (h A^T) B^T`` with h = dropout(x) or x; for DoRA
@@ -473,9 +479,12 @@ class _LoRAFn(torch.autograd.Function):
                 if ctx.needs_input_grad[8]:
                     # d/dm of z * m / norm: sum over tokens of g * z / norm, in fp32 (fp64
                     # stays fp64), one fused pass over g and z on the GPU (col_dot)
-                    from slimlm.kernels.col_dot import col_dot
+                    from slimlm.kernels.col_dot import col_dot, col_dot_ref
 
-                    dm = col_dot(g, z.reshape(g.shape), div=norm)  # (out,)
+                    if g.is_cuda or _KERNELS_ON_CPU:
+                        dm = col_dot(g, z.reshape(g.shape), div=norm)  # (out,)
+                    else:
+                        dm = col_dot_ref(g, z.reshape(g.shape), norm)
                 sc = scale_cd if scale_cd is not None else scale.to(cd)
                 if need_x and W.shape[1] >= g.shape[0]:
                     g = g * sc  # (N, out): cheaper than scaling the (out, in) weight
@@ -865,11 +874,12 @@ class LoRALinear(nn.Module):
         if base.weight.dtype == torch.float64:  # exact reference runs: the PyTorch path
             return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag,
                                  self._dora_norm(n).to(mag.dtype))
-        from slimlm.kernels.dora_norm import dora_norm_scale
+        from slimlm.kernels.dora_norm import dora_norm_ref, dora_norm_scale
 
         # norm, m / norm and its compute-dtype copy in one launch on the GPU (the DoRA
         # step is bound by its host-side launches; see slimlm.kernels.dora_norm)
-        norm, scale, scale_cd = dora_norm_scale(base.weight, A, B, mag, self.scaling[n], cd)
+        fn = dora_norm_scale if base.weight.is_cuda or _KERNELS_ON_CPU else dora_norm_ref
+        norm, scale, scale_cd = fn(base.weight, A, B, mag, self.scaling[n], cd)
         return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag, norm,
                              scale, scale_cd)
 

@@ -540,10 +540,14 @@ def quantize_fp8(x: torch.Tensor, dtype: torch.dtype, dim: int | None = None
 def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-tensor :func:`quantize_fp8` of a 2-D x in both layouts, ``(q, q.T contiguous,
-    scale)``: one fused pass on the GPU (:mod:`slimlm.kernels.fp8_cast`), the same bits."""
-    from slimlm.kernels.fp8_cast import quantize_fp8_both as both
+    scale)``: one fused pass on the GPU (:mod:`slimlm.kernels.fp8_cast`), the same bits.
+    CPU tensors (the emulation) take the PyTorch reference even under TRITON_INTERPRET=1:
+    the interpreted kernel is for the kernel's own tests, not for training loops."""
+    from slimlm.kernels import fp8_cast
 
-    return both(x, dtype)
+    if not x.is_cuda:
+        return fp8_cast.quantize_fp8_both_ref(x, dtype)
+    return fp8_cast.quantize_fp8_both(x, dtype)
 
 
 def _dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

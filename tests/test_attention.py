@@ -409,7 +409,10 @@ D = int(sys.argv[1])
 ptrs = {n: "*bf16" for n in "QKVO"}
 ints = ["sqb", "sqh", "sqt", "skb", "skh", "skt", "svb", "svh", "svt", "sob", "soh", "sot",
         "slb", "slh", "H", "GROUP", "seqlen_q", "seqlen_k"]
-runs = [(cfg, True) for cfg in fa._tma_configs(D)]  # causal: both loop forms in each
+# one config of each loop form (warp-specialized, pipelined), causal: the forward is
+# experimental and opt-in, so the CPU suite does not pay for compiling all twelve
+cfgs = fa._tma_configs(D)
+runs = [(next(c for c in cfgs if c.kwargs["WARP_SPEC"] == ws), True) for ws in (True, False)]
 rows = []
 for cfg, causal in runs:
     const = dict(HEAD_DIM=D, IS_CAUSAL=causal, **cfg.kwargs)
@@ -430,7 +433,8 @@ print("ROWS" + json.dumps(rows))
 
 
 def test_tma_forward_compiles_for_sm90():
-    """Every autotune config of the TMA forward compiles for sm_90 (on the CPU) with TMA
+    """One autotune config of each loop form of the TMA forward compiles for sm_90 (on the
+    CPU; D = 64 and 128) with TMA
     loads and store, wgmma, at most 227 KiB of shared memory, and - for WARP_SPEC - a
     producer/consumer split (12 warps, setmaxnreg)."""
     triton = pytest.importorskip("triton")

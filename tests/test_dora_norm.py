@@ -59,7 +59,14 @@ for out, inf, r, wdt in ((70, 100, 4, torch.float32), (33, 257, 16, torch.float1
                  atol=1e-4)
 # the DoRA training path of a LoRA layer with both kernels (dora_norm, col_dot) running
 from torch import nn
+import slimlm.lora
 from slimlm.lora import LoRALinear
+import slimlm.kernels.col_dot as cd_mod
+import slimlm.kernels.dora_norm as dn_mod
+slimlm.lora._KERNELS_ON_CPU = True  # through the interpreted kernels, not the CPU path
+def _no_ref(*a, **k):
+    raise AssertionError("the PyTorch reference ran instead of the kernel")
+cd_mod.col_dot_ref = dn_mod.dora_norm_ref = _no_ref
 base = nn.Linear(24, 40, bias=False).requires_grad_(False)
 layer = LoRALinear(base)
 layer.add_adapter("d", 4, 8.0, use_dora=True, init="random")
