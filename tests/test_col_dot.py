@@ -73,3 +73,15 @@ def test_kernel_on_gpu_matches_reference():
         a = torch.randn(n, f, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(n, f, device="cuda", dtype=torch.bfloat16)
         assert_close(col_dot(a, b), col_dot_ref(a, b), rtol=1e-4, atol=1e-2)
+
+
+def test_triton_runs_on_decides_by_device_and_interpreter(monkeypatch):
+    """The launch decision the new kernels share: CPU tensors only under the interpreter
+    (and only with Triton installed), CUDA tensors whenever Triton is installed."""
+    from slimlm.kernels import triton_runs_on
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert triton_runs_on(torch.ones(2), "x") is False
+    assert triton_runs_on(object(), "x") is False  # not a tensor: never launches
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_runs_on(torch.ones(2), "x") is triton_available()
