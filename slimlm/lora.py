@@ -417,99 +417,90 @@ class _FrozenBaseFn(torch.autograd.Function):
         return gx.to(ctx.x_dtype), None
 
 
-#: Run the DoRA kernels (col_dot, dora_norm) on CPU tensors too, under TRITON_INTERPRET=1:
+#: Run the LoRA kernels (lora_prepare, col_dot) on CPU tensors too, under TRITON_INTERPRET=1:
 #: for tests of the whole layer through the kernels. Off: CPU training takes PyTorch even
 #: when the interpreter is on (it is for kernel tests, not for training loops).
 _KERNELS_ON_CPU = False
+
+#: The hand-written training path (_LoRAFn). False: autograd over the separate ops (the
+#: reference; also what runs for several active adapters, merged adapters, row adapters).
+_FUSED = True
 
 
 class _LoRAFn(torch.autograd.Function):
     """One adapted linear layer, forward and backward by hand (frozen nn.Linear base, one
     adapter): ``y = x W^T + b + s (h A^T) B^T`` with h = dropout(x) or x; for DoRA
-    ``y = (m / ||W + sBA||) * (x W^T + s (h A^T) B^T) + b``, the norm a detached input.
+    ``y = f * (x W^T + s (h A^T) B^T) + b`` with ``f = m / ||W + sBA||`` (the norm detached).
 
-    Against autograd over the separate ops this saves, per layer: the compute-dtype copy of
-    W (re-cast from the frozen weight in the backward instead of kept alive), the
-    separate B output / scaling / add passes over y (one in-place ``addmm_`` epilogue), and
-    the separate LoRA input gradient plus its sum with the base's (``dx.addmm_(dxa, A)``).
-    Saved for the backward: h (the input, shared with the model's other layers reading the
-    same hidden state) and x A^T (N, r); for DoRA also z (N, out), as autograd would."""
+    The compute-dtype operands come from :func:`slimlm.kernels.lora_prep.lora_prepare`
+    (``prep``: one launch per layer and step). For DoRA, f is already folded into them
+    (f W and f B), so no (tokens, out) pass multiplies by f, forward or backward, and the
+    magnitude's gradient ``sum_t g (y - b) / m`` reads the saved output y.
+
+    Against autograd over the separate ops this saves, per layer: the casts (one launch for
+    all operands), the separate B output / scaling / add passes over y (one in-place
+    ``addmm_`` epilogue), and the separate LoRA input gradient plus its sum with the
+    base's (``dx.addmm_(dxa, A)``). Saved for the backward: h (the input, shared with the
+    model's other layers reading the same hidden state), x A^T (N, r), the compute-dtype
+    weight (a recast would cost a launch and a pass over W per layer) and, for DoRA, y."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, h: torch.Tensor, W: torch.Tensor,
                 b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, s: float,
-                cd: torch.dtype, m: torch.Tensor | None = None,
-                norm: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                scale_cd: torch.Tensor | None = None) -> torch.Tensor:
+                cd: torch.dtype, m: torch.Tensor | None, prep: Any) -> torch.Tensor:
+        dora = m is not None
         with torch.autocast(x.device.type, enabled=False):
-            dora = m is not None
-            y = F.linear(x, W.to(cd), None if b is None or dora else b.to(cd))  # (..., out)
-            xa = F.linear(h, A.to(cd))  # (..., r)
-            y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.to(cd).t(), alpha=s)
-            scale = None
-            if dora:  # DoRA: m / ||W + sBA|| (norm detached) times z = x W^T + s xa B^T
-                assert norm is not None
-                if scale is None:
-                    scale = m.detach() / norm  # (out,)
-                if scale_cd is None:
-                    scale_cd = scale.to(cd)
-                z = y
-                # one pass over (N, out): scale and bias together
-                y = (torch.addcmul(b.to(cd), z, scale_cd) if b is not None
-                     else z * scale_cd)
-        ctx.save_for_backward(h, xa, W, A, B, z if scale is not None else None, scale, norm,
-                              scale_cd)
+            bc = None if b is None else b.to(cd)
+            y = F.linear(x, prep.W, bc)  # (..., out)
+            xa = F.linear(h, prep.A)  # (..., r)
+            y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), prep.B.t(), alpha=s)
+        ctx.save_for_backward(h, xa, prep.W, prep.A, prep.Bs, prep.sf, m,
+                              y if dora and ctx.needs_input_grad[8] else None, bc)
         ctx.same, ctx.s, ctx.cd, ctx.x_shape = h is x, s, cd, x.shape
-        ctx.m_dtype = m.dtype if m is not None else None
+        ctx.dtypes = (A.dtype, B.dtype, None if m is None else m.dtype)
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
-        h, xa, W, A, B, z, scale, norm, scale_cd = ctx.saved_tensors
+        try:
+            h, xa, Wc, Ac, Bs, sf, m, y, bc = ctx.saved_tensors
+        except RuntimeError as e:  # y, saved for DoRA, was changed in place after the layer
+            raise RuntimeError(
+                "DoRA layer: its output, saved for the magnitude's gradient, was modified "
+                "in place before the backward pass; use an out-of-place op on the layer's "
+                f"output (or slimlm.lora._FUSED = False) ({e})") from e
         cd, s = ctx.cd, ctx.s
+        a_dt, b_dt, m_dt = ctx.dtypes
         need_x, need_h = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dm = None
+        dm = dA = dB = dx = dh = None
         with torch.autocast(gy.device.type, enabled=False):
             g = gy.reshape(-1, gy.shape[-1]).to(cd)  # (N, out)
-            # DoRA: the gradient reaching z is g * scale (per output feature). Instead of
-            # that (N, out) pass, the scale goes into the (out, r) B and, when the weight
-            # is the smaller tensor (in < N), into the (out, in) weight of dx's GEMM.
-            wcol = bcol = None  # per-output factors of W and of B (besides s)
-            if scale is not None:
-                if ctx.needs_input_grad[8]:
-                    # d/dm of z * m / norm: sum over tokens of g * z / norm, in fp32 (fp64
-                    # stays fp64), one fused pass over g and z on the GPU (col_dot)
-                    from slimlm.kernels.col_dot import col_dot, col_dot_ref
+            if y is not None:  # DoRA: d/dm of f z = sum over tokens of g (y - b) / m
+                from slimlm.kernels.col_dot import col_dot, col_dot_ref
 
-                    if g.is_cuda or _KERNELS_ON_CPU:
-                        dm = col_dot(g, z.reshape(g.shape), div=norm)  # (out,)
-                    else:
-                        dm = col_dot_ref(g, z.reshape(g.shape), norm)
-                sc = scale_cd if scale_cd is not None else scale.to(cd)
-                if need_x and W.shape[1] >= g.shape[0]:
-                    g = g * sc  # (N, out): cheaper than scaling the (out, in) weight
+                y2 = y.reshape(g.shape)
+                if g.is_cuda or _KERNELS_ON_CPU:
+                    dm = col_dot(g, y2, sub=bc, div=m)
                 else:
-                    wcol = sc
-                    bcol = (scale * s).to(cd)[:, None]  # (out, 1)
+                    dm = col_dot_ref(g, y2, m, sub=bc)
+                dm = dm.to(m_dt)
             xa2 = xa.reshape(-1, xa.shape[-1])  # (N, r)
             h2 = h.reshape(-1, h.shape[-1])  # (N, in)
-            Ac = A.to(cd)
-            Bs = B.to(cd) * (s if bcol is None else bcol)  # (out, r)
-            gxa = g @ Bs  # (N, r)
-            dB = (g.t() @ xa2).mul_(s if bcol is None else bcol)  # (out, r)
-            dA = gxa.t() @ h2  # (r, in)
-            dx = dh = None
+            gxa = g @ Bs  # (N, r): the gradient reaching x A^T (s and f included)
+            if ctx.needs_input_grad[5]:
+                gb = g.t() @ xa2  # (out, r)
+                # times s (LoRA) or s f per row (DoRA, fp32: the product is fp32 already)
+                dB = (gb * sf).to(b_dt) if sf is not None else (gb.to(b_dt) * s)
+            if ctx.needs_input_grad[4]:
+                dA = (gxa.t() @ h2).to(a_dt)  # (r, in)
             if need_x:
-                Wc = W.to(cd) if wcol is None else W.to(cd) * wcol[:, None]  # (out, in)
-                dx = g @ Wc  # (N, in): the frozen base's input gradient
+                dx = g @ Wc  # (N, in): the frozen base's input gradient (f folded for DoRA)
                 if ctx.same:
                     dx.addmm_(gxa, Ac)  # plus the adapter's, in the GEMM epilogue
                 dx = dx.view(ctx.x_shape)
             if not ctx.same and need_h:
                 dh = (gxa @ Ac).view(ctx.x_shape)  # (..., in), back through the dropout
-        return (dx, dh, None, None, dA.to(A.dtype) if ctx.needs_input_grad[4] else None,
-                dB.to(B.dtype) if ctx.needs_input_grad[5] else None, None, None,
-                None if dm is None else dm.to(ctx.m_dtype), None, None, None)
+        return dx, dh, None, None, dA, dB, None, None, dm, None
 
 
 class _CastCache:
@@ -812,7 +803,8 @@ class LoRALinear(nn.Module):
             if x.dtype != cd:
                 cache = self._cast_cache
                 xc = cache.cast(x, cd) if cache is not None else x.to(cd)
-        if not compiling and not self.adapters_disabled and self.row_adapters is None:
+        if _FUSED and not compiling and not self.adapters_disabled \
+                and self.row_adapters is None:
             y = self._fused_forward(x, xc, autocast)
             if y is not None:
                 return y
@@ -869,19 +861,13 @@ class LoRALinear(nn.Module):
             return None
         drop = self.lora_dropout[n]
         h = drop(xc) if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0 else xc
-        if mag is None:
-            return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd)
-        if base.weight.dtype == torch.float64:  # exact reference runs: the PyTorch path
-            return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag,
-                                 self._dora_norm(n).to(mag.dtype))
-        from slimlm.kernels.dora_norm import dora_norm_ref, dora_norm_scale
+        from slimlm.kernels.lora_prep import lora_prepare, lora_prepare_ref
 
-        # norm, m / norm and its compute-dtype copy in one launch on the GPU (the DoRA
-        # step is bound by its host-side launches; see slimlm.kernels.dora_norm)
-        fn = dora_norm_scale if base.weight.is_cuda or _KERNELS_ON_CPU else dora_norm_ref
-        norm, scale, scale_cd = fn(base.weight, A, B, mag, self.scaling[n], cd)
-        return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag, norm,
-                             scale, scale_cd)
+        # every compute-dtype operand (DoRA: the norm too, its scale folded in) in one
+        # launch on the GPU: the training step is bound by its host-side launches
+        fn = lora_prepare if base.weight.is_cuda or _KERNELS_ON_CPU else lora_prepare_ref
+        prep = fn(base.weight, A, B, self.scaling[n], cd, mag)
+        return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag, prep)
 
     def _mixed_forward(self, x: torch.Tensor, xc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Row b of the batch uses adapter ``row_adapters[b]`` ("__base__": none)."""

@@ -23,6 +23,12 @@ def test_reference_is_fp32_and_matches_a_plain_sum():
     assert_close(col_dot(a.view(1, 37, 9), b.view(1, 37, 9)), out)  # leading dims flatten
     d = torch.rand(9) + 0.5
     assert_close(col_dot(a, b, div=d), out / d)
+    sub = torch.randn(9)
+    assert_close(col_dot(a, b, sub=sub), (a.double() * (b.double() - sub.double())).sum(0)
+                 .float(), rtol=1e-5, atol=1e-5)
+    d[3] = 0  # 0 where the divisor is 0 (DoRA: a magnitude of exactly 0)
+    got = col_dot(a, b, div=d)
+    assert got[3] == 0 and torch.isfinite(got).all()
 
 
 def test_errors_name_the_argument():
@@ -32,6 +38,8 @@ def test_errors_name_the_argument():
         col_dot(torch.ones(3, 4), torch.ones(3, 4), block_r=3)
     with pytest.raises(ValueError, match="div.shape"):
         col_dot(torch.ones(3, 4), torch.ones(3, 4), div=torch.ones(3))
+    with pytest.raises(ValueError, match="sub.shape"):
+        col_dot(torch.ones(3, 4), torch.ones(3, 4), sub=torch.ones(4, 1))
     with pytest.raises(ValueError, match="scalars"):
         col_dot(torch.tensor(1.0), torch.tensor(2.0))
 
@@ -51,6 +59,11 @@ for n, f, dt in ((1, 5, torch.float32), (70, 33, torch.float16), (300, 130, torc
     d = torch.rand(f) + 0.5
     assert_close(col_dot(a, b, div=d, block_r=16, block_f=32), col_dot_ref(a, b, d),
                  rtol=1e-5, atol=1e-4)
+    sub = torch.randn(f).to(dt)
+    d[0] = 0
+    got = col_dot(a, b, div=d, sub=sub, block_r=16, block_f=32)
+    assert got[0] == 0
+    assert_close(got, col_dot_ref(a, b, d, sub=sub), rtol=1e-5, atol=1e-4)
     # strided rows (a view of a wider tensor)
     wide = torch.randn(n, f + 7, dtype=dt)
     assert_close(col_dot(wide[:, :f], b, block_r=16, block_f=32),

@@ -217,6 +217,25 @@ def test_dora_matches_its_formula_with_detached_norm(tokens):
         assert_close(a, b)
 
 
+def test_dora_output_changed_in_place_is_a_clear_error(monkeypatch):
+    """The fused DoRA path saves its output for the magnitude's gradient: an in-place op
+    on it before the backward is an error naming the way out (slimlm.lora._FUSED)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 6, bias=False).requires_grad_(False))
+    layer.add_adapter("d", 2, 4.0, use_dora=True, init="random")
+    x = torch.randn(3, 8)
+    out = layer(x)
+    out.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place.*_FUSED"):
+        out.sum().backward()
+    monkeypatch.setattr(lora, "_FUSED", False)
+    out = layer(x)
+    assert "LoRAFn" not in type(out.grad_fn).__name__
+    out.add_(1.0)
+    out.sum().backward()  # the module path keeps its own copy
+    assert layer.lora_magnitude_vector["d"].weight.grad is not None
+
+
 def test_dora_weight_norm_cache_follows_the_weight():
     """||W_i||^2 is cached across steps (W is frozen) but recomputed after an in-place
     change (version counter) or when the weight is replaced by another tensor."""

@@ -26,14 +26,19 @@ from slimlm.kernels import triton_available, triton_runs_on
 __all__ = ["col_dot", "col_dot_ref"]
 
 
-def col_dot_ref(a: torch.Tensor, b: torch.Tensor, div: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """``(a * b).sum(0)`` (divided by ``div`` (F,) if given) with fp32 products and sums
-    (fp64 when an input is fp64): (N, F) -> (F,)."""
+def col_dot_ref(a: torch.Tensor, b: torch.Tensor, div: torch.Tensor | None = None, *,
+                sub: torch.Tensor | None = None) -> torch.Tensor:
+    """``(a * (b - sub)).sum(0)`` (``sub`` (F,) if given), divided by ``div`` (F,) if given
+    (0 where div is 0), with fp32 products and sums (fp64 when an input is fp64):
+    (N, F) -> (F,)."""
     acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) or (
         div is not None and div.dtype == torch.float64) else torch.float32
-    out = (a.to(acc) * b.to(acc)).sum(0)
-    return out if div is None else out / div.to(acc)
+    bb = b.to(acc) if sub is None else b.to(acc) - sub.to(acc)
+    out = (a.to(acc) * bb).sum(0)
+    if div is None:
+        return out
+    d = div.to(acc)
+    return torch.where(d == 0, torch.zeros_like(out), out / torch.where(d == 0, 1, d))
 
 
 if triton_available():
@@ -41,9 +46,9 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _col_dot_kernel(a_ptr, b_ptr, div_ptr, part_ptr, N, F, stride_a, stride_b,
-                        ROWS_PER_PROG, HAS_DIV: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_F: tl.constexpr):
+    def _col_dot_kernel(a_ptr, b_ptr, div_ptr, sub_ptr, part_ptr, N, F, stride_a, stride_b,
+                        ROWS_PER_PROG, HAS_DIV: tl.constexpr, HAS_SUB: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
         """Program (f, c): columns f*BLOCK_F.., rows c*ROWS_PER_PROG.. (a multiple of
         BLOCK_R); writes its fp32 partial sums (divided by div[f*BLOCK_F..]) to
         part[c, f*BLOCK_F..]."""
@@ -52,6 +57,8 @@ if triton_available():
         offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
         f_ok = offs_f < F
         acc = tl.zeros((BLOCK_R, BLOCK_F), dtype=tl.float32)
+        if HAS_SUB:
+            sub = tl.load(sub_ptr + offs_f, mask=f_ok, other=0.0).to(tl.float32)
         start = pid_c * ROWS_PER_PROG
         for r0 in range(start, tl.minimum(start + ROWS_PER_PROG, N), BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
@@ -60,10 +67,14 @@ if triton_available():
                         mask=ok, other=0.0)
             b = tl.load(b_ptr + rows[:, None].to(tl.int64) * stride_b + offs_f[None, :],
                         mask=ok, other=0.0)
-            acc += a.to(tl.float32) * b.to(tl.float32)
+            bf = b.to(tl.float32)
+            if HAS_SUB:
+                bf = tl.where(ok, bf - sub[None, :], 0.0)
+            acc += a.to(tl.float32) * bf
         tot = tl.sum(acc, axis=0)
         if HAS_DIV:
-            tot = tot / tl.load(div_ptr + offs_f, mask=f_ok, other=1.0).to(tl.float32)
+            d = tl.load(div_ptr + offs_f, mask=f_ok, other=1.0).to(tl.float32)
+            tot = tl.where(d == 0, 0.0, tot / tl.where(d == 0, 1.0, d))
         tl.store(part_ptr + pid_c * F + offs_f, tot, mask=f_ok)
 
 
@@ -74,10 +85,11 @@ def _kernel_ok(a: torch.Tensor) -> bool:
 
 
 def col_dot(a: torch.Tensor, b: torch.Tensor, *, div: torch.Tensor | None = None,
-            block_r: int = 32, block_f: int = 128) -> torch.Tensor:
-    """``out[j] = sum_i a[i, j] * b[i, j]`` for a, b (N, F) (or (..., F), flattened),
-    divided by ``div[j]`` when given (F,), accumulated in fp32 (fp64 when an input is
-    fp64). Returns (F,)."""
+            sub: torch.Tensor | None = None, block_r: int = 32, block_f: int = 128
+            ) -> torch.Tensor:
+    """``out[j] = sum_i a[i, j] * (b[i, j] - sub[j])`` for a, b (N, F) (or (..., F),
+    flattened; ``sub`` (F,) optional), divided by ``div[j]`` when given (F,; 0 where
+    div[j] is 0), accumulated in fp32 (fp64 when an input is fp64). Returns (F,)."""
     if a.shape != b.shape:
         raise ValueError(f"col_dot: a.shape={tuple(a.shape)} and b.shape={tuple(b.shape)}: "
                          "expected equal shapes")
@@ -89,15 +101,16 @@ def col_dot(a: torch.Tensor, b: torch.Tensor, *, div: torch.Tensor | None = None
         if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
             raise ValueError(f"col_dot: {name}={v!r}: expected a power of two >= 1")
     f = a.shape[-1]
-    if div is not None and (div.shape != (f,) or div.device != a.device):
-        raise ValueError(f"col_dot: div.shape={tuple(div.shape)} on {div.device}: expected "
-                         f"({f},) on {a.device}")
+    for name, v in (("div", div), ("sub", sub)):
+        if v is not None and (v.shape != (f,) or v.device != a.device):
+            raise ValueError(f"col_dot: {name}.shape={tuple(v.shape)} on {v.device}: "
+                             f"expected ({f},) on {a.device}")
     a2 = a.reshape(-1, f)  # (N, F)
     b2 = b.reshape(-1, f)
     n = a2.shape[0]
     if n == 0 or f == 0 or not _kernel_ok(a2) or (div is not None
                                                    and div.dtype == torch.float64):
-        return col_dot_ref(a2, b2, div)
+        return col_dot_ref(a2, b2, div, sub=sub)
     if a2.stride(-1) != 1:
         a2 = a2.contiguous()
     if b2.stride(-1) != 1:
@@ -108,8 +121,9 @@ def col_dot(a: torch.Tensor, b: torch.Tensor, *, div: torch.Tensor | None = None
     rows_per = triton.cdiv(triton.cdiv(n, chunks), block_r) * block_r
     chunks = triton.cdiv(n, rows_per)
     part = torch.empty(chunks, f, device=a2.device, dtype=torch.float32)  # (C, F)
-    _col_dot_kernel[(col_blocks, chunks)](a2, b2, div if div is not None else part, part, n,
+    _col_dot_kernel[(col_blocks, chunks)](a2, b2, div if div is not None else part,
+                                          sub if sub is not None else part, part, n,
                                           f, a2.stride(0), b2.stride(0), rows_per,
-                                          HAS_DIV=div is not None, BLOCK_R=block_r,
-                                          BLOCK_F=block_f, num_warps=4)
+                                          HAS_DIV=div is not None, HAS_SUB=sub is not None,
+                                          BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4)
     return part.sum(0) if chunks > 1 else part[0]

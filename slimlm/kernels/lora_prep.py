@@ -1,0 +1,216 @@
+"""Per-step operands of a LoRA / DoRA layer in one kernel launch.
+
+A LoRA layer trained under autocast needs, every step, its frozen weight W, its adapter
+A and B in the compute dtype (bf16/fp16), and B times the scaling s for the backward.
+DoRA (Liu et al. 2024) also needs the row norms ``norm_i = ||W_i + s (B A)_i||`` and the
+magnitude scale ``f_i = m_i / norm_i``; it multiplies the layer's output by f. Since f is
+per output row, it folds into the operands: ``f * (x W^T + s (x A^T) B^T) =
+x (f W)^T + s (x A^T) (f B)^T``, so the scaled copies replace the plain ones and the
+(tokens x out) pass that multiplies the output by f disappears (forward and backward).
+
+In PyTorch these are 3 launches for LoRA (three casts) and ~12 for DoRA (a GEMM, norms,
+division, scaled casts); the training step of a LoRA model on an H200 is bound by its
+host-side launches. :func:`lora_prepare` writes all of them in one launch: each program
+owns a block of output rows; for DoRA it first streams its rows of W, adding
+``s (B A)`` tile by tile (fp32, B A formed on the fly as r outer products) and summing
+squares, then streams them again (from L2) to write ``f W`` in the compute dtype.
+Program 0 also writes A in the compute dtype.
+
+Roundings: every compute-dtype value is the fp32 value rounded to nearest even, as
+PyTorch's casts do (bf16 rounding is done on the bits: the Triton interpreter truncates
+fp32 -> bf16). :func:`lora_prepare_ref` is the PyTorch reference.
+
+Example::
+
+    from slimlm.kernels.lora_prep import lora_prepare
+    p = lora_prepare(W, A, B, s, torch.bfloat16, m=magnitude)  # DoRA
+    y = x @ p.W.T + s * (x @ p.A.T) @ p.B.T                    # = f * (x (W + s B A)^T)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from slimlm.kernels import triton_available, triton_runs_on
+
+__all__ = ["LoRAPrep", "lora_prepare", "lora_prepare_ref"]
+
+
+class LoRAPrep(NamedTuple):
+    """Compute-dtype operands of one adapted layer for one step (see the module docstring).
+
+    ``W`` (out, in): f W (DoRA) or W (LoRA; W itself when already in the compute dtype).
+    ``A`` (r, in). ``B`` (out, r): f B (DoRA) or B. ``Bs`` (out, r): s f B or s B.
+    ``norm`` (out,) and ``sf`` (out, 1) = s f, fp32 (fp64 for fp64 W): DoRA only (None for
+    LoRA)."""
+
+    W: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    Bs: torch.Tensor
+    norm: torch.Tensor | None
+    sf: torch.Tensor | None
+
+
+def _exact(W: torch.Tensor) -> torch.dtype:
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
+def lora_prepare_ref(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
+                     cd: torch.dtype, m: torch.Tensor | None = None) -> LoRAPrep:
+    """PyTorch reference of :func:`lora_prepare` (the norm formed directly from W + s B A,
+    in fp32, fp64 for fp64 W)."""
+    dt = _exact(W)
+    with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
+        W, A, B = W.detach(), A.detach(), B.detach()
+        Ac = A.to(cd)
+        if m is None:
+            Wc = W if W.dtype == cd else W.to(cd)
+            return LoRAPrep(Wc, Ac, B.to(cd), (B.to(dt) * s).to(cd), None, None)
+        Wd, Bd = W.to(dt), B.to(dt)
+        norm = torch.linalg.vector_norm(Wd + s * (Bd @ A.to(dt)), dim=1)  # (out,)
+        f = (m.detach().to(dt) / norm)[:, None]  # (out, 1)
+        Bf = Bd * f
+        return LoRAPrep((Wd * f).to(cd), Ac, Bf.to(cd), (Bf * s).to(cd), norm, s * f)
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _to_cd(v, CD_BF16: tl.constexpr):
+        """fp32 -> the compute dtype's value (still fp32), rounded to nearest even on the bits
+        for bf16 (finite values; NaN/inf pass through)."""
+        if CD_BF16:
+            b = v.to(tl.int32, bitcast=True)
+            r = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+            v = tl.where(tl.abs(v) < float("inf"), r, v)
+        return v
+
+    @triton.jit
+    def _lora_prep_kernel(w_ptr, a_ptr, b_ptr, m_ptr, wc_ptr, ac_ptr, bc_ptr, bs_ptr,
+                          norm_ptr, sf_ptr, OUT, IN, stride_w, stride_a, stride_b, s,
+                          R: tl.constexpr, RP: tl.constexpr, DORA: tl.constexpr,
+                          WRITE_W: tl.constexpr, CD_BF16: tl.constexpr,
+                          BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_O + tl.arange(0, BLOCK_O)
+        r_ok = rows < OUT
+        rows64 = rows.to(tl.int64)
+        f = tl.full((BLOCK_O,), 1.0, tl.float32)
+        if DORA:
+            sq = tl.zeros((BLOCK_O,), dtype=tl.float32)
+            for k0 in range(0, IN, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < IN
+                ok = r_ok[:, None] & k_ok[None, :]
+                d = tl.load(w_ptr + rows64[:, None] * stride_w + ks[None, :], mask=ok,
+                            other=0.0).to(tl.float32)  # (BO, BK)
+                ba = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
+                for j in tl.static_range(R):  # (B A) tile as r outer products, fp32
+                    bj = tl.load(b_ptr + rows64 * stride_b + j, mask=r_ok, other=0.0)
+                    aj = tl.load(a_ptr + j * stride_a + ks, mask=k_ok, other=0.0)
+                    ba += bj.to(tl.float32)[:, None] * aj.to(tl.float32)[None, :]
+                d += s * ba
+                sq += tl.sum(d * d, axis=1)
+            norm = tl.sqrt(sq)
+            mag = tl.load(m_ptr + rows, mask=r_ok, other=1.0).to(tl.float32)
+            f = mag / tl.where(r_ok, norm, 1.0)
+            tl.store(norm_ptr + rows, norm, mask=r_ok)
+            tl.store(sf_ptr + rows, s * f, mask=r_ok)
+        if WRITE_W:
+            for k0 in range(0, IN, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                ok = r_ok[:, None] & (ks < IN)[None, :]
+                w = tl.load(w_ptr + rows64[:, None] * stride_w + ks[None, :], mask=ok,
+                            other=0.0).to(tl.float32)
+                if DORA:
+                    w = w * f[:, None]
+                tl.store(wc_ptr + rows64[:, None] * IN + ks[None, :],
+                         _to_cd(w, CD_BF16).to(wc_ptr.dtype.element_ty), mask=ok)
+        offs_r = tl.arange(0, RP)
+        ok_b = r_ok[:, None] & (offs_r < R)[None, :]
+        b = tl.load(b_ptr + rows64[:, None] * stride_b + offs_r[None, :], mask=ok_b,
+                    other=0.0).to(tl.float32) * f[:, None]  # (BO, RP)
+        tl.store(bc_ptr + rows64[:, None] * R + offs_r[None, :],
+                 _to_cd(b, CD_BF16).to(bc_ptr.dtype.element_ty), mask=ok_b)
+        tl.store(bs_ptr + rows64[:, None] * R + offs_r[None, :],
+                 _to_cd(b * s, CD_BF16).to(bs_ptr.dtype.element_ty), mask=ok_b)
+        if pid == 0:  # A in the compute dtype (r x in: small)
+            for k0 in range(0, IN, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                ok_a = (offs_r < R)[:, None] & (ks < IN)[None, :]
+                a = tl.load(a_ptr + offs_r[:, None] * stride_a + ks[None, :], mask=ok_a,
+                            other=0.0).to(tl.float32)
+                tl.store(ac_ptr + offs_r[:, None] * IN + ks[None, :],
+                         _to_cd(a, CD_BF16).to(ac_ptr.dtype.element_ty), mask=ok_a)
+
+
+def _kernel_ok(W: torch.Tensor, cd: torch.dtype, r: int) -> bool:
+    if W.dtype == torch.float64 or cd not in (torch.bfloat16, torch.float16, torch.float32):
+        return False  # exact reference runs stay in PyTorch (fp64)
+    if r > 64:
+        return False  # the unrolled outer products: PyTorch beyond rank 64
+    return triton_runs_on(W, "lora_prepare")
+
+
+def _blocks(out: int, inf: int) -> tuple[int, int]:
+    """(BLOCK_O, BLOCK_K): tiles of 4096 elements, few rows for narrow layers so that a
+    132-SM GPU gets a few hundred programs."""
+    bo = 32
+    while bo > 2 and -(-out // bo) < 256:
+        bo //= 2
+    bk = min(4096 // bo, max(16, 1 << (inf - 1).bit_length()))
+    return bo, bk
+
+
+def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
+                 cd: torch.dtype, m: torch.Tensor | None = None, *,
+                 block_o: int | None = None, block_k: int | None = None) -> LoRAPrep:
+    """The compute-dtype operands of a LoRA layer (``m`` None) or a DoRA layer (``m`` its
+    magnitude vector) for W (out, in), A (r, in), B (out, r), scaling ``s``: see
+    :class:`LoRAPrep`. One kernel launch on CUDA (and under ``TRITON_INTERPRET=1``), the
+    PyTorch reference elsewhere, for fp64 weights and for r > 64. No gradients flow."""
+    if W.dim() != 2 or A.dim() != 2 or B.dim() != 2:
+        raise ValueError(f"lora_prepare: W {tuple(W.shape)}, A {tuple(A.shape)}, B "
+                         f"{tuple(B.shape)}: expected 2-D tensors")
+    out, inf = W.shape
+    r = A.shape[0]
+    if A.shape[1] != inf or B.shape != (out, r) or (m is not None and m.shape != (out,)):
+        raise ValueError(f"lora_prepare: W {tuple(W.shape)}, A {tuple(A.shape)}, B "
+                         f"{tuple(B.shape)}, m {None if m is None else tuple(m.shape)}: "
+                         "expected A (r, in), B (out, r), m (out,)")
+    for name, v in (("block_o", block_o), ("block_k", block_k)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1
+                              or v & (v - 1)):
+            raise ValueError(f"lora_prepare: {name}={v!r}: expected a power of two")
+    if not _kernel_ok(W, cd, r) or out == 0 or inf == 0 or r == 0:
+        return lora_prepare_ref(W, A, B, s, cd, m)
+    W, A, B = W.detach(), A.detach(), B.detach()
+    if W.stride(1) != 1:
+        W = W.contiguous()
+    if A.stride(1) != 1:
+        A = A.contiguous()
+    if B.stride(1) != 1:
+        B = B.contiguous()
+    dora = m is not None
+    write_w = dora or W.dtype != cd
+    dev = W.device
+    Wc = torch.empty(out, inf, device=dev, dtype=cd) if write_w else W
+    Ac = torch.empty(r, inf, device=dev, dtype=cd)
+    Bc = torch.empty(out, r, device=dev, dtype=cd)
+    Bs = torch.empty(out, r, device=dev, dtype=cd)
+    norm = torch.empty(out, device=dev, dtype=torch.float32) if dora else None
+    sf = torch.empty(out, 1, device=dev, dtype=torch.float32) if dora else None
+    bo, bk = _blocks(out, inf)
+    bo, bk = block_o or bo, block_k or bk
+    rp = max(2, 1 << (r - 1).bit_length())
+    _lora_prep_kernel[(triton.cdiv(out, bo),)](
+        W, A, B, m.detach() if dora else Bs, Wc, Ac, Bc, Bs,
+        norm if dora else Bs, sf if dora else Bs, out, inf, W.stride(0), A.stride(0),
+        B.stride(0), float(s), R=r, RP=rp, DORA=dora, WRITE_W=write_w,
+        CD_BF16=cd == torch.bfloat16, BLOCK_O=bo, BLOCK_K=bk, num_warps=4)
+    return LoRAPrep(Wc, Ac, Bc, Bs, norm, sf)
