@@ -59,7 +59,26 @@ def main() -> None:
               f" wall {wall_ms:.3f} ms")
         for r in kern[:14]:
             print("   ", r)
+    # where the host time of one call goes (the calls above are host-bound at llama-1b shapes)
+    import cProfile
+    import io
+    import pstats
+
+    m, k, n = SHAPES[0]
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, k, device=dev, dtype=torch.float32, requires_grad=True)
+    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(20):
+        fp8_linear(x, w, emulate=False, out_dtype=torch.bfloat16).backward(dy)
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+    print(buf.getvalue())
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "fp8_probe_host.txt").write_text(buf.getvalue())
     (Path(args.out) / "fp8_probe.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 

@@ -10,7 +10,7 @@ from _interp import run_interpreted
 from torch.testing import assert_close
 
 from slimlm.kernels import triton_available
-from slimlm.kernels.lora_prep import _blocks, lora_prepare, lora_prepare_ref
+from slimlm.kernels.lora_prep import _splits, lora_prepare, lora_prepare_ref
 
 
 def test_reference_lora_is_plain_casts():
@@ -51,15 +51,14 @@ def test_errors_name_the_arguments():
         lora_prepare(W, A, B, 1.0, torch.bfloat16, torch.ones(3))
     with pytest.raises(ValueError, match="2-D"):
         lora_prepare(W[0], A, B, 1.0, torch.bfloat16)
-    with pytest.raises(ValueError, match="block_o"):
-        lora_prepare(W, A, B, 1.0, torch.bfloat16, block_o=3)
 
 
-def test_blocks_give_narrow_layers_more_programs():
-    assert _blocks(8192, 2048) == (32, 128)
-    bo, bk = _blocks(512, 2048)
-    assert bo * bk <= 4096 and -(-512 // bo) >= 256
-    assert _blocks(4, 10)[1] == 16  # K tile not beyond the padded row length
+def test_splits_cover_k_in_whole_blocks():
+    for out, inf in ((8192, 2048), (512, 2048), (2048, 8192), (4, 10), (33, 257)):
+        per, ks = _splits(out, inf, 64, 32)
+        assert per % 32 == 0 and (ks - 1) * per < inf <= ks * per
+        assert per >= min(4 * 32, inf) or ks == 1  # a few tiles per program
+    assert _splits(512, 2048, 64, 32)[1] >= 16  # narrow layers split K across programs
 
 
 _SCRIPT = r"""
@@ -69,21 +68,24 @@ from slimlm.kernels.lora_prep import lora_prepare, lora_prepare_ref
 torch.manual_seed(0)
 bf, f16 = torch.bfloat16, torch.float16
 # ragged row and K blocks; ranks 1, 4, 16 (RP padding); fp32/fp16 weights; bf16/fp16 outputs
-for out, inf, r, wdt, cd, bo, bk in ((70, 100, 4, torch.float32, bf, 16, 32),
-                                     (33, 257, 16, torch.float16, bf, 8, 64),
-                                     (9, 40, 1, torch.float32, f16, 4, 16),
-                                     (64, 64, 16, torch.float32, torch.float32, 32, 32)):
+import slimlm.kernels.lora_prep as lp
+for out, inf, r, wdt, cd, sq, cast in ((70, 100, 4, torch.float32, bf, (16, 32), (16, 32)),
+                                       (33, 257, 16, torch.float16, bf, (16, 64), (16, 16)),
+                                       (9, 40, 1, torch.float32, f16, (16, 16), (4, 16)),
+                                       (64, 64, 16, torch.float32, torch.float32, (32, 32),
+                                        (16, 256))):
+    lp._SQ_BLOCKS, lp._CAST_BLOCKS = sq, cast  # ragged tiles, several K chunks
     W = torch.randn(out, inf).to(wdt)
     A, B = torch.randn(r, inf) * 0.1, torch.randn(out, r) * 0.1
     m = torch.rand(out) + 0.5
     # LoRA: plain casts, bit for bit (rounded to nearest even like PyTorch)
-    p = lora_prepare(W, A, B, 2.0, cd, block_o=bo, block_k=bk)
+    p = lora_prepare(W, A, B, 2.0, cd)
     q = lora_prepare_ref(W, A, B, 2.0, cd)
     for a, b in zip(p[:4], q[:4]):
         assert a.dtype == b.dtype and torch.equal(a, b), (out, inf, r)
     # DoRA: norm within fp32 summation-order error; the copies are f times the operands,
     # rounded once (f = sf / s as the kernel computed it)
-    p = lora_prepare(W, A, B, 2.0, cd, m, block_o=bo, block_k=bk)
+    p = lora_prepare(W, A, B, 2.0, cd, m)
     q = lora_prepare_ref(W, A, B, 2.0, cd, m)
     direct = torch.linalg.norm(W.double() + 2.0 * B.double() @ A.double(), dim=1)
     assert_close(p.norm.double(), direct, rtol=1e-5, atol=1e-5)
@@ -93,6 +95,7 @@ for out, inf, r, wdt, cd, bo, bk in ((70, 100, 4, torch.float32, bf, 16, 32),
     assert torch.equal(p.W, (W.float() * f).to(cd))
     assert torch.equal(p.B, (B * f).to(cd)) and torch.equal(p.Bs, (B * f * 2.0).to(cd))
     assert torch.equal(p.A, A.to(cd))
+lp._SQ_BLOCKS, lp._CAST_BLOCKS = (64, 32), (16, 256)
 # the training path of a layer with both kernels (lora_prepare, col_dot) running, LoRA and
 # DoRA, with and without bias, against autograd in fp64
 from torch import nn

@@ -10,11 +10,12 @@ x (f W)^T + s (x A^T) (f B)^T``, so the scaled copies replace the plain ones and
 
 In PyTorch these are 3 launches for LoRA (three casts) and ~12 for DoRA (a GEMM, norms,
 division, scaled casts); the training step of a LoRA model on an H200 is bound by its
-host-side launches. :func:`lora_prepare` writes all of them in one launch: each program
-owns a block of output rows; for DoRA it first streams its rows of W, adding
-``s (B A)`` tile by tile (fp32, B A formed on the fly as r outer products) and summing
-squares, then streams them again (from L2) to write ``f W`` in the compute dtype.
-Program 0 also writes A in the compute dtype.
+host-side launches. :func:`lora_prepare` writes all of them in one launch (two for
+DoRA): for DoRA a first pass streams W (programs over row blocks x column chunks), adds
+``s (B A)`` tile by tile (fp32, B A formed on the fly as r outer products) and writes
+partial sums of squares; the cast pass (programs over (row, column) tiles) sums them in
+a fixed order, forms f, and writes ``f W`` in the compute dtype; its first column block
+writes B's rows and its first row block A's columns.
 
 Roundings: every compute-dtype value is the fp32 value rounded to nearest even, as
 PyTorch's casts do (bf16 rounding is done on the bits: the Triton interpreter truncates
@@ -91,62 +92,92 @@ if triton_available():
         return v
 
     @triton.jit
-    def _lora_prep_kernel(w_ptr, a_ptr, b_ptr, m_ptr, wc_ptr, ac_ptr, bc_ptr, bs_ptr,
-                          norm_ptr, sf_ptr, OUT, IN, stride_w, stride_a, stride_b, s,
+    def _dora_sq_kernel(w_ptr, a_ptr, b_ptr, part_ptr, OUT, IN, K_PER, stride_w, stride_a,
+                        stride_b, s, R: tl.constexpr, RP: tl.constexpr, BLOCK_O: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+        """Program (o, k): the part over columns k*K_PER.. of ||W_i + s (B A)_i||^2 for rows
+        o*BLOCK_O.. -> part[k, rows] (fp32), expanded as
+        ``||W_i||^2 + B_i . (2 s (W A^T)_i + s^2 (B (A A^T))_i)`` (each term sums over the
+        columns, so the parts add up); the products on tensor cores in 3xTF32 (fp32
+        accuracy: register-resident r x rows accumulators instead of the r x tile
+        registers of forming B A)."""
+        pid_o = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        r_ok = rows < OUT
+        rows64 = rows.to(tl.int64)
+        offs_r = tl.arange(0, RP)  # rank padded (zeros beyond R)
+        rk_ok = offs_r < R
+        wsq = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        wa = tl.zeros((BLOCK_O, RP), dtype=tl.float32)
+        gram = tl.zeros((RP, RP), dtype=tl.float32)
+        start = pid_k * K_PER
+        for k0 in range(start, tl.minimum(start + K_PER, IN), BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < IN
+            w = tl.load(w_ptr + rows64[:, None] * stride_w + ks[None, :],
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + offs_r[:, None] * stride_a + ks[None, :],
+                        mask=rk_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            wsq += tl.sum(w * w, axis=1)
+            wa = tl.dot(w, tl.trans(a), wa, input_precision="tf32x3")  # (BO, RP)
+            gram = tl.dot(a, tl.trans(a), gram, input_precision="tf32x3")  # (RP, RP)
+        b = tl.load(b_ptr + rows64[:, None] * stride_b + offs_r[None, :],
+                    mask=r_ok[:, None] & rk_ok[None, :], other=0.0).to(tl.float32)
+        bg = tl.dot(b, gram, input_precision="tf32x3")  # (BO, RP)
+        sq = wsq + tl.sum(b * (2.0 * s * wa + (s * s) * bg), axis=1)
+        tl.store(part_ptr + pid_k * OUT + rows, sq, mask=r_ok)
+
+    @triton.jit
+    def _lora_cast_kernel(w_ptr, a_ptr, b_ptr, m_ptr, part_ptr, wc_ptr, ac_ptr, bc_ptr, bs_ptr,
+                          norm_ptr, sf_ptr, OUT, IN, KS, stride_w, stride_a, stride_b, s,
                           R: tl.constexpr, RP: tl.constexpr, DORA: tl.constexpr,
                           WRITE_W: tl.constexpr, CD_BF16: tl.constexpr,
                           BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_O + tl.arange(0, BLOCK_O)
+        """Program (o, k): the (BLOCK_O, BLOCK_K) tile of the compute-dtype W (times f for
+        DoRA, f from the KS partial sums of squares); column block 0 also writes B's rows
+        (and DoRA's norm, s f), row block 0 A's columns."""
+        pid_o = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         r_ok = rows < OUT
         rows64 = rows.to(tl.int64)
+        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ks < IN
         f = tl.full((BLOCK_O,), 1.0, tl.float32)
         if DORA:
             sq = tl.zeros((BLOCK_O,), dtype=tl.float32)
-            for k0 in range(0, IN, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < IN
-                ok = r_ok[:, None] & k_ok[None, :]
-                d = tl.load(w_ptr + rows64[:, None] * stride_w + ks[None, :], mask=ok,
-                            other=0.0).to(tl.float32)  # (BO, BK)
-                ba = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
-                for j in tl.static_range(R):  # (B A) tile as r outer products, fp32
-                    bj = tl.load(b_ptr + rows64 * stride_b + j, mask=r_ok, other=0.0)
-                    aj = tl.load(a_ptr + j * stride_a + ks, mask=k_ok, other=0.0)
-                    ba += bj.to(tl.float32)[:, None] * aj.to(tl.float32)[None, :]
-                d += s * ba
-                sq += tl.sum(d * d, axis=1)
+            for i in range(0, KS):  # fixed order: deterministic
+                sq += tl.load(part_ptr + i * OUT + rows, mask=r_ok, other=0.0)
             norm = tl.sqrt(sq)
             mag = tl.load(m_ptr + rows, mask=r_ok, other=1.0).to(tl.float32)
             f = mag / tl.where(r_ok, norm, 1.0)
-            tl.store(norm_ptr + rows, norm, mask=r_ok)
-            tl.store(sf_ptr + rows, s * f, mask=r_ok)
+            if pid_k == 0:
+                tl.store(norm_ptr + rows, norm, mask=r_ok)
+                tl.store(sf_ptr + rows, s * f, mask=r_ok)
         if WRITE_W:
-            for k0 in range(0, IN, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                ok = r_ok[:, None] & (ks < IN)[None, :]
-                w = tl.load(w_ptr + rows64[:, None] * stride_w + ks[None, :], mask=ok,
-                            other=0.0).to(tl.float32)
-                if DORA:
-                    w = w * f[:, None]
-                tl.store(wc_ptr + rows64[:, None] * IN + ks[None, :],
-                         _to_cd(w, CD_BF16).to(wc_ptr.dtype.element_ty), mask=ok)
+            ok = r_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + rows64[:, None] * stride_w + ks[None, :], mask=ok,
+                        other=0.0).to(tl.float32)
+            if DORA:
+                w = w * f[:, None]
+            tl.store(wc_ptr + rows64[:, None] * IN + ks[None, :],
+                     _to_cd(w, CD_BF16).to(wc_ptr.dtype.element_ty), mask=ok)
         offs_r = tl.arange(0, RP)
-        ok_b = r_ok[:, None] & (offs_r < R)[None, :]
-        b = tl.load(b_ptr + rows64[:, None] * stride_b + offs_r[None, :], mask=ok_b,
-                    other=0.0).to(tl.float32) * f[:, None]  # (BO, RP)
-        tl.store(bc_ptr + rows64[:, None] * R + offs_r[None, :],
-                 _to_cd(b, CD_BF16).to(bc_ptr.dtype.element_ty), mask=ok_b)
-        tl.store(bs_ptr + rows64[:, None] * R + offs_r[None, :],
-                 _to_cd(b * s, CD_BF16).to(bs_ptr.dtype.element_ty), mask=ok_b)
-        if pid == 0:  # A in the compute dtype (r x in: small)
-            for k0 in range(0, IN, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                ok_a = (offs_r < R)[:, None] & (ks < IN)[None, :]
-                a = tl.load(a_ptr + offs_r[:, None] * stride_a + ks[None, :], mask=ok_a,
-                            other=0.0).to(tl.float32)
-                tl.store(ac_ptr + offs_r[:, None] * IN + ks[None, :],
-                         _to_cd(a, CD_BF16).to(ac_ptr.dtype.element_ty), mask=ok_a)
+        if pid_k == 0:  # B's rows (out x r: small)
+            ok_b = r_ok[:, None] & (offs_r < R)[None, :]
+            b = tl.load(b_ptr + rows64[:, None] * stride_b + offs_r[None, :], mask=ok_b,
+                        other=0.0).to(tl.float32) * f[:, None]  # (BO, RP)
+            tl.store(bc_ptr + rows64[:, None] * R + offs_r[None, :],
+                     _to_cd(b, CD_BF16).to(bc_ptr.dtype.element_ty), mask=ok_b)
+            tl.store(bs_ptr + rows64[:, None] * R + offs_r[None, :],
+                     _to_cd(b * s, CD_BF16).to(bs_ptr.dtype.element_ty), mask=ok_b)
+        if pid_o == 0:  # A's columns (r x in: small)
+            ok_a = (offs_r < R)[:, None] & k_ok[None, :]
+            a = tl.load(a_ptr + offs_r[:, None] * stride_a + ks[None, :], mask=ok_a,
+                        other=0.0).to(tl.float32)
+            tl.store(ac_ptr + offs_r[:, None] * IN + ks[None, :],
+                     _to_cd(a, CD_BF16).to(ac_ptr.dtype.element_ty), mask=ok_a)
 
 
 def _kernel_ok(W: torch.Tensor, cd: torch.dtype, r: int) -> bool:
@@ -157,23 +188,29 @@ def _kernel_ok(W: torch.Tensor, cd: torch.dtype, r: int) -> bool:
     return triton_runs_on(W, "lora_prepare")
 
 
-def _blocks(out: int, inf: int) -> tuple[int, int]:
-    """(BLOCK_O, BLOCK_K): tiles of 4096 elements, few rows for narrow layers so that a
-    132-SM GPU gets a few hundred programs."""
-    bo = 32
-    while bo > 2 and -(-out // bo) < 256:
-        bo //= 2
-    bk = min(4096 // bo, max(16, 1 << (inf - 1).bit_length()))
-    return bo, bk
+def _splits(out: int, inf: int, block_o: int, block_k: int) -> tuple[int, int]:
+    """(columns per program, programs along K) for the sum-of-squares pass: enough programs
+    for ~4 per SM on a 132-SM GPU, each a multiple of block_k columns, at least 4 blocks
+    where there are that many."""
+    kb = -(-inf // block_k)
+    ks = max(1, min(kb // 4, -(-528 // -(-out // block_o))))
+    per = -(-kb // ks) * block_k
+    return per, -(-inf // per)
+
+
+#: (BLOCK_O, BLOCK_K) of the sum-of-squares pass (tl.dot tiles: both >= 16) and of the
+#: cast pass (4096 elements per program)
+_SQ_BLOCKS = (64, 32)
+_CAST_BLOCKS = (16, 256)
 
 
 def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
-                 cd: torch.dtype, m: torch.Tensor | None = None, *,
-                 block_o: int | None = None, block_k: int | None = None) -> LoRAPrep:
+                 cd: torch.dtype, m: torch.Tensor | None = None) -> LoRAPrep:
     """The compute-dtype operands of a LoRA layer (``m`` None) or a DoRA layer (``m`` its
     magnitude vector) for W (out, in), A (r, in), B (out, r), scaling ``s``: see
-    :class:`LoRAPrep`. One kernel launch on CUDA (and under ``TRITON_INTERPRET=1``), the
-    PyTorch reference elsewhere, for fp64 weights and for r > 64. No gradients flow."""
+    :class:`LoRAPrep`. One kernel launch on CUDA (and under ``TRITON_INTERPRET=1``; two for
+    DoRA), the PyTorch reference elsewhere, for fp64 weights and for r > 64. No gradients
+    flow."""
     if W.dim() != 2 or A.dim() != 2 or B.dim() != 2:
         raise ValueError(f"lora_prepare: W {tuple(W.shape)}, A {tuple(A.shape)}, B "
                          f"{tuple(B.shape)}: expected 2-D tensors")
@@ -183,10 +220,6 @@ def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
         raise ValueError(f"lora_prepare: W {tuple(W.shape)}, A {tuple(A.shape)}, B "
                          f"{tuple(B.shape)}, m {None if m is None else tuple(m.shape)}: "
                          "expected A (r, in), B (out, r), m (out,)")
-    for name, v in (("block_o", block_o), ("block_k", block_k)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1
-                              or v & (v - 1)):
-            raise ValueError(f"lora_prepare: {name}={v!r}: expected a power of two")
     if not _kernel_ok(W, cd, r) or out == 0 or inf == 0 or r == 0:
         return lora_prepare_ref(W, A, B, s, cd, m)
     W, A, B = W.detach(), A.detach(), B.detach()
@@ -203,14 +236,23 @@ def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
     Ac = torch.empty(r, inf, device=dev, dtype=cd)
     Bc = torch.empty(out, r, device=dev, dtype=cd)
     Bs = torch.empty(out, r, device=dev, dtype=cd)
-    norm = torch.empty(out, device=dev, dtype=torch.float32) if dora else None
-    sf = torch.empty(out, 1, device=dev, dtype=torch.float32) if dora else None
-    bo, bk = _blocks(out, inf)
-    bo, bk = block_o or bo, block_k or bk
+    norm = sf = part = None
+    ks = 1
+    if dora:
+        norm = torch.empty(out, device=dev, dtype=torch.float32)
+        sf = torch.empty(out, 1, device=dev, dtype=torch.float32)
+        bo, bk = _SQ_BLOCKS
+        per, ks = _splits(out, inf, bo, bk)
+        part = torch.empty(ks, out, device=dev, dtype=torch.float32)  # (KS, out)
+        _dora_sq_kernel[(triton.cdiv(out, bo), ks)](
+            W, A, B, part, out, inf, per, W.stride(0), A.stride(0), B.stride(0), float(s),
+            R=r, RP=max(16, 1 << (r - 1).bit_length()), BLOCK_O=bo, BLOCK_K=bk,
+            num_warps=8)  # 3xTF32 operands live in registers: 130 at (64, 32) x 8 warps
+    bo, bk = _CAST_BLOCKS
     rp = max(2, 1 << (r - 1).bit_length())
-    _lora_prep_kernel[(triton.cdiv(out, bo),)](
-        W, A, B, m.detach() if dora else Bs, Wc, Ac, Bc, Bs,
-        norm if dora else Bs, sf if dora else Bs, out, inf, W.stride(0), A.stride(0),
+    _lora_cast_kernel[(triton.cdiv(out, bo), triton.cdiv(inf, bk))](
+        W, A, B, m.detach() if dora else Bs, part if dora else Bs, Wc, Ac, Bc, Bs,
+        norm if dora else Bs, sf if dora else Bs, out, inf, ks, W.stride(0), A.stride(0),
         B.stride(0), float(s), R=r, RP=rp, DORA=dora, WRITE_W=write_w,
         CD_BF16=cd == torch.bfloat16, BLOCK_O=bo, BLOCK_K=bk, num_warps=4)
     return LoRAPrep(Wc, Ac, Bc, Bs, norm, sf)
