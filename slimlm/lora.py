@@ -427,6 +427,24 @@ _KERNELS_ON_CPU = False
 _FUSED = True
 
 
+_MM_OUT_DTYPE: bool | None = None  # whether torch.mm(..., out_dtype=) runs (CUDA, torch >= 2.9)
+
+
+def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(a @ b).to(dtype)``; a half-precision product wanted in fp32 comes out of the GEMM
+    in fp32 on CUDA (one launch instead of two, and no rounding to half precision)."""
+    global _MM_OUT_DTYPE
+    if (a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
+            and _MM_OUT_DTYPE is not False):
+        try:
+            out = torch.mm(a, b, out_dtype=dtype)
+            _MM_OUT_DTYPE = True
+            return out
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return (a @ b).to(dtype)
+
+
 class _LoRAFn(torch.autograd.Function):
     """One adapted linear layer, forward and backward by hand (frozen nn.Linear base, one
     adapter): ``y = x W^T + b + s (h A^T) B^T`` with h = dropout(x) or x; for DoRA
@@ -489,10 +507,11 @@ class _LoRAFn(torch.autograd.Function):
             gxa = g @ Bs  # (N, r): the gradient reaching x A^T (s and f included)
             if ctx.needs_input_grad[5]:
                 gb = g.t() @ xa2  # (out, r)
-                # times s (LoRA) or s f per row (DoRA, fp32: the product is fp32 already)
-                dB = (gb * sf).to(b_dt) if sf is not None else (gb.to(b_dt) * s)
+                # times s f per row (DoRA) or s ((1, 1) for LoRA): an fp32 factor, so the
+                # product is fp32 in the same launch as the scaling
+                dB = (gb * sf).to(b_dt)
             if ctx.needs_input_grad[4]:
-                dA = (gxa.t() @ h2).to(a_dt)  # (r, in)
+                dA = _mm_to(gxa.t(), h2, a_dt)  # (r, in)
             if need_x:
                 dx = g @ Wc  # (N, in): the frozen base's input gradient (f folded for DoRA)
                 if ctx.same:

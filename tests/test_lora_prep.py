@@ -20,7 +20,7 @@ def test_reference_lora_is_plain_casts():
     assert torch.equal(p.W, W.to(torch.bfloat16)) and torch.equal(p.A, A.to(torch.bfloat16))
     assert torch.equal(p.B, B.to(torch.bfloat16))
     assert torch.equal(p.Bs, (B * 1.5).to(torch.bfloat16))
-    assert p.norm is None and p.sf is None
+    assert p.norm is None and p.sf.shape == (1, 1) and p.sf.item() == 1.5  # B's grad factor
     Wb = W.to(torch.bfloat16)
     assert lora_prepare(Wb, A, B, 1.0, torch.bfloat16).W.data_ptr() == Wb.data_ptr()  # no copy
 
@@ -83,6 +83,7 @@ for out, inf, r, wdt, cd, sq, cast in ((70, 100, 4, torch.float32, bf, (16, 32),
     q = lora_prepare_ref(W, A, B, 2.0, cd)
     for a, b in zip(p[:4], q[:4]):
         assert a.dtype == b.dtype and torch.equal(a, b), (out, inf, r)
+    assert p.sf.shape == (1, 1) and p.sf.item() == 2.0
     # DoRA: norm within fp32 summation-order error; the copies are f times the operands,
     # rounded once (f = sf / s as the kernel computed it)
     p = lora_prepare(W, A, B, 2.0, cd, m)

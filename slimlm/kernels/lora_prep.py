@@ -44,8 +44,8 @@ class LoRAPrep(NamedTuple):
 
     ``W`` (out, in): f W (DoRA) or W (LoRA; W itself when already in the compute dtype).
     ``A`` (r, in). ``B`` (out, r): f B (DoRA) or B. ``Bs`` (out, r): s f B or s B.
-    ``norm`` (out,) and ``sf`` (out, 1) = s f, fp32 (fp64 for fp64 W): DoRA only (None for
-    LoRA)."""
+    ``sf`` (out, 1) = s f (DoRA) or (1, 1) = s (LoRA), fp32 (fp64 for fp64 W): the factor
+    of B's gradient. ``norm`` (out,), same dtype: DoRA only (None for LoRA)."""
 
     W: torch.Tensor
     A: torch.Tensor
@@ -69,7 +69,8 @@ def lora_prepare_ref(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float
         Ac = A.to(cd)
         if m is None:
             Wc = W if W.dtype == cd else W.to(cd)
-            return LoRAPrep(Wc, Ac, B.to(cd), (B.to(dt) * s).to(cd), None, None)
+            sf = torch.full((1, 1), s, device=W.device, dtype=dt)
+            return LoRAPrep(Wc, Ac, B.to(cd), (B.to(dt) * s).to(cd), None, sf)
         Wd, Bd = W.to(dt), B.to(dt)
         norm = torch.linalg.vector_norm(Wd + s * (Bd @ A.to(dt)), dim=1)  # (out,)
         f = (m.detach().to(dt) / norm)[:, None]  # (out, 1)
@@ -155,6 +156,9 @@ if triton_available():
             if pid_k == 0:
                 tl.store(norm_ptr + rows, norm, mask=r_ok)
                 tl.store(sf_ptr + rows, s * f, mask=r_ok)
+        else:
+            if (pid_o == 0) & (pid_k == 0):
+                tl.store(sf_ptr, s)  # LoRA: (1, 1)
         if WRITE_W:
             ok = r_ok[:, None] & k_ok[None, :]
             w = tl.load(w_ptr + rows64[:, None] * stride_w + ks[None, :], mask=ok,
@@ -236,11 +240,11 @@ def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
     Ac = torch.empty(r, inf, device=dev, dtype=cd)
     Bc = torch.empty(out, r, device=dev, dtype=cd)
     Bs = torch.empty(out, r, device=dev, dtype=cd)
-    norm = sf = part = None
+    norm = part = None
     ks = 1
+    sf = torch.empty(out if dora else 1, 1, device=dev, dtype=torch.float32)
     if dora:
         norm = torch.empty(out, device=dev, dtype=torch.float32)
-        sf = torch.empty(out, 1, device=dev, dtype=torch.float32)
         bo, bk = _SQ_BLOCKS
         per, ks = _splits(out, inf, bo, bk)
         part = torch.empty(ks, out, device=dev, dtype=torch.float32)  # (KS, out)
@@ -252,7 +256,7 @@ def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
     rp = max(2, 1 << (r - 1).bit_length())
     _lora_cast_kernel[(triton.cdiv(out, bo), triton.cdiv(inf, bk))](
         W, A, B, m.detach() if dora else Bs, part if dora else Bs, Wc, Ac, Bc, Bs,
-        norm if dora else Bs, sf if dora else Bs, out, inf, ks, W.stride(0), A.stride(0),
+        norm if dora else Bs, sf, out, inf, ks, W.stride(0), A.stride(0),
         B.stride(0), float(s), R=r, RP=rp, DORA=dora, WRITE_W=write_w,
         CD_BF16=cd == torch.bfloat16, BLOCK_O=bo, BLOCK_K=bk, num_warps=4)
     return LoRAPrep(Wc, Ac, Bc, Bs, norm, sf)
