@@ -487,7 +487,7 @@ class _LoRAFn(torch.autograd.Function):
                 "DoRA layer: its output, saved for the magnitude's gradient, was modified "
                 "in place before the backward pass; use an out-of-place op on the layer's "
                 f"output (or slimlm.lora._FUSED = False) ({e})") from e
-        cd, s = ctx.cd, ctx.s
+        cd = ctx.cd
         a_dt, b_dt, m_dt = ctx.dtypes
         need_x, need_h = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dm = dA = dB = dx = dh = None
