@@ -422,6 +422,12 @@ class _FrozenBaseFn(torch.autograd.Function):
 #: when the interpreter is on (it is for kernel tests, not for training loops).
 _KERNELS_ON_CPU = False
 
+#: Keep the compute-dtype copy of a frozen base weight across steps (the fused training
+#: path under autocast on an fp32 base): the cast is the same every step. The copy is alive
+#: during each step anyway (saved for the backward, as autograd's cast would be), so the
+#: step's peak memory does not change; between steps it costs 2 bytes per base weight.
+_CACHE_BASE_CAST = True
+
 #: The hand-written training path (_LoRAFn). False: autograd over the separate ops (the
 #: reference; also what runs for several active adapters, merged adapters, row adapters).
 _FUSED = True
@@ -443,6 +449,27 @@ def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_OUT_DTYPE = False
     return (a @ b).to(dtype)
+
+
+_ADDMM_OUT_DTYPE: bool | None = None  # whether torch.addmm(..., out_dtype=) runs
+
+
+def _mm_scaled_to(a: torch.Tensor, b: torch.Tensor, sf: torch.Tensor, s: float | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``((a @ b) * sf).to(dtype)`` with sf (rows, 1) or (1, 1); when the factor is the
+    scalar ``s`` (LoRA) and a half-precision product is wanted in fp32 on CUDA, one GEMM
+    launch (alpha = s, fp32 output) instead of two."""
+    global _ADDMM_OUT_DTYPE
+    if (s is not None and a.is_cuda and dtype == torch.float32
+            and a.dtype in (torch.bfloat16, torch.float16) and _ADDMM_OUT_DTYPE is not False):
+        try:
+            out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=dtype)
+            out = torch.addmm(out, a, b, beta=0, alpha=s, out_dtype=dtype)
+            _ADDMM_OUT_DTYPE = True
+            return out
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE = False
+    return (a @ b * sf).to(dtype)
 
 
 class _LoRAFn(torch.autograd.Function):
@@ -506,10 +533,10 @@ class _LoRAFn(torch.autograd.Function):
             h2 = h.reshape(-1, h.shape[-1])  # (N, in)
             gxa = g @ Bs  # (N, r): the gradient reaching x A^T (s and f included)
             if ctx.needs_input_grad[5]:
-                gb = g.t() @ xa2  # (out, r)
-                # times s f per row (DoRA) or s ((1, 1) for LoRA): an fp32 factor, so the
-                # product is fp32 in the same launch as the scaling
-                dB = (gb * sf).to(b_dt)
+                # times s f per row (DoRA) or s (LoRA): an fp32 factor, so the product is
+                # fp32 in the same launch as the scaling (LoRA on CUDA: in the GEMM)
+                dB = _mm_scaled_to(g.t(), xa2, sf, None if y is not None or m is not None
+                                   else ctx.s, b_dt)  # (out, r)
             if ctx.needs_input_grad[4]:
                 dA = _mm_to(gxa.t(), h2, a_dt)  # (r, in)
             if need_x:
@@ -885,7 +912,21 @@ class LoRALinear(nn.Module):
         # every compute-dtype operand (DoRA: the norm too, its scale folded in) in one
         # launch on the GPU: the training step is bound by its host-side launches
         fn = lora_prepare if base.weight.is_cuda or _KERNELS_ON_CPU else lora_prepare_ref
-        prep = fn(base.weight, A, B, self.scaling[n], cd, mag)
+        W = base.weight
+        key = wc = None
+        if _CACHE_BASE_CAST and mag is None and W.dtype != cd:
+            try:
+                key = (W._version, cd, W.device, tuple(W.shape))
+            except RuntimeError:  # inference tensors have no version counter: no caching
+                key = None
+            cache = getattr(self, "_base_cast", None)
+            if cache is None:
+                cache = self._base_cast = _TensorCache()
+            if key is not None:
+                wc = cache.get(W, key)
+        prep = fn(W, A, B, self.scaling[n], cd, mag, wc=wc)
+        if key is not None and wc is None:
+            cache.put(W, key, prep.W)
         return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag, prep)
 
     def _mixed_forward(self, x: torch.Tensor, xc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -619,6 +619,46 @@ def test_fused_path_under_autocast_matches_unfused_model(dora):
         assert_close(a, b, rtol=0.1, atol=0.02 * b.abs().max().item())
 
 
+def test_base_weight_cast_is_cached_across_steps(monkeypatch):
+    """Under autocast on an fp32 base the compute-dtype copy of the frozen weight is made
+    once and reused, until the weight changes in place (a merge) or is replaced."""
+    import slimlm.kernels.lora_prep as lp
+
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12, bias=False).requires_grad_(False))
+    layer.add_adapter("a", 4, 8.0, init="random")
+    calls = []
+    real = lp.lora_prepare_ref
+
+    def spy(W, A, B, s, cd, m=None, *, wc=None):
+        calls.append(wc is not None)
+        return real(W, A, B, s, cd, m, wc=wc)
+
+    monkeypatch.setattr(lp, "lora_prepare_ref", spy)
+    x = torch.randn(2, 5, 16)
+    outs = []
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        out.float().sum().backward()
+        outs.append(out.detach())
+    assert calls == [False, True]  # the second step reused the cast
+    assert torch.equal(outs[0], outs[1])
+    cached = layer._base_cast._value
+    assert cached.dtype == torch.bfloat16 and torch.equal(cached,
+                                                          layer.base_layer.weight.to(torch.bfloat16))
+    with torch.no_grad():
+        layer.base_layer.weight.add_(1.0)  # in place: a new version, a new cast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert calls[-1] is False
+    assert torch.equal(layer._base_cast._value, layer.base_layer.weight.to(torch.bfloat16))
+    monkeypatch.setattr(lora, "_CACHE_BASE_CAST", False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert calls[-1] is False
+
+
 def test_cast_cache_shares_and_invalidates():
     from slimlm.lora import _CastCache
 

@@ -169,3 +169,39 @@ def test_kernel_on_gpu_matches_reference():
         f = p.sf / 2.0
         assert torch.equal(p.W, (W.float() * f).to(bf))
         assert torch.equal(p.Bs, (B * f * 2.0).to(bf))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_layer_on_gpu_matches_the_module_path(dora, monkeypatch):
+    """The fused training path on CUDA under bf16 autocast (lora_prepare, the cached weight
+    cast, the fp32-output GEMMs of the backward, col_dot for DoRA) against autograd over the
+    separate ops, two steps (the second reuses the cached cast)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from torch import nn
+
+    import slimlm.lora as lora_mod
+    from slimlm.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(512, 384, bias=True).cuda().requires_grad_(False))
+    layer.add_adapter("a", 16, 32.0, use_dora=dora, init="random")
+    params = [layer.lora_A["a"].weight, layer.lora_B["a"].weight]
+    if dora:
+        params.append(layer.lora_magnitude_vector["a"].weight)
+    x = torch.randn(4, 256, 512, device="cuda", requires_grad=True)
+    g = torch.randn(4, 256, 384, device="cuda")
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(lora_mod, "_FUSED", fused)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer(x)
+        assert ("LoRAFn" in type(out.grad_fn).__name__) == fused
+        return [out.float(), *torch.autograd.grad(out, [x, *params], g.to(out.dtype))]
+
+    ref = run(False)
+    for _ in range(2):
+        got = run(True)
+        for a, b in zip(got, ref):
+            assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())

@@ -60,7 +60,8 @@ def _exact(W: torch.Tensor) -> torch.dtype:
 
 
 def lora_prepare_ref(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
-                     cd: torch.dtype, m: torch.Tensor | None = None) -> LoRAPrep:
+                     cd: torch.dtype, m: torch.Tensor | None = None, *,
+                     wc: torch.Tensor | None = None) -> LoRAPrep:
     """PyTorch reference of :func:`lora_prepare` (the norm formed directly from W + s B A,
     in fp32, fp64 for fp64 W)."""
     dt = _exact(W)
@@ -68,7 +69,7 @@ def lora_prepare_ref(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float
         W, A, B = W.detach(), A.detach(), B.detach()
         Ac = A.to(cd)
         if m is None:
-            Wc = W if W.dtype == cd else W.to(cd)
+            Wc = wc if wc is not None else W if W.dtype == cd else W.to(cd)
             sf = torch.full((1, 1), s, device=W.device, dtype=dt)
             return LoRAPrep(Wc, Ac, B.to(cd), (B.to(dt) * s).to(cd), None, sf)
         Wd, Bd = W.to(dt), B.to(dt)
@@ -209,7 +210,8 @@ _CAST_BLOCKS = (16, 256)
 
 
 def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
-                 cd: torch.dtype, m: torch.Tensor | None = None) -> LoRAPrep:
+                 cd: torch.dtype, m: torch.Tensor | None = None, *,
+                 wc: torch.Tensor | None = None) -> LoRAPrep:
     """The compute-dtype operands of a LoRA layer (``m`` None) or a DoRA layer (``m`` its
     magnitude vector) for W (out, in), A (r, in), B (out, r), scaling ``s``: see
     :class:`LoRAPrep`. One kernel launch on CUDA (and under ``TRITON_INTERPRET=1``; two for
@@ -224,8 +226,12 @@ def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
         raise ValueError(f"lora_prepare: W {tuple(W.shape)}, A {tuple(A.shape)}, B "
                          f"{tuple(B.shape)}, m {None if m is None else tuple(m.shape)}: "
                          "expected A (r, in), B (out, r), m (out,)")
+    if wc is not None and (m is not None or wc.shape != W.shape or wc.dtype != cd):
+        raise ValueError(f"lora_prepare: wc {tuple(wc.shape)} {wc.dtype} with m "
+                         f"{'given' if m is not None else 'None'}: expected W's shape in {cd}, "
+                         "for LoRA only (DoRA scales W every step)")
     if not _kernel_ok(W, cd, r) or out == 0 or inf == 0 or r == 0:
-        return lora_prepare_ref(W, A, B, s, cd, m)
+        return lora_prepare_ref(W, A, B, s, cd, m, wc=wc)
     W, A, B = W.detach(), A.detach(), B.detach()
     if W.stride(1) != 1:
         W = W.contiguous()
@@ -234,9 +240,9 @@ def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
     if B.stride(1) != 1:
         B = B.contiguous()
     dora = m is not None
-    write_w = dora or W.dtype != cd
+    write_w = dora or (W.dtype != cd and wc is None)
     dev = W.device
-    Wc = torch.empty(out, inf, device=dev, dtype=cd) if write_w else W
+    Wc = torch.empty(out, inf, device=dev, dtype=cd) if write_w else wc if wc is not None else W
     Ac = torch.empty(r, inf, device=dev, dtype=cd)
     Bc = torch.empty(out, r, device=dev, dtype=cd)
     Bs = torch.empty(out, r, device=dev, dtype=cd)
