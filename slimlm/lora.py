@@ -494,11 +494,13 @@ class _LoRAFn(torch.autograd.Function):
                 b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, s: float,
                 cd: torch.dtype, m: torch.Tensor | None, prep: Any) -> torch.Tensor:
         dora = m is not None
-        with torch.autocast(x.device.type, enabled=False):
-            bc = None if b is None else b.to(cd)
-            y = F.linear(x, prep.W, bc)  # (..., out)
-            xa = F.linear(h, prep.A)  # (..., r)
-            y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), prep.B.t(), alpha=s)
+        # No autocast-off block (a Python context per call, and the step is host-bound):
+        # under autocast cd is its dtype, so every operand is already cast and autocast
+        # leaves F.linear alone; addmm_ (in place) is not autocast.
+        bc = None if b is None else b.to(cd)
+        y = F.linear(x, prep.W, bc)  # (..., out)
+        xa = F.linear(h, prep.A)  # (..., r)
+        y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), prep.B.t(), alpha=s)
         ctx.save_for_backward(h, xa, prep.W, prep.A, prep.Bs, prep.sf, m,
                               y if dora and ctx.needs_input_grad[8] else None, bc)
         ctx.same, ctx.s, ctx.cd, ctx.x_shape = h is x, s, cd, x.shape
@@ -518,7 +520,10 @@ class _LoRAFn(torch.autograd.Function):
         a_dt, b_dt, m_dt = ctx.dtypes
         need_x, need_h = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dm = dA = dB = dx = dh = None
-        with torch.autocast(gy.device.type, enabled=False):
+        # a backward run inside autocast must not re-cast the fp32-output GEMMs' operands
+        off = (torch.autocast(gy.device.type, enabled=False)
+               if torch.is_autocast_enabled(gy.device.type) else contextlib.nullcontext())
+        with off:
             g = gy.reshape(-1, gy.shape[-1]).to(cd)  # (N, out)
             if y is not None:  # DoRA: d/dm of f z = sum over tokens of g (y - b) / m
                 from slimlm.kernels.col_dot import col_dot, col_dot_ref

@@ -680,10 +680,40 @@ def fp8_threshold_rule(m: int, k: int, n: int) -> bool:
     return min(m, k, n) >= FP8_MIN_DIM and m * k * n >= FP8_MIN_MACS
 
 
+def _graph_ms(fn: Callable[[], None], device: torch.device, rep: int) -> float:
+    """Median milliseconds of one CUDA-graph replay of ``fn``: device time alone, as a
+    compiled (or otherwise graph-launched) training step sees it."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    runs = []
+    for _ in range(rep):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        torch.cuda.synchronize(device)
+        runs.append(s.elapsed_time(e))
+    return sorted(runs)[len(runs) // 2]
+
+
 def benchmark_fp8_vs_bf16(m: int, k: int, n: int, device: torch.device, *,
-                          scaling: str = "tensor", rep: int = 10) -> tuple[float, float]:
+                          scaling: str = "tensor", rep: int = 10,
+                          graphs: bool = False) -> tuple[float, float]:
     """Forward + backward milliseconds of (fp8, bf16) linear at (M, K, N) on ``device``
-    (CUDA events, median of ``rep`` after warm-up)."""
+    (CUDA events, median of ``rep`` after warm-up). Eager calls include their host time
+    where the GPU waits for it (small layers: the fp8 path's quantization launches cost
+    ~1.7 ms of host time per call on an H200 machine); ``graphs`` times CUDA-graph replays
+    instead (device time alone), the right comparison for a compiled or graphed step. A
+    capture that fails falls back to eager timing."""
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(n, k, device=device, dtype=torch.float32, requires_grad=True)
     dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
@@ -695,6 +725,12 @@ def benchmark_fp8_vs_bf16(m: int, k: int, n: int, device: torch.device, *,
     def bf16() -> None:
         F.linear(x, w.to(torch.bfloat16)).backward(dy)
 
+    if graphs:
+        try:
+            return _graph_ms(fp8, device, rep), _graph_ms(bf16, device, rep)
+        except Exception as e:  # capture unsupported here: eager timing below
+            warnings.warn(f"benchmark_fp8_vs_bf16: CUDA-graph timing failed ({e}); timing "
+                          "eager calls instead", RuntimeWarning, stacklevel=2)
     times = []
     for fn in (fp8, bf16):
         for _ in range(3):
@@ -758,7 +794,8 @@ class Float8Linear(nn.Linear):
         m = x.numel() // x.shape[-1]
         return "scaled_mm" if self._decide(m, x.device, measure=False) else "bf16"
 
-    def _decide(self, m: int, device: torch.device, *, measure: bool) -> bool:
+    def _decide(self, m: int, device: torch.device, *, measure: bool,
+                graphs: bool = False) -> bool:
         """Whether fp8 runs at M = ``m`` rows: a calibrated decision if there is one, else a
         measurement (``measure``, from :func:`calibrate_fp8_` only: timing inside a forward
         would run under the caller's autograd hooks) or the threshold rule."""
@@ -771,7 +808,8 @@ class Float8Linear(nn.Linear):
         decision = self.fp8_decisions.get(key)
         if decision is None:
             if measure and self.fallback == "auto":
-                t8, t16 = benchmark_fp8_vs_bf16(m, k, n, device, scaling=self.scaling)
+                t8, t16 = benchmark_fp8_vs_bf16(m, k, n, device, scaling=self.scaling,
+                                                graphs=graphs)
                 decision = t8 < t16
                 if isinstance(getattr(self, "fp8_timings", None), dict):
                     self.fp8_timings[key] = (t8, t16)
@@ -831,13 +869,18 @@ def convert_from_fp8_(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def calibrate_fp8_(model: nn.Module, tokens: int) -> dict[str, bool]:
+def calibrate_fp8_(model: nn.Module, tokens: int, *, compiled: bool = False
+                   ) -> dict[str, bool]:
     """Decide fp8 vs bf16 for every :class:`Float8Linear` of ``model`` at ``tokens`` rows
     (batch x sequence per micro-batch), measuring once per distinct shape on the GPU; the
-    decisions are stored in the layers (call before ``torch.compile``). Returns fqn -> uses
+    decisions are stored in the layers (call before ``torch.compile``). ``compiled``: the
+    step will run compiled (or CUDA-graphed), so compare device times (CUDA-graph replays)
+    rather than eager calls, whose host time decides small shapes. Returns fqn -> uses
     fp8."""
     if not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens={tokens!r}: expected a positive integer")
+    if not isinstance(compiled, bool):
+        raise ValueError(f"compiled={compiled!r}: expected a bool")
     seen: dict[tuple[int, int, int], bool] = {}
     out = {}
     for fqn, mod in model.named_modules():
@@ -854,7 +897,7 @@ def calibrate_fp8_(model: nn.Module, tokens: int) -> dict[str, bool]:
         key = (tokens, mod.in_features, mod.out_features)
         if key not in seen:
             with torch.enable_grad():
-                seen[key] = mod._decide(tokens, device, measure=True)
+                seen[key] = mod._decide(tokens, device, measure=True, graphs=compiled)
         mod.fp8_decisions[key] = seen[key]
         out[fqn] = seen[key]
     return out

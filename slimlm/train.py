@@ -739,7 +739,8 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
     micro = cfg.batch_size // cfg.grad_accum
     if cfg.precision == "fp8":
         # Decide fp8 vs bf16 per layer shape once, before compilation (which cannot time).
-        _precision.calibrate_fp8_(model, tokens=micro * cfg.seq_len)
+        _precision.calibrate_fp8_(model, tokens=micro * cfg.seq_len,
+                                  compiled=bool(cfg.compile))
     if cfg.checkpointing != "none":  # undone at the end: the model goes back as it came
         probe = None
         if cfg.checkpointing.startswith("budget"):

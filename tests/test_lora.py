@@ -659,6 +659,27 @@ def test_base_weight_cast_is_cached_across_steps(monkeypatch):
     assert calls[-1] is False
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_backward_inside_autocast_equals_outside(dora):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12, bias=True).requires_grad_(False))
+    layer.add_adapter("a", 4, 8.0, init="random", use_dora=dora)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    params = [x, layer.lora_A["a"].weight, layer.lora_B["a"].weight]
+    grads = []
+    for inside in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+            assert "LoRAFn" in type(out.grad_fn).__name__
+            if inside:
+                g = torch.autograd.grad(out.float().sum(), params)
+        if not inside:
+            g = torch.autograd.grad(out.float().sum(), params)
+        grads.append(g)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_cast_cache_shares_and_invalidates():
     from slimlm.lora import _CastCache
 

@@ -299,6 +299,9 @@ def test_float8_linear_keeps_keys_and_falls_back():
     assert precision.fp8_threshold_rule(4096, 8192, 16384)
     assert not precision.fp8_threshold_rule(1024, 2048, 1024)
     assert precision.calibrate_fp8_(model, tokens=16) == {"0": True, "2": True}
+    assert precision.calibrate_fp8_(model, tokens=16, compiled=True) == {"0": True, "2": True}
+    with pytest.raises(ValueError, match="compiled="):
+        precision.calibrate_fp8_(model, tokens=16, compiled="yes")
     assert precision.convert_from_fp8_(model) == 2
     assert type(model[0]) is nn.Linear and list(model.state_dict()) == keys
 
@@ -321,6 +324,25 @@ def test_fp8_scaled_mm_matches_emulation(scaling):
         outs.append((y, xx.grad, ww.grad))
     for a, b in zip(*outs):
         assert _rel(a, b) < 1e-2  # same quantised operands: only accumulation order differs
+
+
+@gpu
+@pytest.mark.gpu
+def test_fp8_calibration_times_graph_replays_when_compiled():
+    """calibrate_fp8_(compiled=True) compares CUDA-graph replays (device time): positive,
+    finite timings, recorded per shape, no slower than the eager calls' (which include host
+    time)."""
+    if not precision.fp8_supported("cuda"):
+        pytest.skip("GPU without fp8 (compute capability < 8.9)")
+    dev = torch.device("cuda")
+    eager = precision.benchmark_fp8_vs_bf16(1024, 2048, 1024, dev)
+    graphed = precision.benchmark_fp8_vs_bf16(1024, 2048, 1024, dev, graphs=True)
+    assert all(0 < t < float("inf") for t in eager + graphed)
+    assert graphed[0] <= eager[0] * 1.2  # no host time in a replay
+    model = nn.Sequential(nn.Linear(2048, 1024)).cuda()
+    precision.convert_to_fp8_(model, skip=())
+    out = precision.calibrate_fp8_(model, tokens=1024, compiled=True)
+    assert set(out) == {"0"} and (1024, 2048, 1024) in model[0].fp8_timings
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "kahan", "stochastic"])

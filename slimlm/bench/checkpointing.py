@@ -104,7 +104,7 @@ def _slimlm_step(cfg: ModelConfig, precision: str, policy: str, x: torch.Tensor,
         pol = prec.get_policy(precision)
         pol.prepare_(model)
         if precision == "fp8":
-            prec.calibrate_fp8_(model, tokens=x.numel())
+            prec.calibrate_fp8_(model, tokens=x.numel(), compiled=compile)
 
         def probe() -> torch.Tensor:
             with pol.autocast(device.type):

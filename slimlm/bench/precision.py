@@ -187,7 +187,8 @@ def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
             policy.prepare_(model)
             fp8_info: dict[str, Any] = {}
             if name == "fp8":
-                decisions = prec.calibrate_fp8_(model, tokens=batch * seq_len)
+                decisions = prec.calibrate_fp8_(model, tokens=batch * seq_len,
+                                                compiled=bool(compile))
                 # how many layers run fp8, and the calibration's (fp8, bf16) ms per shape
                 timings = {}
                 for mod in model.modules():
