@@ -1,0 +1,29 @@
+"""Localise a per-tensor fp8 mismatch on the GPU: quantize_fp8_both against its reference
+(twice: deterministic?), then _scaled_mm against the fp32 product of the same operands."""
+import torch
+
+from slimlm.kernels.fp8_cast import quantize_fp8_both, quantize_fp8_both_ref
+from slimlm.precision import _scaled_mm
+
+torch.manual_seed(0)
+E4M3 = torch.float8_e4m3fn
+x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+w = torch.randn(384, 512, device="cuda")
+for name, t in (("x bf16", x), ("w fp32", w)):
+    a = quantize_fp8_both(t, E4M3)
+    b = quantize_fp8_both(t, E4M3)
+    r = quantize_fp8_both_ref(t, E4M3)
+    for i, lab in enumerate(("q", "q_t", "scale")):
+        same = torch.equal(a[i].float(), b[i].float())
+        ref = torch.equal(a[i].float(), r[i].float())
+        bad = (a[i].float() != r[i].float()).nonzero()
+        print(f"{name} {lab}: deterministic={same} equals_ref={ref} mismatches={len(bad)}",
+              bad[:5].tolist() if len(bad) else "")
+xq, _, xs = quantize_fp8_both_ref(x, E4M3)
+wq, _, ws = quantize_fp8_both_ref(w, E4M3)
+ref = (xq.float() * xs) @ (wq.float() * ws).t()
+for dt in (torch.bfloat16, torch.float32):
+    y = _scaled_mm(xq, xs, wq, ws, dt).float()
+    err = ((y - ref).abs().max() / ref.abs().max()).item()
+    bad = ((y - ref).abs() > 0.05 * ref.abs().max()).nonzero()
+    print(f"_scaled_mm out {dt}: rel err {err:.3g}, bad {len(bad)}", bad[:5].tolist())
