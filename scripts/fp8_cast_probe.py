@@ -9,7 +9,7 @@ torch.manual_seed(0)
 E4M3 = torch.float8_e4m3fn
 x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
 w = torch.randn(384, 512, device="cuda")
-for name, t in (("x bf16", x), ("w fp32", w)):
+for name, t in (("x bf16", x), ("w fp32", w), ("x fp16", x.half())):
     a = quantize_fp8_both(t, E4M3)
     b = quantize_fp8_both(t, E4M3)
     r = quantize_fp8_both_ref(t, E4M3)

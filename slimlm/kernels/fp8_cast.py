@@ -85,7 +85,7 @@ if triton_available():
     @triton.jit
     def _fp8_both_kernel(x_ptr, q_ptr, qt_ptr, inv_ptr, R, C, stride_x,
                          FP8: tl.constexpr, ROUND_BF16: tl.constexpr, FMAX: tl.constexpr,
-                         EMIN: tl.constexpr, MBITS: tl.constexpr,
+                         EMIN: tl.constexpr, MBITS: tl.constexpr, WRITE_T: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """One (BLOCK_R, BLOCK_C) tile: q[r, c] = fp8(x[r, c] * inv), q_t[c, r] = q[r, c]."""
         pid_r = tl.program_id(0)
@@ -107,9 +107,10 @@ if triton_available():
         p = tl.minimum(tl.maximum(_round_to_grid(p, EMIN, MBITS), -FMAX), FMAX)
         q = p.to(FP8)
         tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], q, mask=ok)
-        ok_t = (cols < C)[:, None] & (rows < R)[None, :]
-        tl.store(qt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], tl.trans(q),
-                 mask=ok_t)
+        if WRITE_T:
+            ok_t = (cols < C)[:, None] & (rows < R)[None, :]
+            tl.store(qt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], tl.trans(q),
+                     mask=ok_t)
 
 
 def _kernel_ok(x: torch.Tensor) -> bool:
@@ -143,6 +144,13 @@ def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype, *, block: int = 64
                            FMAX=float(torch.finfo(dtype).max),
                            EMIN=-6 if dtype == torch.float8_e4m3fn else -14,
                            MBITS=3 if dtype == torch.float8_e4m3fn else 2,
-                           BLOCK_R=block, BLOCK_C=block,
+                           WRITE_T=x.dtype == torch.bfloat16, BLOCK_R=block, BLOCK_C=block,
                            num_warps=4)
+    if x.dtype != torch.bfloat16:
+        # On the H200 (Triton 3.6) the in-kernel transpose of an fp32 input's fp8 tile left
+        # a quarter of q_t unwritten (run-to-run different; bf16 inputs, the activations
+        # and gradients, were right, and so was the interpreter): other inputs get the
+        # transpose of the 1-byte tile in PyTorch (fp32 inputs are weights: one more pass
+        # over N x K bytes)
+        q_t.copy_(q.t())
     return q, q_t, scale
