@@ -929,7 +929,11 @@ class LoRALinear(nn.Module):
                 cache = self._base_cast = _TensorCache()
             if key is not None:
                 wc = cache.get(W, key)
-        prep = fn(W, A, B, self.scaling[n], cd, mag, wc=wc)
+        wsq = None
+        if mag is not None and fn is lora_prepare and W.dtype != torch.float64:
+            wsq = self._weight_sq_norms(W, torch.float32)  # cached: W is frozen
+        prep = fn(W, A, B, self.scaling[n], cd, mag, wc=wc, **({"wsq": wsq} if wsq is not None
+                                                             else {}))
         if key is not None and wc is None:
             cache.put(W, key, prep.W)
         return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag, prep)

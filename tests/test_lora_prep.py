@@ -51,6 +51,10 @@ def test_errors_name_the_arguments():
         lora_prepare(W, A, B, 1.0, torch.bfloat16, torch.ones(3))
     with pytest.raises(ValueError, match="2-D"):
         lora_prepare(W[0], A, B, 1.0, torch.bfloat16)
+    with pytest.raises(ValueError, match="wsq"):
+        lora_prepare(W, A, B, 1.0, torch.bfloat16, wsq=torch.ones(4))  # LoRA: no norm
+    with pytest.raises(ValueError, match="wc"):
+        lora_prepare(W, A, B, 1.0, torch.bfloat16, torch.ones(4), wc=W.bfloat16())
 
 
 def test_splits_cover_k_in_whole_blocks():
@@ -96,6 +100,10 @@ for out, inf, r, wdt, cd, sq, cast in ((70, 100, 4, torch.float32, bf, (16, 32),
     assert torch.equal(p.W, (W.float() * f).to(cd))
     assert torch.equal(p.B, (B * f).to(cd)) and torch.equal(p.Bs, (B * f * 2.0).to(cd))
     assert torch.equal(p.A, A.to(cd))
+    # ||W||^2 from the caller (the layer's cache): the same norm
+    wsq = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).pow(2)
+    p2 = lora_prepare(W, A, B, 2.0, cd, m, wsq=wsq)
+    assert_close(p2.norm, p.norm, rtol=1e-5, atol=1e-5)
 lp._SQ_BLOCKS, lp._CAST_BLOCKS = (64, 32), (16, 256)
 # the training path of a layer with both kernels (lora_prepare, col_dot) running, LoRA and
 # DoRA, with and without bias, against autograd in fp64
