@@ -511,11 +511,13 @@ class _LoRAFn(torch.autograd.Function):
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
         try:
             h, xa, Wc, Ac, Bs, sf, m, y, bc = ctx.saved_tensors
-        except RuntimeError as e:  # y, saved for DoRA, was changed in place after the layer
+        except RuntimeError as e:  # a saved tensor was changed in place after the layer
             raise RuntimeError(
-                "DoRA layer: its output, saved for the magnitude's gradient, was modified "
-                "in place before the backward pass; use an out-of-place op on the layer's "
-                f"output (or slimlm.lora._FUSED = False) ({e})") from e
+                "LoRA layer: a tensor it saved for the backward pass (its input, its "
+                "compute-dtype weight or, for DoRA, its output, which the magnitude's "
+                "gradient reads) was modified in place before the backward pass; use an "
+                "out-of-place op there (or slimlm.lora._FUSED = False, the autograd path) "
+                f"({e})") from e
         cd = ctx.cd
         a_dt, b_dt, m_dt = ctx.dtypes
         need_x, need_h = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
