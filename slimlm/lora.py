@@ -428,6 +428,19 @@ _KERNELS_ON_CPU = False
 #: step's peak memory does not change; between steps it costs 2 bytes per base weight.
 _CACHE_BASE_CAST = True
 
+#: Without adapter dropout, the fused path multiplies by the whole layer's weight
+#: ``W + s B A`` (formed, in the compute dtype, by the one launch that casts W anyway):
+#: one GEMM instead of three launches forward, no adapter add over the output, and an
+#: input gradient without the separate low-rank add. The adapter's contribution then goes
+#: through the compute dtype's rounding of the weight instead of that of the output; both
+#: are one bf16 rounding of the same size, so the result matches the separate form within
+#: bf16 (not bit for bit). False: the separate form (as PEFT computes it).
+_MERGED_FORWARD = True
+#: ... on CUDA (and through the kernels under the interpreter). On the CPU the separate form
+#: stays: there the merged weight is a full (out, in) product B A per layer and step, and
+#: an fp32 model needs no cast of W at all. Tests set this to run the merged form on CPU.
+_MERGE_ON_CPU = False
+
 #: The hand-written training path (_LoRAFn). False: autograd over the separate ops (the
 #: reference; also what runs for several active adapters, merged adapters, row adapters).
 _FUSED = True
@@ -480,7 +493,10 @@ class _LoRAFn(torch.autograd.Function):
     The compute-dtype operands come from :func:`slimlm.kernels.lora_prep.lora_prepare`
     (``prep``: one launch per layer and step). For DoRA, f is already folded into them
     (f W and f B), so no (tokens, out) pass multiplies by f, forward or backward, and the
-    magnitude's gradient ``sum_t g (y - b) / m`` reads the saved output y.
+    magnitude's gradient ``sum_t g (y - b) / m`` reads the saved output y. When
+    ``prep.merged`` (no dropout, see ``_MERGED_FORWARD``) its W is the whole weight
+    ``W + s B A`` (times f): the forward is one GEMM, the input gradient one GEMM, and x A^T
+    (for B's gradient) is formed in the backward.
 
     Against autograd over the separate ops this saves, per layer: the casts (one launch for
     all operands), the separate B output / scaling / add passes over y (one in-place
@@ -498,12 +514,15 @@ class _LoRAFn(torch.autograd.Function):
         # under autocast cd is its dtype, so every operand is already cast and autocast
         # leaves F.linear alone; addmm_ (in place) is not autocast.
         bc = None if b is None else b.to(cd)
-        y = F.linear(x, prep.W, bc)  # (..., out)
-        xa = F.linear(h, prep.A)  # (..., r)
-        y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), prep.B.t(), alpha=s)
+        y = F.linear(x, prep.W, bc)  # (..., out); merged: the whole layer
+        xa = None
+        if not prep.merged:
+            xa = F.linear(h, prep.A)  # (..., r)
+            y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), prep.B.t(), alpha=s)
         ctx.save_for_backward(h, xa, prep.W, prep.A, prep.Bs, prep.sf, m,
                               y if dora and ctx.needs_input_grad[8] else None, bc)
         ctx.same, ctx.s, ctx.cd, ctx.x_shape = h is x, s, cd, x.shape
+        ctx.merged = prep.merged
         ctx.dtypes = (A.dtype, B.dtype, None if m is None else m.dtype)
         return y
 
@@ -536,10 +555,11 @@ class _LoRAFn(torch.autograd.Function):
                 else:
                     dm = col_dot_ref(g, y2, m, sub=bc)
                 dm = dm.to(m_dt)
-            xa2 = xa.reshape(-1, xa.shape[-1])  # (N, r)
             h2 = h.reshape(-1, h.shape[-1])  # (N, in)
             gxa = g @ Bs  # (N, r): the gradient reaching x A^T (s and f included)
             if ctx.needs_input_grad[5]:
+                # merged forward: x A^T was not formed there
+                xa2 = h2 @ Ac.t() if xa is None else xa.reshape(-1, xa.shape[-1])  # (N, r)
                 # times s f per row (DoRA) or s (LoRA): an fp32 factor, so the product is
                 # fp32 in the same launch as the scaling (LoRA on CUDA: in the GEMM)
                 dB = _mm_scaled_to(g.t(), xa2, sf, None if y is not None or m is not None
@@ -548,7 +568,7 @@ class _LoRAFn(torch.autograd.Function):
                 dA = _mm_to(gxa.t(), h2, a_dt)  # (r, in)
             if need_x:
                 dx = g @ Wc  # (N, in): the frozen base's input gradient (f folded for DoRA)
-                if ctx.same:
+                if ctx.same and not ctx.merged:  # (merged: Wc holds the adapter already)
                     dx.addmm_(gxa, Ac)  # plus the adapter's, in the GEMM epilogue
                 dx = dx.view(ctx.x_shape)
             if not ctx.same and need_h:
@@ -920,8 +940,9 @@ class LoRALinear(nn.Module):
         # launch on the GPU: the training step is bound by its host-side launches
         fn = lora_prepare if base.weight.is_cuda or _KERNELS_ON_CPU else lora_prepare_ref
         W = base.weight
+        merge = _MERGED_FORWARD and h is xc and (fn is lora_prepare or _MERGE_ON_CPU)
         key = wc = None
-        if _CACHE_BASE_CAST and mag is None and W.dtype != cd:
+        if _CACHE_BASE_CAST and mag is None and W.dtype != cd and not merge:
             try:
                 key = (W._version, cd, W.device, tuple(W.shape))
             except RuntimeError:  # inference tensors have no version counter: no caching
@@ -934,8 +955,8 @@ class LoRALinear(nn.Module):
         wsq = None
         if mag is not None and fn is lora_prepare and W.dtype != torch.float64:
             wsq = self._weight_sq_norms(W, torch.float32)  # cached: W is frozen
-        prep = fn(W, A, B, self.scaling[n], cd, mag, wc=wc, **({"wsq": wsq} if wsq is not None
-                                                             else {}))
+        prep = fn(W, A, B, self.scaling[n], cd, mag, wc=wc, merge=merge,
+                  **({"wsq": wsq} if wsq is not None else {}))
         if key is not None and wc is None:
             cache.put(W, key, prep.W)
         return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag, prep)

@@ -591,37 +591,50 @@ def test_fused_training_path_gradients_exact(dropout, bias):
         assert_close(ga, torch.autograd.grad(base(xd) + s * (xd @ A.T) @ B.T, [A], g)[0])
 
 
+@pytest.mark.parametrize("merged", [True, False])
 @pytest.mark.parametrize("dora", [False, True])
-def test_fused_path_under_autocast_matches_unfused_model(dora):
+def test_fused_path_under_autocast_matches_unfused_model(dora, merged, monkeypatch):
+    """Under bf16 autocast the fused path (merged weight W + sBA, or the separate low-rank
+    form) is as accurate as the module path (PEFT's form): the adapters' gradients against
+    an fp64 run, norm-wise over the model, within 1.5x the module path's error (+1%)."""
+    monkeypatch.setattr(lora, "_MERGED_FORWARD", merged)
+    monkeypatch.setattr(lora, "_MERGE_ON_CPU", merged)
     m = tiny()
     lora.apply_(m, LoRAConfig(r=4, init="random", use_dora=dora))
-    m2 = copy_of(tiny())
-    lora.apply_(m2, LoRAConfig(r=4, init="random", use_dora=dora))
-    m2.load_state_dict(m.state_dict())
     x = ids()
 
-    def grads(model: Transformer, fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def grads(model: Transformer, fused: bool, fp64: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        model = copy.deepcopy(model)
         layers = [layer for _, layer in lora.lora_layers(model)]
         if not fused:  # the module path, as PEFT computes it: no shared cast, no _LoRAFn
             for layer in layers:
                 layer._cast_cache = None
                 layer._fused_forward = lambda *a: None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(x, x)[1]
+        if fp64:
+            loss = model.double()(x, x)[1]
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(x, x)[1]
         loss.backward()
-        return loss.detach(), [layer.lora_A["default"].weight.grad for layer in layers] + [
+        g = [layer.lora_A["default"].weight.grad for layer in layers] + [
             layer.lora_B["default"].weight.grad for layer in layers]
+        return loss.detach().double(), torch.cat([t.double().flatten() for t in g])
 
+    l0, ref = grads(m, False, fp64=True)
     l1, g1 = grads(m, True)
-    l2, g2 = grads(m2, False)
+    l2, g2 = grads(m, False)
     assert_close(l1, l2, rtol=1e-2, atol=1e-2)
-    for a, b in zip(g1, g2):
-        assert_close(a, b, rtol=0.1, atol=0.02 * b.abs().max().item())
+    assert_close(l1, l0, rtol=1e-2, atol=1e-2)
+    err_fused = ((g1 - ref).norm() / ref.norm()).item()
+    err_module = ((g2 - ref).norm() / ref.norm()).item()
+    assert err_fused <= 1.5 * err_module + 0.01, (err_fused, err_module)
 
 
 def test_base_weight_cast_is_cached_across_steps(monkeypatch):
     """Under autocast on an fp32 base the compute-dtype copy of the frozen weight is made
-    once and reused, until the weight changes in place (a merge) or is replaced."""
+    once and reused (the separate form: dropout on, or _MERGED_FORWARD off), until the
+    weight changes in place (a merge) or is replaced."""
     import slimlm.kernels.lora_prep as lp
 
     torch.manual_seed(0)
@@ -630,11 +643,12 @@ def test_base_weight_cast_is_cached_across_steps(monkeypatch):
     calls = []
     real = lp.lora_prepare_ref
 
-    def spy(W, A, B, s, cd, m=None, *, wc=None):
+    def spy(W, A, B, s, cd, m=None, *, wc=None, merge=False):
         calls.append(wc is not None)
-        return real(W, A, B, s, cd, m, wc=wc)
+        return real(W, A, B, s, cd, m, wc=wc, merge=merge)
 
     monkeypatch.setattr(lp, "lora_prepare_ref", spy)
+    monkeypatch.setattr(lora, "_MERGED_FORWARD", False)  # the merged weight changes per step
     x = torch.randn(2, 5, 16)
     outs = []
     for _ in range(2):

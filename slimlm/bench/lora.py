@@ -17,7 +17,10 @@ layer but the LM head, in PEFT and slimlm alike):
 - ``slimlm-qlora-int4``: the HF model's linear layers quantized to int4 (``slimlm.quant``,
   RTN, group 128) with slimlm LoRA on top (when ``slimlm.quant`` is present);
 - ``peft-lora-hf-compiled`` / ``slimlm-lora-hf-compiled``: the HF model with PEFT's /
-  slimlm's LoRA under ``torch.compile`` (the fair comparison for a compiled slimlm row).
+  slimlm's LoRA under ``torch.compile`` (the fair comparison for a compiled slimlm row);
+- ``slimlm-lora-separate`` / ``slimlm-dora-separate``: slimlm's fused path in the separate
+  low-rank form (``slimlm.lora._MERGED_FORWARD = False``), to measure what the merged
+  weight ``W + s B A`` gains.
 
 Reported per row: median step time over >= 10 steps after warm-up, tokens/s, peak memory
 (model, optimizer state, activations; ``max_memory_allocated`` over the timed steps),
@@ -58,12 +61,13 @@ from slimlm.model import PRESETS, ModelConfig, Transformer
 
 METHODS = ("full-ft", "peft-lora", "slimlm-lora", "slimlm-compiled-lora", "peft-dora",
            "slimlm-dora", "slimlm-qlora-int4", "peft-lora-hf-compiled",
-           "slimlm-lora-hf-compiled")
+           "slimlm-lora-hf-compiled", "slimlm-lora-separate", "slimlm-dora-separate")
 BASELINES = {"full-ft": "peft-lora", "peft-lora": None, "slimlm-lora": "peft-lora",
              "slimlm-compiled-lora": "peft-lora", "peft-dora": None,
              "slimlm-dora": "peft-dora", "slimlm-qlora-int4": "slimlm-lora",
              "peft-lora-hf-compiled": "peft-lora",
-             "slimlm-lora-hf-compiled": "peft-lora-hf-compiled"}
+             "slimlm-lora-hf-compiled": "peft-lora-hf-compiled",
+             "slimlm-lora-separate": "peft-lora", "slimlm-dora-separate": "peft-dora"}
 #: Methods that run under torch.compile (left out of quick/CPU runs by default).
 COMPILED = ("slimlm-compiled-lora", "peft-lora-hf-compiled", "slimlm-lora-hf-compiled")
 REPORT_COLUMNS = ("model", "method", "batch", "seq_len", "precision", "base_dtype", "r",
@@ -100,7 +104,7 @@ def _build(method: str, cfg: ModelConfig, device: torch.device, r: int,
     """The model for ``method`` with its adapters, and ``forward(x) -> loss``."""
     from slimlm import lora
 
-    dora = method.endswith("dora")
+    dora = "dora" in method
     if method == "slimlm-compiled-lora":
         with torch.device(device):
             model = Transformer(cfg)
@@ -133,6 +137,16 @@ def _build(method: str, cfg: ModelConfig, device: torch.device, r: int,
     def hf_fwd(x: torch.Tensor) -> torch.Tensor:
         return run(input_ids=x, labels=x).loss  # HF shifts the labels itself
 
+    if method.endswith("-separate"):
+        def separate_fwd(x: torch.Tensor) -> torch.Tensor:
+            old = lora._MERGED_FORWARD
+            lora._MERGED_FORWARD = False  # read in the forward; the backward follows it
+            try:
+                return hf_fwd(x)
+            finally:
+                lora._MERGED_FORWARD = old
+
+        return model, separate_fwd
     return model, hf_fwd
 
 

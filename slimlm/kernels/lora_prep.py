@@ -45,7 +45,8 @@ class LoRAPrep(NamedTuple):
     ``W`` (out, in): f W (DoRA) or W (LoRA; W itself when already in the compute dtype).
     ``A`` (r, in). ``B`` (out, r): f B (DoRA) or B. ``Bs`` (out, r): s f B or s B.
     ``sf`` (out, 1) = s f (DoRA) or (1, 1) = s (LoRA), fp32 (fp64 for fp64 W): the factor
-    of B's gradient. ``norm`` (out,), same dtype: DoRA only (None for LoRA)."""
+    of B's gradient. ``norm`` (out,), same dtype: DoRA only (None for LoRA). ``merged``:
+    ``W`` is ``W + s B A`` (times f for DoRA), the whole layer's weight for this step."""
 
     W: torch.Tensor
     A: torch.Tensor
@@ -53,6 +54,7 @@ class LoRAPrep(NamedTuple):
     Bs: torch.Tensor
     norm: torch.Tensor | None
     sf: torch.Tensor | None
+    merged: bool = False
 
 
 def _exact(W: torch.Tensor) -> torch.dtype:
@@ -61,7 +63,7 @@ def _exact(W: torch.Tensor) -> torch.dtype:
 
 def lora_prepare_ref(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
                      cd: torch.dtype, m: torch.Tensor | None = None, *,
-                     wc: torch.Tensor | None = None) -> LoRAPrep:
+                     wc: torch.Tensor | None = None, merge: bool = False) -> LoRAPrep:
     """PyTorch reference of :func:`lora_prepare` (the norm formed directly from W + s B A,
     in fp32, fp64 for fp64 W)."""
     dt = _exact(W)
@@ -69,14 +71,19 @@ def lora_prepare_ref(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float
         W, A, B = W.detach(), A.detach(), B.detach()
         Ac = A.to(cd)
         if m is None:
-            Wc = wc if wc is not None else W if W.dtype == cd else W.to(cd)
+            if merge:
+                Wc = (W.to(dt) + s * (B.to(dt) @ A.to(dt))).to(cd)
+            else:
+                Wc = wc if wc is not None else W if W.dtype == cd else W.to(cd)
             sf = torch.full((1, 1), s, device=W.device, dtype=dt)
-            return LoRAPrep(Wc, Ac, B.to(cd), (B.to(dt) * s).to(cd), None, sf)
+            return LoRAPrep(Wc, Ac, B.to(cd), (B.to(dt) * s).to(cd), None, sf, merge)
         Wd, Bd = W.to(dt), B.to(dt)
-        norm = torch.linalg.vector_norm(Wd + s * (Bd @ A.to(dt)), dim=1)  # (out,)
+        merged_w = Wd + s * (Bd @ A.to(dt))
+        norm = torch.linalg.vector_norm(merged_w, dim=1)  # (out,)
         f = (m.detach().to(dt) / norm)[:, None]  # (out, 1)
         Bf = Bd * f
-        return LoRAPrep((Wd * f).to(cd), Ac, Bf.to(cd), (Bf * s).to(cd), norm, s * f)
+        Wc = ((merged_w if merge else Wd) * f).to(cd)
+        return LoRAPrep(Wc, Ac, Bf.to(cd), (Bf * s).to(cd), norm, s * f, merge)
 
 
 if triton_available():
@@ -137,11 +144,13 @@ if triton_available():
                           bs_ptr, norm_ptr, sf_ptr, OUT, IN, KS, stride_w, stride_a, stride_b, s,
                           R: tl.constexpr, RP: tl.constexpr, DORA: tl.constexpr,
                           HAS_WSQ: tl.constexpr,
-                          WRITE_W: tl.constexpr, CD_BF16: tl.constexpr,
+                          WRITE_W: tl.constexpr, MERGE: tl.constexpr,
+                          DOT_PREC: tl.constexpr, CD_BF16: tl.constexpr,
                           BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program (o, k): the (BLOCK_O, BLOCK_K) tile of the compute-dtype W (times f for
-        DoRA, f from the KS partial sums of squares); column block 0 also writes B's rows
-        (and DoRA's norm, s f), row block 0 A's columns."""
+        """Program (o, k): the (BLOCK_O, BLOCK_K) tile of the compute-dtype W (``MERGE``:
+        of W + s B A, the product on tensor cores; times f for DoRA, f from the KS partial
+        sums of squares); column block 0 also writes B's rows (and DoRA's norm, s f), row
+        block 0 A's columns."""
         pid_o = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -169,6 +178,15 @@ if triton_available():
             ok = r_ok[:, None] & k_ok[None, :]
             w = tl.load(w_ptr + rows64[:, None] * stride_w + ks[None, :], mask=ok,
                         other=0.0).to(tl.float32)
+            if MERGE:  # + s B A for this tile: (BO, RP) x (RP, BK), rank padded with zeros
+                offs_m = tl.arange(0, RP)
+                bt = tl.load(b_ptr + rows64[:, None] * stride_b + offs_m[None, :],
+                             mask=r_ok[:, None] & (offs_m < R)[None, :],
+                             other=0.0).to(tl.float32)
+                at = tl.load(a_ptr + offs_m[:, None] * stride_a + ks[None, :],
+                             mask=(offs_m < R)[:, None] & k_ok[None, :],
+                             other=0.0).to(tl.float32)
+                w = w + s * tl.dot(bt, at, input_precision=DOT_PREC)
             if DORA:
                 w = w * f[:, None]
             tl.store(wc_ptr + rows64[:, None] * IN + ks[None, :],
@@ -218,7 +236,8 @@ _CAST_BLOCKS = (16, 256)
 
 def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
                  cd: torch.dtype, m: torch.Tensor | None = None, *,
-                 wc: torch.Tensor | None = None, wsq: torch.Tensor | None = None) -> LoRAPrep:
+                 wc: torch.Tensor | None = None, wsq: torch.Tensor | None = None,
+                 merge: bool = False) -> LoRAPrep:
     """The compute-dtype operands of a LoRA layer (``m`` None) or a DoRA layer (``m`` its
     magnitude vector) for W (out, in), A (r, in), B (out, r), scaling ``s``: see
     :class:`LoRAPrep`. One kernel launch on CUDA (and under ``TRITON_INTERPRET=1``; two for
@@ -226,7 +245,9 @@ def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
     only): W already in ``cd`` (a cache across steps: the base is frozen), not written
     again. ``wsq`` (DoRA only): ``||W_i||^2`` per row, fp32, cached by the caller (the norm
     pass then streams W through the tensor cores alone); the reference forms the norm
-    directly and ignores it. No gradients flow."""
+    directly and ignores it. ``merge``: ``W`` of the result is the whole layer's weight
+    ``W + s B A`` (times f for DoRA) in ``cd`` (B A in 3xTF32 for an fp32 ``cd``, TF32 for
+    bf16/fp16: below their rounding); not with ``wc``. No gradients flow."""
     if W.dim() != 2 or A.dim() != 2 or B.dim() != 2:
         raise ValueError(f"lora_prepare: W {tuple(W.shape)}, A {tuple(A.shape)}, B "
                          f"{tuple(B.shape)}: expected 2-D tensors")
@@ -236,7 +257,7 @@ def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
         raise ValueError(f"lora_prepare: W {tuple(W.shape)}, A {tuple(A.shape)}, B "
                          f"{tuple(B.shape)}, m {None if m is None else tuple(m.shape)}: "
                          "expected A (r, in), B (out, r), m (out,)")
-    if wc is not None and (m is not None or wc.shape != W.shape or wc.dtype != cd):
+    if wc is not None and (m is not None or merge or wc.shape != W.shape or wc.dtype != cd):
         raise ValueError(f"lora_prepare: wc {tuple(wc.shape)} {wc.dtype} with m "
                          f"{'given' if m is not None else 'None'}: expected W's shape in {cd}, "
                          "for LoRA only (DoRA scales W every step)")
@@ -244,7 +265,7 @@ def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
         raise ValueError(f"lora_prepare: wsq {tuple(wsq.shape)} {wsq.dtype}: expected ({out},) "
                          "float32, for DoRA only")
     if not _kernel_ok(W, cd, r) or out == 0 or inf == 0 or r == 0:
-        return lora_prepare_ref(W, A, B, s, cd, m, wc=wc)
+        return lora_prepare_ref(W, A, B, s, cd, m, wc=wc, merge=merge)
     W, A, B = W.detach(), A.detach(), B.detach()
     if W.stride(1) != 1:
         W = W.contiguous()
@@ -253,7 +274,7 @@ def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
     if B.stride(1) != 1:
         B = B.contiguous()
     dora = m is not None
-    write_w = dora or (W.dtype != cd and wc is None)
+    write_w = dora or merge or (W.dtype != cd and wc is None)
     dev = W.device
     Wc = torch.empty(out, inf, device=dev, dtype=cd) if write_w else wc if wc is not None else W
     Ac = torch.empty(r, inf, device=dev, dtype=cd)
@@ -273,12 +294,12 @@ def lora_prepare(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
             BLOCK_K=bk,
             num_warps=8)  # 3xTF32 operands live in registers
     bo, bk = _CAST_BLOCKS
-    rp = max(2, 1 << (r - 1).bit_length())
+    rp = max(16 if merge else 2, 1 << (r - 1).bit_length())
     _lora_cast_kernel[(triton.cdiv(out, bo), triton.cdiv(inf, bk))](
         W, A, B, m.detach() if dora else Bs, part if dora else Bs,
         wsq if wsq is not None else Bs, Wc, Ac, Bc, Bs,
         norm if dora else Bs, sf, out, inf, ks, W.stride(0), A.stride(0),
         B.stride(0), float(s), R=r, RP=rp, DORA=dora, HAS_WSQ=wsq is not None,
-        WRITE_W=write_w,
+        WRITE_W=write_w, MERGE=merge, DOT_PREC="tf32x3" if cd == torch.float32 else "tf32",
         CD_BF16=cd == torch.bfloat16, BLOCK_O=bo, BLOCK_K=bk, num_warps=4)
-    return LoRAPrep(Wc, Ac, Bc, Bs, norm, sf)
+    return LoRAPrep(Wc, Ac, Bc, Bs, norm, sf, merge)
