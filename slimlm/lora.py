@@ -940,7 +940,10 @@ class LoRALinear(nn.Module):
         # launch on the GPU: the training step is bound by its host-side launches
         fn = lora_prepare if base.weight.is_cuda or _KERNELS_ON_CPU else lora_prepare_ref
         W = base.weight
-        merge = _MERGED_FORWARD and h is xc and (fn is lora_prepare or _MERGE_ON_CPU)
+        # (a LoRA base already in the compute dtype is used as it is: merging would add a
+        # weight-sized copy per layer to the step's memory)
+        merge = (_MERGED_FORWARD and h is xc and (fn is lora_prepare or _MERGE_ON_CPU)
+                 and (mag is not None or W.dtype != cd))
         key = wc = None
         if _CACHE_BASE_CAST and mag is None and W.dtype != cd and not merge:
             try:
