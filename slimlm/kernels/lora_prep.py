@@ -11,11 +11,15 @@ x (f W)^T + s (x A^T) (f B)^T``, so the scaled copies replace the plain ones and
 In PyTorch these are 3 launches for LoRA (three casts) and ~12 for DoRA (a GEMM, norms,
 division, scaled casts); the training step of a LoRA model on an H200 is bound by its
 host-side launches. :func:`lora_prepare` writes all of them in one launch (two for
-DoRA): for DoRA a first pass streams W (programs over row blocks x column chunks), adds
-``s (B A)`` tile by tile (fp32, B A formed on the fly as r outer products) and writes
-partial sums of squares; the cast pass (programs over (row, column) tiles) sums them in
-a fixed order, forms f, and writes ``f W`` in the compute dtype; its first column block
-writes B's rows and its first row block A's columns.
+DoRA). For DoRA a first pass streams W (programs over row blocks x column chunks) and
+writes partial sums of ``||W_i + s (B A)_i||^2``, expanded as ``||W_i||^2 +
+B_i . (2 s (W A^T)_i + s^2 (B A A^T)_i)`` with W A^T and A A^T on tensor cores in 3xTF32
+(fp32 accuracy; ``||W_i||^2`` may come from the caller's cache, W being frozen). The cast
+pass (programs over (row, column) tiles) sums the parts in a fixed order, forms f, and
+writes ``f W`` in the compute dtype; its first column block writes B's rows and its first
+row block A's columns. With ``merge`` it writes the whole layer weight ``W + s B A``
+(times f) instead, B A formed per tile on tensor cores, so that the layer's forward and
+input gradient are one GEMM each.
 
 Roundings: every compute-dtype value is the fp32 value rounded to nearest even, as
 PyTorch's casts do (bf16 rounding is done on the bits: the Triton interpreter truncates
@@ -212,7 +216,7 @@ def _kernel_ok(W: torch.Tensor, cd: torch.dtype, r: int) -> bool:
     if W.dtype == torch.float64 or cd not in (torch.bfloat16, torch.float16, torch.float32):
         return False  # exact reference runs stay in PyTorch (fp64)
     if r > 64:
-        return False  # the unrolled outer products: PyTorch beyond rank 64
+        return False  # (rows, r) accumulators in registers: PyTorch beyond rank 64
     return triton_runs_on(W, "lora_prepare")
 
 
