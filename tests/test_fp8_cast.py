@@ -31,6 +31,8 @@ def test_errors_name_the_argument():
         quantize_fp8_both(x, torch.float8_e4m3fn, block=24)
     with pytest.raises(ValueError, match="x.dtype"):
         quantize_fp8_both(torch.ones(2, 2, dtype=torch.int32), torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="transpose='rows'"):
+        quantize_fp8_both(x, torch.float8_e4m3fn, transpose="rows")
 
 
 _SCRIPT = r"""
@@ -45,11 +47,13 @@ for x, block in cases:
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         xd = x.to(dt)
         for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
-            q, q_t, s = quantize_fp8_both(xd, f8, block=block)
             q0, s0 = quantize_fp8(xd, f8)
-            assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (dt, f8)
-            assert torch.equal(q_t.view(torch.uint8), q0.t().contiguous().view(torch.uint8))
-            assert torch.equal(s, s0), (s, s0)
+            for mode in (None, "trans", "torch", "load"):  # every way of forming q_t
+                q, q_t, s = quantize_fp8_both(xd, f8, block=block, transpose=mode)
+                assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (dt, f8)
+                assert torch.equal(q_t.view(torch.uint8),
+                                   q0.t().contiguous().view(torch.uint8)), (dt, f8, mode)
+                assert torch.equal(s, s0), (s, s0)
 z = torch.zeros(3, 5, dtype=torch.bfloat16)
 q, q_t, s = quantize_fp8_both(z, torch.float8_e4m3fn, block=16)
 assert float(s) == 1.0 and not q.float().any() and q_t.shape == (5, 3)
@@ -77,13 +81,15 @@ def test_kernel_on_gpu_matches_quantize_fp8_bit_for_bit():
         if c == 64:
             x = x * 1e-4  # fp16 with a factor beyond fp16's range
         for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
-            q, q_t, s = quantize_fp8_both(x, f8)
             q0, q0_t, s0 = quantize_fp8_both_ref(x, f8)
-            assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (r, c, dt, f8)
-            assert torch.equal(q_t.view(torch.uint8), q0_t.view(torch.uint8)), (r, c, dt, f8)
-            assert torch.equal(s, s0)
-            again = quantize_fp8_both(x, f8)[1]  # no unwritten (run-to-run different) bytes
-            assert torch.equal(again.view(torch.uint8), q_t.view(torch.uint8))
+            for mode in (None, "load"):  # the default, and the transposed-load candidate
+                q, q_t, s = quantize_fp8_both(x, f8, transpose=mode)
+                assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (r, c, dt, f8)
+                assert torch.equal(q_t.view(torch.uint8), q0_t.view(torch.uint8)), (
+                    r, c, dt, f8, mode)
+                assert torch.equal(s, s0)
+                again = quantize_fp8_both(x, f8, transpose=mode)[1]  # no unwritten bytes
+                assert torch.equal(again.view(torch.uint8), q_t.view(torch.uint8))
 
 
 def test_fp16_with_small_amax_does_not_overflow():

@@ -85,9 +85,12 @@ if triton_available():
     @triton.jit
     def _fp8_both_kernel(x_ptr, q_ptr, qt_ptr, inv_ptr, R, C, stride_x,
                          FP8: tl.constexpr, ROUND_BF16: tl.constexpr, FMAX: tl.constexpr,
-                         EMIN: tl.constexpr, MBITS: tl.constexpr, WRITE_T: tl.constexpr,
+                         EMIN: tl.constexpr, MBITS: tl.constexpr, T_MODE: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """One (BLOCK_R, BLOCK_C) tile: q[r, c] = fp8(x[r, c] * inv), q_t[c, r] = q[r, c]."""
+        """One (BLOCK_R, BLOCK_C) tile: q[r, c] = fp8(x[r, c] * inv), q_t[c, r] = q[r, c].
+        ``T_MODE`` 0: q_t from tl.trans of the fp8 tile; 1: q_t not written (the caller
+        transposes); 2: q_t from a second, transposed load of x, quantized again (no
+        transpose of a register tile)."""
         pid_r = tl.program_id(0)
         pid_c = tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -96,6 +99,21 @@ if triton_available():
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok,
                     other=0.0)
         inv = tl.load(inv_ptr)
+        q = _quantize_tile(x, inv, FP8, ROUND_BF16, FMAX, EMIN, MBITS)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], q, mask=ok)
+        ok_t = (cols < C)[:, None] & (rows < R)[None, :]
+        if T_MODE == 0:
+            tl.store(qt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], tl.trans(q),
+                     mask=ok_t)
+        if T_MODE == 2:
+            xt = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_x + cols[:, None],
+                         mask=ok_t, other=0.0)  # (BLOCK_C, BLOCK_R): the tile, transposed
+            tl.store(qt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :],
+                     _quantize_tile(xt, inv, FP8, ROUND_BF16, FMAX, EMIN, MBITS), mask=ok_t)
+
+    @triton.jit
+    def _quantize_tile(x, inv, FP8: tl.constexpr, ROUND_BF16: tl.constexpr,
+                       FMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr):
         p = x.to(tl.float32) * inv
         # The roundings are done on the fp32 value (to nearest even) so that every cast is
         # exact: the Triton interpreter's fp32 -> fp8 conversion drops the carry into the
@@ -105,22 +123,29 @@ if triton_available():
             p = _round_to_bf16(p)
         # in range by construction (amax * inv rounds to FMAX); the clamp keeps it so
         p = tl.minimum(tl.maximum(_round_to_grid(p, EMIN, MBITS), -FMAX), FMAX)
-        q = p.to(FP8)
-        tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], q, mask=ok)
-        if WRITE_T:
-            ok_t = (cols < C)[:, None] & (rows < R)[None, :]
-            tl.store(qt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], tl.trans(q),
-                     mask=ok_t)
+        return p.to(FP8)
 
 
 def _kernel_ok(x: torch.Tensor) -> bool:
     return triton_runs_on(x, "quantize_fp8_both")
 
 
-def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype, *, block: int = 64
+#: How q_t is formed: "trans" (tl.trans of the fp8 tile in the kernel), "torch" (PyTorch
+#: transposes the fp8 q afterwards) or "load" (the kernel loads the tile transposed and
+#: quantizes it again). On the H200 (Triton 3.6) "trans" left a quarter of an fp32 input's
+#: q_t unwritten (run-to-run different; bf16 inputs were right, and so was the
+#: interpreter); "torch" is right but costs ~0.8 ms at 16384 x 8192; "load" is untried on
+#: a GPU (check with scripts/fp8_cast_probe.py before making it a default).
+_TRANSPOSE = {torch.bfloat16: "trans", torch.float16: "torch", torch.float32: "torch"}
+_T_MODES = {"trans": 0, "torch": 1, "load": 2}
+
+
+def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype, *, block: int = 64,
+                      transpose: str | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (R, C) float -> (q (R, C), q_t (C, R), scale) in ``dtype`` (float8_e4m3fn or
-    float8_e5m2) with ``x ~= q.float() * scale`` (per-tensor, 0-d fp32)."""
+    float8_e5m2) with ``x ~= q.float() * scale`` (per-tensor, 0-d fp32). ``transpose``:
+    how q_t is formed (see ``_TRANSPOSE``; None: the default for x's dtype)."""
     if dtype not in _FP8:
         raise ValueError(f"quantize_fp8_both: dtype={dtype}: expected one of {_FP8}")
     if x.dim() != 2:
@@ -129,12 +154,16 @@ def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype, *, block: int = 64
         raise ValueError(f"quantize_fp8_both: x.dtype={x.dtype}: expected fp32, bf16 or fp16")
     if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
         raise ValueError(f"quantize_fp8_both: block={block!r}: expected a power of two >= 16")
+    if transpose is not None and transpose not in _T_MODES:
+        raise ValueError(f"quantize_fp8_both: transpose={transpose!r}: expected one of "
+                         f"{sorted(_T_MODES)} or None")
     if x.numel() == 0 or not _kernel_ok(x):
         return quantize_fp8_both_ref(x, dtype)
     if x.stride(1) != 1:
         x = x.contiguous()
     r, c = x.shape
     inv, scale = fp8_factor(x, dtype)
+    mode = transpose or _TRANSPOSE.get(x.dtype, "torch")
     q = torch.empty(r, c, device=x.device, dtype=dtype)
     q_t = torch.empty(c, r, device=x.device, dtype=dtype)
     fp8 = tl.float8e4nv if dtype == torch.float8_e4m3fn else tl.float8e5
@@ -144,13 +173,8 @@ def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype, *, block: int = 64
                            FMAX=float(torch.finfo(dtype).max),
                            EMIN=-6 if dtype == torch.float8_e4m3fn else -14,
                            MBITS=3 if dtype == torch.float8_e4m3fn else 2,
-                           WRITE_T=x.dtype == torch.bfloat16, BLOCK_R=block, BLOCK_C=block,
+                           T_MODE=_T_MODES[mode], BLOCK_R=block, BLOCK_C=block,
                            num_warps=4)
-    if x.dtype != torch.bfloat16:
-        # On the H200 (Triton 3.6) the in-kernel transpose of an fp32 input's fp8 tile left
-        # a quarter of q_t unwritten (run-to-run different; bf16 inputs, the activations
-        # and gradients, were right, and so was the interpreter): other inputs get the
-        # transpose of the 1-byte tile in PyTorch (fp32 inputs are weights: one more pass
-        # over N x K bytes)
+    if mode == "torch":
         q_t.copy_(q.t())
     return q, q_t, scale
