@@ -446,43 +446,31 @@ _MERGE_ON_CPU = False
 _FUSED = True
 
 
-_MM_OUT_DTYPE: bool | None = None  # whether torch.mm(..., out_dtype=) runs (CUDA, torch >= 2.9)
+#: Whether torch.mm / torch.addmm take out_dtype= here (CUDA, torch >= 2.9): None until
+#: first tried, then the answer
+_OUT_DTYPE_OK: dict[str, bool | None] = {"mm": None, "addmm": None}
 
 
-def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(a @ b).to(dtype)``; a half-precision product wanted in fp32 comes out of the GEMM
-    in fp32 on CUDA (one launch instead of two, and no rounding to half precision)."""
-    global _MM_OUT_DTYPE
-    if (a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
-            and _MM_OUT_DTYPE is not False):
+def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype,
+           sf: torch.Tensor | None = None, s: float | None = None) -> torch.Tensor:
+    """``(a @ b).to(dtype)``, times ``sf`` ((rows, 1) or (1, 1)) when given. A
+    half-precision product wanted in fp32 on CUDA comes out of the GEMM in fp32 (one launch
+    instead of two, no rounding to half precision), the factor as the GEMM's alpha when it
+    is the scalar ``s``."""
+    op = "mm" if sf is None else "addmm" if s is not None else None
+    if (op is not None and a.is_cuda and dtype == torch.float32
+            and a.dtype in (torch.bfloat16, torch.float16) and _OUT_DTYPE_OK[op] is not False):
         try:
-            out = torch.mm(a, b, out_dtype=dtype)
-            _MM_OUT_DTYPE = True
+            if op == "mm":
+                out = torch.mm(a, b, out_dtype=dtype)
+            else:
+                out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=dtype)
+                out = torch.addmm(out, a, b, beta=0, alpha=s, out_dtype=dtype)
+            _OUT_DTYPE_OK[op] = True
             return out
         except (RuntimeError, TypeError, NotImplementedError):
-            _MM_OUT_DTYPE = False
-    return (a @ b).to(dtype)
-
-
-_ADDMM_OUT_DTYPE: bool | None = None  # whether torch.addmm(..., out_dtype=) runs
-
-
-def _mm_scaled_to(a: torch.Tensor, b: torch.Tensor, sf: torch.Tensor, s: float | None,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """``((a @ b) * sf).to(dtype)`` with sf (rows, 1) or (1, 1); when the factor is the
-    scalar ``s`` (LoRA) and a half-precision product is wanted in fp32 on CUDA, one GEMM
-    launch (alpha = s, fp32 output) instead of two."""
-    global _ADDMM_OUT_DTYPE
-    if (s is not None and a.is_cuda and dtype == torch.float32
-            and a.dtype in (torch.bfloat16, torch.float16) and _ADDMM_OUT_DTYPE is not False):
-        try:
-            out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=dtype)
-            out = torch.addmm(out, a, b, beta=0, alpha=s, out_dtype=dtype)
-            _ADDMM_OUT_DTYPE = True
-            return out
-        except (RuntimeError, TypeError, NotImplementedError):
-            _ADDMM_OUT_DTYPE = False
-    return (a @ b * sf).to(dtype)
+            _OUT_DTYPE_OK[op] = False
+    return (a @ b if sf is None else a @ b * sf).to(dtype)
 
 
 class _LoRAFn(torch.autograd.Function):
@@ -562,8 +550,7 @@ class _LoRAFn(torch.autograd.Function):
                 xa2 = h2 @ Ac.t() if xa is None else xa.reshape(-1, xa.shape[-1])  # (N, r)
                 # times s f per row (DoRA) or s (LoRA): an fp32 factor, so the product is
                 # fp32 in the same launch as the scaling (LoRA on CUDA: in the GEMM)
-                dB = _mm_scaled_to(g.t(), xa2, sf, None if y is not None or m is not None
-                                   else ctx.s, b_dt)  # (out, r)
+                dB = _mm_to(g.t(), xa2, b_dt, sf, None if m is not None else ctx.s)  # (out, r)
             if ctx.needs_input_grad[4]:
                 dA = _mm_to(gxa.t(), h2, a_dt)  # (r, in)
             if need_x:
@@ -958,8 +945,7 @@ class LoRALinear(nn.Module):
         wsq = None
         if mag is not None and fn is lora_prepare and W.dtype != torch.float64:
             wsq = self._weight_sq_norms(W, torch.float32)  # cached: W is frozen
-        prep = fn(W, A, B, self.scaling[n], cd, mag, wc=wc, merge=merge,
-                  **({"wsq": wsq} if wsq is not None else {}))
+        prep = fn(W, A, B, self.scaling[n], cd, mag, wc=wc, wsq=wsq, merge=merge)
         if key is not None and wc is None:
             cache.put(W, key, prep.W)
         return _LoRAFn.apply(xc, h, base.weight, b, A, B, self.scaling[n], cd, mag, prep)

@@ -680,31 +680,6 @@ def fp8_threshold_rule(m: int, k: int, n: int) -> bool:
     return min(m, k, n) >= FP8_MIN_DIM and m * k * n >= FP8_MIN_MACS
 
 
-def _graph_ms(fn: Callable[[], None], device: torch.device, rep: int) -> float:
-    """Median milliseconds of one CUDA-graph replay of ``fn``: device time alone, as a
-    compiled (or otherwise graph-launched) training step sees it."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize(device)
-    runs = []
-    for _ in range(rep):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        torch.cuda.synchronize(device)
-        runs.append(s.elapsed_time(e))
-    return sorted(runs)[len(runs) // 2]
-
-
 def benchmark_fp8_vs_bf16(m: int, k: int, n: int, device: torch.device, *,
                           scaling: str = "tensor", rep: int = 10,
                           graphs: bool = False) -> tuple[float, float]:
@@ -714,6 +689,8 @@ def benchmark_fp8_vs_bf16(m: int, k: int, n: int, device: torch.device, *,
     ~1.7 ms of host time per call on an H200 machine); ``graphs`` times CUDA-graph replays
     instead (device time alone), the right comparison for a compiled or graphed step. A
     capture that fails falls back to eager timing."""
+    from slimlm.bench.harness import time_cuda
+
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(n, k, device=device, dtype=torch.float32, requires_grad=True)
     dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
@@ -725,27 +702,16 @@ def benchmark_fp8_vs_bf16(m: int, k: int, n: int, device: torch.device, *,
     def bf16() -> None:
         F.linear(x, w.to(torch.bfloat16)).backward(dy)
 
+    def ms(fn: Callable[[], None], graph: bool) -> float:
+        return time_cuda(fn, warmup=3, rep=rep, device=device, graph=graph)["median_ms"]
+
     if graphs:
         try:
-            return _graph_ms(fp8, device, rep), _graph_ms(bf16, device, rep)
+            return ms(fp8, True), ms(bf16, True)
         except Exception as e:  # capture unsupported here: eager timing below
             warnings.warn(f"benchmark_fp8_vs_bf16: CUDA-graph timing failed ({e}); timing "
                           "eager calls instead", RuntimeWarning, stacklevel=2)
-    times = []
-    for fn in (fp8, bf16):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize(device)
-        runs = []
-        for _ in range(rep):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize(device)
-            runs.append(s.elapsed_time(e))
-        times.append(sorted(runs)[len(runs) // 2])
-    return times[0], times[1]
+    return ms(fp8, False), ms(bf16, False)
 
 
 class Float8Linear(nn.Linear):

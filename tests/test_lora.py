@@ -643,9 +643,9 @@ def test_base_weight_cast_is_cached_across_steps(monkeypatch):
     calls = []
     real = lp.lora_prepare_ref
 
-    def spy(W, A, B, s, cd, m=None, *, wc=None, merge=False):
+    def spy(W, A, B, s, cd, m=None, *, wc=None, wsq=None, merge=False):
         calls.append(wc is not None)
-        return real(W, A, B, s, cd, m, wc=wc, merge=merge)
+        return real(W, A, B, s, cd, m, wc=wc, wsq=wsq, merge=merge)
 
     monkeypatch.setattr(lp, "lora_prepare_ref", spy)
     monkeypatch.setattr(lora, "_MERGED_FORWARD", False)  # the merged weight changes per step

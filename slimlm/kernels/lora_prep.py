@@ -67,9 +67,10 @@ def _exact(W: torch.Tensor) -> torch.dtype:
 
 def lora_prepare_ref(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
                      cd: torch.dtype, m: torch.Tensor | None = None, *,
-                     wc: torch.Tensor | None = None, merge: bool = False) -> LoRAPrep:
+                     wc: torch.Tensor | None = None, wsq: torch.Tensor | None = None,
+                     merge: bool = False) -> LoRAPrep:
     """PyTorch reference of :func:`lora_prepare` (the norm formed directly from W + s B A,
-    in fp32, fp64 for fp64 W)."""
+    in fp32, fp64 for fp64 W; ``wsq`` is accepted and not needed)."""
     dt = _exact(W)
     with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
         W, A, B = W.detach(), A.detach(), B.detach()
@@ -94,14 +95,14 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from slimlm.kernels.fp8_cast import _round_to_bf16
+
     @triton.jit
     def _to_cd(v, CD_BF16: tl.constexpr):
         """fp32 -> the compute dtype's value (still fp32), rounded to nearest even on the bits
         for bf16 (finite values; NaN/inf pass through)."""
         if CD_BF16:
-            b = v.to(tl.int32, bitcast=True)
-            r = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-            v = tl.where(tl.abs(v) < float("inf"), r, v)
+            v = tl.where(tl.abs(v) < float("inf"), _round_to_bf16(v), v)
         return v
 
     @triton.jit
