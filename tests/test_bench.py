@@ -337,3 +337,11 @@ def test_quant_quality_plot_and_reference_cache(tmp_path, monkeypatch):
     plt.close(fig)
     with pytest.raises(ValueError, match="preset='llama-8b'"):
         reference.reference_model("llama-8b")
+
+
+def test_lora_quality_rejects_bad_learning_rates():
+    from slimlm.bench.lora_quality import lora_quality_suite
+
+    for bad in ([], [0.01, -1.0], "fast"):
+        with pytest.raises(ValueError, match="lr_lora"):
+            next(lora_quality_suite(True, torch.device("cpu"), lr_lora=bad))

@@ -42,6 +42,12 @@ def lora_quality_suite(quick: bool, device: torch.device, *, preset: str = "tiny
     from slimlm import lora
     from slimlm.bench.reference import cache_root, reference_model, reference_seq_len
 
+    lrs_lora = [lr_lora] if isinstance(lr_lora, (int, float)) else list(lr_lora)
+    lrs_full = [lr_full] if isinstance(lr_full, (int, float)) else list(lr_full)
+    for name, given, lrs in (("lr_lora", lr_lora, lrs_lora), ("lr_full", lr_full, lrs_full)):
+        if not lrs or any(not isinstance(v, (int, float)) or v <= 0 for v in lrs):
+            raise ValueError(f"lora_quality: {name}={given!r}: expected a positive learning "
+                             "rate or a non-empty list of them")
     sdata = importlib.import_module("slimlm.data")
     strain = importlib.import_module("slimlm.train")
     if not domain_path().exists():
@@ -67,12 +73,6 @@ def lora_quality_suite(quick: bool, device: torch.device, *, preset: str = "tiny
            "trainable_pct": 0.0, "steps": 0, "bpb": before, "gain": 0.0,
            "baseline": "full fine-tuning"}
 
-    lrs_lora = [lr_lora] if isinstance(lr_lora, (int, float)) else list(lr_lora)
-    lrs_full = [lr_full] if isinstance(lr_full, (int, float)) else list(lr_full)
-    for name, lrs in (("lr_lora", lrs_lora), ("lr_full", lrs_full)):
-        if not lrs or any(not isinstance(v, (int, float)) or v <= 0 for v in lrs):
-            raise ValueError(f"lora_quality: {name}={lrs!r}: expected a positive learning "
-                             "rate or a non-empty list of them")
 
     def tune(method: str, r: int | None, lr: float) -> dict[str, Any]:
         m = copy.deepcopy(base).train()
