@@ -30,6 +30,7 @@ from slimlm.generate import (
 )
 from slimlm.model import PRESETS, ModelConfig, Transformer
 from slimlm.train import (
+    CapturedStep,
     TrainConfig,
     TrainResult,
     evaluate,
@@ -57,7 +58,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'slimlm' has no attribute {name!r}")
 
 __all__ = [
-    "PRESETS", "ModelConfig", "Transformer", "__version__", "hf",
+    "CapturedStep", "PRESETS", "ModelConfig", "Transformer", "__version__", "hf",
     "BPETokenizer", "ByteTokenizer", "DataBundle", "TokenData", "bits_per_byte", "load_texts",
     "load_tokenizer", "perplexity", "prepare_data", "train_tokenizer",
     "DenseCache", "GenerationResult", "KVCache", "SamplingConfig", "StaticCache", "generate",

@@ -82,7 +82,7 @@ def test_kernel_on_gpu_matches_quantize_fp8_bit_for_bit():
             x = x * 1e-4  # fp16 with a factor beyond fp16's range
         for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
             q0, q0_t, s0 = quantize_fp8_both_ref(x, f8)
-            for mode in (None, "load"):  # the default, and the transposed-load candidate
+            for mode in (None, "load", "torch"):  # the default (load for fp32/fp16) and torch
                 q, q_t, s = quantize_fp8_both(x, f8, transpose=mode)
                 assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (r, c, dt, f8)
                 assert torch.equal(q_t.view(torch.uint8), q0_t.view(torch.uint8)), (

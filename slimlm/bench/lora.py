@@ -18,12 +18,20 @@ layer but the LM head, in PEFT and slimlm alike):
   RTN, group 128) with slimlm LoRA on top (when ``slimlm.quant`` is present);
 - ``peft-lora-hf-compiled`` / ``slimlm-lora-hf-compiled``: the HF model with PEFT's /
   slimlm's LoRA under ``torch.compile`` (the fair comparison for a compiled slimlm row);
+- ``<method>-graph`` (``peft-lora``, ``slimlm-lora``, ``peft-dora``, ``slimlm-dora``,
+  ``slimlm-qlora-int4``): the same model with the step's forward and backward captured
+  once in a CUDA graph by ``slimlm.train.CapturedStep`` and replayed (the optimizer step
+  stays eager), which removes the host-side launch cost that bounds the eager slimlm rows;
+  compared with the same capture of PEFT (``peft-lora-graph``), so the ratio is not bought
+  by the capture alone;
 - ``slimlm-lora-separate`` / ``slimlm-dora-separate``: slimlm's fused path in the separate
   low-rank form (``slimlm.lora._MERGED_FORWARD = False``), to measure what the merged
   weight ``W + s B A`` gains.
 
 Reported per row: median step time over >= 10 steps after warm-up, tokens/s, peak memory
-(model, optimizer state, activations; ``max_memory_allocated`` over the timed steps),
+(model, optimizer state, activations; ``max_memory_allocated`` over the timed steps; for
+``-graph`` rows, whose replays allocate nothing, the peak while capturing plus the
+optimizer state allocated after it, since the graph keeps that activation pool),
 trainable parameters, the last loss (a sanity figure: ~ln(vocab) on random tokens), the
 baseline the row is compared with (``peft-lora`` for LoRA rows and full FT, ``peft-dora``
 for DoRA rows, ``slimlm-lora`` for QLoRA) with the tokens/s and memory ratios. Rows for
@@ -61,15 +69,23 @@ from slimlm.model import PRESETS, ModelConfig, Transformer
 
 METHODS = ("full-ft", "peft-lora", "slimlm-lora", "slimlm-compiled-lora", "peft-dora",
            "slimlm-dora", "slimlm-qlora-int4", "peft-lora-hf-compiled",
-           "slimlm-lora-hf-compiled", "slimlm-lora-separate", "slimlm-dora-separate")
+           "slimlm-lora-hf-compiled", "slimlm-lora-separate", "slimlm-dora-separate",
+           "peft-lora-graph", "slimlm-lora-graph", "peft-dora-graph", "slimlm-dora-graph",
+           "slimlm-qlora-int4-graph")
 BASELINES = {"full-ft": "peft-lora", "peft-lora": None, "slimlm-lora": "peft-lora",
              "slimlm-compiled-lora": "peft-lora", "peft-dora": None,
              "slimlm-dora": "peft-dora", "slimlm-qlora-int4": "slimlm-lora",
              "peft-lora-hf-compiled": "peft-lora",
              "slimlm-lora-hf-compiled": "peft-lora-hf-compiled",
-             "slimlm-lora-separate": "peft-lora", "slimlm-dora-separate": "peft-dora"}
+             "slimlm-lora-separate": "peft-lora", "slimlm-dora-separate": "peft-dora",
+             "peft-lora-graph": "peft-lora", "slimlm-lora-graph": "peft-lora-graph",
+             "peft-dora-graph": "peft-dora", "slimlm-dora-graph": "peft-dora-graph",
+             "slimlm-qlora-int4-graph": "slimlm-lora-graph"}
 #: Methods that run under torch.compile (left out of quick/CPU runs by default).
 COMPILED = ("slimlm-compiled-lora", "peft-lora-hf-compiled", "slimlm-lora-hf-compiled")
+#: Methods whose forward and backward run as a replayed CUDA graph (``CapturedStep``; eager
+#: on the CPU, so left out of quick/CPU runs by default).
+GRAPHED = tuple(m for m in METHODS if m.endswith("-graph"))
 REPORT_COLUMNS = ("model", "method", "batch", "seq_len", "precision", "base_dtype", "r",
                   "trainable_params", "step_ms", "tokens_per_s", "peak_mem_gib", "baseline",
                   "ratio_vs_baseline", "mem_ratio_vs_baseline", "err_vs_peft",
@@ -87,6 +103,7 @@ def _needs(method: str) -> str | None:
     """Why ``method`` cannot run here, or None."""
     import importlib.util
 
+    method = method.removesuffix("-graph")
     if method != "slimlm-compiled-lora" and importlib.util.find_spec("transformers") is None:
         return "transformers is not installed"
     if method.startswith("peft-") and importlib.util.find_spec("peft") is None:
@@ -135,7 +152,8 @@ def _build(method: str, cfg: ModelConfig, device: torch.device, r: int,
     run = torch.compile(model) if method.endswith("-hf-compiled") else model
 
     def hf_fwd(x: torch.Tensor) -> torch.Tensor:
-        return run(input_ids=x, labels=x).loss  # HF shifts the labels itself
+        # HF shifts the labels itself; a training step keeps no KV cache
+        return run(input_ids=x, labels=x, use_cache=False).loss
 
     if method.endswith("-separate"):
         def separate_fwd(x: torch.Tensor) -> torch.Tensor:
@@ -188,22 +206,49 @@ def _run_config(method: str, cfg: ModelConfig, device: torch.device, tokens: tor
                 numerics: bool, seed: int) -> dict[str, Any]:
     from slimlm import lora
 
+    from slimlm.train import CapturedStep
+
     torch.manual_seed(seed)
+    graphed = method.endswith("-graph")
+    method = method.removesuffix("-graph")
     model, fwd = _build(method, cfg, device, r, base_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, _ = lora.trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
 
-    def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = fwd(tokens)
+    def loss_and_backward(x: torch.Tensor) -> torch.Tensor:
+        # autocast's weight-cast cache must be off inside a CUDA graph capture
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp,
+                            cache_enabled=not graphed):
+            loss = fwd(x)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    fb: Callable[[torch.Tensor], torch.Tensor] = loss_and_backward
+    cap_peak = cap_after = None
+    if graphed:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        fb = CapturedStep(model, loss_and_backward, tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            cap_peak = torch.cuda.max_memory_allocated(device)
+            cap_after = torch.cuda.memory_allocated(device)
+
+    def step() -> torch.Tensor:
+        loss = fb(tokens)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
     t = time_steps(step, device, warmup=warmup, steps=steps)
-    peak = None if t["peak_bytes"] is None else t["peak_bytes"] / 2**30
+    peak_bytes = t["peak_bytes"]
+    if cap_peak is not None and peak_bytes is not None:
+        # Replays allocate nothing: the graph's activations live in its private pool,
+        # sized by the peak while capturing; add what was allocated after (optimizer state)
+        peak_bytes = max(peak_bytes, cap_peak + max(0, t["base_bytes"] - cap_after))
+    peak = None if peak_bytes is None else peak_bytes / 2**30
     loss = float(t["last"].float().item())
     tps = tokens.shape[0] * tokens.shape[1] / (t["step_ms"] * 1e-3)
     row: dict[str, Any] = {
@@ -213,7 +258,10 @@ def _run_config(method: str, cfg: ModelConfig, device: torch.device, tokens: tor
         "peak_mem_gib": peak, "loss": loss, "loss_finite": math.isfinite(loss),
         "err_vs_peft": None, "adapter_effect": None}
     opt.state.clear()  # free the optimizer state before the numerics check
-    if numerics and method in ("slimlm-lora", "slimlm-dora") and _needs("peft-lora") is None:
+    del fb, step  # a captured graph's memory pool
+    free_memory(device)
+    if numerics and not graphed and method in ("slimlm-lora", "slimlm-dora") \
+            and _needs("peft-lora") is None:
         row["err_vs_peft"], row["adapter_effect"] = _err_vs_peft(model, cfg, device, seed)
     return row
 
@@ -250,7 +298,7 @@ def lora_suite(quick: bool, device: torch.device, *, model: str | None = None,
     if name not in PRESETS:
         raise ValueError(f"model={name!r}: expected a preset from {sorted(PRESETS)}")
     todo = _as_tuple("methods", methods if methods is not None else tuple(
-        m for m in METHODS if not (small and m in COMPILED)))
+        m for m in METHODS if not (small and (m in COMPILED or m in GRAPHED))))
     for m in todo:
         if m not in METHODS:
             raise ValueError(f"methods: {m!r} is not a method; expected names from {METHODS}")
