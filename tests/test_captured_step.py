@@ -7,7 +7,6 @@ after capture must be refused."""
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
 

@@ -205,7 +205,6 @@ def _run_config(method: str, cfg: ModelConfig, device: torch.device, tokens: tor
                 r: int, amp: bool, base_dtype: torch.dtype, warmup: int, steps: int,
                 numerics: bool, seed: int) -> dict[str, Any]:
     from slimlm import lora
-
     from slimlm.train import CapturedStep
 
     torch.manual_seed(seed)
@@ -258,7 +257,7 @@ def _run_config(method: str, cfg: ModelConfig, device: torch.device, tokens: tor
         "peak_mem_gib": peak, "loss": loss, "loss_finite": math.isfinite(loss),
         "err_vs_peft": None, "adapter_effect": None}
     opt.state.clear()  # free the optimizer state before the numerics check
-    del fb, step  # a captured graph's memory pool
+    fb = loss_and_backward  # drop the captured graph and its memory pool
     free_memory(device)
     if numerics and not graphed and method in ("slimlm-lora", "slimlm-dora") \
             and _needs("peft-lora") is None:
