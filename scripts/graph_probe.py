@@ -32,8 +32,17 @@ def main() -> None:
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--sdpa", default="default",
+                    choices=["default", "cudnn", "flash", "efficient"],
+                    help="SDPA backend for every run (default: PyTorch's choice)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(a.sdpa)
     dev = torch.device("cuda")
     cfg = ModelConfig.from_preset(a.model)
     tokens = torch.randint(0, cfg.vocab_size, (4, 2048), device=dev)
@@ -44,7 +53,8 @@ def main() -> None:
 
     def make(cache: bool):
         def fb(x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache):
+            ctx = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+            with ctx, torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache):
                 loss = fwd(x)
             loss.backward()
             return loss.detach()
@@ -52,7 +62,6 @@ def main() -> None:
 
     runs = {"eager-cache": make(True), "eager-nocache": make(False)}
     runs["graph"] = CapturedStep(model, make(False), tokens)
-    runs["graph-noverify"] = CapturedStep(model, make(False), tokens, verify=False)
 
     def step(fb) -> None:
         fb(tokens)
@@ -96,7 +105,7 @@ def main() -> None:
               f"{res['graph']['kernels'].get(n, 0):10.0f} "
               f"{res['eager-nocache']['calls'].get(n, 0) / 2:8.0f} "
               f"{res['graph']['calls'].get(n, 0) / 2:8.0f}  {n[:110]}")
-    out = Path(a.out) / f"graph-probe-{a.method}.json"
+    out = Path(a.out) / f"graph-probe-{a.method}-{a.sdpa}.json"
     out.write_text(json.dumps({k: {kk: (dict(vv) if isinstance(vv, dict) else vv)
                                    for kk, vv in v.items()} for k, v in res.items()}))
     print("wrote", out)

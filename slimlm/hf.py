@@ -41,10 +41,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -463,3 +465,46 @@ def register_attention(name: str, fn: Callable[..., torch.Tensor]) -> None:
         return
     # Boolean 4D masks (True = keep), None when plain causal is exact: what fn expects.
     AttentionMaskInterface.register(name, sdpa_mask)
+
+
+@contextlib.contextmanager
+def causal_mask_skip() -> Iterator[None]:
+    """While active, transformers' SDPA mask builder returns no mask (so SDPA runs with
+    ``is_causal=True``) for a plain causal mask without padding (no ``attention_mask``, no
+    past, no sliding window or extra mask function), as it does in eager mode anyway.
+
+    Some transformers versions (5.17, on the H200 machine) always build the full (B, 1,
+    T, T) boolean mask while a CUDA graph is being captured (their "is tracing" check
+    counts stream capture); cuDNN attention with an explicit mask then computes the whole
+    square instead of the causal half: the attention kernels of a llama-1b training step
+    ran 2.7x slower inside the graph. :class:`slimlm.train.CapturedStep` enters this
+    context for its capture. Every other case goes to the builder that was registered
+    (masks with padding, decoding with a cache, sliding windows, custom mask functions).
+    Does nothing when transformers is not imported."""
+    mu = sys.modules.get("transformers.masking_utils")
+    mapping = getattr(getattr(mu, "AttentionMaskInterface", None), "_global_mapping", None)
+    original = mapping.get("sdpa") if isinstance(mapping, dict) else None
+    if original is None:
+        yield
+        return
+    causal = getattr(mu, "causal_mask_function", None)
+
+    def sdpa_mask(*args: Any, **kwargs: Any) -> Any:
+        q_len = kwargs.get("q_length")
+        if q_len is None and isinstance(kwargs.get("cache_position"), torch.Tensor):
+            q_len = kwargs["cache_position"].shape[0]
+        q_off = kwargs.get("q_offset", 0)
+        if (not args and causal is not None and kwargs.get("mask_function") is causal
+                and kwargs.get("attention_mask") is None
+                and kwargs.get("allow_is_causal_skip", True)
+                and kwargs.get("local_size") is None and kwargs.get("kv_offset", 0) == 0
+                and (isinstance(q_off, torch.Tensor) or q_off == 0)
+                and q_len is not None and q_len == kwargs.get("kv_length")):
+            return None  # kv_length == q_length: no past, so is_causal is exact
+        return original(*args, **kwargs)
+
+    mapping["sdpa"] = sdpa_mask
+    try:
+        yield
+    finally:
+        mapping["sdpa"] = original

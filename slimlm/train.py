@@ -663,6 +663,11 @@ class CapturedStep:
     if not (build a new CapturedStep then). The check walks the parameters (a few hundred
     microseconds for a 1B model; ``verify=False`` skips it).
 
+    Hugging Face models: some transformers versions build a full causal mask while a
+    graph is captured (eager runs pass ``is_causal`` to SDPA instead), which made the
+    attention kernels 2.7x slower; the capture runs under
+    :func:`slimlm.hf.causal_mask_skip`, so the graph computes what eager mode does.
+
     Without CUDA (or for CPU inputs) there is no graph: each call runs ``fn`` eagerly, so
     the same code runs on the CPU. ``fn`` must not synchronise with the host (no
     ``.item()``, no data-dependent shapes) and must run the same kernels every step: a
@@ -709,8 +714,11 @@ class CapturedStep:
         self.grads = [p.grad for p in self.params]
         torch._foreach_zero_(self.grads)
         self._key = self._state_key()
+        from slimlm.hf import causal_mask_skip
+
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # (Hugging Face models: no materialised causal mask inside the capture either)
+        with causal_mask_skip(), torch.cuda.graph(graph):
             out = fn(*self._static)
         moved = [i for i, p in enumerate(self.params) if p.grad is not self.grads[i]]
         if moved:

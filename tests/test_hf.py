@@ -432,3 +432,41 @@ def test_training_trajectory_matches_hf():
     torch.testing.assert_close(torch.tensor(losses["slimlm"]), torch.tensor(losses["hf"]),
                                rtol=1e-4, atol=1e-4)
     assert losses["slimlm"][-1] < losses["slimlm"][0]
+
+
+def test_causal_mask_skip(transformers):
+    """Inside hf.causal_mask_skip a plain causal SDPA mask is None (SDPA's is_causal, what
+    eager mode does; some transformers versions build the full mask under CUDA-graph
+    capture otherwise), every other mask is the registered builder's, and the outputs are
+    the same; the builder is restored afterwards."""
+    from transformers import masking_utils as mu
+
+    cfg = small_cfg(4, 2, False, None)
+    model = hf_random(transformers, cfg, attn="sdpa")
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    pad = torch.ones(2, 12, dtype=torch.long)
+    pad[1, :3] = 0  # left padding: a real mask
+    fn = mu.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        ref_pad = model(input_ids=ids, attention_mask=pad).logits
+        with hf.causal_mask_skip():
+            masker = mu.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+            assert masker is not fn
+            kw = dict(batch_size=2, q_length=12, kv_length=12, q_offset=0, kv_offset=0,
+                      mask_function=mu.causal_mask_function, attention_mask=None,
+                      allow_is_causal_skip=True, device="cpu")
+            assert masker(**kw) is None
+            full = masker(**{**kw, "allow_is_causal_skip": False})
+            assert full is not None and full.shape == (2, 1, 12, 12)
+            for extra in ({"kv_length": 20, "q_offset": 8}, {"local_size": 4},
+                          {"attention_mask": pad.bool()}):  # a past, a window, padding
+                mine, theirs = masker(**{**kw, **extra}), fn(**{**kw, **extra})
+                assert (mine is None) == (theirs is None), extra
+                if mine is not None:
+                    assert torch.equal(mine, theirs), extra
+            assert masker(**{**kw, "kv_length": 20, "q_offset": 8}) is not None
+            torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=pad).logits,
+                                       ref_pad, rtol=0, atol=0)
+    assert mu.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is fn
