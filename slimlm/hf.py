@@ -468,19 +468,49 @@ def register_attention(name: str, fn: Callable[..., torch.Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def causal_mask_skip() -> Iterator[None]:
-    """While active, transformers' SDPA mask builder returns no mask (so SDPA runs with
-    ``is_causal=True``) for a plain causal mask without padding (no ``attention_mask``, no
-    past, no sliding window or extra mask function), as it does in eager mode anyway.
+def packed_sequences_seen() -> Iterator[list[bool]]:
+    """Records whether transformers detected packed sequences (several sequences in one
+    row, told apart by restarting ``position_ids``) in the forward passes run inside:
+    yields a one-element list, True once any pass saw packing. Used by
+    :class:`slimlm.train.CapturedStep` on its eager warm-up before it captures under
+    :func:`causal_mask_skip`. Does nothing when transformers is not imported."""
+    seen = [False]
+    mu = sys.modules.get("transformers.masking_utils")
+    find = getattr(mu, "find_packed_sequence_indices", None)
+    if find is None:
+        yield seen
+        return
 
-    Some transformers versions (5.17, on the H200 machine) always build the full (B, 1,
-    T, T) boolean mask while a CUDA graph is being captured (their "is tracing" check
-    counts stream capture); cuDNN attention with an explicit mask then computes the whole
-    square instead of the causal half: the attention kernels of a llama-1b training step
-    ran 2.7x slower inside the graph. :class:`slimlm.train.CapturedStep` enters this
-    context for its capture. Every other case goes to the builder that was registered
-    (masks with padding, decoding with a cache, sliding windows, custom mask functions).
-    Does nothing when transformers is not imported."""
+    def probe(*args: Any, **kwargs: Any) -> Any:
+        out = find(*args, **kwargs)
+        seen[0] = seen[0] or out is not None
+        return out
+
+    mu.find_packed_sequence_indices = probe
+    try:
+        yield seen
+    finally:
+        mu.find_packed_sequence_indices = find
+
+
+@contextlib.contextmanager
+def causal_mask_skip() -> Iterator[None]:
+    """While active, transformers' SDPA masks for unpadded, unpacked causal attention are
+    None (SDPA runs with ``is_causal=True``), as they are in eager mode for such inputs.
+
+    transformers decides per forward pass, from the data, whether a causal mask can be
+    left out: no padding in ``attention_mask`` and no packed sequences in ``position_ids``.
+    While a CUDA graph is being captured it cannot read the data, so it builds the full
+    (B, 1, T, T) mask instead (transformers 5.17 on the H200 machine, for every training
+    forward: its packed-sequence check); cuDNN attention with an explicit mask computes
+    the whole square rather than the causal half, and the attention kernels of a llama-1b
+    training step ran 2.7x slower inside the graph. Inside this context rows are taken to
+    be single sequences (no packing through ``position_ids``), and an SDPA mask that is
+    plain causal without ``attention_mask``, past or sliding window is None. Every other
+    mask (padding, a KV cache with a past, windows, custom mask functions) comes from the
+    builder that was registered. :class:`slimlm.train.CapturedStep` captures under it
+    unless its eager warm-up saw packed sequences (:func:`packed_sequences_seen`). Does
+    nothing when transformers is not imported."""
     mu = sys.modules.get("transformers.masking_utils")
     mapping = getattr(getattr(mu, "AttentionMaskInterface", None), "_global_mapping", None)
     original = mapping.get("sdpa") if isinstance(mapping, dict) else None
@@ -488,6 +518,7 @@ def causal_mask_skip() -> Iterator[None]:
         yield
         return
     causal = getattr(mu, "causal_mask_function", None)
+    find = getattr(mu, "find_packed_sequence_indices", None)
 
     def sdpa_mask(*args: Any, **kwargs: Any) -> Any:
         q_len = kwargs.get("q_length")
@@ -503,8 +534,15 @@ def causal_mask_skip() -> Iterator[None]:
             return None  # kv_length == q_length: no past, so is_causal is exact
         return original(*args, **kwargs)
 
+    def unpacked(*args: Any, **kwargs: Any) -> None:
+        return None  # one sequence per row (see the docstring)
+
     mapping["sdpa"] = sdpa_mask
+    if find is not None:
+        mu.find_packed_sequence_indices = unpacked
     try:
         yield
     finally:
         mapping["sdpa"] = original
+        if find is not None:
+            mu.find_packed_sequence_indices = find

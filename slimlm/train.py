@@ -663,10 +663,14 @@ class CapturedStep:
     if not (build a new CapturedStep then). The check walks the parameters (a few hundred
     microseconds for a 1B model; ``verify=False`` skips it).
 
-    Hugging Face models: some transformers versions build a full causal mask while a
-    graph is captured (eager runs pass ``is_causal`` to SDPA instead), which made the
-    attention kernels 2.7x slower; the capture runs under
-    :func:`slimlm.hf.causal_mask_skip`, so the graph computes what eager mode does.
+    Hugging Face models: transformers cannot look at the data while a graph is captured,
+    so it builds a full causal mask there (eager runs pass ``is_causal`` to SDPA instead
+    when nothing is padded or packed), which made the attention kernels of a llama-1b step
+    2.7x slower. Unless the eager warm-up saw packed sequences (several per row, through
+    ``position_ids``), the capture runs under :func:`slimlm.hf.causal_mask_skip` and the
+    graph computes what eager mode does for unpacked rows; every later batch is then taken
+    to be unpacked too (``hf_causal_skip`` says which way it went). Padded batches keep
+    their mask either way.
 
     Without CUDA (or for CPU inputs) there is no graph: each call runs ``fn`` eagerly, so
     the same code runs on the CPU. ``fn`` must not synchronise with the host (no
@@ -693,6 +697,7 @@ class CapturedStep:
                       for a in inputs]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.graph: Any = None
+        self.hf_causal_skip = False
         self.outputs: Any = None
         self.calls = 0
         dev = next(iter(devices)) if devices else (
@@ -702,9 +707,11 @@ class CapturedStep:
         self._static = [a.detach().clone() if isinstance(a, torch.Tensor) else a
                         for a in inputs]
         saved = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
+        from slimlm.hf import causal_mask_skip, packed_sequences_seen
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), packed_sequences_seen() as packed:
             for _ in range(warmup):
                 fn(*self._static)
         torch.cuda.current_stream().wait_stream(side)
@@ -714,11 +721,12 @@ class CapturedStep:
         self.grads = [p.grad for p in self.params]
         torch._foreach_zero_(self.grads)
         self._key = self._state_key()
-        from slimlm.hf import causal_mask_skip
-
         graph = torch.cuda.CUDAGraph()
-        # (Hugging Face models: no materialised causal mask inside the capture either)
-        with causal_mask_skip(), torch.cuda.graph(graph):
+        # Hugging Face models: no materialised causal mask inside the capture either
+        # (unless the example batch packs several sequences per row)
+        self.hf_causal_skip = not packed[0]
+        skip = causal_mask_skip() if self.hf_causal_skip else contextlib.nullcontext()
+        with skip, torch.cuda.graph(graph):
             out = fn(*self._static)
         moved = [i for i, p in enumerate(self.params) if p.grad is not self.grads[i]]
         if moved:

@@ -209,6 +209,8 @@ def test_hugging_face_llama_captured(library, gpu):
             return loss.detach()
 
         step = CapturedStep(m, fn, batches[0]) if captured else fn
+        if captured:  # captured without transformers' full causal mask
+            assert step.hf_causal_skip
         losses = []
         for x in batches:
             losses.append(float(step(x)))

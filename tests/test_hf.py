@@ -469,4 +469,21 @@ def test_causal_mask_skip(transformers):
             torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)
             torch.testing.assert_close(model(input_ids=ids, attention_mask=pad).logits,
                                        ref_pad, rtol=0, atol=0)
+            # rows are taken to be single sequences inside
+            assert mu.find_packed_sequence_indices(torch.tensor([[0, 1, 0, 1]])) is None
     assert mu.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is fn
+    assert mu.find_packed_sequence_indices(torch.tensor([[0, 1, 0, 1]])) is not None
+
+
+def test_packed_sequences_seen(transformers):
+    cfg = small_cfg(4, 2, False, None)
+    model = hf_random(transformers, cfg, attn="sdpa")
+    ids = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with hf.packed_sequences_seen() as seen:
+            model(input_ids=ids, use_cache=False)
+        assert seen == [False]
+        with hf.packed_sequences_seen() as seen:  # two sequences of 4 in one row
+            model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]),
+                  use_cache=False)
+        assert seen == [True]
