@@ -345,3 +345,23 @@ def test_lora_quality_rejects_bad_learning_rates():
     for bad in ([], [0.01, -1.0], "fast"):
         with pytest.raises(ValueError, match="lr_lora"):
             next(lora_quality_suite(True, torch.device("cpu"), lr_lora=bad))
+
+
+def test_captured_step_rows_quick(tmp_path, one_thread):
+    """precision step part under CapturedStep (eager on the CPU): rows say graph, fp16-mixed
+    is skipped with the reason; lora -graph methods run and name their PEFT baseline."""
+    path = bench.run_suite("precision", quick=True, out_dir=tmp_path, device="cpu", echo=False,
+                           options={"parts": ["step"], "graph": True,
+                                    "step_policies": ["bf16-mixed", "fp16-mixed"]})
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["policy"] for r in rows] == ["bf16-mixed", "fp16-mixed"]
+    assert rows[0]["graph"] is True and rows[0]["step_ms"] > 0
+    assert "loss scale" in rows[1]["skipped"]
+    with pytest.raises(ValueError, match="graph=True with compile=True"):
+        bench.run_suite("precision", quick=True, out_dir=tmp_path, device="cpu", echo=False,
+                        options={"parts": ["step"], "graph": True, "compile": True})
+    pytest.importorskip("transformers")
+    path = bench.run_suite("lora", quick=True, out_dir=tmp_path, device="cpu", echo=False,
+                           options={"methods": ["slimlm-lora-graph"]})
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["baseline"] == "peft-lora-graph" and row["step_ms"] > 0 and row["loss_finite"]

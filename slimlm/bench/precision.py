@@ -14,7 +14,11 @@ Three parts (``parts`` option), each a ratio against a baseline of the same run:
 ``step``
     One whole training step (forward, backward, AdamW) of the "llama-1b" preset at batch 4 x
     sequence 2048, compiled, under fp32 (TF32 off), tf32, bf16-mixed, bf16-pure,
-    fp16-mixed and fp8: tokens/s, peak memory, ratio vs bf16-mixed.
+    fp16-mixed and fp8: tokens/s, peak memory, ratio vs bf16-mixed. ``graph=True``: not
+    compiled but captured (forward and backward) by ``slimlm.train.CapturedStep``, every
+    policy alike (fp16-mixed is skipped there: its loss scale lives on the host); peak
+    memory of those rows covers the replays only (the graph's activation pool is not
+    counted: compare their speed, not their memory).
 ``run``
     A short training run of "llama-50m" on the default corpus (``prepare_data`` +
     ``train``) per policy (fp32, bf16-mixed, bf16-pure, fp16-mixed, fp8): final validation
@@ -34,6 +38,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 from slimlm import precision as prec
 from slimlm.bench.harness import free_memory, guarded, register, time_fn, time_steps
 from slimlm.model import ModelConfig, Transformer
+from slimlm.train import CapturedStep
 
 PARTS = ("linear", "step", "run")
 LINEAR_SHAPES = ((4096, 8192, 16384), (1024, 2048, 1024))
@@ -142,12 +148,17 @@ def _linear_shape_rows(device: torch.device, m: int, k: int, n: int, warmup: int
         x = x0.to(torch.bfloat16).requires_grad_()
 
         def fn() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
                 y = lin(x)
             y.backward(dy)
 
         t = time_fn(fn, device, warmup=warmup, rep=rep)
-        return {"ms": t["median_ms"], "tflops": flops / t["median_ms"] / 1e9, **info}
+        # the same call replayed from a CUDA graph: the device work alone (a step run under
+        # CapturedStep or torch.compile sees this; eager calls at small shapes are bound by
+        # the host, and both rows' host time is noisy)
+        tg = time_fn(fn, device, warmup=warmup, rep=rep, graph=True)
+        return {"ms": t["median_ms"], "tflops": flops / t["median_ms"] / 1e9,
+                "ms_graph": tg["median_ms"], **info}
 
     ra = guarded({**base, "impl": "nn.Linear (autocast)", "scaling": None},
                  partial(linear_run, False), device, errors=device.type == "cuda")
@@ -158,6 +169,8 @@ def _linear_shape_rows(device: torch.device, m: int, k: int, n: int, warmup: int
     r["speedup_vs_bf16"] = bf16_ms / r["ms"] if bf16_ms and r.get("ms") else None
     r["speedup_vs_autocast_linear"] = (ra["ms"] / r["ms"] if ra.get("ms") and r.get("ms")
                                        else None)
+    r["speedup_vs_autocast_linear_graph"] = (
+        ra["ms_graph"] / r["ms_graph"] if ra.get("ms_graph") and r.get("ms_graph") else None)
     yield r
     free_memory(device)
 
@@ -166,7 +179,7 @@ def _linear_shape_rows(device: torch.device, m: int, k: int, n: int, warmup: int
 
 
 def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
-               policies: Sequence[str], warmup: int, steps: int, compile: bool,
+               policies: Sequence[str], warmup: int, steps: int, compile: bool, graph: bool,
                seed: int) -> Iterator[dict[str, Any]]:
     cfg = ModelConfig.from_preset(model_name, max_seq_len=max(seq_len,
                                                               ModelConfig.from_preset(
@@ -188,7 +201,7 @@ def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
             fp8_info: dict[str, Any] = {}
             if name == "fp8":
                 decisions = prec.calibrate_fp8_(model, tokens=batch * seq_len,
-                                                compiled=bool(compile))
+                                                compiled=bool(compile or graph))
                 # how many layers run fp8, and the calibration's (fp8, bf16) ms per shape
                 timings = {}
                 for mod in model.modules():
@@ -201,13 +214,24 @@ def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
                 model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda"))
             fwd = torch.compile(model) if compile else model
 
-            def step() -> torch.Tensor:
+            def fb(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 with policy.autocast(device.type):
-                    _, loss = fwd(x, y)
+                    dt = device.type
+                    # (no autocast weight-cast cache inside a CUDA graph capture)
+                    with torch.autocast(dt, enabled=torch.is_autocast_enabled(dt),
+                                        dtype=torch.get_autocast_dtype(dt),
+                                        cache_enabled=False) if graph else nullcontext():
+                        _, loss = fwd(x, y)
                 policy.backward(loss)
+                return loss.detach()
+
+            run_fb = CapturedStep(model, fb, x, y) if graph else fb
+
+            def step() -> torch.Tensor:
+                loss = run_fb(x, y)
                 policy.step(opt)
                 opt.zero_grad(set_to_none=True)
-                return loss.detach()
+                return loss
 
             t = time_steps(step, device, warmup=warmup, steps=steps)
             peak = t["peak_bytes"]
@@ -222,9 +246,14 @@ def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
 
         if compile:
             torch.compiler.reset()
-        r = guarded({"part": "step", "model": model_name, "policy": name, "batch": batch,
-                     "seq_len": seq_len, "compiled": compile, "baseline": BASELINE}, run,
-                    device, errors=device.type == "cuda")
+        head = {"part": "step", "model": model_name, "policy": name, "batch": batch,
+                "seq_len": seq_len, "compiled": compile, "graph": graph, "baseline": BASELINE}
+        if graph and name == "fp16-mixed":
+            # its loss scale is a host float that a graph would freeze at capture
+            rows.append({**head, "skipped": "fp16-mixed keeps its loss scale on the host; "
+                         "a captured step would freeze it"})
+            continue
+        r = guarded(head, run, device, errors=device.type == "cuda")
         if name == BASELINE:
             base_tps = r.get("tokens_per_s")
         rows.append(r)
@@ -293,7 +322,7 @@ def precision_suite(quick: bool, device: torch.device, *,
                     step_seq_len: int | None = None,
                     step_policies: Sequence[str] | str | None = None,
                     warmup: int | None = None, steps: int | None = None,
-                    compile: bool | None = None,
+                    compile: bool | None = None, graph: bool = False,
                     run_model: str | None = None, run_steps: int | None = None,
                     run_batch: int | None = None, run_seq_len: int | None = None,
                     run_policies: Sequence[str] | str | None = None,
@@ -321,7 +350,12 @@ def precision_suite(quick: bool, device: torch.device, *,
             raise ValueError(f"policy {p!r}: expected names from {prec.POLICIES}")
     warmup = warmup if warmup is not None else (1 if small else 3)
     steps = steps if steps is not None else (3 if small else 10)
-    compile = (not small) if compile is None else bool(compile)
+    if not isinstance(graph, bool):
+        raise ValueError(f"graph={graph!r}: expected True or False")
+    compile = (not small and not graph) if compile is None else bool(compile)
+    if graph and compile:
+        raise ValueError("graph=True with compile=True: choose one (graph captures the "
+                         "eager step with slimlm.train.CapturedStep)")
 
     if "linear" in parts:
         yield from _linear_rows(device, shapes_t, warmup, steps)
@@ -329,7 +363,7 @@ def precision_suite(quick: bool, device: torch.device, *,
         yield from _step_rows(device, step_model or ("tiny" if small else "llama-1b"),
                               step_batch or (2 if small else 4),
                               step_seq_len or (32 if small else 2048), step_policies_t,
-                              warmup, steps, compile, seed)
+                              warmup, steps, compile, graph, seed)
     if "run" in parts:
         yield from _run_rows(
             device, run_model or ("tiny" if small else "llama-50m"), run_policies_t,
