@@ -85,6 +85,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     p.add_argument("--attention", default=None, choices=("eager", "sdpa", "flash"),
                    help="attention implementation (default: sdpa)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each step's forward+backward as a CUDA graph (GPU; see "
+                        "slimlm.CapturedStep)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--seed", type=int, default=0, help="random seed (weights, batches)")
     if not demo:
@@ -128,7 +131,8 @@ def _run_training(args: argparse.Namespace, out: Path, *, progress: bool = True)
             grad_accum=args.grad_accum,
             eval_every=args.eval_every or defaults["eval_every"],
             precision=args.precision, checkpointing=args.checkpointing, device=device,
-            compile=args.compile, seed=args.seed, out_dir=str(out))
+            compile=args.compile, cuda_graph=args.cuda_graph, seed=args.seed,
+            out_dir=str(out))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     tokenizer_folder = None
@@ -370,11 +374,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
     trainable, total = lora.trainable_parameters(model)
-    tcfg = strain.TrainConfig(batch_size=args.batch_size, seq_len=seq_len, steps=args.steps,
-                              lr=args.lr, warmup_steps=max(1, args.steps // 10),
-                              eval_every=max(1, args.steps // 4),
-                              eval_batches=args.eval_batches, precision=args.precision,
-                              device=device, seed=args.seed, out_dir=str(out / "train"))
+    try:
+        tcfg = strain.TrainConfig(
+            batch_size=args.batch_size, seq_len=seq_len, steps=args.steps, lr=args.lr,
+            warmup_steps=max(1, args.steps // 10), eval_every=max(1, args.steps // 4),
+            eval_batches=args.eval_batches, precision=args.precision,
+            cuda_graph=args.cuda_graph, device=device, seed=args.seed,
+            out_dir=str(out / "train"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     torch.manual_seed(args.seed)
     strain.train(model, bundle, tcfg)
     after = strain.evaluate(model, bundle.val, batch_size=8, seq_len=seq_len,
@@ -524,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--precision", default="fp32", help="precision policy (see train)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each step's forward+backward as a CUDA graph (GPU; the "
+                        "LoRA step is otherwise bound by kernel launches)")
     p.add_argument("--eval-batches", type=int, default=20, help="evaluation batches")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="folder for the adapter and logs")

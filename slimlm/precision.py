@@ -970,14 +970,16 @@ class PrecisionPolicy:
                   for g in optimizer.param_groups]
         return BF16AdamW(groups, rounding=self.config.bf16_rounding, seed=self.config.seed)
 
-    def autocast(self, device_type: str = "cuda") -> contextlib.AbstractContextManager:
-        """The context for the forward pass (autocast, and TF32 switched as the policy says)."""
+    def autocast(self, device_type: str = "cuda", *,
+                 cache: bool = True) -> contextlib.AbstractContextManager:
+        """The context for the forward pass (autocast, and TF32 switched as the policy says).
+        ``cache=False``: no autocast weight-cast cache (inside a CUDA-graph capture)."""
         if self.name == "fp32":
             return _matmul_precision("highest")
         if self.name == "tf32":
             return _matmul_precision("high")
         dtype = torch.float16 if self.name == "fp16-mixed" else torch.bfloat16
-        return torch.autocast(device_type=device_type, dtype=dtype)
+        return torch.autocast(device_type=device_type, dtype=dtype, cache_enabled=cache)
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``, the loss multiplied by the fp16 loss scale first."""

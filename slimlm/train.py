@@ -56,6 +56,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,12 @@ class TrainConfig:
     reaches ``lr``). ``weight_decay`` applies to matrices
     (dim >= 2: projections and the embedding) only, never to norms. ``grad_clip`` = 0
     disables clipping; ``eval_every`` = 0 evaluates only at the end; ``save_every`` = 0
-    saves only at the end (when ``out_dir`` is set).
+    saves only at the end (when ``out_dir`` is set). ``cuda_graph``: on a GPU, each step's
+    forward and backward run as a replayed CUDA graph (:class:`CapturedStep`, captured on
+    the first batch; the optimizer stays eager), which removes the host's launch cost from
+    small-kernel steps such as LoRA fine-tuning; not with ``compile``, ``fp16-mixed`` (its
+    loss scale lives on the host) or checkpointing (untried under capture). Ignored on the
+    CPU.
     """
 
     batch_size: int = 16
@@ -122,6 +128,7 @@ class TrainConfig:
     precision: str = "fp32"
     checkpointing: str = "none"
     compile: bool = False
+    cuda_graph: bool = False
     out_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -181,6 +188,17 @@ class TrainConfig:
                              "'selective+offload')") from None
         if not isinstance(self.compile, bool):
             raise ValueError(f"TrainConfig.compile={self.compile!r}: expected True or False")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"TrainConfig.cuda_graph={self.cuda_graph!r}: expected True or "
+                             "False")
+        if self.cuda_graph:
+            for bad, why in ((self.compile, "compile=True (choose one)"),
+                             (self.precision == "fp16-mixed", "precision='fp16-mixed' (its "
+                              "loss scale is a host float a graph would freeze)"),
+                             (self.checkpointing != "none", f"checkpointing="
+                              f"{self.checkpointing!r} (not tried under capture yet)")):
+                if bad:
+                    raise ValueError(f"TrainConfig.cuda_graph=True does not work with {why}")
         if self.out_dir is not None:
             if not isinstance(self.out_dir, (str, os.PathLike)):
                 raise ValueError(f"TrainConfig.out_dir={self.out_dir!r}: expected a path or "
@@ -601,12 +619,14 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int, seq_len: int,
 
 def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, grad_accum: int,
                      precision: str = "fp32",
-                     policy: _precision.PrecisionPolicy | None = None) -> torch.Tensor:
+                     policy: _precision.PrecisionPolicy | None = None,
+                     autocast_cache: bool = True) -> torch.Tensor:
     """Forward and backward over ``grad_accum`` equal micro-batches of (x, y), adding each
     loss / grad_accum into ``.grad`` so the gradient is the full batch's mean-loss
     gradient (multiplied by the loss scale under "fp16-mixed": pass its ``policy``, which
     holds the scale, and finish with ``policy.step``). Returns the batch's mean loss (a
-    detached tensor, no host sync)."""
+    detached tensor, no host sync). ``autocast_cache=False`` turns off autocast's
+    weight-cast cache (for CUDA-graph capture)."""
     if x.shape[0] % grad_accum != 0:
         raise ValueError(f"batch of {x.shape[0]} does not split into grad_accum={grad_accum} "
                          "equal micro-batches")
@@ -619,7 +639,7 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, grad
         policy = _precision.get_policy(precision)
     total = torch.zeros((), device=x.device, dtype=torch.float32)
     for xm, ym in zip(x.chunk(grad_accum), y.chunk(grad_accum)):  # each (B/accum, T)
-        with policy.autocast(x.device.type):
+        with policy.autocast(x.device.type, cache=autocast_cache):
             _, loss = model(xm, ym)
         policy.backward(loss / grad_accum)
         total += loss.detach().float()
@@ -948,6 +968,7 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
     run_model: nn.Module = model
     if cfg.compile and device.type == "cuda":
         run_model = torch.compile(model)
+    captured: CapturedStep | None = None
 
     tokenizer = getattr(data, "tokenizer", None)
     history = _History(out_dir, start_step)
@@ -980,8 +1001,15 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
         for step in range(start_step, cfg.steps):
             x, y = data.train.get_batch(cfg.batch_size, cfg.seq_len, generator=generator,
                                         device=device)  # (B, T) each
-            loss = forward_backward(run_model, x, y, grad_accum=cfg.grad_accum,
-                                    precision=cfg.precision, policy=policy)
+            if cfg.cuda_graph and device.type == "cuda":
+                if captured is None:  # warm-up and capture on the first batch
+                    captured = CapturedStep(model, partial(
+                        forward_backward, run_model, grad_accum=cfg.grad_accum,
+                        precision=cfg.precision, policy=policy, autocast_cache=False), x, y)
+                loss = captured(x, y)  # overwritten by the next step: read it before
+            else:
+                loss = forward_backward(run_model, x, y, grad_accum=cfg.grad_accum,
+                                        precision=cfg.precision, policy=policy)
             grad_norm = None
             policy.unscale_(optimizer)  # fp16: true gradients before clipping
             if cfg.grad_clip > 0:

@@ -223,3 +223,44 @@ def test_hugging_face_llama_captured(library, gpu):
     assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-6)
     assert_close(torch.tensor(out[1]), torch.tensor(out[0]), rtol=1e-4, atol=1e-5)
     _assert_same_params(models[0], models[1], rtol=0, atol=5e-4)
+
+
+# -- TrainConfig(cuda_graph=True) ------------------------------------------------------------
+
+
+def test_train_config_cuda_graph_is_validated():
+    from slimlm import TrainConfig
+
+    with pytest.raises(ValueError, match="cuda_graph='yes'"):
+        TrainConfig(cuda_graph="yes")
+    for kw, what in (({"compile": True}, "compile=True"),
+                     ({"precision": "fp16-mixed"}, "fp16-mixed"),
+                     ({"checkpointing": "full"}, "checkpointing='full'")):
+        with pytest.raises(ValueError, match=f"cuda_graph=True does not work with {what}"):
+            TrainConfig(cuda_graph=True, **kw)
+    assert TrainConfig(cuda_graph=True, precision="bf16-mixed").cuda_graph
+
+
+def _lora_train_losses(tmp_path, device: str, cuda_graph: bool) -> list[float]:
+    from slimlm import TrainConfig, prepare_data, train
+
+    text = "".join(f"def f_{i % 13}(x):\n    return x + {i % 7}\n" for i in range(600))
+    (tmp_path / "corpus.txt").write_text(text)
+    data = prepare_data(tmp_path / "corpus.txt", tmp_path / f"data{int(cuda_graph)}",
+                        tokenizer="byte", val_fraction=0.1, progress=False)
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(**{**CFG, "vocab_size": data.tokenizer.vocab_size})).to(device)
+    lora.apply_(m, lora.LoRAConfig(r=8, alpha=16, targets="all-linear", init="gaussian"))
+    cfg = TrainConfig(batch_size=4, seq_len=32, steps=6, lr=1e-2, warmup_steps=1,
+                      eval_every=0, eval_batches=2, log_every=1, precision="bf16-mixed",
+                      device=device, cuda_graph=cuda_graph, seed=0)
+    res = train(m, data, cfg, progress=False)
+    return [r["loss"] for r in res.history if "loss" in r]
+
+
+@pytest.mark.parametrize("gpu", [pytest.param(0, marks=GPU)])
+def test_train_with_cuda_graph_matches_eager(gpu, tmp_path):
+    eager = _lora_train_losses(tmp_path, "cuda", False)
+    graphed = _lora_train_losses(tmp_path, "cuda", True)
+    assert len(eager) == 6 and eager[-1] < eager[0]
+    assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=1e-4, atol=1e-5)
