@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -560,16 +559,21 @@ def fp8_supported(device: torch.device | str) -> bool:
     dev = torch.device(device)
     if dev.type != "cuda":
         return False
-    # cached per device: every Float8Linear call asks, and the step is host-bound
-    return _fp8_capable(dev.index if dev.index is not None else -1)
+    # cached per device in a plain dict: every Float8Linear call asks (the eager step is
+    # host-bound), and torch.compile reads a dict where it would break the graph at a
+    # functools.cache'd function
+    index = dev.index if dev.index is not None else -1
+    ok = _FP8_CAPABLE.get(index)
+    if ok is None:
+        ok = False
+        if torch.cuda.is_available():
+            d = torch.device("cuda", torch.cuda.current_device() if index < 0 else index)
+            ok = torch.cuda.get_device_capability(d) >= (8, 9) and hasattr(torch, "_scaled_mm")
+        _FP8_CAPABLE[index] = ok
+    return ok
 
 
-@functools.cache
-def _fp8_capable(index: int) -> bool:
-    if not torch.cuda.is_available():
-        return False
-    dev = torch.device("cuda", torch.cuda.current_device() if index < 0 else index)
-    return torch.cuda.get_device_capability(dev) >= (8, 9) and hasattr(torch, "_scaled_mm")
+_FP8_CAPABLE: dict[int, bool] = {}
 
 
 def _scaled_mm(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor,

@@ -27,16 +27,21 @@ class SlimlmFallbackWarning(RuntimeWarning):
     """A fast path was not taken; slimlm computes the same result with plain PyTorch."""
 
 
-@functools.cache
+_TRITON: list[bool] = []  # the answer, once known (a plain global: torch.compile reads it
+# as a constant, where it cannot trace functools.cache or importlib and breaks the graph)
+
+
 def triton_available() -> bool:
     """True when ``import triton`` succeeds (checked once per process)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton  # noqa: F401
-    except Exception:  # a broken install is as good as none
-        return False
-    return True
+    if not _TRITON:
+        ok = importlib.util.find_spec("triton") is not None
+        if ok:
+            try:
+                import triton  # noqa: F401
+            except Exception:  # a broken install is as good as none
+                ok = False
+        _TRITON.append(ok)
+    return _TRITON[0]
 
 
 def interpreting() -> bool:
