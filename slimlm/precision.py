@@ -543,11 +543,32 @@ def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype
     scale)``: one fused pass on the GPU (:mod:`slimlm.kernels.fp8_cast`), the same bits.
     CPU tensors (the emulation) take the PyTorch reference even under TRITON_INTERPRET=1:
     the interpreted kernel is for the kernel's own tests, not for training loops."""
+    if torch.compiler.is_compiling():
+        # an opaque custom op for the compiler: traced, the Triton launch inside gave wrong
+        # fp8 gradients on the H200 (a compiled llama-1b step stopped learning)
+        return _fp8_both_op(x, dtype)
+    return _fp8_both_impl(x, dtype)
+
+
+def _fp8_both_impl(x: torch.Tensor, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from slimlm.kernels import fp8_cast
 
     if not x.is_cuda:
         return fp8_cast.quantize_fp8_both_ref(x, dtype)
     return fp8_cast.quantize_fp8_both(x, dtype)
+
+
+_fp8_both_op = torch.library.custom_op(
+    "slimlm::quantize_fp8_both", _fp8_both_impl, mutates_args=(),
+    schema="(Tensor x, ScalarType dtype) -> (Tensor, Tensor, Tensor)")
+
+
+@_fp8_both_op.register_fake
+def _(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, c = x.shape
+    return (x.new_empty((r, c), dtype=dtype), x.new_empty((c, r), dtype=dtype),
+            x.new_empty((), dtype=torch.float32))
 
 
 def _dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
