@@ -1293,6 +1293,81 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+def merge_and_requantize_(model: nn.Module, *, method: str | None = None
+                          ) -> dict[str, dict[str, Any]]:
+    """QLoRA's merge: for every adapted layer over a quantized base (``slimlm.quant``'s
+    ``QuantLinear``), dequantize the base, merge the active adapters in fp32 (DoRA
+    included, as :meth:`LoRALinear.merge`), quantize the merged weight again in the base's
+    format (bits, group size, symmetry, scale dtype) and put it back at the layer's path
+    (state-dict keys as after ``quantize_``). Layers over a plain ``nn.Linear`` are merged
+    and unloaded as by :func:`merge_and_unload`. Returns ``model``'s report, per quantized
+    path:
+
+    - ``weight_rel_err``: ``||W' - Q(W')|| / ||W'||`` (Frobenius), W' the exact merged
+      weight: the error the requantization adds to the merged model;
+    - ``delta_rel_err``: ``||(W' - W0) - (Q(W') - W0)|| / ||W' - W0||``, W0 the
+      dequantized base: how much of the adapter's change the grid rounds away (an adapter
+      trained on a quantized base is small against the grid's step, so this can be large;
+      1.0 would mean the adapter is gone);
+    - ``method``: the quantizer used. The base's own method when it needs no data (RTN,
+      HQQ); "hqq" in place of GPTQ (which needs calibration data) unless ``method`` says
+      otherwise; AWQ's input scale is folded into the weight first and not re-searched.
+
+    Example::
+
+        quant.quantize_(model, QuantConfig(bits=4, group_size=64)); lora.apply_(model, cfg)
+        ...  # fine-tune
+        report = lora.merge_and_requantize_(model)
+        print(max(r["delta_rel_err"] for r in report.values()))
+    """
+    if method is not None and method not in ("rtn", "hqq"):
+        raise ValueError(f"method={method!r}: expected 'rtn', 'hqq' or None (the base's "
+                         "data-free method; GPTQ needs calibration data)")
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError("merge_and_requantize_: the model has no LoRA layers")
+    from slimlm.quant import QuantConfig
+    from slimlm.quant.api import _quantize_linear
+
+    report: dict[str, dict[str, Any]] = {}
+    for path, layer in layers:
+        base = layer.base_layer
+        qcfg = getattr(base, "quant_config", None)
+        if not isinstance(qcfg, dict):  # not slimlm-quantized: a plain merge
+            _set_module(model, path, _to_plain_linear(layer))
+            continue
+        w0 = _base_weight(base).detach().float()  # (out, in), AWQ scale folded in
+        plain = _to_plain_linear(layer)  # dequantized base + adapters, merged in fp32
+        merged = plain.weight.detach().float()
+        cfg = dict(qcfg)
+        chosen = method or (cfg.get("method") if cfg.get("method") in ("rtn", "hqq")
+                            else "hqq")
+        # the base's own format (its group size as stored, not "auto")
+        cfg.update(method=chosen, awq=False, bits=base.bits, symmetric=bool(base.symmetric),
+                   group_size=None if base.group_size == base.in_features else base.group_size)
+        qc = QuantConfig.from_dict(cfg)
+        lin = nn.Linear(plain.in_features, plain.out_features, bias=plain.bias is not None,
+                        device=merged.device, dtype=torch.float32)
+        with torch.no_grad():
+            lin.weight.copy_(merged)
+            if plain.bias is not None:
+                lin.bias.copy_(plain.bias.float())
+        ql = _quantize_linear(lin, qc, None).to(base.scales.device)
+        if base.bias is not None:
+            with torch.no_grad():
+                ql.bias = base.bias.detach().clone()
+        ql.requires_grad_(False)
+        wq = ql.dequantize(torch.float32)
+        delta = merged - w0
+        dn = float(delta.norm())
+        report[path] = {
+            "weight_rel_err": float((merged - wq).norm() / merged.norm().clamp_min(1e-30)),
+            "delta_rel_err": float((merged - wq).norm() / dn) if dn > 0 else 0.0,
+            "method": chosen}
+        _set_module(model, path, ql)
+    return report
+
+
 def unload_(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging (merged ones are unmerged first): the original
     layers under their original keys. Parameters stay frozen. Returns ``model``."""

@@ -846,3 +846,48 @@ def test_errors():
             m(ids(b=2))
     with pytest.raises(ValueError, match="r=40"):
         lora.apply_(tiny(), LoRAConfig(r=40, init="pissa"))
+
+
+def test_merge_and_requantize_qlora():
+    """QLoRA merge: dequantize, merge, requantize in the base's format; the merged model
+    stays quantized (same keys, bits, group size), keeps the adapter's effect up to the
+    reported requantization error, and the report's figures are the weights' own."""
+    from slimlm import quant
+
+    m = tiny(dim=64, mlp_dim=128)
+    quant.quantize_(m, quant.QuantConfig(bits=4, group_size=32))
+    keys = list(m.state_dict())
+    lora.apply_(m, LoRAConfig(r=8, alpha=16, targets="all-linear", init="gaussian"))
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(m):
+            for b in layer.lora_B.values():
+                b.weight.normal_(0.0, 0.05)
+    x = ids()
+    with torch.no_grad():
+        ref = m(x)[0]
+        with lora.disable_adapters(m):
+            base = m(x)[0]
+        q = m.layers[0].self_attn.q_proj
+        exact = q.base_layer.dequantize() + q.scaling["default"] * (
+            q.lora_B["default"].weight @ q.lora_A["default"].weight)
+        report = lora.merge_and_requantize_(m)
+        out = m(x)[0]
+    assert list(m.state_dict()) == keys and not list(lora.lora_layers(m))
+    assert len(report) == 2 * len(PROJ)
+    ql = m.layers[0].self_attn.q_proj
+    assert isinstance(ql, quant.QuantLinear) and ql.bits == 4 and ql.group_size == 32
+    r = report["layers.0.self_attn.q_proj"]
+    err = float((exact - ql.dequantize()).norm() / exact.norm())
+    assert r["method"] == "rtn" and abs(r["weight_rel_err"] - err) < 1e-5
+    assert 0 < r["delta_rel_err"] < 1
+    # the merged, requantized model is far closer to the adapted one than the base is
+    assert (out - ref).norm() < 0.3 * (base - ref).norm()
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        lora.merge_and_requantize_(m)
+    m2 = tiny(dim=64, mlp_dim=128)
+    quant.quantize_(m2, quant.QuantConfig(bits=4, group_size=32))
+    lora.apply_(m2, LoRAConfig(r=4, targets="all-linear"))
+    with pytest.raises(ValueError, match="method='gptq'"):
+        lora.merge_and_requantize_(m2, method="gptq")
+    assert {v["method"] for v in lora.merge_and_requantize_(m2, method="hqq").values()} == {
+        "hqq"}
