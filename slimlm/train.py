@@ -679,9 +679,10 @@ class CapturedStep:
     not touched. The graph bakes in tensor addresses and Python-side choices: each call
     checks that the model's parameters and buffers are the same tensors, that the frozen
     ones were not changed in place (``_version``), that per-module state such as LoRA's
-    active adapters (``_graph_state()``) and the autocast state are as at capture, and raises
-    if not (build a new CapturedStep then). The check walks the parameters (a few hundred
-    microseconds for a 1B model; ``verify=False`` skips it).
+    active adapters (``_graph_state()``), train/eval modes and the autocast state are as
+    at capture, and raises if not (build a new CapturedStep then). The check walks the
+    parameters and modules (a few hundred microseconds for a 1B model; ``verify=False``
+    skips it).
 
     Hugging Face models: transformers cannot look at the data while a graph is captured,
     so it builds a full causal mask there (eager runs pass ``is_causal`` to SDPA instead
@@ -774,10 +775,12 @@ class CapturedStep:
                 versions.append(t._version)
             except RuntimeError:  # inference tensors carry no version counter
                 versions.append(None)
-        states = tuple(m._graph_state() for m in self.model.modules()
+        mods = list(self.model.modules())
+        states = tuple(m._graph_state() for m in mods
                        if callable(getattr(m, "_graph_state", None)))
+        training = tuple(m.training for m in mods)  # dropout etc. were captured as they were
         return (tuple((t.data_ptr(), t.dtype, t.shape, t.requires_grad) for t in tensors),
-                tuple(versions), states, autocast)
+                tuple(versions), states, training, autocast)
 
     def __call__(self, *inputs: Any) -> Any:
         if len(inputs) != len(self._spec):
@@ -800,8 +803,8 @@ class CapturedStep:
             raise RuntimeError(
                 "CapturedStep: the model changed since capture (a parameter or buffer was "
                 "replaced, moved or cast, a frozen weight was changed in place, adapters were "
-                "switched, merged or disabled, or autocast differs); build a new "
-                "CapturedStep for the model as it is now")
+                "switched, merged or disabled, train/eval mode or autocast differs); build "
+                "a new CapturedStep for the model as it is now")
         reattach = []
         for p, g in zip(self.params, self.grads):
             if p.grad is not g:

@@ -162,6 +162,10 @@ def test_model_changed_after_capture_is_refused(gpu):
         with pytest.raises(RuntimeError, match="model changed since capture"):
             step(x)
     step(x)  # as at capture again
+    m.eval()
+    with pytest.raises(RuntimeError, match="train/eval mode"):
+        step(x)
+    m.train()
     w = m.layers[0].self_attn.q_proj.base_layer.weight
     with torch.no_grad():
         w.mul_(1.0)  # an in-place change to a frozen weight (its version counter moves)
@@ -234,7 +238,7 @@ def test_train_config_cuda_graph_is_validated():
     with pytest.raises(ValueError, match="cuda_graph='yes'"):
         TrainConfig(cuda_graph="yes")
     for kw, what in (({"compile": True}, "compile=True"),
-                     ({"precision": "fp16-mixed"}, "fp16-mixed"),
+                     ({"precision": "fp16-mixed"}, "precision='fp16-mixed'"),
                      ({"checkpointing": "full"}, "checkpointing='full'")):
         with pytest.raises(ValueError, match=f"cuda_graph=True does not work with {what}"):
             TrainConfig(cuda_graph=True, **kw)
