@@ -43,6 +43,10 @@ def test_register_rejects_a_second_function_under_a_taken_name():
 @pytest.mark.parametrize("name", bench.list_suites())
 def test_every_suite_runs_quick_on_cpu(name, tmp_path, one_thread, monkeypatch):
     monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))  # keep the user's cache clean
+    # A smoke test of the suites: CPU tensors take the PyTorch references, as on a user's
+    # CPU, even after test_attention switched this process to the Triton interpreter (the
+    # kernels have their own interpreter tests; interpreted, the kvcache suite took 70 s)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     path = bench.run_suite(name, quick=True, out_dir=tmp_path, device="cpu", echo=False)
     assert path == tmp_path / f"{name}-cpu-quick.json"
     doc = json.loads(path.read_text())
