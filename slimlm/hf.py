@@ -486,11 +486,22 @@ def packed_sequences_seen() -> Iterator[list[bool]]:
         seen[0] = seen[0] or out is not None
         return out
 
-    mu.find_packed_sequence_indices = probe
-    try:
+    with _patched(mu, "find_packed_sequence_indices", probe):
         yield seen
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """``obj.name = value`` while active (None: leave it alone); the old value after."""
+    if value is None:
+        yield
+        return
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
     finally:
-        mu.find_packed_sequence_indices = find
+        setattr(obj, name, old)
 
 
 @contextlib.contextmanager
@@ -538,11 +549,8 @@ def causal_mask_skip() -> Iterator[None]:
         return None  # one sequence per row (see the docstring)
 
     mapping["sdpa"] = sdpa_mask
-    if find is not None:
-        mu.find_packed_sequence_indices = unpacked
     try:
-        yield
+        with _patched(mu, "find_packed_sequence_indices", unpacked if find else None):
+            yield
     finally:
         mapping["sdpa"] = original
-        if find is not None:
-            mu.find_packed_sequence_indices = find

@@ -1345,18 +1345,7 @@ def merge_and_requantize_(model: nn.Module, *, method: str | None = None
         # the base's own format (its group size as stored, not "auto")
         cfg.update(method=chosen, awq=False, bits=base.bits, symmetric=bool(base.symmetric),
                    group_size=None if base.group_size == base.in_features else base.group_size)
-        qc = QuantConfig.from_dict(cfg)
-        lin = nn.Linear(plain.in_features, plain.out_features, bias=plain.bias is not None,
-                        device=merged.device, dtype=torch.float32)
-        with torch.no_grad():
-            lin.weight.copy_(merged)
-            if plain.bias is not None:
-                lin.bias.copy_(plain.bias.float())
-        ql = _quantize_linear(lin, qc, None).to(base.scales.device)
-        if base.bias is not None:
-            with torch.no_grad():
-                ql.bias = base.bias.detach().clone()
-        ql.requires_grad_(False)
+        ql = _quantize_linear(plain, QuantConfig.from_dict(cfg), None)  # bias included
         wq = ql.dequantize(torch.float32)
         delta = merged - w0
         dn = float(delta.norm())

@@ -714,8 +714,9 @@ class CapturedStep:
         if len(devices) > 1:
             raise ValueError(f"inputs: expected tensors on one device, got {sorted(devices)}")
         self.model, self.fn, self.verify = model, fn, verify
-        self._spec = [(a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a
-                      for a in inputs]
+        # tensors: (shape, dtype, device) to match; anything else: the value itself
+        self._spec = [(True, (a.shape, a.dtype, a.device)) if isinstance(a, torch.Tensor)
+                      else (False, a) for a in inputs]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.graph: Any = None
         self.hf_causal_skip = False
@@ -786,8 +787,8 @@ class CapturedStep:
         if len(inputs) != len(self._spec):
             raise TypeError(f"CapturedStep: expected {len(self._spec)} inputs as at capture, "
                             f"got {len(inputs)}")
-        for i, (a, spec) in enumerate(zip(inputs, self._spec)):
-            if isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[1], torch.dtype):
+        for i, (a, (is_tensor, spec)) in enumerate(zip(inputs, self._spec)):
+            if is_tensor:
                 if not isinstance(a, torch.Tensor) or (a.shape, a.dtype, a.device) != spec:
                     got = (tuple(a.shape), a.dtype, str(a.device)) if isinstance(
                         a, torch.Tensor) else type(a).__name__

@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 from slimlm import precision as prec
 from slimlm.bench.harness import free_memory, guarded, register, time_fn, time_steps
 from slimlm.model import ModelConfig, Transformer
-from slimlm.train import CapturedStep
+from slimlm.train import CapturedStep, forward_backward
 
 PARTS = ("linear", "step", "run")
 LINEAR_SHAPES = ((4096, 8192, 16384), (1024, 2048, 1024))
@@ -214,16 +213,9 @@ def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
                 model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda"))
             fwd = torch.compile(model) if compile else model
 
-            def fb(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-                with policy.autocast(device.type):
-                    dt = device.type
-                    # (no autocast weight-cast cache inside a CUDA graph capture)
-                    with torch.autocast(dt, enabled=torch.is_autocast_enabled(dt),
-                                        dtype=torch.get_autocast_dtype(dt),
-                                        cache_enabled=False) if graph else nullcontext():
-                        _, loss = fwd(x, y)
-                policy.backward(loss)
-                return loss.detach()
+            # (no autocast weight-cast cache inside a CUDA graph capture)
+            fb = partial(forward_backward, fwd, grad_accum=1, policy=policy,
+                         autocast_cache=not graph)
 
             run_fb = CapturedStep(model, fb, x, y) if graph else fb
 
