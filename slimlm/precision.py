@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -544,10 +545,26 @@ def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype
     CPU tensors (the emulation) take the PyTorch reference even under TRITON_INTERPRET=1:
     the interpreted kernel is for the kernel's own tests, not for training loops."""
     if torch.compiler.is_compiling():
+        if FP8_COMPILED_CAST == "torch":
+            # the PyTorch reference, traced: inductor writes the amax and the casts and may
+            # fuse them with the neighbouring ops (as torchao's Float8Linear does)
+            from slimlm.kernels import fp8_cast
+
+            return fp8_cast.quantize_fp8_both_ref(x, dtype)
         # an opaque custom op for the compiler: traced, the Triton launch inside gave wrong
         # fp8 gradients on the H200 (a compiled llama-1b step stopped learning)
         return _fp8_both_op(x, dtype)
     return _fp8_both_impl(x, dtype)
+
+
+#: How :func:`quantize_fp8_both` enters a ``torch.compile`` graph: ``"op"`` (the fused
+#: Triton cast as an opaque custom op) or ``"torch"`` (the PyTorch reference, which inductor
+#: compiles and fuses). Read once from ``SLIMLM_FP8_COMPILED_CAST``; set the attribute to
+#: change it (then ``torch.compiler.reset()``: compiled graphs keep the choice they traced).
+FP8_COMPILED_CAST = os.environ.get("SLIMLM_FP8_COMPILED_CAST", "op")
+if FP8_COMPILED_CAST not in ("op", "torch"):
+    raise ValueError(f"SLIMLM_FP8_COMPILED_CAST={FP8_COMPILED_CAST!r}: expected 'op' or "
+                     "'torch'")
 
 
 def _fp8_both_impl(x: torch.Tensor, dtype: torch.dtype

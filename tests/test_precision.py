@@ -446,13 +446,24 @@ def test_quantize_fp8_in_bf16_matches_the_fp32_form(dim, dtype):
     assert _rel(q.float() * s, x32) <= _rel(qr * sr, x32) * 1.05 + 1e-4
 
 
-def test_quantize_fp8_both_is_one_custom_op_under_compile():
+@pytest.mark.parametrize("cast", ["op", "torch"])
+def test_quantize_fp8_both_under_compile(cast, monkeypatch):
     """Under torch.compile the fused fp8 cast is an opaque custom op (traced, its Triton
-    launch gave wrong gradients on the H200): no graph break, the same bits as eager."""
+    launch gave wrong gradients on the H200) or, with FP8_COMPILED_CAST="torch", the traced
+    PyTorch reference: no graph break, the same bits as eager either way."""
+    monkeypatch.setattr(precision, "FP8_COMPILED_CAST", cast)
     x = torch.randn(64, 48)
+    seen: list[str] = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
     f = torch.compile(lambda t: precision.quantize_fp8_both(t * 2, torch.float8_e4m3fn),
-                      backend="aot_eager", fullgraph=True)
-    for a, b in zip(f(x), precision.quantize_fp8_both(x * 2, torch.float8_e4m3fn)):
+                      backend=backend, fullgraph=True)
+    got = f(x)
+    assert any("slimlm.quantize_fp8_both" in t for t in seen) == (cast == "op"), seen
+    for a, b in zip(got, precision.quantize_fp8_both(x * 2, torch.float8_e4m3fn)):
         assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a,
                            b.view(torch.uint8) if b.dtype != torch.float32 else b)
     torch.compiler.reset()
@@ -460,12 +471,14 @@ def test_quantize_fp8_both_is_one_custom_op_under_compile():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("scaling", ["tensor", "row"])
-def test_fp8_linear_compiled_matches_eager(scaling):
+@pytest.mark.parametrize("scaling,cast", [("tensor", "op"), ("row", "op"),
+                                          ("tensor", "torch")])
+def test_fp8_linear_compiled_matches_eager(scaling, cast, monkeypatch):
     """A compiled Float8Linear (forward and backward) gives eager's output and gradients,
-    without graph breaks."""
+    without graph breaks, with either compiled form of the fp8 cast."""
     if not precision.fp8_supported("cuda"):
         pytest.skip("GPU without fp8 (compute capability < 8.9)")
+    monkeypatch.setattr(precision, "FP8_COMPILED_CAST", cast)
     torch.manual_seed(0)
     lin = nn.Linear(512, 768, bias=False, device="cuda")
     Float8Linear.from_linear(lin, scaling=scaling, fallback="never")
