@@ -112,7 +112,7 @@ def main() -> None:
             cache = StaticCache(cfg.n_layers, B, cfg.n_kv_heads, cfg.head_dim, L,
                                 device=dev, dtype=torch.bfloat16)
 
-            def run(n: int, mode: str = mode, cache: StaticCache = cache):
+            def run(n: int, mode: str = mode, cache: StaticCache = cache, net=net):
                 cache.reset()
                 return generate(net, prompts, n, cache=cache, compile=mode)
 
@@ -133,7 +133,7 @@ def main() -> None:
                 key_valid = torch.ones(B, L, dtype=torch.bool, device=dev)
 
                 def replay(fn=fn, tok=tok, slot=slot, pads=pads, kv=key_valid, ks=key_slots,
-                           cache=cache):
+                           cache=cache, net=net):
                     torch.compiler.cudagraph_mark_step_begin()
                     fn(net, cache.k_buffers, cache.v_buffers, tok, slot, pads, kv, ks)
             dev_ms = events_ms(replay, 50)
