@@ -624,7 +624,36 @@ def _scaled_mm(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor,
         scale_b = scale_b_t.reshape(1, -1)  # (1, N)
     else:
         scale_a, scale_b = scale_a.reshape(()), scale_b_t.reshape(())
+    if torch.compiler.is_compiling() and FP8_COMPILED_MM == "op":
+        return _scaled_mm_op(a, b_t, scale_a, scale_b, out_dtype)
     return torch._scaled_mm(a, b_t.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+
+def _scaled_mm_impl(a: torch.Tensor, b_t: torch.Tensor, scale_a: torch.Tensor,
+                    scale_b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return torch._scaled_mm(a, b_t.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+
+# Under torch.compile the fp8 GEMM enters the graph as an opaque op (inductor calls the
+# same cuBLASLt kernel either way): traced on the H200 (torch 2.11), a compiled
+# Float8Linear returned all-zero outputs with either form of the cast.
+_scaled_mm_op = torch.library.custom_op(
+    "slimlm::scaled_mm", _scaled_mm_impl, mutates_args=(),
+    schema="(Tensor a, Tensor b_t, Tensor scale_a, Tensor scale_b, ScalarType out_dtype) "
+           "-> Tensor")
+
+
+@_scaled_mm_op.register_fake
+def _(a: torch.Tensor, b_t: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+      out_dtype: torch.dtype) -> torch.Tensor:
+    return a.new_empty((a.shape[0], b_t.shape[0]), dtype=out_dtype)
+
+
+#: How ``torch._scaled_mm`` enters a ``torch.compile`` graph: ``"op"`` (opaque custom op,
+#: the default) or ``"aten"`` (traced as itself). From ``SLIMLM_FP8_COMPILED_MM``.
+FP8_COMPILED_MM = os.environ.get("SLIMLM_FP8_COMPILED_MM", "op")
+if FP8_COMPILED_MM not in ("op", "aten"):
+    raise ValueError(f"SLIMLM_FP8_COMPILED_MM={FP8_COMPILED_MM!r}: expected 'op' or 'aten'")
 
 
 def _mm_fp8(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor, scale_b_t: torch.Tensor,

@@ -498,6 +498,16 @@ def test_fp8_linear_compiled_matches_eager(scaling, cast, monkeypatch):
         assert torch._dynamo.explain(lin)(x).graph_break_count == 0
     torch.compiler.reset()
     compiled = run(torch.compile(lin))
-    for a, b in zip(compiled, eager):
-        assert _rel(a, b) < 1e-3, _rel(a, b)
+    # the exact product and gradients in fp32
+    xe = x.detach().clone().requires_grad_(True)
+    we = lin.weight.detach().clone().requires_grad_(True)
+    ye = xe @ we.t()
+    ye.backward(dy)
+    exact = (ye.detach(), xe.grad, we.grad)
+    for a, b, e in zip(compiled, eager, exact):
+        assert a.abs().max() > 0  # (torch 2.11 traced _scaled_mm into all-zero outputs)
+        if cast == "op":  # the same kernels as eager
+            assert _rel(a, b) < 1e-3, _rel(a, b)
+        else:  # inductor rounds the cast its own way: as accurate as eager's fp8
+            assert _rel(a, e) <= 1.1 * _rel(b, e) + 1e-3, (_rel(a, e), _rel(b, e))
     torch.compiler.reset()
