@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--formats", default="bf16")
     ap.add_argument("--modes", default="cuda-graph,reduce-overhead")
     ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--ab", action="store_true",
+                    help="also run each format with the fused decode GEMVs off")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -99,7 +101,37 @@ def main() -> None:
           f"= {nbytes/floor/1e6:.0f} GB/s", flush=True)
     del g
 
-    for fmt in a.formats.split(","):
+    # The fused decode GEMVs against cuBLAS, per llama shape (slimlm.kernels.gemv.tune).
+    from slimlm.kernels import gemv as G
+
+    blk = net.layers[0]
+    at, mlp = blk.self_attn, blk.mlp
+    shapes = {"qkv": ([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight], False),
+              "o": ([at.o_proj.weight], False),
+              "gate_up_swiglu": ([mlp.gate_proj.weight, mlp.up_proj.weight], True),
+              "down": ([mlp.down_proj.weight], False)}
+    report["gemv_tune"] = {}
+    for name, (ws, sw) in shapes.items():
+        x = torch.randn(B, ws[0].shape[1], device=dev, dtype=torch.bfloat16)
+        rows = G.tune(x, ws, swiglu=sw)
+        nb = sum(w.numel() * 2 for w in ws)
+
+        def cublas(x=x, ws=ws):
+            for w in ws:
+                F.linear(x, w)
+
+        cb = G._graph_us(cublas, 20)
+        report["gemv_tune"][name] = {"cublas_us": cb, "bytes": nb,
+                                     "configs": rows[:4]}
+        print(f"gemv {name} ({nb/1e6:.1f} MB): cuBLAS {cb:.1f} us ({nb/cb/1e3:.0f} GB/s); "
+              + "; ".join(f"{c} {us:.1f} us ({nb/us/1e3:.0f} GB/s)" for c, us in rows[:4]),
+              flush=True)
+
+    variants = [(fmt, on) for fmt in a.formats.split(",") for on in (True, False)
+                if on or a.ab]
+    for fmt, on in variants:
+        G.ENABLED = on
+        torch.compiler.reset()
         if fmt != "bf16":
             from slimlm.quant import QuantConfig, quantize_
 
@@ -140,7 +172,7 @@ def main() -> None:
             ks = kernels(replay, 5)
             tot = sum(r[2] for r in ks) / 1e3
             n = sum(r[1] for r in ks)
-            key = f"{fmt}/{mode}"
+            key = f"{fmt}/{mode}" + ("" if on else "/no-gemv")
             report[key] = {"generate_step_ms": step_ms, "replay_ms": dev_ms,
                            "kernel_ms": tot, "kernels_per_step": n,
                            "top": ks[:a.top]}

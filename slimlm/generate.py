@@ -488,6 +488,10 @@ class _StaticStep:
     changing per step (a recompile per step); :func:`generate` sets it after the loop.
     """
 
+    #: The model's projections may run as fused decode GEMVs (slimlm.kernels.gemv: q/k/v in
+    #: one launch, gate/up/SwiGLU in one), where they are plain bf16/fp16 ``nn.Linear``.
+    fused_linears = True
+
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor],
                  slot: torch.Tensor) -> None:
         self.keys, self.values, self.slot = keys, values, slot
@@ -646,7 +650,9 @@ def _graph_key(model: nn.Module, kv: StaticCache) -> tuple:
     dev = kv.device.type
     autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
                 if torch.is_autocast_enabled(dev) else None)
-    return (kv.batch_size, kv.max_len, kv.dtype, str(kv.device),
+    from slimlm.kernels import gemv as _gemv
+
+    return (kv.batch_size, kv.max_len, kv.dtype, str(kv.device), _gemv.ENABLED,
             tuple((t.data_ptr(), t.dtype, t.shape)
                   for t in (*kv.k_buffers, *kv.v_buffers, *model_tensors)),
             states, repr(getattr(model, "cfg", None)), autocast)

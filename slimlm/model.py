@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimlm.kernels import gemv as _gemv
+
 ATTENTION_IMPLS = ("eager", "sdpa", "flash")
 
 
@@ -286,9 +288,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Any = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B,Hkv,T,D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if getattr(cache, "fused_linears", False) and _gemv.plain_linears(
+                x, self.q_proj, self.k_proj, self.v_proj):
+            # decode: q, k and v from one GEMV launch (slimlm.kernels.gemv)
+            q, k, v = _gemv.grouped_linear(x, [self.q_proj.weight, self.k_proj.weight,
+                                               self.v_proj.weight])
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B,Hkv,T,D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             # The cache stores this step's keys/values and hands back what to attend over;
@@ -303,6 +312,8 @@ class Attention(nn.Module):
             p = self.cfg.dropout if self.training else 0.0
             out = attend(self.cfg.attention, q, k, v, causal=True, mask=mask, dropout_p=p)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        if getattr(cache, "fused_linears", False) and _gemv.plain_linears(out, self.o_proj):
+            return _gemv.grouped_linear(out, [self.o_proj.weight])[0]
         return self.o_proj(out)
 
 
@@ -333,7 +344,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Any = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        h = self.post_attention_layernorm(x)
+        mlp = self.mlp
+        if (getattr(cache, "fused_linears", False) and type(mlp) is MLP
+                and _gemv.plain_linears(h, mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            # decode: gate, up and the SwiGLU product in one GEMV launch, then down
+            g = _gemv.swiglu_linear(h, mlp.gate_proj.weight, mlp.up_proj.weight)
+            return x + self.dropout(_gemv.grouped_linear(g, [mlp.down_proj.weight])[0])
+        return x + self.dropout(mlp(h))
 
 
 def _make_mlp(cfg: ModelConfig) -> nn.Module:
