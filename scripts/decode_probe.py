@@ -166,8 +166,9 @@ def main() -> None:
 
                 def replay(fn=fn, tok=tok, slot=slot, pads=pads, kv=key_valid, ks=key_slots,
                            cache=cache, net=net):
-                    torch.compiler.cudagraph_mark_step_begin()
-                    fn(net, cache.k_buffers, cache.v_buffers, tok, slot, pads, kv, ks)
+                    with torch.inference_mode():  # as generate runs it
+                        torch.compiler.cudagraph_mark_step_begin()
+                        fn(net, cache.k_buffers, cache.v_buffers, tok, slot, pads, kv, ks)
             dev_ms = events_ms(replay, 50)
             ks = kernels(replay, 5)
             tot = sum(r[2] for r in ks) / 1e3

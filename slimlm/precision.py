@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -545,26 +544,10 @@ def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype
     CPU tensors (the emulation) take the PyTorch reference even under TRITON_INTERPRET=1:
     the interpreted kernel is for the kernel's own tests, not for training loops."""
     if torch.compiler.is_compiling():
-        if FP8_COMPILED_CAST == "torch":
-            # the PyTorch reference, traced: inductor writes the amax and the casts and may
-            # fuse them with the neighbouring ops (as torchao's Float8Linear does)
-            from slimlm.kernels import fp8_cast
-
-            return fp8_cast.quantize_fp8_both_ref(x, dtype)
-        # an opaque custom op for the compiler: traced, the Triton launch inside gave wrong
-        # fp8 gradients on the H200 (a compiled llama-1b step stopped learning)
+        # an opaque custom op for the compiler (traced, the Triton launch inside is not
+        # something inductor should rewrite)
         return _fp8_both_op(x, dtype)
     return _fp8_both_impl(x, dtype)
-
-
-#: How :func:`quantize_fp8_both` enters a ``torch.compile`` graph: ``"op"`` (the fused
-#: Triton cast as an opaque custom op) or ``"torch"`` (the PyTorch reference, which inductor
-#: compiles and fuses). Read once from ``SLIMLM_FP8_COMPILED_CAST``; set the attribute to
-#: change it (then ``torch.compiler.reset()``: compiled graphs keep the choice they traced).
-FP8_COMPILED_CAST = os.environ.get("SLIMLM_FP8_COMPILED_CAST", "op")
-if FP8_COMPILED_CAST not in ("op", "torch"):
-    raise ValueError(f"SLIMLM_FP8_COMPILED_CAST={FP8_COMPILED_CAST!r}: expected 'op' or "
-                     "'torch'")
 
 
 def _fp8_both_impl(x: torch.Tensor, dtype: torch.dtype
@@ -624,36 +607,7 @@ def _scaled_mm(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor,
         scale_b = scale_b_t.reshape(1, -1)  # (1, N)
     else:
         scale_a, scale_b = scale_a.reshape(()), scale_b_t.reshape(())
-    if torch.compiler.is_compiling() and FP8_COMPILED_MM == "op":
-        return _scaled_mm_op(a, b_t, scale_a, scale_b, out_dtype)
     return torch._scaled_mm(a, b_t.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
-
-
-def _scaled_mm_impl(a: torch.Tensor, b_t: torch.Tensor, scale_a: torch.Tensor,
-                    scale_b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return torch._scaled_mm(a, b_t.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
-
-
-# Under torch.compile the fp8 GEMM enters the graph as an opaque op (inductor calls the
-# same cuBLASLt kernel either way): traced on the H200 (torch 2.11), a compiled
-# Float8Linear returned all-zero outputs with either form of the cast.
-_scaled_mm_op = torch.library.custom_op(
-    "slimlm::scaled_mm", _scaled_mm_impl, mutates_args=(),
-    schema="(Tensor a, Tensor b_t, Tensor scale_a, Tensor scale_b, ScalarType out_dtype) "
-           "-> Tensor")
-
-
-@_scaled_mm_op.register_fake
-def _(a: torch.Tensor, b_t: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-      out_dtype: torch.dtype) -> torch.Tensor:
-    return a.new_empty((a.shape[0], b_t.shape[0]), dtype=out_dtype)
-
-
-#: How ``torch._scaled_mm`` enters a ``torch.compile`` graph: ``"op"`` (opaque custom op,
-#: the default) or ``"aten"`` (traced as itself). From ``SLIMLM_FP8_COMPILED_MM``.
-FP8_COMPILED_MM = os.environ.get("SLIMLM_FP8_COMPILED_MM", "op")
-if FP8_COMPILED_MM not in ("op", "aten"):
-    raise ValueError(f"SLIMLM_FP8_COMPILED_MM={FP8_COMPILED_MM!r}: expected 'op' or 'aten'")
 
 
 def _mm_fp8(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor, scale_b_t: torch.Tensor,
@@ -668,29 +622,66 @@ def _mm_fp8(a: torch.Tensor, scale_a: torch.Tensor, b_t: torch.Tensor, scale_b_t
     return _scaled_mm(a, scale_a, b_t, scale_b_t, mm_dtype).to(out_dtype)
 
 
+def _fp8_forward(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, rowwise: bool,
+                 emulate: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """y = x @ W^T in fp8 and what the backward needs: the fp8 transposes and scales
+    (per-tensor scaling) or the originals and scales (row-wise)."""
+    # Autocast must not turn the emulation's fp32 matmul into a bf16 one.
+    with torch.autocast(x.device.type, enabled=False):
+        if rowwise:
+            xq, xs = quantize_fp8(x, E4M3, 1)  # (M, K), (M, 1)
+            wq, ws = quantize_fp8(weight, E4M3, 1)  # (N, K), (N, 1)
+            out = _mm_fp8(xq, xs, wq, ws, out_dtype, emulate)  # (M, N)
+            return out, (x, weight, xs, ws)
+        # each operand in both layouts from one pass (the backward's GEMMs take the
+        # transposes: dX = dY W, dW = dY^T X), scales per tensor
+        xq, xq_t, xs = quantize_fp8_both(x, E4M3)  # (M, K), (K, M), ()
+        wq, wq_t, ws = quantize_fp8_both(weight, E4M3)  # (N, K), (K, N), ()
+        out = _mm_fp8(xq, xs, wq, ws, out_dtype, emulate)  # (M, N)
+        return out, (xq_t, wq_t, xs, ws)
+
+
+def _fp8_backward(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, xs: torch.Tensor,
+                  ws: torch.Tensor, x_dtype: torch.dtype, w_dtype: torch.dtype, rowwise: bool,
+                  emulate: bool, need_dx: bool, need_dw: bool
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dX, dW) from dY and what :func:`_fp8_forward` saved (``a, b, xs, ws``)."""
+    gdtype = E4M3 if rowwise else E5M2
+    dx = dw = None
+    with torch.autocast(dy.device.type, enabled=False):
+        if rowwise:
+            # Row-wise scales run along the reduction dimension of each product, which
+            # changes between forward and backward: re-quantise from the saved originals.
+            x, w = a, b
+            if need_dx:
+                dyq, dys = quantize_fp8(dy, gdtype, 1)  # (M, N), (M, 1)
+                wtq, wts = quantize_fp8(w.t(), E4M3, 1)  # W^T (K, N), (K, 1)
+                dx = _mm_fp8(dyq, dys, wtq, wts, x_dtype, emulate)  # (M, K)
+            if need_dw:
+                dytq, dyts = quantize_fp8(dy.t(), gdtype, 1)  # dY^T (N, M), (N, 1)
+                xtq, xts = quantize_fp8(x.t(), E4M3, 1)  # X^T (K, M), (K, 1)
+                dw = _mm_fp8(dytq, dyts, xtq, xts, w_dtype, emulate)  # (N, K)
+            return dx, dw
+        xq_t, wq_t = a, b  # X^T (K, M), W^T (K, N) in fp8
+        dyq, dyq_t, dys = quantize_fp8_both(dy, gdtype)  # (M, N), (N, M), ()
+        if need_dx:
+            dx = _mm_fp8(dyq, dys, wq_t, ws, x_dtype, emulate)  # dY @ W: (M, K)
+        if need_dw:
+            dw = _mm_fp8(dyq_t, dys, xq_t, xs, w_dtype, emulate)  # dY^T @ X: (N, K)
+    return dx, dw
+
+
 class _Fp8Matmul(torch.autograd.Function):
     """y = x @ W^T with x, W in E4M3 and dY in E5M2 (E4M3 for row-wise scaling, whose
     kernels take E4M3 only). Saves the fp8 copies of x and W for backward, so the layer's
-    saved activation is half the bf16 one."""
+    saved activation is half the bf16 one. (Eager; under torch.compile :func:`fp8_linear`
+    calls the custom op ``slimlm::fp8_matmul`` instead.)"""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype,
                 rowwise: bool, emulate: bool) -> torch.Tensor:
-        # Autocast must not turn the emulation's fp32 matmul into a bf16 one.
-        with torch.autocast(x.device.type, enabled=False):
-            if rowwise:
-                xq, xs = quantize_fp8(x, E4M3, 1)  # (M, K), (M, 1)
-                wq, ws = quantize_fp8(weight, E4M3, 1)  # (N, K), (N, 1)
-                out = _mm_fp8(xq, xs, wq, ws, out_dtype, emulate)  # (M, N)
-                saved = (x, weight)
-            else:
-                # each operand in both layouts from one pass (the backward's GEMMs take the
-                # transposes: dX = dY W, dW = dY^T X), scales per tensor
-                xq, xq_t, xs = quantize_fp8_both(x, E4M3)  # (M, K), (K, M), ()
-                wq, wq_t, ws = quantize_fp8_both(weight, E4M3)  # (N, K), (K, N), ()
-                out = _mm_fp8(xq, xs, wq, ws, out_dtype, emulate)  # (M, N)
-                saved = (xq_t, wq_t)
-        ctx.save_for_backward(*saved, xs, ws)
+        out, saved = _fp8_forward(x, weight, out_dtype, rowwise, emulate)
+        ctx.save_for_backward(*saved)
         ctx.meta = (x.dtype, weight.dtype, rowwise, emulate)
         return out
 
@@ -698,29 +689,94 @@ class _Fp8Matmul(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
         x_dtype, w_dtype, rowwise, emulate = ctx.meta
         a, b, xs, ws = ctx.saved_tensors
-        gdtype = E4M3 if rowwise else E5M2
-        dx = dw = None
-        if rowwise:
-            # Row-wise scales run along the reduction dimension of each product, which
-            # changes between forward and backward: re-quantise from the saved originals.
-            x, w = a, b
-            if ctx.needs_input_grad[0]:
-                dyq, dys = quantize_fp8(dy, gdtype, 1)  # (M, N), (M, 1)
-                wtq, wts = quantize_fp8(w.t(), E4M3, 1)  # W^T (K, N), (K, 1)
-                dx = _mm_fp8(dyq, dys, wtq, wts, x_dtype, emulate)  # (M, K)
-            if ctx.needs_input_grad[1]:
-                dytq, dyts = quantize_fp8(dy.t(), gdtype, 1)  # dY^T (N, M), (N, 1)
-                xtq, xts = quantize_fp8(x.t(), E4M3, 1)  # X^T (K, M), (K, 1)
-                dw = _mm_fp8(dytq, dyts, xtq, xts, w_dtype, emulate)  # (N, K)
-            return dx, dw, None, None, None
-        xq_t, wq_t = a, b  # X^T (K, M), W^T (K, N) in fp8
-        with torch.autocast(dy.device.type, enabled=False):
-            dyq, dyq_t, dys = quantize_fp8_both(dy, gdtype)  # (M, N), (N, M), ()
-            if ctx.needs_input_grad[0]:
-                dx = _mm_fp8(dyq, dys, wq_t, ws, x_dtype, emulate)  # dY @ W: (M, K)
-            if ctx.needs_input_grad[1]:
-                dw = _mm_fp8(dyq_t, dys, xq_t, xs, w_dtype, emulate)  # dY^T @ X: (N, K)
+        dx, dw = _fp8_backward(dy, a, b, xs, ws, x_dtype, w_dtype, rowwise, emulate,
+                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dx, dw, None, None, None
+
+
+# Under torch.compile the fp8 linear is one opaque op with a registered backward (another
+# opaque op): traced through the autograd.Function above, a compiled Float8Linear returned
+# all-zero outputs on the H200 (torch 2.11) whenever its input required grad, with the fp8
+# cast and _scaled_mm traced or opaque alike; the compiled llama-1b step stopped learning.
+# The forward op returns the tensors the backward needs (fresh copies are not made:
+# per-tensor scaling returns the fp8 transposes it computed; row-wise returns empty
+# placeholders and the backward reads x and W, saved from the inputs).
+
+def _fp8_op_impl(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, rowwise: bool,
+                 emulate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor, torch.Tensor]:
+    out, (a, b, xs, ws) = _fp8_forward(x, weight, out_dtype, rowwise, emulate)
+    if rowwise:  # a, b are the inputs themselves: an op may not return its inputs
+        a, b = x.new_empty(0), x.new_empty(0)
+    return out, a, b, xs, ws
+
+
+_fp8_op = torch.library.custom_op(
+    "slimlm::fp8_matmul", _fp8_op_impl, mutates_args=(),
+    schema="(Tensor x, Tensor weight, ScalarType out_dtype, bool rowwise, bool emulate) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@_fp8_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, rowwise: bool,
+      emulate: bool) -> tuple[torch.Tensor, ...]:
+    (m, k), n = x.shape, weight.shape[0]
+    if rowwise:
+        return (x.new_empty((m, n), dtype=out_dtype), x.new_empty(0), x.new_empty(0),
+                x.new_empty((m, 1), dtype=torch.float32),
+                x.new_empty((n, 1), dtype=torch.float32))
+    return (x.new_empty((m, n), dtype=out_dtype), x.new_empty((k, m), dtype=E4M3),
+            x.new_empty((k, n), dtype=E4M3), x.new_empty((), dtype=torch.float32),
+            x.new_empty((), dtype=torch.float32))
+
+
+def _fp8_bwd_impl(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, xs: torch.Tensor,
+                  ws: torch.Tensor, x: torch.Tensor | None, w: torch.Tensor | None,
+                  x_dtype: torch.dtype, w_dtype: torch.dtype, rowwise: bool, emulate: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    if rowwise:
+        a, b = x, w
+    dx, dw = _fp8_backward(dy, a, b, xs, ws, x_dtype, w_dtype, rowwise, emulate, True, True)
+    return dx, dw
+
+
+_fp8_bwd_op = torch.library.custom_op(
+    "slimlm::fp8_matmul_backward", _fp8_bwd_impl, mutates_args=(),
+    schema="(Tensor dy, Tensor a, Tensor b, Tensor xs, Tensor ws, Tensor? x, Tensor? w, "
+           "ScalarType x_dtype, ScalarType w_dtype, bool rowwise, bool emulate) "
+           "-> (Tensor, Tensor)")
+
+
+@_fp8_bwd_op.register_fake
+def _(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor,
+      x: torch.Tensor | None, w: torch.Tensor | None, x_dtype: torch.dtype,
+      w_dtype: torch.dtype, rowwise: bool, emulate: bool) -> tuple[torch.Tensor, ...]:
+    m, n = dy.shape
+    k = (x.shape[1] if rowwise and x is not None else a.shape[0])
+    return (dy.new_empty((m, k), dtype=x_dtype), dy.new_empty((n, k), dtype=w_dtype))
+
+
+def _fp8_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+    x, weight, _, rowwise, emulate = inputs
+    _, a, b, xs, ws = output
+    if rowwise:
+        ctx.save_for_backward(a, b, xs, ws, x, weight)
+    else:
+        ctx.save_for_backward(a, b, xs, ws)
+    ctx.meta = (x.dtype, weight.dtype, rowwise, emulate)
+
+
+def _fp8_op_backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
+    x_dtype, w_dtype, rowwise, emulate = ctx.meta
+    saved = ctx.saved_tensors
+    a, b, xs, ws = saved[:4]
+    x, w = (saved[4], saved[5]) if rowwise else (None, None)
+    dx, dw = _fp8_bwd_op(dy.contiguous(), a, b, xs, ws, x, w, x_dtype, w_dtype, rowwise,
+                         emulate)
+    return dx, dw, None, None, None
+
+
+_fp8_op.register_autograd(_fp8_op_backward, setup_context=_fp8_setup_context)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -743,7 +799,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         out_dtype = torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else x.dtype
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    y = _Fp8Matmul.apply(x2, weight, out_dtype, scaling == "row", emulate)  # (M, N)
+    if torch.compiler.is_compiling():
+        y = _fp8_op(x2, weight, out_dtype, scaling == "row", emulate)[0]  # (M, N)
+    else:
+        y = _Fp8Matmul.apply(x2, weight, out_dtype, scaling == "row", emulate)  # (M, N)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, weight.shape[0])  # (..., N)

@@ -63,12 +63,15 @@ def test_plain_linears_selects_only_plain_bf16_layers():
     old = G.interpreting
     try:
         G.interpreting = lambda: True  # type: ignore[assignment]
+        assert not G.plain_linears(x, lin)  # gradients wanted: no backward in the kernels
+        torch.set_grad_enabled(False)
         assert G.plain_linears(x, lin)
         assert not G.plain_linears(x, lin, biased)
         assert not G.plain_linears(x, sub)  # quantized/LoRA/fp8 subclasses keep their forward
         assert not G.plain_linears(torch.ones(G.MAX_M + 1, 8, dtype=torch.bfloat16), lin)
     finally:
         G.interpreting = old  # type: ignore[assignment]
+        torch.set_grad_enabled(True)
 
 
 _SCRIPT = r"""

@@ -383,9 +383,13 @@ def plain_linears(x: torch.Tensor, *modules: torch.nn.Module) -> bool:
     """Whether ``modules`` (applied to ``x``) can run as one fused GEMV: every one a plain
     ``nn.Linear`` (not a subclass: quantized, LoRA or fp8 layers keep their own forward)
     without bias, weights in x's dtype (bf16/fp16), at most :data:`MAX_M` rows, on the GPU
-    (or under the interpreter), kernels enabled."""
+    (or under the interpreter), kernels enabled, and no gradient wanted (decoding runs
+    under ``torch.inference_mode``)."""
     if not ENABLED or x.dtype not in (torch.bfloat16, torch.float16):
         return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for m in modules for p in m.parameters())):
+        return False  # the kernels have no backward: training keeps nn.Linear
     if x.numel() // max(x.shape[-1], 1) > MAX_M:
         return False
     if not all(type(m) is torch.nn.Linear and m.bias is None and m.weight.dtype == x.dtype
