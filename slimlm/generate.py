@@ -73,6 +73,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimlm.kernels import dense_decode as _dense_decode
 from slimlm.model import ModelConfig
 
 __all__ = [
@@ -493,8 +494,9 @@ class _StaticStep:
     fused_linears = True
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 slot: torch.Tensor) -> None:
+                 slot: torch.Tensor, key_valid: torch.Tensor | None = None) -> None:
         self.keys, self.values, self.slot = keys, values, slot
+        self.key_valid = key_valid  # (B, L): False on left pads (the mask's other half)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -506,6 +508,11 @@ class _StaticStep:
         # Query head h reads kv head h // G (repeat_interleave order), so the G query heads of
         # a group are consecutive: fold them into the query axis of their kv head.
         qg = q.reshape(B, Hkv, (H // Hkv) * Tq, D)  # (B, Hkv, G, D) as Tq == 1
+        if Tq == 1 and self.key_valid is not None and _dense_decode.usable(qg, kb):
+            # one split-K kernel (+ a merge) over the slots up to the current one
+            fn = (_dense_decode.dense_decode_attention_op if torch.compiler.is_compiling()
+                  else _dense_decode.dense_decode_attention)
+            return fn(qg, kb, vb, self.slot, self.key_valid).reshape(B, H, Tq, D)
         scores = qg @ kb.transpose(-2, -1)  # (B, Hkv, G, L), accumulated in fp32 by the GEMM
         # Softmax in fp32 as the model's attention does (fp64 kept, for exact CPU tests).
         scores = (scores if scores.dtype == torch.float64 else scores.float()) / math.sqrt(D)
@@ -529,7 +536,7 @@ def _decode_step(model: nn.Module, keys: list[torch.Tensor], values: list[torch.
     positions = (slot[None, :] - pads).clamp(min=0)  # (B, 1): each row starts at position 0
     # Keys at slots <= the current one that are not pads: (B, 1, 1, L).
     mask = (key_valid & (key_slots <= slot))[:, None, None, :]
-    view = _StaticStep(keys, values, slot)
+    view = _StaticStep(keys, values, slot, key_valid)
     logits = model(tokens, cache=view, positions=positions, mask=mask)[:, -1]  # (B, V)
     # Greedy selection inside the graph, as sample_next computes it (fp32, fp64 kept).
     nxt = (logits if logits.dtype == torch.float64 else logits.float()).argmax(dim=-1)
@@ -653,6 +660,7 @@ def _graph_key(model: nn.Module, kv: StaticCache) -> tuple:
     from slimlm.kernels import gemv as _gemv
 
     return (kv.batch_size, kv.max_len, kv.dtype, str(kv.device), _gemv.ENABLED,
+            _dense_decode.ENABLED,
             tuple((t.data_ptr(), t.dtype, t.shape)
                   for t in (*kv.k_buffers, *kv.v_buffers, *model_tensors)),
             states, repr(getattr(model, "cfg", None)), autocast)

@@ -123,7 +123,8 @@ from slimlm.model import ModelConfig, Transformer
 torch.manual_seed(0)
 cfg = ModelConfig.from_preset("tiny", n_layers=1)
 net = Transformer(cfg).half().eval()
-prompts = torch.randint(0, cfg.vocab_size, (2, 7))
+prompts = [torch.randint(0, cfg.vocab_size, (7,)).tolist(),
+           torch.randint(0, cfg.vocab_size, (4,)).tolist()]  # left-padded row
 calls = []
 orig = G.gemv
 def counting(*a, **k):
@@ -134,6 +135,8 @@ fused = generate(net, prompts, 3, compile="eager", return_logits=True)
 assert calls, "the compiled decode step did not take the fused GEMV path"
 G.gemv = orig
 G.ENABLED = False
+from slimlm.kernels import dense_decode as DD
+DD.ENABLED = False
 torch.compiler.reset()
 plain = generate(net, prompts, 3, compile="eager", return_logits=True)
 assert fused.tokens == plain.tokens, (fused.tokens, plain.tokens)
@@ -145,8 +148,9 @@ print("ok")
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_model_decode_fused_path_matches_linear_path():
-    """The compiled decode step with fused q/k/v, o, SwiGLU and down GEMVs (interpreted
-    kernels, fp16 tiny model) gives the nn.Linear path's tokens and logits."""
+    """The compiled decode step with fused q/k/v, o, SwiGLU and down GEMVs and the dense
+    decode-attention kernel (interpreted kernels, fp16 tiny model, a left-padded row) gives
+    the nn.Linear + masked-softmax path's tokens and logits."""
     run_interpreted(_MODEL_SCRIPT)
 
 
