@@ -157,6 +157,26 @@ def test_decode_suite_refuses_cuda_graph_modes_on_cpu(tmp_path):
     with pytest.raises(ValueError, match="cuda-graph.*device=cpu"):
         bench.run_suite("decode", quick=True, out_dir=tmp_path, device="cpu", echo=False,
                         options={"modes": ["eager", "cuda-graph"]})
+    with pytest.raises(ValueError, match="reduce-overhead\\+torch.*device=cpu"):
+        bench.run_suite("decode", quick=True, out_dir=tmp_path, device="cpu", echo=False,
+                        options={"modes": ["eager", "reduce-overhead+torch"]})
+    with pytest.raises(ValueError, match="modes="):
+        bench.run_suite("decode", quick=True, out_dir=tmp_path, device="cpu", echo=False,
+                        options={"modes": ["eager", "aot_eager+cublas"]})
+
+
+def test_decode_suite_compares_with_torch_compile_alone(tmp_path, one_thread):
+    """A "+torch" mode runs the same compiled step with slimlm's decode kernels off; the
+    slimlm row of that mode carries ratio_vs_torch from the same run."""
+    path = bench.run_suite("decode", quick=True, out_dir=tmp_path, device="cpu", echo=False,
+                           options={"modes": ["eager", "aot_eager+torch", "aot_eager"],
+                                    "new_tokens": 3})
+    rows = {r["mode"]: r for r in json.loads(path.read_text())["rows"]}
+    assert rows["aot_eager+torch"]["decode_kernels"] == "torch"
+    assert rows["aot_eager"]["decode_kernels"] == "slimlm"
+    assert rows["aot_eager"]["ratio_vs_torch"] > 0
+    assert rows["aot_eager+torch"]["ratio_vs_torch"] is None
+    assert rows["aot_eager"]["same_tokens_as_eager"] == 1.0
 
 
 def test_quick_default_out_dir_is_not_the_committed_results():

@@ -15,7 +15,10 @@ from slimlm.kernels import gemv as G
 from slimlm.kernels import triton_available
 
 
-def test_references():
+def test_references(monkeypatch):
+    # (test_attention sets TRITON_INTERPRET=1 for the whole process: CPU tensors would run
+    # the interpreted kernels; this test is about the path CPU tensors take without it)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch.manual_seed(0)
     x = torch.randn(3, 40, dtype=torch.float64)
     ws = [torch.randn(n, 40, dtype=torch.float64) for n in (8, 4, 4)]
@@ -49,7 +52,8 @@ def test_errors_name_the_argument():
                       torch.ones(6, 8, dtype=torch.float16))
 
 
-def test_plain_linears_selects_only_plain_bf16_layers():
+def test_plain_linears_selects_only_plain_bf16_layers(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     lin = torch.nn.Linear(8, 4, bias=False).to(torch.bfloat16)
     x = torch.ones(1, 1, 8, dtype=torch.bfloat16)
     assert not G.plain_linears(x, lin)  # CPU, not interpreting

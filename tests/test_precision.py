@@ -446,6 +446,23 @@ def test_quantize_fp8_in_bf16_matches_the_fp32_form(dim, dtype):
     assert _rel(q.float() * s, x32) <= _rel(qr * sr, x32) * 1.05 + 1e-4
 
 
+def _fwd_bwd(lin, f, x, dy):
+    """Output and both gradients of ``f(x)`` under bf16 autocast (x's device)."""
+    x.grad = lin.weight.grad = None
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        y = f(x)
+    y.backward(dy.to(y.dtype))
+    return y.detach().float(), x.grad.clone(), lin.weight.grad.clone()
+
+
+def _recording_backend(seen: list[str]):
+    """A torch.compile backend that records the graph's call targets and runs it as is."""
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+    return backend
+
+
 @pytest.mark.parametrize("scaling", ["tensor", "row"])
 def test_fp8_linear_compiles_to_one_op_with_its_backward(scaling):
     """Under torch.compile, Float8Linear is the custom op slimlm::fp8_matmul with its
@@ -457,17 +474,10 @@ def test_fp8_linear_compiles_to_one_op_with_its_backward(scaling):
     x = torch.randn(32, 64, requires_grad=True)
     dy = torch.randn(32, 96)
     seen: list[str] = []
-
-    def backend(gm, inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
+    backend = _recording_backend(seen)
 
     def run(f):
-        x.grad = lin.weight.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = f(x)
-        y.backward(dy.to(y.dtype))
-        return y.detach().float(), x.grad.clone(), lin.weight.grad.clone()
+        return _fwd_bwd(lin, f, x, dy)
 
     eager = run(lin)
     for be in (backend, "aot_eager"):
@@ -485,10 +495,7 @@ def test_quantize_fp8_both_is_one_custom_op_under_compile():
     same bits as eager."""
     x = torch.randn(64, 48)
     seen: list[str] = []
-
-    def backend(gm, inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
+    backend = _recording_backend(seen)
 
     f = torch.compile(lambda t: precision.quantize_fp8_both(t * 2, torch.float8_e4m3fn),
                       backend=backend, fullgraph=True)
@@ -515,11 +522,7 @@ def test_fp8_linear_compiled_matches_eager(scaling):
     dy = torch.randn(256, 768, device="cuda")
 
     def run(f):
-        x.grad = lin.weight.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = f(x)
-        y.backward(dy.to(y.dtype))
-        return y.detach().float(), x.grad.clone(), lin.weight.grad.clone()
+        return _fwd_bwd(lin, f, x, dy)
 
     eager = run(lin)
     torch.compiler.reset()

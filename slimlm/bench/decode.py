@@ -22,15 +22,22 @@ CUDA-graph steps attend over the whole preallocated buffer, so they read
 ``kv_bytes_read_per_step`` (more than the mean context) and the GB/s column credits them
 only with the useful bytes.
 
+In the compiled and captured steps the model's plain bf16/fp16 projections run as slimlm's
+fused decode GEMVs and attention as its dense decode kernel; a mode with the suffix
+``+torch`` (e.g. ``reduce-overhead+torch``) runs the same step with those kernels off, so
+the rows carry ``ratio_vs_torch``: slimlm's step against what torch.compile alone makes of
+it, in the same run.
+
 Example::
 
     slimlm bench decode                      # GPU: llama-1b, batch 1 and 16, 512 + 256,
-                                             # eager, cuda-graph, reduce-overhead
+                                             # eager, cuda-graph, reduce-overhead(+torch)
     slimlm bench decode --quick              # CPU, tiny preset, seconds
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -46,9 +53,29 @@ from slimlm.generate import (
 )
 from slimlm.model import PRESETS, ModelConfig, Transformer
 
-MODES = ("eager", *COMPILE_MODES, *CUDA_GRAPH_MODES, *COMPILE_BACKENDS)
+_BASE_MODES = (*COMPILE_MODES, *CUDA_GRAPH_MODES, *COMPILE_BACKENDS)
+#: A compiled mode with the suffix ``+torch`` runs the same static step with slimlm's decode
+#: kernels off (``slimlm.kernels.gemv``, ``slimlm.kernels.dense_decode``): cuBLAS GEMVs and
+#: a masked softmax over the buffer, i.e. what torch.compile alone makes of the step (the
+#: gpt-fast recipe). Its rows are the baseline of the same mode's ``ratio_vs_torch``.
+UNFUSED = "+torch"
+MODES = ("eager", *_BASE_MODES, *(m + UNFUSED for m in _BASE_MODES))
 #: Modes that record CUDA graphs, so need a CUDA device.
-CUDA_ONLY_MODES = ("reduce-overhead", "max-autotune", *CUDA_GRAPH_MODES)
+CUDA_ONLY_MODES = tuple(m + sfx for m in ("reduce-overhead", "max-autotune",
+                                          *CUDA_GRAPH_MODES) for sfx in ("", UNFUSED))
+
+
+@contextlib.contextmanager
+def _decode_kernels(on: bool) -> Iterator[None]:
+    """slimlm's decode kernels on or off for the duration (restored after)."""
+    from slimlm.kernels import dense_decode, gemv
+
+    old = (gemv.ENABLED, dense_decode.ENABLED)
+    gemv.ENABLED = dense_decode.ENABLED = on
+    try:
+        yield
+    finally:
+        gemv.ENABLED, dense_decode.ENABLED = old
 
 
 def _as_tuple(name: str, value: Any, kind: type) -> tuple:
@@ -85,8 +112,8 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
     compiled or CUDA-graph mode.
 
     GPU defaults: model "llama-1b" (random init, bf16), batches (1, 16), a 512-token
-    prompt and 256 new tokens, modes ("eager", "cuda-graph", "reduce-overhead"), 10 timed
-    runs. CPU or quick: "tiny" in fp32, batch 1, 32 + 16 tokens, modes ("eager",
+    prompt and 256 new tokens, modes ("eager", "cuda-graph", "reduce-overhead+torch",
+    "reduce-overhead"), 10 timed runs. CPU or quick: "tiny" in fp32, batch 1, 32 + 16 tokens, modes ("eager",
     "aot_eager", and "cuda-graph" on a GPU), 3 runs.
     """
     small = quick or device.type != "cuda"
@@ -105,7 +132,8 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
         raise ValueError(f"new_tokens={new_tokens}: expected >= 2 (one prefill step and at "
                          "least one decode step)")
     modes = _as_tuple("modes", modes if modes is not None
-                      else ("eager", "cuda-graph", "reduce-overhead") if not small
+                      else ("eager", "cuda-graph", "reduce-overhead" + UNFUSED,
+                            "reduce-overhead") if not small
                       else ("eager", "aot_eager", "cuda-graph") if device.type == "cuda"
                       else ("eager", "aot_eager"), str)
     if modes[0] != "eager" or any(m not in MODES for m in modes):
@@ -138,12 +166,15 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
                             device=device, dtype=dtype)
         useful = step_bytes(cfg, B, mean_ctx, itemsize)
         eager_ms: float | None = None
+        row_by_mode: dict[str, dict[str, Any]] = {}
         eager_tokens: list[list[int]] | None = None
         for mode in modes:
-            compile_arg: bool | str = False if mode == "eager" else mode
+            compile_arg: bool | str = False if mode == "eager" else mode.removesuffix(UNFUSED)
+            fused = not mode.endswith(UNFUSED)
             base: dict[str, Any] = {
                 "model": name, "mode": mode, "batch": B, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "dtype": str(dtype).replace("torch.", ""),
+                "decode_kernels": "slimlm" if fused else "torch",
                 "baseline": "eager", "bytes_per_step": useful,
                 "kv_bytes_read_per_step": step_bytes(cfg, B, max_len if mode != "eager"
                                                      else mean_ctx, itemsize)
@@ -154,10 +185,12 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
                 cache.reset()  # the same buffers every call: the CUDA graph is reused
                 return generate(net, prompts, n, cache=cache, compile=compile_arg)
 
-            def measure(run: Any = run, B: int = B, useful: float = useful) -> dict[str, Any]:
-                out = run(new_tokens)  # compiles (and records CUDA graphs) outside the timing
-                full = time_fn(lambda: run(new_tokens), device, warmup=1, rep=rep)
-                first = time_fn(lambda: run(1), device, warmup=1, rep=rep)
+            def measure(run: Any = run, B: int = B, useful: float = useful,
+                        fused: bool = fused) -> dict[str, Any]:
+                with _decode_kernels(fused):
+                    out = run(new_tokens)  # compiles (and records CUDA graphs) untimed
+                    full = time_fn(lambda: run(new_tokens), device, warmup=1, rep=rep)
+                    first = time_fn(lambda: run(1), device, warmup=1, rep=rep)
                 ms = max(full["median_ms"] - first["median_ms"], 1e-9) / (new_tokens - 1)
                 achieved = gbps(useful, ms)
                 return {"step_ms": ms, "ms_per_token": ms / B, "tokens_per_s": B / ms * 1e3,
@@ -169,6 +202,7 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
                         "tokens": out.tokens}
 
             row = guarded(base, measure, device, errors=device.type == "cuda")
+            row_by_mode[mode] = row
             tokens = row.pop("tokens", None)
             if mode == "eager":
                 eager_ms, eager_tokens = row.get("step_ms"), tokens
@@ -177,6 +211,12 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
             if tokens is not None and eager_tokens is not None:
                 pairs = [(a, b) for r, e in zip(tokens, eager_tokens) for a, b in zip(r, e)]
                 row["same_tokens_as_eager"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
+        for mode, row in row_by_mode.items():
+            # slimlm's decode kernels against torch.compile's own step, same mode, same run
+            other = row_by_mode.get(mode + UNFUSED)
+            row["ratio_vs_torch"] = (fraction(other.get("step_ms"), row.get("step_ms"))
+                                     if other and other.get("step_ms") and row.get("step_ms")
+                                     else None)
             yield row
         del cache
         free_memory(device)
