@@ -147,7 +147,10 @@ def test_prompt_longer_than_context_is_refused(run):
         main(["generate", str(run), "--prompt", "x = 1\n" * 400, "--device", "cpu"])
 
 
-def test_demo_quick(tmp_path):
+def test_demo_quick(tmp_path, monkeypatch):
+    # as a user runs it: CPU tensors on the PyTorch references, even after test_attention
+    # set TRITON_INTERPRET=1 for the process (interpreted kernels made this test 78 s)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     from slimlm.demo import run_demo
 
     figures = run_demo(tmp_path / "demo", quick=True, device="cpu", steps=4)
