@@ -479,8 +479,10 @@ class _StaticStep:
 
     It writes the step's keys/values into a :class:`StaticCache`'s buffers at ``slot`` (a
     (1,) int64 tensor, so the write position is data, not a constant baked into the graph)
-    with ``index_copy_``, and attends over the **whole** ``max_len`` buffer under a key mask:
-    every step has the same shapes, so one compiled graph (one CUDA graph) serves them all.
+    with ``index_copy_``, and attends with the same shapes every step, so one compiled graph
+    (one CUDA graph) serves them all: through :mod:`slimlm.kernels.dense_decode` (which
+    reads the slot on the device and visits only the keys up to it) where it applies, else
+    over the **whole** ``max_len`` buffer under a key mask.
     It attends itself (the model's ``attend`` hook) rather than returning keys to the
     model's attention, for two reasons: grouped-query attention runs as (B, Hkv, G, D)
     matmuls against the buffer without the ``repeat_interleave`` copy of all max_len keys

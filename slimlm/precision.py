@@ -732,35 +732,40 @@ def _(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, rowwise: bo
 
 def _fp8_bwd_impl(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, xs: torch.Tensor,
                   ws: torch.Tensor, x: torch.Tensor | None, w: torch.Tensor | None,
-                  x_dtype: torch.dtype, w_dtype: torch.dtype, rowwise: bool, emulate: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  x_dtype: torch.dtype, w_dtype: torch.dtype, rowwise: bool, emulate: bool,
+                  need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if rowwise:
         a, b = x, w
-    dx, dw = _fp8_backward(dy, a, b, xs, ws, x_dtype, w_dtype, rowwise, emulate, True, True)
-    return dx, dw
+    dx, dw = _fp8_backward(dy, a, b, xs, ws, x_dtype, w_dtype, rowwise, emulate, need_dx,
+                           need_dw)
+    # a gradient not asked for (a frozen fp8 weight, say) is an empty placeholder
+    return (dx if dx is not None else dy.new_empty(0, dtype=x_dtype),
+            dw if dw is not None else dy.new_empty(0, dtype=w_dtype))
 
 
 _fp8_bwd_op = torch.library.custom_op(
     "slimlm::fp8_matmul_backward", _fp8_bwd_impl, mutates_args=(),
     schema="(Tensor dy, Tensor a, Tensor b, Tensor xs, Tensor ws, Tensor? x, Tensor? w, "
-           "ScalarType x_dtype, ScalarType w_dtype, bool rowwise, bool emulate) "
-           "-> (Tensor, Tensor)")
+           "ScalarType x_dtype, ScalarType w_dtype, bool rowwise, bool emulate, bool need_dx, "
+           "bool need_dw) -> (Tensor, Tensor)")
 
 
 @_fp8_bwd_op.register_fake
 def _(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor,
       x: torch.Tensor | None, w: torch.Tensor | None, x_dtype: torch.dtype,
-      w_dtype: torch.dtype, rowwise: bool, emulate: bool) -> tuple[torch.Tensor, ...]:
+      w_dtype: torch.dtype, rowwise: bool, emulate: bool, need_dx: bool,
+      need_dw: bool) -> tuple[torch.Tensor, ...]:
     m, n = dy.shape
     k = (x.shape[1] if rowwise and x is not None else a.shape[0])
-    return (dy.new_empty((m, k), dtype=x_dtype), dy.new_empty((n, k), dtype=w_dtype))
+    return (dy.new_empty((m, k) if need_dx else (0,), dtype=x_dtype),
+            dy.new_empty((n, k) if need_dw else (0,), dtype=w_dtype))
 
 
 def _fp8_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     x, weight, _, rowwise, emulate = inputs
     _, a, b, xs, ws = output
-    if rowwise:
-        ctx.save_for_backward(a, b, xs, ws, x, weight)
+    if rowwise:  # the backward re-quantises x and W: their forward scales are not needed
+        ctx.save_for_backward(a, b, xs.new_empty(0), ws.new_empty(0), x, weight)
     else:
         ctx.save_for_backward(a, b, xs, ws)
     ctx.meta = (x.dtype, weight.dtype, rowwise, emulate)
@@ -771,9 +776,10 @@ def _fp8_op_backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> tuple[Any, ...
     saved = ctx.saved_tensors
     a, b, xs, ws = saved[:4]
     x, w = (saved[4], saved[5]) if rowwise else (None, None)
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dx, dw = _fp8_bwd_op(dy.contiguous(), a, b, xs, ws, x, w, x_dtype, w_dtype, rowwise,
-                         emulate)
-    return dx, dw, None, None, None
+                         emulate, need_dx, need_dw)
+    return (dx if need_dx else None), (dw if need_dw else None), None, None, None
 
 
 _fp8_op.register_autograd(_fp8_op_backward, setup_context=_fp8_setup_context)

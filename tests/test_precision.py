@@ -490,6 +490,28 @@ def test_fp8_linear_compiles_to_one_op_with_its_backward(scaling):
     torch.compiler.reset()
 
 
+def test_fp8_compiled_backward_skips_a_frozen_weight():
+    """Compiled, a frozen fp8 weight (LoRA on a Float8Linear base) gets no gradient and the
+    input's gradient still equals eager's."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96, bias=False)
+    lin.weight.requires_grad_(False)
+    Float8Linear.from_linear(lin, backend="scaled_mm", fallback="never")
+    x = torch.randn(32, 64, requires_grad=True)
+    dy = torch.randn(32, 96)
+    outs = []
+    for f in (lin, torch.compile(lin, backend="aot_eager", fullgraph=True)):
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = f(x)
+        y.backward(dy.to(y.dtype))
+        assert lin.weight.grad is None
+        outs.append((y.detach().float(), x.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    torch.compiler.reset()
+
+
 def test_quantize_fp8_both_is_one_custom_op_under_compile():
     """Under torch.compile the fused fp8 cast is an opaque custom op: no graph break, the
     same bits as eager."""

@@ -17,10 +17,11 @@ cache at the mean context, the issue's roofline definition), achieved GB/s, its 
 of the copy ceiling measured on this machine (``measured_ceilings(device)["copy_gbps"]``),
 the speed-up over eager decode, and the share of greedy tokens equal to eager's (bf16
 rounding differs between compiled and eager kernels, so long greedy runs may diverge after
-a near-tie; the first step is always identical since prefill is eager). The compiled and
-CUDA-graph steps attend over the whole preallocated buffer, so they read
-``kv_bytes_read_per_step`` (more than the mean context) and the GB/s column credits them
-only with the useful bytes.
+a near-tie; the first step is always identical since prefill is eager). In the compiled
+and CUDA-graph steps slimlm's decode-attention kernel reads the keys up to the current slot;
+without it (the ``+torch`` modes, below) the step attends over the whole preallocated
+buffer, so it reads ``kv_bytes_read_per_step`` (more than the mean context); the GB/s
+column credits every mode only with the useful bytes.
 
 In the compiled and captured steps the model's plain bf16/fp16 projections run as slimlm's
 fused decode GEMVs and attention as its dense decode kernel; a mode with the suffix
@@ -67,11 +68,12 @@ CUDA_ONLY_MODES = tuple(m + sfx for m in ("reduce-overhead", "max-autotune",
 
 @contextlib.contextmanager
 def _decode_kernels(on: bool) -> Iterator[None]:
-    """slimlm's decode kernels on or off for the duration (restored after)."""
+    """slimlm's decode kernels off for the duration when ``on`` is False (restored after);
+    ``on`` keeps the user's settings (``SLIMLM_GEMV`` / ``SLIMLM_DENSE_DECODE``)."""
     from slimlm.kernels import dense_decode, gemv
 
     old = (gemv.ENABLED, dense_decode.ENABLED)
-    gemv.ENABLED = dense_decode.ENABLED = on
+    gemv.ENABLED, dense_decode.ENABLED = old[0] and on, old[1] and on
     try:
         yield
     finally:
@@ -174,10 +176,13 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
             base: dict[str, Any] = {
                 "model": name, "mode": mode, "batch": B, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "dtype": str(dtype).replace("torch.", ""),
-                "decode_kernels": "slimlm" if fused else "torch",
+                "decode_kernels": ("none" if mode == "eager" else "slimlm" if fused
+                                   else "torch"),
                 "baseline": "eager", "bytes_per_step": useful,
-                "kv_bytes_read_per_step": step_bytes(cfg, B, max_len if mode != "eager"
-                                                     else mean_ctx, itemsize)
+                # the eager step and slimlm's decode kernel read the keys up to the current
+                # slot; torch.compile's own step attends over the whole buffer
+                "kv_bytes_read_per_step": step_bytes(cfg, B, mean_ctx if mode == "eager" or fused
+                                                     else max_len, itemsize)
                 - step_bytes(cfg, B, 0, itemsize)}
 
             def run(n: int, compile_arg: bool | str = compile_arg,

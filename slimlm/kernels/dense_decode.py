@@ -26,6 +26,7 @@ runs on the CPU). Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -72,12 +73,12 @@ if triton_available():
     def _split_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, valid_ptr, part_ptr, ml_ptr,
                       CHUNK, scale,
                       s_qb, s_qh, s_qg, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_valid,
-                      HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                      NSPLIT: tl.constexpr, BLOCK: tl.constexpr):
+                      NSPLIT, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                      D: tl.constexpr, BLOCK: tl.constexpr):
         bh = tl.program_id(0)
         sp = tl.program_id(1)
-        b = bh // HKV
-        h = bh % HKV
+        b = (bh // HKV).to(tl.int64)  # (int64 offsets: a layer's buffer may pass 2**31)
+        h = (bh % HKV).to(tl.int64)
         n_keys = tl.load(slot_ptr).to(tl.int32) + 1  # slots 0..slot hold keys
         start = sp * CHUNK
         end = tl.minimum(start + CHUNK, n_keys)
@@ -114,14 +115,14 @@ if triton_available():
         tl.store(ml_ptr + row * 2 + 1, l_sum)
 
     @triton.jit
-    def _combine_kernel(part_ptr, ml_ptr, out_ptr, s_ob, s_oh, s_og,
+    def _combine_kernel(part_ptr, ml_ptr, out_ptr, s_ob, s_oh, s_og, NSPLIT,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                        D: tl.constexpr, NSPLIT: tl.constexpr, NS_P2: tl.constexpr):
+                        D: tl.constexpr, NS_P2: tl.constexpr):
         pid = tl.program_id(0)  # (b, h, g)
         g = pid % G
         bh = pid // G
-        b = bh // HKV
-        h = bh % HKV
+        b = (bh // HKV).to(tl.int64)
+        h = (bh % HKV).to(tl.int64)
         offs_s = tl.arange(0, NS_P2)
         s_ok = offs_s < NSPLIT
         offs_d = tl.arange(0, D)
@@ -140,8 +141,9 @@ if triton_available():
                  out.to(out_ptr.dtype.element_ty))
 
 
-#: False turns the kernel off in the decode step (``SLIMLM_DENSE_DECODE=0``); plain
-#: globals, read by torch.compile as constants.
+#: False turns the kernel off in the decode step (``SLIMLM_DENSE_DECODE=0``); a plain
+#: module global: torch.compile guards on its value (flipping it recompiles), and captured
+#: decode steps include it in their graph key.
 ENABLED = os.environ.get("SLIMLM_DENSE_DECODE", "1") != "0"
 _INTERPRETING = interpreting()
 
@@ -155,10 +157,12 @@ def usable(q: torch.Tensor, k_buf: torch.Tensor) -> bool:
             and (q.is_cuda or _INTERPRETING))
 
 
-def _kernel_ok(q: torch.Tensor, k_buf: torch.Tensor) -> bool:
+def _kernel_ok(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+               key_valid: torch.Tensor) -> bool:
     return (q.dtype in (torch.float16, torch.bfloat16) and k_buf.dtype == q.dtype
             and q.shape[-1] >= 16 and q.shape[-1] & (q.shape[-1] - 1) == 0
-            and q.stride(-1) == 1 and k_buf.stride(-1) == 1
+            and q.stride(-1) == 1 and k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1
+            and v_buf.dtype == q.dtype and key_valid.stride(-1) == 1
             and triton_runs_on(q, "dense_decode_attention"))
 
 
@@ -181,9 +185,16 @@ def dense_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     if slot.numel() != 1:
         raise ValueError(f"dense_decode_attention: slot.shape={tuple(slot.shape)}: "
                          "expected one position")
-    if not _kernel_ok(q, k_buf):
+    if not _kernel_ok(q, k_buf, v_buf, key_valid):
         return dense_decode_attention_ref(q, k_buf, v_buf, slot, key_valid)
     nsplit, chunk = split_plan(B * Hkv, L)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return _run(q, k_buf, v_buf, slot, key_valid, nsplit, chunk)
+
+
+def _run(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slot: torch.Tensor,
+         key_valid: torch.Tensor, nsplit: int, chunk: int) -> torch.Tensor:
+    B, Hkv, G, D = q.shape
     gp = max(16, triton.next_power_of_2(G))
     part = torch.empty(B * Hkv * nsplit * gp, D, device=q.device, dtype=torch.float32)
     ml = torch.empty(B * Hkv * nsplit * gp, 2, device=q.device, dtype=torch.float32)
@@ -192,12 +203,11 @@ def dense_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
         q, k_buf, v_buf, slot, valid, part, ml, chunk, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), q.stride(2), k_buf.stride(0), k_buf.stride(1),
         k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2), valid.stride(0),
-        HKV=Hkv, G=G, GP=gp, D=D, NSPLIT=nsplit, BLOCK=BLOCK_N, num_warps=4)
-    out = torch.empty_like(q)
+        nsplit, HKV=Hkv, G=G, GP=gp, D=D, BLOCK=BLOCK_N, num_warps=4)
+    out = q.new_empty(q.shape)  # contiguous, as the reference's result
     _combine_kernel[(B * Hkv * G,)](
-        part, ml, out, out.stride(0), out.stride(1), out.stride(2),
-        HKV=Hkv, G=G, GP=gp, D=D, NSPLIT=nsplit, NS_P2=triton.next_power_of_2(nsplit),
-        num_warps=1)
+        part, ml, out, out.stride(0), out.stride(1), out.stride(2), nsplit,
+        HKV=Hkv, G=G, GP=gp, D=D, NS_P2=triton.next_power_of_2(nsplit), num_warps=1)
     return out
 
 
@@ -216,4 +226,4 @@ dense_decode_attention_op = torch.library.custom_op(
 @dense_decode_attention_op.register_fake
 def _(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slot: torch.Tensor,
       key_valid: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)

@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -58,8 +59,9 @@ CONFIG_CANDIDATES: tuple[tuple[int, int, int], ...] = (
 _TUNED: dict[tuple, tuple[int, int, int]] = {}
 
 
-#: False turns the kernels off (``SLIMLM_GEMV=0``); a plain global, which torch.compile
-#: reads as a constant (call ``torch.compiler.reset()`` after changing it).
+#: False turns the kernels off (``SLIMLM_GEMV=0``); a plain module global: torch.compile
+#: guards on its value, so flipping it makes compiled steps recompile (and captured decode
+#: steps re-capture: it is part of their graph key).
 ENABLED = os.environ.get("SLIMLM_GEMV", "1") != "0"
 
 
@@ -190,21 +192,29 @@ if triton_available():
                  y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
+#: Largest (rows x BLOCK_N x BLOCK_K) accumulator per program: the fp32 products are kept
+#: per element until the end of the K loop, so more rows of x take a narrower K step.
+MAX_TILE = 8192
+
+
 def _launch(x: torch.Tensor, ws: Sequence[torch.Tensor], out: torch.Tensor,
             residual: torch.Tensor | None, swiglu: bool, cfg: tuple[int, int, int]) -> None:
     bn, bk, warps = cfg
     M, K = x.shape
+    bm = triton.next_power_of_2(M)
+    bk = max(16, min(bk, MAX_TILE // (bm * bn)))
     n_rows = [w.shape[0] for w in ws]
     w0 = ws[0]
     w1 = ws[1] if len(ws) > 1 else w0
     w2 = ws[2] if len(ws) > 2 else w1
     grid = ((n_rows[0] if swiglu else sum(n_rows)) // bn,)
-    _gemv_kernel[grid](
-        x, w0, w1, w2, out, residual if residual is not None else out,
-        M, K, n_rows[0], n_rows[1] if len(ws) > 1 else 0,
-        x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
-        BM=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, SWIGLU=swiglu,
-        HAS_RES=residual is not None, EVEN_K=K % bk == 0, num_warps=warps)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _gemv_kernel[grid](
+            x, w0, w1, w2, out, residual if residual is not None else out,
+            M, K, n_rows[0], n_rows[1] if len(ws) > 1 else 0,
+            x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
+            BM=bm, BLOCK_N=bn, BLOCK_K=bk, SWIGLU=swiglu,
+            HAS_RES=residual is not None, EVEN_K=K % bk == 0, num_warps=warps)
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -219,7 +229,7 @@ L2_SPAN_BYTES = 256 * 2 ** 20
 def _graph_us(fn: Any, rep: int, variants: int = 1) -> float:
     """Device microseconds per call of ``fn(i)``: ``rep`` calls (``i`` cycling over
     ``range(variants)``) captured in one CUDA graph and replayed (an eager Triton launch
-    costs more host time than these kernels take)."""
+    costs more host time than these kernels take). Runs on the current device."""
     fn(0)  # compiles
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -256,6 +266,9 @@ def tune(x: torch.Tensor, weights: Sequence[torch.Tensor], *, swiglu: bool = Fal
     # speed): the same weight relaunched would be served from L2 and favour other configs.
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     n_copies = min(32, max(1, -(-L2_SPAN_BYTES // max(nbytes, 1))))
+    with torch.cuda.device(x.device):
+        free = torch.cuda.mem_get_info()[0]
+    n_copies = max(1, min(n_copies, int(free * 0.25) // max(nbytes, 1)))  # leave room
     copies = [list(weights)] + [[torch.empty_like(w) for w in weights]
                                 for _ in range(n_copies - 1)]
     rep = max(rep, n_copies)
@@ -264,8 +277,11 @@ def tune(x: torch.Tensor, weights: Sequence[torch.Tensor], *, swiglu: bool = Fal
         if not _fits(cfg, n_rows, K):
             continue
         try:
-            rows.append((cfg, _graph_us(lambda i, cfg=cfg, copies=copies: _launch(
-                x, copies[i], out, residual, swiglu, cfg), rep, n_copies)))
+            with torch.cuda.device(x.device):
+                rows.append((cfg, _graph_us(lambda i, cfg=cfg, copies=copies: _launch(
+                    x, copies[i], out, residual, swiglu, cfg), rep, n_copies)))
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception:  # a config that does not compile here (resources): skip it
             continue
     del copies
@@ -297,7 +313,7 @@ def _config(x: torch.Tensor, ws: Sequence[torch.Tensor], swiglu: bool,
 
 
 def _kernel_ok(x: torch.Tensor, ws: Sequence[torch.Tensor], what: str) -> bool:
-    return (ENABLED and x.shape[0] <= MAX_M and x.dtype in (torch.bfloat16,
+    return (ENABLED and 1 <= x.shape[0] <= MAX_M and x.dtype in (torch.bfloat16,
                                                                    torch.float16)
             and x.stride(1) == 1 and all(w.is_contiguous() for w in ws)
             and len(ws) <= 3 and triton_runs_on(x, what))
@@ -315,6 +331,11 @@ def gemv(x: torch.Tensor, weights: Sequence[torch.Tensor], *,
     if residual is not None and residual.shape != (x.shape[0], sum(w.shape[0] for w in weights)):
         raise ValueError(f"gemv: residual.shape={tuple(residual.shape)}: expected "
                          f"({x.shape[0]}, {sum(w.shape[0] for w in weights)})")
+    if residual is not None and (residual.device != x.device):
+        raise ValueError(f"gemv: residual is on {residual.device}, x on {x.device}: expected "
+                         "the same device")
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()  # the kernel reads rows with unit stride
     if not _kernel_ok(x, weights, "gemv"):
         return gemv_ref(x, weights, residual)
     cfg = config or _config(x, weights, False, residual)
@@ -396,7 +417,8 @@ def swiglu_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> 
 def plain_linears(x: torch.Tensor, *modules: torch.nn.Module) -> bool:
     """Whether ``modules`` (applied to ``x``) can run as one fused GEMV: every one a plain
     ``nn.Linear`` (not a subclass: quantized, LoRA or fp8 layers keep their own forward)
-    without bias, weights in x's dtype (bf16/fp16), at most :data:`MAX_M` rows, on the GPU
+    without bias or forward hooks, contiguous weights in x's dtype (bf16/fp16), 1 to
+    :data:`MAX_M` rows, Triton installed, on the GPU
     (or under the interpreter), kernels enabled, and no gradient wanted (decoding runs
     under ``torch.inference_mode``)."""
     if not ENABLED or x.dtype not in (torch.bfloat16, torch.float16):
@@ -404,9 +426,11 @@ def plain_linears(x: torch.Tensor, *modules: torch.nn.Module) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for m in modules for p in m.parameters())):
         return False  # the kernels have no backward: training keeps nn.Linear
-    if x.numel() // max(x.shape[-1], 1) > MAX_M:
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not 1 <= rows <= MAX_M or not triton_available():
         return False
     if not all(type(m) is torch.nn.Linear and m.bias is None and m.weight.dtype == x.dtype
-               for m in modules):
-        return False
+               and m.weight.is_contiguous() and not m._forward_hooks
+               and not m._forward_pre_hooks for m in modules):
+        return False  # (a module with hooks keeps its __call__: the hooks must run)
     return x.is_cuda or interpreting()
