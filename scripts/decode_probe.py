@@ -25,21 +25,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from slimlm.bench.harness import time_cuda  # noqa: E402
 from slimlm.generate import StaticCache, _compiled_step, generate  # noqa: E402
 from slimlm.model import ModelConfig, Transformer  # noqa: E402
 
 
 def events_ms(fn, n: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / n
+    """Median ms per call of fn (CUDA events; slimlm's benchmark timer)."""
+    return time_cuda(fn, warmup=3, rep=n)["median_ms"]
 
 
 def kernels(fn, steps: int) -> list[tuple[str, int, float]]:

@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 from slimlm.kernels import dense_decode as _dense_decode
+from slimlm.kernels import gemv as _gemv
 from slimlm.model import ModelConfig
 
 __all__ = [
@@ -659,8 +660,6 @@ def _graph_key(model: nn.Module, kv: StaticCache) -> tuple:
     dev = kv.device.type
     autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
                 if torch.is_autocast_enabled(dev) else None)
-    from slimlm.kernels import gemv as _gemv
-
     return (kv.batch_size, kv.max_len, kv.dtype, str(kv.device), _gemv.ENABLED,
             _dense_decode.ENABLED,
             tuple((t.data_ptr(), t.dtype, t.shape)

@@ -226,31 +226,19 @@ def _capturing(x: torch.Tensor) -> bool:
 L2_SPAN_BYTES = 256 * 2 ** 20
 
 
-def _graph_us(fn: Any, rep: int, variants: int = 1) -> float:
-    """Device microseconds per call of ``fn(i)``: ``rep`` calls (``i`` cycling over
-    ``range(variants)``) captured in one CUDA graph and replayed (an eager Triton launch
-    costs more host time than these kernels take). Runs on the current device."""
-    fn(0)  # compiles
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(0)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(rep):
+def _graph_us(fn: Any, calls: int, variants: int = 1) -> float:
+    """Device microseconds per call of ``fn(i)``: ``calls`` calls (``i`` cycling over
+    ``range(variants)``) captured in one CUDA graph, timed over replays
+    (:func:`slimlm.bench.harness.time_cuda`: an eager Triton launch costs more host time
+    than these kernels take). Runs on the current device."""
+    from slimlm.bench.harness import time_cuda
+
+    def run() -> None:
+        for i in range(calls):
             fn(i % variants)
-    g.replay()
-    torch.cuda.synchronize()
-    s = torch.cuda.Event(enable_timing=True)
-    e = torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(3):
-        g.replay()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) * 1e3 / (3 * rep)
+
+    return time_cuda(run, warmup=1, rep=3, device=torch.cuda.current_device(),
+                     graph=True)["median_ms"] * 1e3 / calls
 
 
 def tune(x: torch.Tensor, weights: Sequence[torch.Tensor], *, swiglu: bool = False,
@@ -259,6 +247,9 @@ def tune(x: torch.Tensor, weights: Sequence[torch.Tensor], *, swiglu: bool = Fal
     """Time every fitting candidate of :data:`CONFIG_CANDIDATES` for this shape (CUDA
     graph replays of ``rep`` launches each); remember the fastest for later calls. Returns
     ``[(config, us), ...]`` fastest first."""
+    _check(x, weights, "tune")
+    if not x.is_cuda:
+        raise ValueError(f"tune: x is on {x.device}: expected a CUDA tensor (it times kernels)")
     n_rows = [w.shape[0] for w in weights]
     K = x.shape[1]
     out = x.new_empty(x.shape[0], n_rows[0] if swiglu else sum(n_rows))
