@@ -53,6 +53,8 @@ def test_split_plan():
         assert (nsplit - 1) * chunk < L  # no chunk entirely past the end
         assert nsplit * bh <= DD.TARGET_PROGRAMS + bh or nsplit == 1
     assert DD.split_plan(8, 32768)[0] * 8 >= DD.TARGET_PROGRAMS // 2
+    with pytest.raises(ValueError, match="length=0"):
+        DD.split_plan(8, 0)
 
 
 def test_errors_name_the_argument():

@@ -47,6 +47,10 @@ def test_errors_name_the_argument():
         G.gemv(x, [])
     with pytest.raises(ValueError, match="residual.shape"):
         G.gemv(x, [torch.ones(4, 8, dtype=torch.float16)], residual=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="tune: x is on cpu"):
+        G.tune(x, [torch.ones(4, 8, dtype=torch.float16)])
+    with pytest.raises(ValueError, match="tune: weights"):
+        G.tune(x, [torch.ones(4, 9, dtype=torch.float16)])
     with pytest.raises(ValueError, match="w_up.shape"):
         G.gemv_swiglu(x, torch.ones(4, 8, dtype=torch.float16),
                       torch.ones(6, 8, dtype=torch.float16))

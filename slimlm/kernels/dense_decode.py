@@ -59,6 +59,9 @@ def split_plan(batch_heads: int, length: int) -> tuple[int, int]:
     """(NSPLIT, CHUNK): chunks of whole ``BLOCK_N`` blocks, about
     :data:`TARGET_PROGRAMS` programs in all (fewer for short caches), none of them past the
     buffer's end."""
+    if batch_heads < 1 or length < 1:
+        raise ValueError(f"split_plan: batch_heads={batch_heads}, length={length}: expected "
+                         "positive integers")
     blocks = -(-length // BLOCK_N)
     want = max(1, min(blocks, -(-TARGET_PROGRAMS // max(batch_heads, 1))))
     per = -(-blocks // want)  # blocks per chunk
