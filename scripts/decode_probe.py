@@ -137,6 +137,34 @@ def main() -> None:
             with torch.device(dev):
                 net = Transformer(cfg).to(torch.bfloat16).eval()
             quantize_(net, QuantConfig(bits=bits, group_size=group))
+            if on:  # the grouped quantized GEMVs per llama shape (slimlm.kernels.quant_gemv)
+                from slimlm.kernels import quant_gemv as QG
+
+                qb, qa = net.layers[0].mlp, net.layers[0].self_attn
+                qshapes = {"qkv": ([qa.q_proj, qa.k_proj, qa.v_proj], False),
+                           "o": ([qa.o_proj], False),
+                           "gate_up_swiglu": ([qb.gate_proj, qb.up_proj], True),
+                           "down": ([qb.down_proj], False)}
+                report[f"{fmt}_gemv_tune"] = {}
+                for name, (mods, sw) in qshapes.items():
+                    ops = [m._operands() for m in mods]
+                    zs = [o[2] for o in ops] if ops[0][2] is not None else []
+                    xp = QG.gemv_x(torch.randn(B, mods[0].in_features, device=dev,
+                                               dtype=torch.bfloat16), bits)
+                    rows = QG.tune(xp, [o[0] for o in ops], [o[1] for o in ops], zs, bits,
+                                   group, swiglu=sw)
+                    nb = sum(o[0].numel() * 4 + o[1].numel() * 2 * (2 if zs else 1)
+                             for o in ops)
+                    bf = report["gemv_tune"][name]
+                    report[f"{fmt}_gemv_tune"][name] = {
+                        "bytes": nb, "configs": rows[:4],
+                        "vs_cublas_bf16": bf["cublas_us"] / rows[0][1],
+                        "vs_slimlm_bf16": bf["configs"][0][1] / rows[0][1]}
+                    print(f"{fmt} {name} ({nb/1e6:.2f} MB): "
+                          + "; ".join(f"{c} {us:.1f} us ({nb/us/1e3:.0f} GB/s)"
+                                      for c, us in rows[:3])
+                          + f"; bf16 cuBLAS {bf['cublas_us']:.1f} us, slimlm "
+                          f"{bf['configs'][0][1]:.1f} us", flush=True)
         for mode in a.modes.split(","):
             cache = StaticCache(cfg.n_layers, B, cfg.n_kv_heads, cfg.head_dim, L,
                                 device=dev, dtype=torch.bfloat16)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimlm.kernels import gemv as _gemv
+from slimlm.quant import linear as _qlin
 
 ATTENTION_IMPLS = ("eager", "sdpa", "flash")
 
@@ -288,11 +289,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Any = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        if getattr(cache, "fused_linears", False) and _gemv.plain_linears(
-                x, self.q_proj, self.k_proj, self.v_proj):
+        kind = _decode_kind(cache, x, self.q_proj, self.k_proj, self.v_proj)
+        if kind == "dense":
             # decode: q, k and v from one GEMV launch (slimlm.kernels.gemv)
             q, k, v = _gemv.grouped_linear(x, [self.q_proj.weight, self.k_proj.weight,
                                                self.v_proj.weight])
+        elif kind == "quant":  # the same for quantized layers (slimlm.kernels.quant_gemv)
+            q, k, v = _qlin.fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,D)
@@ -312,9 +315,30 @@ class Attention(nn.Module):
             p = self.cfg.dropout if self.training else 0.0
             out = attend(self.cfg.attention, q, k, v, causal=True, mask=mask, dropout_p=p)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
-        if getattr(cache, "fused_linears", False) and _gemv.plain_linears(out, self.o_proj):
-            return _gemv.grouped_linear(out, [self.o_proj.weight])[0]
-        return self.o_proj(out)
+        return _decode_linear(cache, out, self.o_proj)
+
+
+def _decode_kind(cache: Any, x: torch.Tensor, *modules: nn.Module) -> str | None:
+    """How a decode step (``cache.fused_linears``: set by generate's static step) runs
+    ``modules`` on x: "dense" (plain bf16/fp16 nn.Linear: slimlm.kernels.gemv), "quant"
+    (QuantLinear: slimlm.kernels.quant_gemv), or None (each module's own forward)."""
+    if not getattr(cache, "fused_linears", False):
+        return None
+    if _gemv.plain_linears(x, *modules):
+        return "dense"
+    if _qlin.fused_decode_ok(x, *modules):
+        return "quant"
+    return None
+
+
+def _decode_linear(cache: Any, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``module(x)``, by a fused decode GEMV where :func:`_decode_kind` allows."""
+    kind = _decode_kind(cache, x, module)
+    if kind == "dense":
+        return _gemv.grouped_linear(x, [module.weight])[0]
+    if kind == "quant":
+        return _qlin.fused_linear(x, [module])[0]
+    return module(x)
 
 
 class MLP(nn.Module):
@@ -346,11 +370,15 @@ class Block(nn.Module):
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
         h = self.post_attention_layernorm(x)
         mlp = self.mlp
-        if (getattr(cache, "fused_linears", False) and type(mlp) is MLP
-                and _gemv.plain_linears(h, mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
-            # decode: gate, up and the SwiGLU product in one GEMV launch, then down
-            g = _gemv.swiglu_linear(h, mlp.gate_proj.weight, mlp.up_proj.weight)
-            return x + self.dropout(_gemv.grouped_linear(g, [mlp.down_proj.weight])[0])
+        if type(mlp) is MLP:
+            kind = _decode_kind(cache, h, mlp.gate_proj, mlp.up_proj)
+            if kind is not None:
+                # decode: gate, up and the SwiGLU product in one GEMV launch, then down
+                if kind == "dense":
+                    g = _gemv.swiglu_linear(h, mlp.gate_proj.weight, mlp.up_proj.weight)
+                else:
+                    g = _qlin.fused_linear(h, [mlp.gate_proj, mlp.up_proj], swiglu=True)
+                return x + self.dropout(_decode_linear(cache, g, mlp.down_proj))
         return x + self.dropout(mlp(h))
 
 

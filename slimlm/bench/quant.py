@@ -152,7 +152,8 @@ DECODE_FORMATS = ["bf16", "int8-g128", "int4-g128", "int2-g64"]
 
 def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
                  modes: tuple[str, ...] | None = None, formats: list[str] | None = None,
-                 batches: list[int] | None = None) -> Iterator[dict[str, Any]]:
+                 batches: list[int] | None = None, model_name: str | None = None
+                 ) -> Iterator[dict[str, Any]]:
     """End-to-end greedy decode tokens/s: llama-1b (quick: tiny), random weights, static
     cache, 16-token prompts, batch 1 and 16, bf16 vs each weight format, per mode:
     "eager" (``generate`` as a user calls it: per-layer host overhead counts) and, on
@@ -170,13 +171,15 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
     from slimlm.generate import StaticCache, generate
     from slimlm.model import ModelConfig, Transformer
 
-    preset = "tiny" if quick else "llama-1b"
+    preset = model_name or ("tiny" if quick else "llama-1b")
     new_tokens = 4 if quick else 64
     prompt = 16
     if modes is None:
         modes = ("eager", "cuda-graph") if device.type == "cuda" else ("eager",)
     torch.manual_seed(0)
-    base_model = Transformer(ModelConfig.from_preset(preset)).to(device=device, dtype=dtype)
+    with torch.device(device):  # built on the device (llama-8b: 32 GB of fp32 otherwise)
+        base_model = Transformer(ModelConfig.from_preset(preset))
+    base_model.to(dtype=dtype)
     base_model.eval()
     cfg = base_model.cfg
     ref_tps: dict[tuple[str, int], float] = {}  # (mode, batch) -> bf16 tokens/s
@@ -240,7 +243,8 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
     ``decode`` (bool: end-to-end decode tokens/s rows), ``decode_modes`` (generate's
     ``compile=`` values for those rows; default eager, plus cuda-graph on CUDA),
     ``decode_formats`` (subset of bf16 and the formats: default all four),
-    ``decode_batches`` (default [1, 16]), ``linear`` (bool, default true: the per-shape
+    ``decode_batches`` (default [1, 16]), ``decode_model`` (a model preset, default
+    llama-1b; tiny when quick), ``linear`` (bool, default true: the per-shape
     linear rows; false runs the decode rows alone)."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
@@ -259,6 +263,12 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
     dbatches = options.get("decode_batches")
     if dbatches is not None and not all(isinstance(b, int) and b >= 1 for b in dbatches):
         raise ValueError(f"decode_batches={dbatches!r}: expected a list of positive integers")
+    dmodel = options.get("decode_model")
+    if dmodel is not None:
+        from slimlm.model import PRESETS
+
+        if dmodel not in PRESETS:
+            raise ValueError(f"decode_model={dmodel!r}: expected a preset from {sorted(PRESETS)}")
     if not options.get("linear", True):
         shapes = []
     w8a8_min_m = 32 if quick else 64
@@ -294,4 +304,4 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
         dm = options.get("decode_modes")
         yield from _decode_rows(quick, device, dtype,
                                 tuple([dm] if isinstance(dm, str) else dm) if dm else None,
-                                dformats, dbatches)
+                                dformats, dbatches, dmodel)

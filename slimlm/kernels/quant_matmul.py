@@ -609,20 +609,39 @@ if triton_available():
         down once per word. Scale and zero are applied once per word:
         sum_i (q_i - z) x_i s = s * (sum_i q_i x_i - z * sum_i x_i).
         """
-        PER: tl.constexpr = 32 // BITS
-        HALF: tl.constexpr = 16 // BITS
-        MASK: tl.constexpr = (1 << BITS) - 1
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         rows = tl.where(n_ok, offs_n, 0)  # clamped: the weight loads need no row mask
-        x_row = x_ptr + row * stride_xm
-        acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-        acc_c = tl.zeros((BLOCK_N, BLOCK_KW // 4), dtype=tl.float32)
         kw_lo = pid_k * KW_PER_SPLIT
         kw_hi = tl.minimum(kw_lo + KW_PER_SPLIT, KW)
+        y = _gemv_rows(x_ptr + row * stride_xm, w_ptr, s_ptr, z_ptr, rows, kw_lo, kw_hi, KW,
+                       NG, BITS, GROUP, HAS_ZERO, EVEN_K, ONE_GROUP, BLOCK_N, BLOCK_KW,
+                       CHUNK_SCALES, ASM, PACKED)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_ok & (offs_n * 0 + pid_k == 0), other=0.0).to(tl.float32)
+        if ATOMIC:
+            tl.atomic_add(out_ptr + row * stride_om + offs_n, y, mask=n_ok)
+        else:
+            tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty),
+                     mask=n_ok)
+
+    @triton.jit
+    def _gemv_rows(x_row, w_ptr, s_ptr, z_ptr, rows, kw_lo, kw_hi, KW, NG,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                   EVEN_K: tl.constexpr, ONE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_KW: tl.constexpr, CHUNK_SCALES: tl.constexpr, ASM: tl.constexpr,
+                   PACKED: tl.constexpr):
+        """The K loop of ``qmm_gemv`` and ``qmm_gemv_group``: sum over the words
+        [kw_lo, kw_hi) of x[k] * (q[n, k] - z) * s for the weight rows ``rows`` (BN,),
+        x_row pointing at one row of the deinterleaved x. Returns (BN,) fp32."""
+        PER: tl.constexpr = 32 // BITS
+        HALF: tl.constexpr = 16 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+        acc_c = tl.zeros((BLOCK_N, BLOCK_KW // 4), dtype=tl.float32)
         for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
             offs_kw = kw0 + tl.arange(0, BLOCK_KW)
             w_ptrs = w_ptr + rows[:, None] * KW + offs_kw[None, :]
@@ -681,13 +700,57 @@ if triton_available():
             y = tl.sum(acc_c, axis=1)  # (BN,)
         else:
             y = tl.sum(acc, axis=1)  # (BN,)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_ok & (offs_n * 0 + pid_k == 0), other=0.0).to(tl.float32)
-        if ATOMIC:
-            tl.atomic_add(out_ptr + row * stride_om + offs_n, y, mask=n_ok)
+        return y
+
+    @triton.jit
+    def qmm_gemv_group(x_ptr, w0_ptr, w1_ptr, w2_ptr, s0_ptr, s1_ptr, s2_ptr, z0_ptr, z1_ptr,
+                       z2_ptr, out_ptr, N0, N1, KW, NG, stride_xm, stride_om,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                       SWIGLU: tl.constexpr, EVEN_K: tl.constexpr, ONE_GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                       CHUNK_SCALES: tl.constexpr, ASM: tl.constexpr, PACKED: tl.constexpr):
+        """``qmm_gemv`` for a group of weights sharing x, in one launch (decode).
+
+        Grouped (SWIGLU False): the output's columns are the rows of w0, then w1, then the
+        rest (N0, N1, N2 rows; BLOCK_N divides each, so a program's rows lie in one weight,
+        whose pointers it selects). SWIGLU: w0 = gate, w1 = up (N0 rows each); each program
+        reads the same rows of both and writes silu(x w0^T) * (x w1^T). Grid (row blocks,
+        rows of x); no split-K. x deinterleaved as for ``qmm_gemv``."""
+        pid = tl.program_id(0)
+        row = tl.program_id(1)
+        n0 = pid * BLOCK_N
+        if SWIGLU:
+            w_ptr = w0_ptr
+            s_ptr = s0_ptr
+            z_ptr = z0_ptr
+            local = n0
+        elif n0 < N0:
+            w_ptr = w0_ptr
+            s_ptr = s0_ptr
+            z_ptr = z0_ptr
+            local = n0
+        elif n0 < N0 + N1:
+            w_ptr = w1_ptr
+            s_ptr = s1_ptr
+            z_ptr = z1_ptr
+            local = n0 - N0
         else:
-            tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty),
-                     mask=n_ok)
+            w_ptr = w2_ptr
+            s_ptr = s2_ptr
+            z_ptr = z2_ptr
+            local = n0 - N0 - N1
+        rows = local + tl.arange(0, BLOCK_N)
+        x_row = x_ptr + row * stride_xm
+        y = _gemv_rows(x_row, w_ptr, s_ptr, z_ptr, rows, 0, KW, KW, NG, BITS, GROUP,
+                       HAS_ZERO, EVEN_K, ONE_GROUP, BLOCK_N, BLOCK_KW, CHUNK_SCALES, ASM,
+                       PACKED)
+        if SWIGLU:
+            u = _gemv_rows(x_row, w1_ptr, s1_ptr, z1_ptr, rows, 0, KW, KW, NG, BITS, GROUP,
+                           HAS_ZERO, EVEN_K, ONE_GROUP, BLOCK_N, BLOCK_KW, CHUNK_SCALES, ASM,
+                           PACKED)
+            y = y / (1.0 + tl.exp(-y)) * u
+        tl.store(out_ptr + row * stride_om + n0 + tl.arange(0, BLOCK_N),
+                 y.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _bf16_lo(v):

@@ -52,7 +52,7 @@ def _quant_linear_backward(ctx, dy):  # type: ignore[no-untyped-def]
 
 _quant_linear_op.register_autograd(_quant_linear_backward, setup_context=_quant_linear_setup)
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "fused_decode_ok", "fused_linear"]
 
 
 class QuantLinear(nn.Module):
@@ -190,3 +190,54 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
                 f"group_size={self.group_size}, symmetric={self.symmetric}, "
                 f"bias={self.bias is not None}, awq={self.input_scale is not None}")
+
+
+def fused_decode_ok(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether ``modules`` (applied to ``x``) can run as one grouped decode GEMV
+    (:func:`slimlm.kernels.quant_gemv.quant_gemv`): every one a weight-only
+    :class:`QuantLinear` the kernels take, all with the same bits, group size, symmetry,
+    in_features and scale dtype, without bias, AWQ input scale or forward hooks; x bf16 or
+    fp16 with 1 to 8 rows on the GPU (or under the interpreter), no gradient wanted, and
+    ``SLIMLM_GEMV`` not 0."""
+    from slimlm.kernels import gemv as _gemv
+    from slimlm.kernels import interpreting
+    from slimlm.kernels.quant_gemv import MAX_M
+
+    if not _gemv.ENABLED or x.dtype not in (torch.bfloat16, torch.float16) or not modules:
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not 1 <= rows <= MAX_M:
+        return False
+    first = modules[0]
+    if not isinstance(first, QuantLinear):
+        return False
+    for m in modules:
+        if (type(m) is not QuantLinear or not m._kernel_ok or m.bias is not None
+                or m.input_scale is not None or m._forward_hooks or m._forward_pre_hooks
+                or m.bits != first.bits or m.group_size != first.group_size
+                or m.symmetric != first.symmetric or m.in_features != x.shape[-1]
+                or m.scales.dtype != first.scales.dtype or m.qweight.device != x.device):
+            return False
+    return x.is_cuda or interpreting()
+
+
+def fused_linear(x: torch.Tensor, modules: list[QuantLinear], *, swiglu: bool = False
+                 ) -> list[torch.Tensor] | torch.Tensor:
+    """x (..., K) through ``modules`` (checked by :func:`fused_decode_ok`) in one launch:
+    a list of (..., N_i), or with ``swiglu`` (gate, up) silu(gate(x)) * up(x)."""
+    from slimlm.kernels.quant_gemv import quant_gemv_call
+
+    if torch.compiler.is_compiling():
+        # traced views (the cached operands of _operands would be module-state mutation)
+        ops = [(m.qweight.view(torch.int32), m.scales, m.zeros) for m in modules]
+    else:
+        ops = [m._operands() for m in modules]
+    first = modules[0]
+    zeros = [] if first.zeros is None else [o[2] for o in ops]
+    y = quant_gemv_call(x, [o[0] for o in ops], [o[1] for o in ops], zeros, first.bits,
+                        first.group_size, swiglu)
+    if swiglu:
+        return y
+    return list(torch.split(y, [m.out_features for m in modules], dim=-1))
