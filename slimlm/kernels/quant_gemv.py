@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -212,7 +213,7 @@ def tune(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.
             continue
         try:
             with torch.cuda.device(xp.device):
-                rows.append((cfg, _graph_us(lambda i, cfg=cfg: _launch(
+                rows.append((cfg, _graph_us(lambda i, cfg=cfg, copies=copies: _launch(
                     xp, *copies[i], out, bits, group_size, swiglu, cfg), rep, n_copies)))
         except torch.cuda.OutOfMemoryError:
             raise
