@@ -178,7 +178,7 @@ def main() -> None:
             first = events_ms(lambda: run(1), 3)
             step_ms = (full - first) / (a.new - 1)
             # The step alone, back to back.
-            if mode == "cuda-graph":
+            if mode in ("cuda-graph", "inductor-graph"):
                 gs = cache._graphed_step
                 replay = gs.graph.replay
             else:

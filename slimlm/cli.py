@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 #: ``slimlm generate --compile`` choices (see :func:`slimlm.generate.generate`'s compile=).
-GENERATE_COMPILE = ("none", "auto", "cuda-graph", "default", "reduce-overhead",
+GENERATE_COMPILE = ("none", "auto", "cuda-graph", "inductor-graph", "default", "reduce-overhead",
                     "max-autotune")
 
 
@@ -217,7 +217,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if compile_arg is not False and args.kv != "static":
         raise SystemExit(f"error: --compile {args.compile} with --kv {args.kv}: compiled "
                          "decoding runs over the static cache; use --kv static")
-    if args.compile in ("cuda-graph", "reduce-overhead", "max-autotune") and \
+    if args.compile in ("cuda-graph", "inductor-graph", "reduce-overhead", "max-autotune") and \
             not str(device).startswith("cuda"):
         raise SystemExit(f"error: --compile {args.compile} records CUDA graphs, but the device "
                          f"is {device}; use --compile auto or default off the GPU")

@@ -482,6 +482,8 @@ def test_cuda_graph_validation_on_cpu(model: Transformer) -> None:
                      compile="cuda-graph")
     with pytest.raises(ValueError, match="'cuda-graph'"):  # listed among the valid values
         generate(model, [[1, 2]], 3, compile="cuda_graph")
+    with pytest.raises(ValueError, match="compile='inductor-graph' uses CUDA graphs.*cpu"):
+        generate(model, [[1, 2]], 3, cache=mine, compile="inductor-graph")
 
 
 def _emulate_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list:
@@ -497,10 +499,13 @@ def _emulate_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list:
     def capture(self, model, kv):  # type: ignore[no-untyped-def]
         args = (model, kv.k_buffers, kv.v_buffers, self.tokens, self.slot, self.pads,
                 self.key_valid, self.key_slots)
-        logits, greedy = sgen._decode_step(*args)
+        # inductor-graph: the traced step (dynamo's "eager" backend: no inductor compile)
+        step = (sgen._compiled_step("eager") if self.mode == "inductor-graph"
+                else sgen._decode_step)
+        logits, greedy = step(*args)
 
         def replay() -> None:
-            new_logits, new_greedy = sgen._decode_step(*args)
+            new_logits, new_greedy = step(*args)
             logits.copy_(new_logits)
             greedy.copy_(new_greedy)
 
@@ -510,7 +515,7 @@ def _emulate_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list:
 
     real_mode = sgen._compile_mode
     monkeypatch.setattr(sgen._GraphedStep, "capture", capture)
-    monkeypatch.setattr(sgen, "_compile_mode", lambda c, d: c if c == "cuda-graph"
+    monkeypatch.setattr(sgen, "_compile_mode", lambda c, d: c if c in sgen.CUDA_GRAPH_MODES
                         else real_mode(c, d))
     return captures
 
@@ -520,6 +525,28 @@ def emulated_graphs(monkeypatch: pytest.MonkeyPatch) -> list:
     """compile='cuda-graph' on the CPU, to test the bookkeeping around the graph (static
     inputs refilled per call, reuse, recapture); see _emulate_cuda_graphs."""
     return _emulate_cuda_graphs(monkeypatch)
+
+
+def test_inductor_graph_mode_emulated(model: Transformer, emulated_graphs: list) -> None:
+    """compile='inductor-graph' captures the traced step into the cache's graph slot; a
+    call in the other graph mode captures anew (the mode is part of the graph's key)."""
+    cfg = model.cfg
+    mine = StaticCache(cfg.n_layers, 2, cfg.n_kv_heads, cfg.head_dim, 12, dtype=torch.float64)
+    prompts = _prompts([5, 3])
+    ref = generate(model, prompts, 5, return_logits=True)
+    out = generate(model, prompts, 5, cache=mine, return_logits=True, compile="inductor-graph")
+    assert out.tokens == ref.tokens
+    assert out.logits is not None and ref.logits is not None
+    assert_close(out.logits, ref.logits, rtol=1e-9, atol=1e-9)
+    g = mine._graphed_step
+    assert g is not None and g.mode == "inductor-graph"
+    mine.reset()
+    again = generate(model, prompts, 5, cache=mine, compile="inductor-graph")
+    assert again.tokens == ref.tokens and mine._graphed_step is g  # replayed, not recaptured
+    mine.reset()
+    generate(model, prompts, 5, cache=mine, compile="cuda-graph")
+    assert mine._graphed_step is not g and mine._graphed_step.mode == "cuda-graph"
+    assert len(emulated_graphs) == 2
 
 
 def test_cuda_graph_bookkeeping_emulated(model: Transformer, emulated_graphs: list) -> None:
@@ -638,7 +665,8 @@ def _gpu_model(dtype: torch.dtype) -> Transformer:
     return Transformer(cfg).cuda().to(dtype).eval()
 
 
-def _check_cuda_graph_against_eager(net: Transformer, dtype: torch.dtype) -> None:
+def _check_cuda_graph_against_eager(net: Transformer, dtype: torch.dtype,
+                                    mode: str = "cuda-graph") -> None:
     """compile='cuda-graph' on ``net`` (CUDA), two calls on one StaticCache with different
     prompts (different pads): the second replays the graph the first captured.
 
@@ -647,8 +675,9 @@ def _check_cuda_graph_against_eager(net: Transformer, dtype: torch.dtype) -> Non
     between the static step's attention and SDPA flip some ties (on the CPU, 5 of 12 such
     runs differ somewhere): token equality with eager generate would be luck. Checked
     instead: tokens and logits bitwise equal to the same static step run eagerly without
-    a graph (what the graph recorded: the same kernels), the prefill's logits equal to
-    eager's, and the first decode step's within bf16 rounding of eager's."""
+    a graph (what the graph recorded: the same kernels; not for ``mode="inductor-graph"``,
+    whose graph recorded inductor's kernels), the prefill's logits equal to eager's, and
+    the first decode step's within bf16 rounding of eager's."""
     cfg = net.cfg
 
     def cache() -> StaticCache:
@@ -659,7 +688,7 @@ def _check_cuda_graph_against_eager(net: Transformer, dtype: torch.dtype) -> Non
     first = None
     for prompts in (_prompts([5, 9, 3]), _prompts([7, 2, 11], seed=2)):
         mine.reset()
-        out = generate(net, prompts, 12, cache=mine, compile="cuda-graph", return_logits=True)
+        out = generate(net, prompts, 12, cache=mine, compile=mode, return_logits=True)
         graphed = mine._graphed_step
         assert graphed is not None and isinstance(graphed.graph, torch.cuda.CUDAGraph)
         first = first or (graphed, graphed.graph)
@@ -670,28 +699,37 @@ def _check_cuda_graph_against_eager(net: Transformer, dtype: torch.dtype) -> Non
             assert out.tokens == ref.tokens
             assert_close(out.logits, ref.logits, rtol=1e-3, atol=1e-3)
             continue
-        with pytest.MonkeyPatch.context() as mp:
-            _emulate_cuda_graphs(mp)
-            step = generate(net, prompts, 12, cache=cache(), compile="cuda-graph",
-                            return_logits=True)
-        assert step.logits is not None
-        assert out.tokens == step.tokens and torch.equal(out.logits, step.logits)
+        if mode == "cuda-graph":
+            with pytest.MonkeyPatch.context() as mp:
+                _emulate_cuda_graphs(mp)
+                step = generate(net, prompts, 12, cache=cache(), compile="cuda-graph",
+                                return_logits=True)
+            assert step.logits is not None
+            assert out.tokens == step.tokens and torch.equal(out.logits, step.logits)
         assert torch.equal(out.logits[:, 0], ref.logits[:, 0])  # the prefill is eager in both
-        assert_close(out.logits[:, 1], ref.logits[:, 1], rtol=0.0, atol=0.5)
+        # the first decode step within bf16 rounding of eager's: the graphed step may run
+        # fused GEMVs (grouped q/k/v, SwiGLU) whose bf16 partial sums round in another order
+        # than the eager layers' kernels (the kernels' own tests use the same 1e-2 bound)
+        a, b = out.logits[:, 1].float(), ref.logits[:, 1].float()
+        assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_equals_eager_and_reuses_graph_on_gpu(dtype: torch.dtype) -> None:
-    """compile='cuda-graph' (no torch.compile) decodes as eagerly and captures only once."""
-    _check_cuda_graph_against_eager(_gpu_model(dtype), dtype)
+@pytest.mark.parametrize("mode", ["cuda-graph", "inductor-graph"])
+def test_cuda_graph_equals_eager_and_reuses_graph_on_gpu(dtype: torch.dtype, mode: str
+                                                         ) -> None:
+    """compile='cuda-graph' (no torch.compile) and 'inductor-graph' (inductor, then one
+    CUDA graph) decode as eagerly and capture only once."""
+    _check_cuda_graph_against_eager(_gpu_model(dtype), dtype, mode)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_quantized_model_on_gpu(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("mode", ["cuda-graph", "inductor-graph"])
+def test_cuda_graph_quantized_model_on_gpu(dtype: torch.dtype, mode: str) -> None:
     """A model whose Linear layers are QuantLinear (int4, Triton kernels launched from
     Python) is captured and decodes as it does eagerly."""
     from slimlm.quant import QuantConfig, QuantLinear, quantize_
@@ -700,4 +738,4 @@ def test_cuda_graph_quantized_model_on_gpu(dtype: torch.dtype) -> None:
     quantize_(net, QuantConfig(bits=4, group_size=32))
     quant = [m for m in net.modules() if isinstance(m, QuantLinear)]
     assert quant and all(m._kernel_ok for m in quant)  # the Triton path, not the reference
-    _check_cuda_graph_against_eager(net, dtype)
+    _check_cuda_graph_against_eager(net, dtype, mode)

@@ -177,11 +177,11 @@ def test_llama_shapes_on_gpu(bits, group, m):
         xp = QG.gemv_x(x, bits)
         w32 = [q.view(torch.int32) for q in qws]
         got = QG.quant_gemv(xp, w32, ss, zs, bits, group, swiglu=swiglu).float()
-        assert (got - ref).norm() / ref.norm() < 6e-3
+        assert (got - ref).norm() / ref.norm() < 1e-2  # test_quant_gpu's bound (bf16x2 sums)
         for cfg, _ in QG.tune(xp, w32, ss, zs, bits, group, swiglu=swiglu, rep=3):
             got = QG.quant_gemv(xp, w32, ss, zs, bits, group, swiglu=swiglu,
                                 config=cfg).float()
-            assert (got - ref).norm() / ref.norm() < 6e-3, cfg
+            assert (got - ref).norm() / ref.norm() < 1e-2, cfg
 
     x = torch.randn(m, 2048, device=dev, dtype=torch.bfloat16)
     check(x, [make(n, 2048) for n in (2048, 512, 512)], False)
