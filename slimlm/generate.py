@@ -562,6 +562,12 @@ def _compiled_step(compile_mode: str) -> Callable[..., tuple[torch.Tensor, torch
     with same-shaped caches reuse the compiled graph (and its CUDA graph) instead of
     compiling again. Shapes are static (``dynamic=False``): a new batch size or max_len is
     a new graph."""
+    # Dynamo keeps one graph per (model, batch, max_len, dtype) on _decode_step's code object,
+    # across modes, and fails (fullgraph) past its recompile limit (8 by default): a process
+    # decoding with several models or batch sizes (a benchmark of four formats at two batch
+    # sizes) needs more.
+    dyn = torch._dynamo.config
+    dyn.recompile_limit = max(dyn.recompile_limit, 64)
     if compile_mode in COMPILE_BACKENDS:
         return torch.compile(_decode_step, backend=compile_mode, fullgraph=True, dynamic=False)
     return torch.compile(_decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
