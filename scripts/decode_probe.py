@@ -109,7 +109,7 @@ def main() -> None:
         rows = G.tune(x, ws, swiglu=sw)
         nb = sum(w.numel() * 2 for w in ws)
 
-        nc = min(32, max(1, -(-G.L2_SPAN_BYTES // nb)))
+        nc = G.l2_copies(nb, x.device)
         cws = [ws] + [[torch.empty_like(w) for w in ws] for _ in range(nc - 1)]
 
         def cublas(i, x=x, cws=cws):

@@ -56,6 +56,51 @@ def test_errors_name_the_argument():
                       torch.ones(6, 8, dtype=torch.float16))
 
 
+def test_tuner_helpers(monkeypatch):
+    """l2_copies sizes the weight rotation (L2 span, 32 at most, a quarter of free memory);
+    time_configs times every config over every copy, skips configs that fail, re-raises
+    running out of memory and sorts fastest first (CUDA-only calls stubbed)."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    free = [2 ** 40]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free[0], 2 ** 41))
+    mib = 2 ** 20
+    assert G.l2_copies(1 * mib, "cuda") == 32  # capped
+    assert G.l2_copies(100 * mib, "cuda") == 3  # 300 MiB >= the 256 MiB span
+    assert G.l2_copies(10 * 2 ** 30, "cuda") == 1
+    free[0] = 400 * mib
+    assert G.l2_copies(50 * mib, "cuda") == 2  # a quarter of 400 MiB holds two
+    seen = []
+
+    def fake_graph_us(fn, calls, variants=1):
+        assert calls >= variants
+        for i in range(variants):
+            fn(i)
+        return float(seen[-1][0] * 10)
+
+    monkeypatch.setattr(G, "_graph_us", fake_graph_us)
+
+    def launch(cfg, copy):
+        if cfg == 2:
+            raise RuntimeError("out of resources")
+        seen.append((cfg, copy))
+
+    rows = G.time_configs("cuda", [3, 2, 1], launch, ["a", "b"], rep=1)
+    assert rows == [(1, 10.0), (3, 30.0)]
+    assert sorted(seen) == [(1, "a"), (1, "b"), (3, "a"), (3, "b")]
+
+    def oom(cfg, copy):
+        raise torch.cuda.OutOfMemoryError("oom")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        G.time_configs("cuda", [1], oom, ["a"], rep=1)
+    with pytest.raises(ValueError, match="copies is empty"):
+        G.time_configs("cuda", [1], launch, [], rep=1)
+    with pytest.raises(ValueError, match="nbytes=-1"):
+        G.l2_copies(-1, "cuda")
+
+
 def test_plain_linears_selects_only_plain_bf16_layers(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     lin = torch.nn.Linear(8, 4, bias=False).to(torch.bfloat16)

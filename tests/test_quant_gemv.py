@@ -84,6 +84,15 @@ def test_errors_name_the_argument():
         QG.quant_gemv(xp, [w], [s[:, :1]], [], 4, 128)
     with pytest.raises(ValueError, match="tune: xp is on cpu"):
         QG.tune(xp, [w], [s], [], 4, 128)
+    with pytest.raises(ValueError, match="gemv_x: bits=3"):
+        QG.gemv_x(torch.zeros(1, 256), 3)
+    with pytest.raises(ValueError, match=r"gemv_x: x2.shape=\(1, 250\)"):
+        QG.gemv_x(torch.zeros(1, 250), 4)
+    q8 = torch.zeros(16, 128, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="quant_gemv_ref: 1 weights, 2 scales"):
+        QG.quant_gemv_ref(torch.zeros(1, 256), [q8], [s, s], [], 4, 128)
+    with pytest.raises(ValueError, match="quant_gemv_ref: swiglu=True with 1"):
+        QG.quant_gemv_ref(torch.zeros(1, 256), [q8], [s], [], 4, 128, swiglu=True)
 
 
 def test_fused_decode_ok_selects_compatible_layers(monkeypatch):
@@ -108,6 +117,12 @@ def test_fused_decode_ok_selects_compatible_layers(monkeypatch):
     h = net[1].register_forward_hook(lambda *a: None)
     assert not fused_decode_ok(x, net[0], net[1])  # a hook must run
     h.remove()
+    from slimlm.quant.linear import fused_linear
+
+    with pytest.raises(ValueError, match="swiglu=True with 1 modules"):
+        fused_linear(x, [net[0]], swiglu=True)
+    with pytest.raises(ValueError, match="cannot run as one grouped decode GEMV"):
+        fused_linear(x, [net[0], net[3]])
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not fused_decode_ok(x, net[0])  # a CPU tensor outside the interpreter
 

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from slimlm.kernels import interpreting, triton_available, triton_runs_on
 
 __all__ = ["gemv", "gemv_swiglu", "gemv_ref", "gemv_swiglu_ref", "gemv_enabled",
-           "grouped_linear", "swiglu_linear", "plain_linears", "CONFIG_CANDIDATES", "tune"]
+           "grouped_linear", "swiglu_linear", "plain_linears", "CONFIG_CANDIDATES", "tune",
+           "l2_copies", "time_configs"]
 
 #: The largest M the kernels take (rows beyond it belong to a GEMM, not a GEMV).
 MAX_M = 8
@@ -241,6 +242,42 @@ def _graph_us(fn: Any, calls: int, variants: int = 1) -> float:
                      graph=True)["median_ms"] * 1e3 / calls
 
 
+def l2_copies(nbytes: int, device: torch.device) -> int:
+    """How many copies of a launch's ``nbytes`` of weights a tuner cycles through so that
+    together they exceed L2 (:data:`L2_SPAN_BYTES`): at most 32, and at most a quarter of
+    the device's free memory. CUDA only."""
+    if not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"l2_copies: nbytes={nbytes!r}: expected a non-negative int")
+    n = min(32, max(1, -(-L2_SPAN_BYTES // max(nbytes, 1))))
+    with torch.cuda.device(device):
+        free = torch.cuda.mem_get_info()[0]
+    return max(1, min(n, int(free * 0.25) // max(nbytes, 1)))  # leave room
+
+
+def time_configs(device: torch.device, configs: Sequence[Any],
+                 launch: Any, copies: Sequence[Any], rep: int) -> list[tuple[Any, float]]:
+    """``launch(config, copy)`` timed per config as CUDA-graph replays (:func:`_graph_us`:
+    at least ``rep`` launches, one per copy at least, cycling over ``copies``). A config
+    that fails (does not compile here: resources) is skipped; running out of memory is
+    re-raised. Returns ``[(config, us), ...]`` fastest first."""
+    if not copies:
+        raise ValueError("time_configs: copies is empty: expected at least one set of "
+                         "launch operands")
+    rep = max(rep, len(copies))
+    rows = []
+    for cfg in configs:
+        try:
+            with torch.cuda.device(device):
+                rows.append((cfg, _graph_us(lambda i, cfg=cfg: launch(cfg, copies[i]), rep,
+                                            len(copies))))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception:  # a config that does not compile here (resources): skip it
+            continue
+    rows.sort(key=lambda r: r[1])
+    return rows
+
+
 def tune(x: torch.Tensor, weights: Sequence[torch.Tensor], *, swiglu: bool = False,
          residual: torch.Tensor | None = None, rep: int = 20
          ) -> list[tuple[tuple[int, int, int], float]]:
@@ -255,28 +292,13 @@ def tune(x: torch.Tensor, weights: Sequence[torch.Tensor], *, swiglu: bool = Fal
     out = x.new_empty(x.shape[0], n_rows[0] if swiglu else sum(n_rows))
     # Timed on copies of the weights that together exceed L2 (contents do not matter for
     # speed): the same weight relaunched would be served from L2 and favour other configs.
-    nbytes = sum(w.numel() * w.element_size() for w in weights)
-    n_copies = min(32, max(1, -(-L2_SPAN_BYTES // max(nbytes, 1))))
-    with torch.cuda.device(x.device):
-        free = torch.cuda.mem_get_info()[0]
-    n_copies = max(1, min(n_copies, int(free * 0.25) // max(nbytes, 1)))  # leave room
+    n_copies = l2_copies(sum(w.numel() * w.element_size() for w in weights), x.device)
     copies = [list(weights)] + [[torch.empty_like(w) for w in weights]
                                 for _ in range(n_copies - 1)]
-    rep = max(rep, n_copies)
-    rows = []
-    for cfg in CONFIG_CANDIDATES:
-        if not _fits(cfg, n_rows, K):
-            continue
-        try:
-            with torch.cuda.device(x.device):
-                rows.append((cfg, _graph_us(lambda i, cfg=cfg, copies=copies: _launch(
-                    x, copies[i], out, residual, swiglu, cfg), rep, n_copies)))
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception:  # a config that does not compile here (resources): skip it
-            continue
+    rows = time_configs(x.device, [c for c in CONFIG_CANDIDATES if _fits(c, n_rows, K)],
+                        lambda cfg, ws: _launch(x, ws, out, residual, swiglu, cfg), copies,
+                        rep)
     del copies
-    rows.sort(key=lambda r: r[1])
     if rows:
         _TUNED[_key(x, weights, swiglu, residual)] = rows[0][0]
     return rows

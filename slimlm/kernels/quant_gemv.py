@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from slimlm.kernels import interpreting, triton_available
+from slimlm.kernels.gemv import _block_n, _pow2_floor, l2_copies, time_configs
 from slimlm.kernels.quant_matmul import KERNEL_BITS, dequantize_ref
 
 __all__ = ["CONFIG_CANDIDATES", "MAX_M", "gemv_x", "packed_x", "quant_gemv",
@@ -71,6 +72,11 @@ def gemv_x(x2: torch.Tensor, bits: int) -> torch.Tensor:
     values per packed word), (M, PER, K/PER); in the bf16x2 form (:func:`packed_x`) the
     pairs (x[.. + i], x[.. + PER/2 + i]) as (M, PER/2, K/PER, 2) bf16. Plain tensor code:
     under torch.compile it fuses into the kernel that produced x."""
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"gemv_x: bits={bits}: expected one of {KERNEL_BITS}")
+    if x2.dim() != 2 or x2.shape[1] % (32 // bits):
+        raise ValueError(f"gemv_x: x2.shape={tuple(x2.shape)}: expected (M, K) with K a "
+                         f"multiple of {32 // bits} (values per packed word)")
     m, k = x2.shape
     per = 32 // bits
     if packed_x(x2.dtype, bits):
@@ -84,6 +90,14 @@ def quant_gemv_ref(x2: torch.Tensor, qweights: Sequence[torch.Tensor],
     """cat([x @ dequant(W_i)^T]) (or silu(x W0^T) * (x W1^T)) in fp32, in x's dtype. x
     (M, K) in natural order; ``qweights`` uint8 (N_i, K*bits/8); ``zeros`` empty when
     symmetric."""
+    if x2.dim() != 2:
+        raise ValueError(f"quant_gemv_ref: x2.shape={tuple(x2.shape)}: expected (M, K)")
+    if len(scales) != len(qweights) or (zeros and len(zeros) != len(qweights)):
+        raise ValueError(f"quant_gemv_ref: {len(qweights)} weights, {len(scales)} scales and "
+                         f"{len(zeros)} zeros: expected one each (zeros: or none)")
+    if swiglu and len(qweights) != 2:
+        raise ValueError(f"quant_gemv_ref: swiglu=True with {len(qweights)} weights: expected "
+                         "2 (gate, up)")
     k = x2.shape[1]
     xf = x2.float()
     ys = [xf @ dequantize_ref(q, s, zeros[i] if zeros else None, bits, group_size, k)
@@ -126,25 +140,18 @@ def _check(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torc
                          f"{tuple(w32s[1].shape)}: expected equal shapes")
 
 
-def _block_n(n_rows: Sequence[int], want: int) -> int:
-    b = want
-    while b > 1 and any(n % b for n in n_rows):
-        b //= 2
-    return b
-
-
 def _static_config(n_rows: Sequence[int], kw: int) -> tuple[int, int, int]:
     """A guess for shapes not tuned yet (the static table's gemv tile: 4 rows x 256 words
     x 2 warps), and the interpreter's choice."""
     if interpreting():
-        return (_block_n(n_rows, 4), min(32, 1 << (kw.bit_length() - 1)), 1)
-    bkw = min(256, max(128, 1 << (kw.bit_length() - 1)))
+        return (_block_n(n_rows, 4), min(32, _pow2_floor(kw)), 1)
+    bkw = min(256, max(128, _pow2_floor(kw)))
     return (_block_n(n_rows, 4), bkw, max(1, bkw // 128))
 
 
 def _fits(cfg: tuple[int, int, int], n_rows: Sequence[int], kw: int) -> bool:
     bn, bkw, _ = cfg
-    return all(n % bn == 0 for n in n_rows) and bkw <= max(128, 1 << (kw.bit_length() - 1))
+    return all(n % bn == 0 for n in n_rows) and bkw <= max(128, _pow2_floor(kw))
 
 
 def _launch(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
@@ -187,8 +194,6 @@ def tune(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.
     """Time every fitting candidate of :data:`CONFIG_CANDIDATES` for this shape (CUDA-graph
     replays over weight copies spanning more than L2, as :func:`slimlm.kernels.gemv.tune`);
     remember the fastest. Returns ``[(config, us), ...]`` fastest first."""
-    from slimlm.kernels.gemv import L2_SPAN_BYTES, _graph_us
-
     _check(xp, w32s, scales, zeros, bits, group_size, swiglu)
     if not xp.is_cuda:
         raise ValueError(f"tune: xp is on {xp.device}: expected a CUDA tensor (it times "
@@ -199,28 +204,13 @@ def tune(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.
                       device=xp.device)
     nbytes = sum(w.numel() * 4 + s.numel() * s.element_size() * (2 if zeros else 1)
                  for w, s in zip(w32s, scales))
-    n_copies = min(32, max(1, -(-L2_SPAN_BYTES // max(nbytes, 1))))
-    with torch.cuda.device(xp.device):
-        free = torch.cuda.mem_get_info()[0]
-    n_copies = max(1, min(n_copies, int(free * 0.25) // max(nbytes, 1)))
     copies = [(list(w32s), list(scales), list(zeros))] + [
         ([torch.empty_like(w) for w in w32s], [s.clone() for s in scales],
-         [z.clone() for z in zeros]) for _ in range(n_copies - 1)]
-    rep = max(rep, n_copies)
-    rows = []
-    for cfg in CONFIG_CANDIDATES:
-        if not _fits(cfg, n_rows, kw):
-            continue
-        try:
-            with torch.cuda.device(xp.device):
-                rows.append((cfg, _graph_us(lambda i, cfg=cfg, copies=copies: _launch(
-                    xp, *copies[i], out, bits, group_size, swiglu, cfg), rep, n_copies)))
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception:  # a config that does not compile here (resources): skip it
-            continue
+         [z.clone() for z in zeros]) for _ in range(l2_copies(nbytes, xp.device) - 1)]
+    rows = time_configs(xp.device, [c for c in CONFIG_CANDIDATES if _fits(c, n_rows, kw)],
+                        lambda cfg, ops: _launch(xp, *ops, out, bits, group_size, swiglu, cfg),
+                        copies, rep)
     del copies
-    rows.sort(key=lambda r: r[1])
     if rows:
         _TUNED[_key(xp, w32s, scales, zeros, bits, group_size, swiglu)] = rows[0][0]
     return rows

@@ -229,6 +229,13 @@ def fused_linear(x: torch.Tensor, modules: list[QuantLinear], *, swiglu: bool = 
     a list of (..., N_i), or with ``swiglu`` (gate, up) silu(gate(x)) * up(x)."""
     from slimlm.kernels.quant_gemv import quant_gemv_call
 
+    if swiglu and len(modules) != 2:
+        raise ValueError(f"fused_linear: swiglu=True with {len(modules)} modules: expected 2 "
+                         "(gate, up)")
+    if not fused_decode_ok(x, *modules):
+        raise ValueError("fused_linear: these modules cannot run as one grouped decode GEMV "
+                         "on this x (see fused_decode_ok: weight-only QuantLinear layers of "
+                         "one format, bf16/fp16 x with 1 to 8 rows on the GPU, no gradient)")
     if torch.compiler.is_compiling():
         # traced views (the cached operands of _operands would be module-state mutation)
         ops = [(m.qweight.view(torch.int32), m.scales, m.zeros) for m in modules]
