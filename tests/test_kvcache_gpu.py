@@ -196,3 +196,101 @@ def test_autotune_default_candidates_include_simt():
     rows = autotune_table(q, kv, [DecodeConfig(kernel="simt", num_warps=2),
                                   DecodeConfig(kernel="mma")], rep=3)
     assert len(rows) == 2 and rows[0]["us"] <= rows[1]["us"] < float("inf")
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA C++ kernel: DecodeConfig(kernel="cuda") (slimlm.kernels.kivi_cuda)
+# ---------------------------------------------------------------------------------------
+
+
+def _cuda_cfg(warps: int = 4, stages: int = 2):
+    from slimlm.kernels.decode_attention import DecodeConfig
+
+    return DecodeConfig(kernel="cuda", num_warps=warps, num_stages=stages, programs_per_sm=8)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("ctx, batch", [(4096, 4), (16384 + 100, 2), (32768, 1)])
+@pytest.mark.parametrize("q_gain", [1.0, 4.0], ids=["spread", "peaked"])
+def test_cuda_kernel_matches_reference_bf16_real_shapes(bits, ctx, batch, q_gain):
+    """As test_kernel_matches_reference_bf16_real_shapes, for the CUDA kernel, at 2 and 3
+    pipeline stages, 2 and 4 warps per block, and 1, 7 and the default number of splits."""
+    from slimlm.kernels import kivi_cuda
+
+    torch.manual_seed(0)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    k = torch.randn(batch, 8, ctx, 128, device=dev, dtype=dt)
+    k[..., 5] *= 8
+    v = torch.randn(batch, 8, ctx, 128, device=dev, dtype=dt)
+    q = (torch.randn(batch, 32, 128, device=dev) * q_gain).to(dt)
+    kv = quantize_kv(k, v, bits=bits, group_size=64, v_group_size=64, n_res=128 + ctx % 64)
+    assert kivi_cuda.supports(q, kv) is None
+    ref = decode_attention_ref(q.float(), kv)
+    err_base = _rel(_sdpa_bf16_baseline(q, kv), ref)
+    for warps, stages in ((4, 2), (2, 3)):
+        for splits in (None, 1, 7):
+            out = decode_attention(q, kv, num_splits=splits, config=_cuda_cfg(warps, stages))
+            assert out.dtype == dt and out.shape == (batch, 32, 128)
+            assert torch.isfinite(out).all()
+            err = _rel(out, ref)
+            assert err <= 1.5 * err_base + 1e-3, (warps, stages, splits, err, err_base)
+
+
+@pytest.mark.parametrize("hq, hkv, gv", [(8, 8, 64), (16, 2, 128), (4, 2, 32), (6, 2, 64)])
+@pytest.mark.parametrize("group", [64, 128])
+def test_cuda_kernel_fp16_gqa_groups_and_short_caches(hq, hkv, gv, group):
+    """fp16 q: GQA 1, 2, 3 and 8 query heads per KV head with 1, 2 and 4 value channel
+    groups (rows = heads x groups <= 8; with 3 heads the two rows a thread holds belong to
+    different value groups), key groups of 64 and 128 tokens, and caches whose quantized
+    segment is empty or a single group."""
+    from slimlm.kernels import kivi_cuda
+
+    torch.manual_seed(1)
+    for T in (3000, group + 10, 40):
+        k = torch.randn(3, hkv, T, 128, device="cuda", dtype=torch.float16)
+        v = torch.randn(3, hkv, T, 128, device="cuda", dtype=torch.float16)
+        q = torch.randn(3, hq, 128, device="cuda", dtype=torch.float16)
+        for bits in (2, 4, 8):
+            kv = quantize_kv(k, v, bits=bits, group_size=group, v_group_size=gv)
+            assert kivi_cuda.supports(q, kv) is None
+            err = _rel(decode_attention(q, kv, config=_cuda_cfg()), decode_attention_ref(q, kv))
+            assert err < 5e-3, (T, bits, err)
+
+
+def test_cuda_kernel_replays_in_a_cuda_graph():
+    torch.manual_seed(2)
+    k = torch.randn(2, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
+    kv = quantize_kv(k, torch.randn_like(k), bits=4, group_size=64, v_group_size=64, n_res=128)
+    cfg = _cuda_cfg()
+    want = decode_attention(q, kv, config=cfg)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        decode_attention(q, kv, config=cfg)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = decode_attention(q, kv, config=cfg)
+    q.copy_(torch.randn_like(q))
+    g.replay()
+    torch.cuda.synchronize()
+    assert _rel(out, decode_attention(q, kv, config=cfg)) == 0.0
+    assert _rel(out, want) > 0.1  # the replay read the new q
+
+
+def test_cuda_kernel_declines_what_it_does_not_cover():
+    """Shapes outside the CUDA kernel fall back to the Triton kernel, with the reason."""
+    from slimlm.kernels import kivi_cuda
+
+    k = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.float16)
+    q = torch.randn(1, 4, 64, device="cuda", dtype=torch.float16)
+    kv = quantize_kv(k, k, bits=4, group_size=64, v_group_size=64)
+    assert "head dim 64" in kivi_cuda.supports(q, kv)
+    k = torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.float16)
+    q = torch.randn(1, 4, 128, device="cuda", dtype=torch.float16)
+    kv = quantize_kv(k, k, bits=4, group_size=32, v_group_size=64)
+    assert "group_size=32" in kivi_cuda.supports(q, kv)
+    with pytest.warns(Warning, match="CUDA kernel"):
+        out = decode_attention(q, kv, config=_cuda_cfg())
+    assert _rel(out, decode_attention_ref(q, kv)) < 5e-3

@@ -431,6 +431,7 @@ if triton_available():
         BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
         QPG: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         OPDT: tl.constexpr, PREC: tl.constexpr, GATHER: tl.constexpr,
+        RES_ONLY: tl.constexpr = False,
     ):
         """One program = one (batch, KV head, split). Row r of the (M, ...) tiles is query
         head ``r % QPG`` of the group, replica ``j = r // QPG``; replica j carries value
@@ -453,7 +454,10 @@ if triton_available():
         centred, their rounding has either sign. fp32 caches (``PREC="ieee"``) multiply
         in full fp32: tf32 kept 10 mantissa bits (1.2% off the reference on the H200)."""
         pid_bh = tl.program_id(0)
-        pid_s = tl.program_id(1)
+        if RES_ONLY:  # a grid of (B * Hkv, 1): the residual parts only (kernel="cuda")
+            pid_s = n_splits
+        else:
+            pid_s = tl.program_id(1)
         b = pid_bh // n_kv_heads
         h = pid_bh % n_kv_heads
         NG: tl.constexpr = D // VGROUP
@@ -553,34 +557,41 @@ if triton_available():
 
     @triton.jit
     def _decode_reduce_kernel(PM, PL, PZ, PACC, OUT, so_b, so_h, n_kv_heads, n_parts,
-                              D: tl.constexpr, QPG: tl.constexpr, QPG_P2: tl.constexpr,
-                              M: tl.constexpr, VGROUP: tl.constexpr):
-        """Merge the splits' (max, sum, acc) and pick each column's replica row."""
+                              D: tl.constexpr, QPG: tl.constexpr, M: tl.constexpr,
+                              VGROUP: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Merge the splits' (max, sum, zero term, acc) of one output row: grid
+        (B * Hkv, QPG * D // VGROUP), program (bh, r) = query head ``r % QPG`` of the group,
+        value channel group ``r // QPG`` (the row that holds those columns). The parts are
+        read ``BLOCK_P`` at a time as one tile (no loop-carried load chain: with 100+
+        splits a serial loop over parts cost more than the split kernel itself)."""
         pid_bh = tl.program_id(0)
+        r = tl.program_id(1)
         b = pid_bh // n_kv_heads
         h = pid_bh % n_kv_heads
-        offs_g = tl.arange(0, QPG_P2)
-        offs_d = tl.arange(0, D)
-        ok = offs_g < QPG
-        row = (offs_d // VGROUP)[None, :] * QPG + tl.minimum(offs_g, QPG - 1)[:, None]
-        m = tl.full((QPG_P2, D), -1.0e30, dtype=tl.float32)
-        l = tl.zeros((QPG_P2, D), dtype=tl.float32)
-        acc = tl.zeros((QPG_P2, D), dtype=tl.float32)
-        for s in range(0, n_parts):
-            base = (pid_bh * n_parts + s) * M
-            m_s = tl.load(PM + base + row)  # (QPG_P2, D) gathers of tiny vectors
-            l_s = tl.load(PL + base + row)
-            z_s = tl.load(PZ + base + row)
-            a_s = tl.load(PACC + (base + row) * D + offs_d[None, :])
-            m_new = tl.maximum(m, m_s)
-            alpha = tl.math.exp2(m - m_new)
-            beta = tl.math.exp2(m_s - m_new)
-            l = l * alpha + l_s * beta
-            acc = acc * alpha + (a_s + z_s) * beta
-            m = m_new
-        out = acc / tl.where(l > 0, l, 1.0)
-        o_ptr = OUT + b * so_b + (h * QPG + offs_g)[:, None] * so_h + offs_d[None, :]
-        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=ok[:, None])
+        g = r % QPG
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_d = (r // QPG) * VGROUP + tl.arange(0, VGROUP)
+        row0 = pid_bh * n_parts
+        mx = tl.full((BLOCK_P,), -1.0e30, dtype=tl.float32)
+        for p0 in range(0, n_parts, BLOCK_P):
+            ok = p0 + offs_p < n_parts
+            mx = tl.maximum(mx, tl.load(PM + (row0 + p0 + offs_p) * M + r, mask=ok,
+                                        other=-1.0e30))
+        m = tl.max(mx, 0)
+        den = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_P, VGROUP), dtype=tl.float32)
+        for p0 in range(0, n_parts, BLOCK_P):
+            ok = p0 + offs_p < n_parts
+            rows = (row0 + p0 + offs_p) * M + r  # (BLOCK_P,)
+            w = tl.math.exp2(tl.load(PM + rows, mask=ok, other=-1.0e30) - m)
+            den += w * tl.load(PL + rows, mask=ok, other=0.0)
+            z = tl.load(PZ + rows, mask=ok, other=0.0)
+            a = tl.load(PACC + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+            acc += (a + z[:, None]) * w[:, None]
+        l = tl.sum(den, 0)
+        out = tl.sum(acc, 0) / tl.where(l > 0, l, 1.0)
+        o_ptr = OUT + b * so_b + (h * QPG + g) * so_h + offs_d
+        tl.store(o_ptr, out.to(OUT.dtype.element_ty))
 
     # -----------------------------------------------------------------------------------
     # The CUDA-core ("simt") variant: DecodeConfig(kernel="simt")
@@ -993,15 +1004,21 @@ class DecodeConfig:
     #: :func:`_decode_simt_kernel` (CUDA cores, fp16x2; timed on the H200: 1.6x slower
     #: than "mma"). For "simt", ``block_n`` tokens per block are split into sub-tiles
     #: of one token row per thread, and fewer warps mean more sub-tiles per block.
+    #: "cuda": the CUDA C++ kernel of :mod:`slimlm.kernels.kivi_cuda` (tensor cores,
+    #: codes unpacked into the mma registers; one warp per split, 64-token blocks:
+    #: ``block_n`` is ignored, ``num_warps`` (1, 2 or 4) warps per thread block,
+    #: ``num_stages`` cp.async stages; the split count is planned from the kernel's
+    #: occupancy, ``programs_per_sm`` is not used). Where it cannot run (no nvcc, other
+    #: shapes: :func:`kivi_cuda.supports`) the "mma" kernel does.
     kernel: str = "mma"
 
     def __post_init__(self) -> None:
         if self.unpack not in ("join", "gather"):
             raise ValueError(f"DecodeConfig: unpack={self.unpack!r}: expected 'join' or "
                              "'gather'")
-        if self.kernel not in ("mma", "simt"):
-            raise ValueError(f"DecodeConfig: kernel={self.kernel!r}: expected 'mma' or "
-                             "'simt'")
+        if self.kernel not in ("mma", "simt", "cuda"):
+            raise ValueError(f"DecodeConfig: kernel={self.kernel!r}: expected 'mma', "
+                             "'simt' or 'cuda'")
         for name in ("block_n", "num_warps", "num_stages", "programs_per_sm", "min_blocks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -1015,6 +1032,12 @@ class DecodeConfig:
 # key group (G=64 default) = 8/4/2 KiB of int8/4/2 K+V codes per iteration; 3 stages keep
 # two blocks in flight per program while one is unpacked; 4 programs per SM x 4 warps keep
 # ~50-100 KiB in flight per SM, what 4.5 TB/s at ~1.5 us loaded latency needs (~52 KiB).
+#: The Triton kernel's configs, used where a "cuda" config cannot run.
+_MMA_FALLBACK: dict[int, DecodeConfig] = {
+    8: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4),
+    4: DecodeConfig(block_n=64, num_warps=4, num_stages=4, programs_per_sm=4),
+    2: DecodeConfig(block_n=64, num_warps=4, num_stages=4, programs_per_sm=4),
+}
 CONFIGS: dict[int, DecodeConfig] = {
     8: DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4),
     4: DecodeConfig(block_n=64, num_warps=4, num_stages=4, programs_per_sm=4),
@@ -1118,6 +1141,16 @@ def _num_splits(batch_heads: int, n_blocks: int, cfg: DecodeConfig, device: torc
     return max(1, min(want, n_blocks // cfg.min_blocks))
 
 
+def _merge_parts(pm: torch.Tensor, pacc: torch.Tensor, out: torch.Tensor, n_kv_heads: int,
+                 parts: int, d: int, qpg: int, m_rows: int, vgroup: int) -> None:
+    """Launch the merge of the split partials into ``out`` (B, Hq, D)."""
+    rows = qpg * (d // vgroup)
+    block_p = min(64, max(2, 1 << (parts - 1).bit_length()), max(2, 4096 // vgroup))
+    _decode_reduce_kernel[(pm.shape[1], rows)](
+        pm[0], pm[1], pm[2], pacc, out, out.stride(0), out.stride(1), n_kv_heads, parts,
+        D=d, QPG=qpg, M=m_rows, VGROUP=vgroup, BLOCK_P=block_p, num_warps=4)
+
+
 def _as_words(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes (..., W) -> int32 words (..., W // 4), same memory (no copy)."""
     return codes.view(torch.int32)
@@ -1139,13 +1172,6 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
     qpg = Hq // Hkv
     ng = D // kv.v_group_size
     m_rows = _rows_m(qpg, ng)
-    block_n = min(kv.group_size, cfg.block_n)
-    n_blocks = kv.n_quant // block_n
-    if num_splits is None:
-        num_splits = _num_splits(B * Hkv, n_blocks, cfg, q.device)
-    num_splits = max(1, min(int(num_splits), max(n_blocks, 1)))
-    bps = -(-n_blocks // num_splits) if n_blocks else 0
-    parts = num_splits + 1
     dev = q.device
     out = torch.empty(B, Hq, D, device=dev, dtype=q.dtype)
     if q.stride(-1) != 1:
@@ -1161,6 +1187,43 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
     kw, vw, strides = kv._launch
     fp32 = q.dtype == torch.float32
     opdt = tl.float32 if fp32 else tl.float16
+    if cfg.kernel == "cuda":
+        from slimlm.kernels import kivi_cuda
+
+        why_cuda = kivi_cuda.supports(q, kv)
+        if why_cuda is None:
+            n_blocks = kv.n_quant // 64
+            if num_splits is None:
+                idx = dev.index if dev.index is not None else 0
+                slots = _sm_count(idx) * kivi_cuda.resident_warps(idx, kv.bits, cfg.num_warps,
+                                                                  cfg.num_stages)
+                num_splits = kivi_cuda.plan_splits(B * Hkv, n_blocks, slots)
+            splits = max(1, min(int(num_splits), max(n_blocks, 1)))
+            bps = -(-n_blocks // splits) if n_blocks else 0
+            parts = splits + 1
+            pm = torch.empty(3, B * Hkv, parts, m_rows, device=dev, dtype=torch.float32)
+            pacc = torch.empty(B * Hkv, parts, m_rows, D, device=dev, dtype=torch.float32)
+            kivi_cuda.launch_split(q, kv, pm, pacc, qk_scale=scale, n_splits=splits,
+                                   blocks_per_split=bps, m_rows=m_rows,
+                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _decode_split_kernel[(B * Hkv, 1)](
+                q, kw, kv.k_scale, kv.k_zero, vw, kv.v_scale, kv.v_zero, kv.k_res, kv.v_res,
+                pm[0], pm[1], pm[2], pacc, kv.n_quant, kv.n_res, bps, scale,
+                q.stride(0), q.stride(1), *strides, Hkv, splits,
+                BITS=kv.bits, GROUP=kv.group_size, VGROUP=kv.v_group_size, D=D, QPG=qpg,
+                M=m_rows, BLOCK_N=64, BLOCK_R=32, OPDT=opdt, PREC="tf32", GATHER=False,
+                RES_ONLY=True, num_warps=4, num_stages=2)
+            _merge_parts(pm, pacc, out, Hkv, parts, D, qpg, m_rows, kv.v_group_size)
+            return out
+        warn_fallback("decode_attention's CUDA kernel", why_cuda)
+        cfg = _MMA_FALLBACK[kv.bits]
+    block_n = min(kv.group_size, cfg.block_n)
+    n_blocks = kv.n_quant // block_n
+    if num_splits is None:
+        num_splits = _num_splits(B * Hkv, n_blocks, cfg, q.device)
+    num_splits = max(1, min(int(num_splits), max(n_blocks, 1)))
+    bps = -(-n_blocks // num_splits) if n_blocks else 0
+    parts = num_splits + 1
     if cfg.kernel == "simt":
         lay = _simt_layout(kv.bits, D, kv.v_group_size, block_n, cfg.num_warps)
         if lay is not None:
@@ -1176,10 +1239,7 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
                 BLOCK_N=block_n, ROWS=rows, CPT=cpt, BLOCK_R=32, H2=h2,
                 ASM=h2 and not interpreting(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            _decode_reduce_kernel[(B * Hkv,)](pm[0], pm[1], pm[2], pacc, out, out.stride(0),
-                                              out.stride(1), Hkv, parts, D=D, QPG=qpg,
-                                              QPG_P2=1 << (qpg - 1).bit_length(), M=qpg,
-                                              VGROUP=D, num_warps=4)
+            _merge_parts(pm, pacc, out, Hkv, parts, D, qpg, qpg, D)
             return out
         # a code word spans two value groups: the MMA kernel handles it
     pm = torch.empty(3, B * Hkv, parts, m_rows, device=dev, dtype=torch.float32)
@@ -1192,8 +1252,5 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
         BLOCK_N=block_n, BLOCK_R=32, OPDT=opdt, PREC="ieee" if fp32 else "tf32",
         GATHER=cfg.unpack == "gather",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _decode_reduce_kernel[(B * Hkv,)](pm[0], pm[1], pm[2], pacc, out, out.stride(0),
-                                      out.stride(1), Hkv, parts, D=D, QPG=qpg,
-                                      QPG_P2=1 << (qpg - 1).bit_length(), M=m_rows,
-                                      VGROUP=kv.v_group_size, num_warps=4)
+    _merge_parts(pm, pacc, out, Hkv, parts, D, qpg, m_rows, kv.v_group_size)
     return out

@@ -1,0 +1,286 @@
+"""Build and launch the CUDA C++ KIVI decode kernel (``csrc/kivi_decode.cu``).
+
+The kernel computes the split partials of :mod:`slimlm.kernels.decode_attention` for the
+quantized segment of a KIVI cache on tensor cores, unpacking the codes straight into the
+registers of the ``mma.sync`` operands (the source explains the fragment layout). It is
+the ``DecodeConfig(kernel="cuda")`` path of :func:`~slimlm.kernels.decode_attention.
+decode_attention`; the residual segment and the merge of the splits stay Triton kernels.
+
+It is compiled on first use with the CUDA toolkit's ``nvcc`` for the GPU at hand (about
+10 s), into ``$SLIMLM_CACHE`` (default ``~/.cache/slimlm``) under a name that hashes the
+source, and loaded with ``ctypes`` (no PyTorch C++ headers, no ABI coupling): a plain
+shared library with one ``extern "C"`` launcher. Without ``nvcc``, on GPUs older than
+sm_80, or for shapes it does not cover (head dim 128, key groups of a multiple of 64
+tokens, fp16 scales, <= 8 query rows per KV head), :func:`supports` says why and the
+Triton kernel runs instead. ``SLIMLM_KIVI_CUDA=0`` turns it off.
+
+Example::
+
+    from slimlm.kernels import kivi_cuda
+    why = kivi_cuda.supports(q, packed)      # None: it can run
+    kivi_cuda.launch_split(q, packed, pm, pacc, ...)  # called by decode_attention
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["SOURCE", "nvcc_path", "supports", "load", "launch_split", "stage_bytes"]
+
+SOURCE = Path(__file__).with_name("csrc") / "kivi_decode.cu"
+_BLOCK = 64  # tokens per pipeline stage (kivi_decode.cu: BLOCK)
+_BUILT: dict[str, Any] = {}  # arch -> ctypes library, or the error string of a failed build
+_LOCK = threading.Lock()
+
+
+class _Params(ctypes.Structure):
+    """Mirror of ``KiviParams`` in kivi_decode.cu (checked against its sizeof at load)."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("sq_b", ctypes.c_longlong), ("sq_h", ctypes.c_longlong),
+        ("kc", ctypes.c_void_p), ("skc_b", ctypes.c_longlong), ("skc_h", ctypes.c_longlong),
+        ("vc", ctypes.c_void_p), ("svc_b", ctypes.c_longlong), ("svc_h", ctypes.c_longlong),
+        ("ks", ctypes.c_void_p), ("kz", ctypes.c_void_p), ("sks_b", ctypes.c_longlong),
+        ("sks_h", ctypes.c_longlong), ("sks_g", ctypes.c_longlong),
+        ("vs", ctypes.c_void_p), ("vz", ctypes.c_void_p), ("svs_b", ctypes.c_longlong),
+        ("svs_h", ctypes.c_longlong), ("svs_j", ctypes.c_longlong),
+        ("pm", ctypes.c_void_p), ("pl", ctypes.c_void_p), ("pz", ctypes.c_void_p),
+        ("pacc", ctypes.c_void_p),
+        ("n_kv_heads", ctypes.c_int), ("qpg", ctypes.c_int), ("ng", ctypes.c_int),
+        ("group_size", ctypes.c_int), ("n_blocks", ctypes.c_int),
+        ("blocks_per_split", ctypes.c_int), ("n_splits", ctypes.c_int),
+        ("n_parts", ctypes.c_int), ("m_rows", ctypes.c_int), ("q_bf16", ctypes.c_int),
+        ("n_items", ctypes.c_int), ("gshift", ctypes.c_int), ("qk_scale", ctypes.c_float),
+    ]
+
+
+#: (bits, stages) pairs the library is built with (kivi_decode.cu: SLIMLM_KIVI_CASE).
+BUILT_STAGES = {2: (2, 3, 4), 4: (2, 3, 4), 8: (2, 3)}
+
+
+def nvcc_path() -> str | None:
+    """The ``nvcc`` to build with: ``$CUDA_HOME/bin/nvcc``, else the one on ``PATH``."""
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if root and (Path(root) / "bin" / "nvcc").is_file():
+            return str(Path(root) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SLIMLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                          "slimlm")
+    return Path(root) / "cuda"
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}{minor}"
+
+
+def build(arch: str, nvcc: str | None = None, out_dir: Path | None = None) -> Path:
+    """Compile the kernel library for ``sm_<arch>`` (e.g. "90") unless a build of this
+    source is cached; returns its path. Written under a temporary name and renamed, so
+    concurrent builds and interrupted ones never leave a broken library behind."""
+    nvcc = nvcc or nvcc_path()
+    if nvcc is None:
+        raise RuntimeError("kivi_cuda.build: nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    if not arch.isdigit():
+        raise ValueError(f"kivi_cuda.build: arch={arch!r}: expected digits such as '90'")
+    src = SOURCE.read_bytes()
+    digest = hashlib.sha256(src + arch.encode()).hexdigest()[:16]
+    out_dir = out_dir or _cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / f"kivi_decode-{digest}-sm{arch}.so"
+    if lib.is_file():
+        return lib
+    fd, tmp = tempfile.mkstemp(prefix=lib.name, suffix=".tmp", dir=out_dir)
+    os.close(fd)
+    cmd = [nvcc, "-O3", "--use_fast_math", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", tmp, str(SOURCE)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError(f"kivi_cuda.build: nvcc failed ({res.returncode}):\n"
+                               f"{res.stderr[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def load(device: torch.device) -> ctypes.CDLL:
+    """The kernel library for ``device``'s architecture, built on first use (raises
+    RuntimeError with the reason when it cannot be built or loaded)."""
+    arch = _arch(device)
+    with _LOCK:
+        got = _BUILT.get(arch)
+        if got is None:
+            try:
+                lib = ctypes.CDLL(str(build(arch)))
+                lib.slimlm_kivi_decode.argtypes = [ctypes.POINTER(_Params), ctypes.c_int,
+                                                   ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+                lib.slimlm_kivi_decode.restype = ctypes.c_int
+                lib.slimlm_kivi_occupancy.argtypes = [ctypes.c_int] * 3
+                lib.slimlm_kivi_occupancy.restype = ctypes.c_int
+                if lib.slimlm_kivi_params_size() != ctypes.sizeof(_Params):
+                    raise RuntimeError("kivi_cuda: KiviParams size mismatch between "
+                                       "kivi_decode.cu and kivi_cuda._Params")
+                got = lib
+            except Exception as e:  # remembered: one failed build is not retried per call
+                got = f"{type(e).__name__}: {e}"
+            _BUILT[arch] = got
+    if isinstance(got, str):
+        raise RuntimeError(got)
+    return got
+
+
+@functools.cache
+def _smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 232448)
+
+
+@functools.cache
+def resident_warps(index: int, bits: int, num_warps: int, num_stages: int) -> int:
+    """Warps of the kernel resident per multiprocessor (occupancy: registers, shared memory)
+    on CUDA device ``index``; 0 when the launch config does not fit at all."""
+    lib = load(torch.device("cuda", index))
+    blocks = lib.slimlm_kivi_occupancy(bits, num_warps, num_stages)
+    return max(0, blocks) * num_warps
+
+
+def plan_splits(batch_heads: int, n_blocks: int, slots: int) -> int:
+    """Splits per (batch, KV head) for ``n_blocks`` 64-token blocks when ``slots`` warps run
+    at once on the GPU: the fewest splits that minimise waves x (blocks per warp + 1) (the
+    critical path, one block's worth for a warp's start and its partials), at least 2
+    blocks per split where there are enough."""
+    if n_blocks <= 1 or slots < 1:
+        return 1
+    best, best_cost = 1, None
+    for s in range(1, max(1, n_blocks // 2) + 1):
+        waves = -(-batch_heads * s // slots)
+        cost = waves * (-(-n_blocks // s) + 1)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+        if waves > 4:  # more splits only add parts to merge
+            break
+    return best
+
+
+def stage_bytes(bits: int) -> int:
+    """Shared memory one warp uses per pipeline stage (kivi_decode.cu: Geo::STAGE)."""
+    kb = 128 * bits // 8
+    return 2 * _BLOCK * kb + 4 * 128 + 2 * 4 * 2 * _BLOCK
+
+
+def supports(q: torch.Tensor, kv: Any) -> str | None:
+    """None when the CUDA kernel can run on ``q`` (B, Hq, D) and the PackedKV ``kv``, else
+    why not. Cheap checks first; the build (first call only) last."""
+    if os.environ.get("SLIMLM_KIVI_CUDA", "1") == "0":
+        return "SLIMLM_KIVI_CUDA=0"
+    if not q.is_cuda:
+        return "the tensors are on the CPU"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "the GPU is older than sm_80 (mma.sync fp16, cp.async)"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"q dtype {q.dtype} (the CUDA kernel takes float16 or bfloat16)"
+    D = q.shape[-1]
+    if D != 128:
+        return f"head dim {D} (the CUDA kernel takes 128)"
+    if kv.bits not in BUILT_STAGES:
+        return f"bits={kv.bits}"
+    if kv.group_size % _BLOCK:
+        return f"group_size={kv.group_size} (the CUDA kernel takes multiples of {_BLOCK})"
+    ng = D // kv.v_group_size
+    qpg = q.shape[1] // kv.k_res.shape[1]
+    if D % kv.v_group_size or ng not in (1, 2, 4) or qpg * ng > 8:
+        return (f"{qpg} query heads per KV head x {ng} value groups (the CUDA kernel takes "
+                "<= 8 rows, value groups of 32, 64 or 128 channels)")
+    for name in ("k_scale", "k_zero", "v_scale", "v_zero"):
+        if getattr(kv, name).dtype != torch.float16:
+            return f"{name} dtype {getattr(kv, name).dtype} (the CUDA kernel takes float16)"
+    if q.stride(-1) != 1 or q.data_ptr() % 16 or q.stride(0) % 8 or q.stride(1) % 8:
+        return "q is not contiguous along the head dim and 16-byte aligned"
+    if kv.n_quant == 0:  # nothing quantized yet: the kernel reads no buffer
+        return _buildable(q.device)
+    kb = D * kv.bits // 8
+    for name in ("k_codes", "v_codes"):
+        t = getattr(kv, name)
+        if t.stride(3) != 1 or t.stride(2) != kb:
+            return f"{name} is not contiguous per token"
+        if t.data_ptr() % 16 or t.stride(0) % 16 or t.stride(1) % 16:
+            return f"{name} is not 16-byte aligned"
+    if kv.k_scale.stride() != kv.k_zero.stride() or kv.v_scale.stride() != kv.v_zero.stride():
+        return "scale and zero tensors do not share strides"
+    for name in ("k_scale", "k_zero"):
+        t = getattr(kv, name)
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:3]):
+            return f"{name} is not channel-contiguous and 16-byte aligned"
+    for name in ("v_scale", "v_zero"):
+        t = getattr(kv, name)
+        if t.stride(2) != 1 or t.data_ptr() % 16 or any(t.stride(i) % 8 for i in (0, 1, 3)):
+            return f"{name} is not token-contiguous and 16-byte aligned"
+    return _buildable(q.device)
+
+
+def _buildable(device: torch.device) -> str | None:
+    if nvcc_path() is None and _arch(device) not in _BUILT:
+        return "nvcc (the CUDA toolkit) is not installed"
+    try:
+        load(device)
+    except RuntimeError as e:
+        return f"the CUDA kernel did not build: {str(e)[:300]}"
+    return None
+
+
+def launch_split(q: torch.Tensor, kv: Any, pm: torch.Tensor, pacc: torch.Tensor, *,
+                 qk_scale: float, n_splits: int, blocks_per_split: int, m_rows: int,
+                 num_warps: int, num_stages: int) -> None:
+    """Write the partials (max, sum, zero term, acc) of splits ``0 .. n_splits - 1`` for
+    every (batch, KV head) into ``pm`` (3, B*Hkv, n_splits + 1, m_rows) and ``pacc``
+    (B*Hkv, n_splits + 1, m_rows, D), the layout decode_attention's reduce kernel reads.
+    Call :func:`supports` first."""
+    if num_stages not in BUILT_STAGES[kv.bits]:
+        raise ValueError(f"kivi_cuda.launch_split: num_stages={num_stages}: expected one of "
+                         f"{BUILT_STAGES[kv.bits]} for {kv.bits}-bit codes")
+    if num_warps not in (1, 2, 4):
+        raise ValueError(f"kivi_cuda.launch_split: num_warps={num_warps}: expected 1, 2 or 4 "
+                         "(the kernel is built for at most 128 threads per block)")
+    smem = num_warps * num_stages * stage_bytes(kv.bits)
+    limit = _smem_limit(q.device.index if q.device.index is not None else 0)
+    if smem > limit:
+        raise ValueError(f"kivi_cuda.launch_split: num_warps={num_warps} x num_stages="
+                         f"{num_stages} x {stage_bytes(kv.bits)} B per stage = {smem} B of "
+                         f"shared memory: expected <= {limit} B on this GPU")
+    lib = load(q.device)
+    B, Hq, D = q.shape
+    Hkv = kv.k_res.shape[1]
+    n_parts = n_splits + 1
+    p = _Params(
+        q.data_ptr(), q.stride(0), q.stride(1),
+        kv.k_codes.data_ptr(), kv.k_codes.stride(0), kv.k_codes.stride(1),
+        kv.v_codes.data_ptr(), kv.v_codes.stride(0), kv.v_codes.stride(1),
+        kv.k_scale.data_ptr(), kv.k_zero.data_ptr(), *kv.k_scale.stride()[:3],
+        kv.v_scale.data_ptr(), kv.v_zero.data_ptr(), kv.v_scale.stride(0),
+        kv.v_scale.stride(1), kv.v_scale.stride(3),
+        pm[0].data_ptr(), pm[1].data_ptr(), pm[2].data_ptr(), pacc.data_ptr(),
+        Hkv, Hq // Hkv, D // kv.v_group_size, kv.group_size, kv.n_quant // _BLOCK,
+        blocks_per_split, n_splits, n_parts, m_rows, int(q.dtype == torch.bfloat16),
+        B * Hkv * n_splits, (kv.group_size // _BLOCK).bit_length() - 1, qk_scale)
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    err = lib.slimlm_kivi_decode(ctypes.byref(p), kv.bits, num_warps, num_stages,
+                                 ctypes.c_void_p(stream))
+    if err != 0:
+        raise RuntimeError(f"kivi_cuda.launch_split: launch failed with CUDA error {err}")
