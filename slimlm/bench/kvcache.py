@@ -6,12 +6,13 @@ Four sections, each row tagged with ``section``:
   full-precision window included) at each context length, and the ratio to bf16.
 - ``kernel``: decode-attention latency at 32 query heads, 8 KV heads, head dim 128:
   ``F.scaled_dot_product_attention(enable_gqa=True)`` on a dense bf16 cache (the baseline)
-  against slimlm's Triton kernel on int8/int4/int2 KIVI caches, with the bytes each reads
-  (TB/s), the roofline time (those bytes at the copy bandwidth measured by
-  ``slimlm.bench.ceiling``) and the fraction of it reached, the speed-up and the error
-  against exact fp32 attention over the unquantized cache. L2 is flushed before every
-  timed call. ``autotune=1`` also times the kernel's candidate configs (int4/int2 at
-  batch 8) and yields one ``kernel-autotune`` row per config.
+  against slimlm's KIVI decode kernels on int8/int4/int2 caches (the default CUDA kernel,
+  and the Triton kernel: rows "(triton)"), with the bytes each reads (TB/s), the roofline
+  time (those bytes at the copy bandwidth measured by ``slimlm.bench.ceiling``) and the
+  fraction of it reached, the speed-up and the error against exact fp32 attention over the
+  unquantized cache. Device time of CUDA-graph replays (no host launch cost in any row),
+  L2 flushed before every timed call. ``autotune=1`` also times the kernels' candidate
+  configs (int4/int2 at batch 8) and yields one ``kernel-autotune`` row per config.
 - ``decode``: decode tokens/s of a random-init model ("llama-1b", or ``model="llama-8b"``)
   against context length, at batch 1 and at the largest batch whose cache fits
   ``kv_budget_gib``; caches are filled with random keys/values (speed does not depend on
@@ -30,6 +31,7 @@ tiny shapes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -196,7 +198,10 @@ def _kernel_rows(device: torch.device, quick: bool, ctx: int, batches: list[int]
         q = torch.randn(B, Hq, D, device=device, dtype=dt, generator=gen)
         exact = _exact(q, k, v)
         q4 = q[:, :, None]  # (B, Hq, 1, D)
-        t = time_fn(lambda q4=q4, k=k, v=v: _sdpa_gqa(q4, k, v), device, rep=rep, flush_l2=True)
+        # Device time of CUDA-graph replays (L2 flushed before each): every row pays its
+        # kernels, none its host-side launch cost (the figure a compiled decode step sees).
+        t = time_fn(lambda q4=q4, k=k, v=v: _sdpa_gqa(q4, k, v), device, rep=rep, flush_l2=True,
+                    graph=True)
         # Copy bandwidth (read + write) measured on this GPU: the roofline (none on the CPU).
         bw = measured_ceilings(device)["copy_gbps"] * 1e9 if device.type == "cuda" else None
         sdpa_ms = t["median_ms"]
@@ -205,26 +210,37 @@ def _kernel_rows(device: torch.device, quick: bool, ctx: int, batches: list[int]
         yield {**base, "impl": "sdpa bf16 (baseline)", "ms": sdpa_ms, "us": sdpa_ms * 1e3,
                "bytes_read": nbytes, "tb_per_s": gbps(nbytes, sdpa_ms) / 1e3, "rel_err": err,
                "speedup_vs_sdpa": 1.0, **_roofline(nbytes, sdpa_ms, bw)}
-        for bits in (8, 4, 2):
+        for bits, kernel in itertools.product((8, 4, 2), ("cuda", "triton")):
+            if kernel == "triton" and device.type != "cuda":
+                continue  # on the CPU both rows would time the same fallback
             def run(bits: int = bits, q: torch.Tensor = q, k: torch.Tensor = k,
                     v: torch.Tensor = v, exact: torch.Tensor = exact, sdpa_ms: float = sdpa_ms,
-                    nbytes: int = nbytes, bw: float | None = bw) -> dict[str, Any]:
+                    nbytes: int = nbytes, bw: float | None = bw, kernel: str = kernel
+                    ) -> dict[str, Any]:
+                from slimlm.kernels import kivi_cuda
+                from slimlm.kernels.decode_attention import _MMA_FALLBACK, CONFIGS
+
                 g, r = (16, 8) if quick else (64, 128)  # group size, residual window
                 kv = quantize_kv(k, v, bits=bits, group_size=g, v_group_size=g,
                                  n_res=r + (ctx - r) % g)
                 nb = sum(x.numel() * x.element_size() for x in (
                     kv.k_codes, kv.k_scale, kv.k_zero, kv.v_codes, kv.v_scale, kv.v_zero,
                     kv.k_res, kv.v_res))
-                tk = time_fn(lambda: decode_attention(q, kv), device, rep=rep,  # noqa: B023
-                             flush_l2=True)
-                out = decode_attention(q, kv)
+                cfg = CONFIGS[bits] if kernel == "cuda" else _MMA_FALLBACK[bits]
+                why = kivi_cuda.supports(q, kv) if kernel == "cuda" else None
+                tk = time_fn(lambda: decode_attention(q, kv, config=cfg),  # noqa: B023
+                             device, rep=rep, flush_l2=True, graph=True)
+                out = decode_attention(q, kv, config=cfg)
                 ms = tk["median_ms"]
                 return {"ms": ms, "us": ms * 1e3, "bytes_read": nb,
+                        "kernel": ("pytorch reference" if not q.is_cuda else
+                                   kernel if why is None else f"triton (cuda: {why})"),
                         "tb_per_s": gbps(nb, ms) / 1e3, "rel_err": _rel(out, exact),
                         "rel_err_vs_ref": _rel(out, decode_attention_ref(q, kv)),
                         "speedup_vs_sdpa": sdpa_ms / ms, "bytes_ratio_vs_bf16": nbytes / nb,
                         **_roofline(nb, ms, bw)}
-            yield guarded({**base, "impl": f"slimlm kivi int{bits}"}, run, device, errors=True)
+            name = f"slimlm kivi int{bits}" + (" (triton)" if kernel == "triton" else "")
+            yield guarded({**base, "impl": name}, run, device, errors=True)
         del k, v, q, q4, exact
         free_memory(device)
 

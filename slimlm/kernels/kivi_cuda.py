@@ -230,7 +230,8 @@ def supports(q: torch.Tensor, kv: Any) -> str | None:
             return f"{name} is not channel-contiguous and 16-byte aligned"
     for name in ("v_scale", "v_zero"):
         t = getattr(kv, name)
-        if t.stride(2) != 1 or t.data_ptr() % 16 or any(t.stride(i) % 8 for i in (0, 1, 3)):
+        strides = (0, 1, 3) if t.shape[3] > 1 else (0, 1)  # one value group: no stride 3
+        if t.stride(2) != 1 or t.data_ptr() % 16 or any(t.stride(i) % 8 for i in strides):
             return f"{name} is not token-contiguous and 16-byte aligned"
     return _buildable(q.device)
 
