@@ -432,7 +432,7 @@ if triton_available():
         BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
         QPG: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         OPDT: tl.constexpr, PREC: tl.constexpr, GATHER: tl.constexpr,
-        RES_ONLY: tl.constexpr = False,
+        RES_CHUNKS: tl.constexpr = 0,
     ):
         """One program = one (batch, KV head, split). Row r of the (M, ...) tiles is query
         head ``r % QPG`` of the group, replica ``j = r // QPG``; replica j carries value
@@ -455,10 +455,16 @@ if triton_available():
         centred, their rounding has either sign. fp32 caches (``PREC="ieee"``) multiply
         in full fp32: tf32 kept 10 mantissa bits (1.2% off the reference on the H200)."""
         pid_bh = tl.program_id(0)
-        if RES_ONLY:  # a grid of (B * Hkv, 1): the residual parts only (kernel="cuda")
-            pid_s = n_splits
+        if RES_CHUNKS > 0:  # grid (B * Hkv, RES_CHUNKS): residual parts only (kernel="cuda")
+            pid_s = n_splits + tl.program_id(1)
+            res_lo = tl.program_id(1) * BLOCK_R  # one BLOCK_R-token chunk per program
+            res_hi = res_lo + BLOCK_R
+            n_parts = n_splits + RES_CHUNKS
         else:
             pid_s = tl.program_id(1)
+            res_lo = 0
+            res_hi = n_res
+            n_parts = n_splits + 1
         b = pid_bh // n_kv_heads
         h = pid_bh % n_kv_heads
         NG: tl.constexpr = D // VGROUP
@@ -534,7 +540,7 @@ if triton_available():
             # scores: rounding the pre-scaled q to bf16 would add an error SDPA does not
             # have (it showed at 4k context, where the residual holds 3% of the tokens).
             qr = tl.load(q_ptr, mask=real[:, None], other=0.0).to(rdt)  # (M, D)
-            for t0 in range(0, n_res, BLOCK_R):
+            for t0 in range(res_lo, res_hi, BLOCK_R):
                 rows = t0 + offs_t
                 valid = rows < n_res
                 k = tl.load(kr_base + rows[:, None] * skr_t + offs_d[None, :],
@@ -549,8 +555,8 @@ if triton_available():
                             mask=valid[:, None], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(rdt), v, input_precision=PREC)
                 m_i = m_new
-        # Partials (B*Hkv, n_splits + 1, M[, D]) fp32, contiguous.
-        part = pid_bh * (n_splits + 1) + pid_s
+        # Partials (B*Hkv, n_parts, M[, D]) fp32, contiguous.
+        part = pid_bh * n_parts + pid_s
         tl.store(PM + part * M + offs_r, m_i)
         tl.store(PL + part * M + offs_r, l_i)
         tl.store(PZ + part * M + offs_r, z_i)
@@ -1212,19 +1218,22 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
                 num_splits = kivi_cuda.plan_splits(B * Hkv, n_blocks, slots)
             splits = max(1, min(int(num_splits), max(n_blocks, 1)))
             bps = -(-n_blocks // splits) if n_blocks else 0
-            parts = splits + 1
+            # The residual in 32-token chunks, one program and one part each: a serial loop
+            # over it in one program per head cost ~8 us at 128 tokens.
+            chunks = max(1, -(-kv.n_res // 32))
+            parts = splits + chunks
             pm = torch.empty(3, B * Hkv, parts, m_rows, device=dev, dtype=torch.float32)
             pacc = torch.empty(B * Hkv, parts, m_rows, D, device=dev, dtype=torch.float32)
             kivi_cuda.launch_split(q, kv, pm, pacc, qk_scale=scale, n_splits=splits,
-                                   blocks_per_split=bps, m_rows=m_rows,
+                                   n_parts=parts, blocks_per_split=bps, m_rows=m_rows,
                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            _decode_split_kernel[(B * Hkv, 1)](
+            _decode_split_kernel[(B * Hkv, chunks)](
                 q, kw, kv.k_scale, kv.k_zero, vw, kv.v_scale, kv.v_zero, kv.k_res, kv.v_res,
                 pm[0], pm[1], pm[2], pacc, kv.n_quant, kv.n_res, bps, scale,
                 q.stride(0), q.stride(1), *strides, Hkv, splits,
                 BITS=kv.bits, GROUP=kv.group_size, VGROUP=kv.v_group_size, D=D, QPG=qpg,
                 M=m_rows, BLOCK_N=64, BLOCK_R=32, OPDT=opdt, PREC="tf32", GATHER=False,
-                RES_ONLY=True, num_warps=4, num_stages=2)
+                RES_CHUNKS=chunks, num_warps=4, num_stages=2)
             _merge_parts(pm, pacc, out, Hkv, parts, D, qpg, m_rows, kv.v_group_size)
             return out
         if q.is_cuda:

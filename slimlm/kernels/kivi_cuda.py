@@ -247,12 +247,16 @@ def _buildable(device: torch.device) -> str | None:
 
 
 def launch_split(q: torch.Tensor, kv: Any, pm: torch.Tensor, pacc: torch.Tensor, *,
-                 qk_scale: float, n_splits: int, blocks_per_split: int, m_rows: int,
-                 num_warps: int, num_stages: int) -> None:
+                 qk_scale: float, n_splits: int, n_parts: int, blocks_per_split: int,
+                 m_rows: int, num_warps: int, num_stages: int) -> None:
     """Write the partials (max, sum, zero term, acc) of splits ``0 .. n_splits - 1`` for
-    every (batch, KV head) into ``pm`` (3, B*Hkv, n_splits + 1, m_rows) and ``pacc``
-    (B*Hkv, n_splits + 1, m_rows, D), the layout decode_attention's reduce kernel reads.
-    Call :func:`supports` first."""
+    every (batch, KV head) into ``pm`` (3, B*Hkv, n_parts, m_rows) and ``pacc``
+    (B*Hkv, n_parts, m_rows, D), the layout decode_attention's merge kernel reads (parts
+    ``n_splits ..`` are the residual's). Call :func:`supports` first."""
+    if n_parts <= n_splits or tuple(pm.shape[2:]) != (n_parts, m_rows):
+        raise ValueError(f"kivi_cuda.launch_split: n_parts={n_parts}, n_splits={n_splits}, "
+                         f"pm of shape {tuple(pm.shape)}: expected n_parts > n_splits and pm "
+                         "(3, B*Hkv, n_parts, m_rows)")
     if num_stages not in BUILT_STAGES[kv.bits]:
         raise ValueError(f"kivi_cuda.launch_split: num_stages={num_stages}: expected one of "
                          f"{BUILT_STAGES[kv.bits]} for {kv.bits}-bit codes")
@@ -268,7 +272,6 @@ def launch_split(q: torch.Tensor, kv: Any, pm: torch.Tensor, pacc: torch.Tensor,
     lib = load(q.device)
     B, Hq, D = q.shape
     Hkv = kv.k_res.shape[1]
-    n_parts = n_splits + 1
     p = _Params(
         q.data_ptr(), q.stride(0), q.stride(1),
         kv.k_codes.data_ptr(), kv.k_codes.stride(0), kv.k_codes.stride(1),
