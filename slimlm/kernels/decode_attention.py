@@ -1214,7 +1214,7 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
             if num_splits is None:
                 idx = dev.index if dev.index is not None else 0
                 slots = _sm_count(idx) * kivi_cuda.resident_warps(idx, kv.bits, cfg.num_warps,
-                                                                  cfg.num_stages)
+                                                                  cfg.num_stages, ng)
                 num_splits = kivi_cuda.plan_splits(B * Hkv, n_blocks, slots)
             splits = max(1, min(int(num_splits), max(n_blocks, 1)))
             bps = -(-n_blocks // splits) if n_blocks else 0

@@ -132,7 +132,7 @@ def load(device: torch.device) -> ctypes.CDLL:
                 lib.slimlm_kivi_decode.argtypes = [ctypes.POINTER(_Params), ctypes.c_int,
                                                    ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
                 lib.slimlm_kivi_decode.restype = ctypes.c_int
-                lib.slimlm_kivi_occupancy.argtypes = [ctypes.c_int] * 3
+                lib.slimlm_kivi_occupancy.argtypes = [ctypes.c_int] * 4
                 lib.slimlm_kivi_occupancy.restype = ctypes.c_int
                 if lib.slimlm_kivi_params_size() != ctypes.sizeof(_Params):
                     raise RuntimeError("kivi_cuda: KiviParams size mismatch between "
@@ -153,11 +153,12 @@ def _smem_limit(index: int) -> int:
 
 
 @functools.cache
-def resident_warps(index: int, bits: int, num_warps: int, num_stages: int) -> int:
+def resident_warps(index: int, bits: int, num_warps: int, num_stages: int, ng: int = 2) -> int:
     """Warps of the kernel resident per multiprocessor (occupancy: registers, shared memory)
-    on CUDA device ``index``; 0 when the launch config does not fit at all."""
+    on CUDA device ``index`` for ``ng`` value channel groups; 0 when the launch config does
+    not fit at all."""
     lib = load(torch.device("cuda", index))
-    blocks = lib.slimlm_kivi_occupancy(bits, num_warps, num_stages)
+    blocks = lib.slimlm_kivi_occupancy(bits, num_warps, num_stages, ng)
     return max(0, blocks) * num_warps
 
 
@@ -179,10 +180,12 @@ def plan_splits(batch_heads: int, n_blocks: int, slots: int) -> int:
     return best
 
 
-def stage_bytes(bits: int) -> int:
-    """Shared memory one warp uses per pipeline stage (kivi_decode.cu: Geo::STAGE)."""
+def stage_bytes(bits: int, ng: int = 2) -> int:
+    """Shared memory one warp uses per pipeline stage (kivi_decode.cu: Geo::stage): a
+    64-token block of K and V codes, the key scales and zeros, ``ng`` value groups' scales
+    and zeros."""
     kb = 128 * bits // 8
-    return 2 * _BLOCK * kb + 4 * 128 + 2 * 4 * 2 * _BLOCK
+    return 2 * _BLOCK * kb + 2 * 2 * 128 + 2 * ng * 2 * _BLOCK
 
 
 def supports(q: torch.Tensor, kv: Any) -> str | None:
@@ -263,11 +266,12 @@ def launch_split(q: torch.Tensor, kv: Any, pm: torch.Tensor, pacc: torch.Tensor,
     if num_warps not in (1, 2, 4):
         raise ValueError(f"kivi_cuda.launch_split: num_warps={num_warps}: expected 1, 2 or 4 "
                          "(the kernel is built for at most 128 threads per block)")
-    smem = num_warps * num_stages * stage_bytes(kv.bits)
+    ng = q.shape[-1] // kv.v_group_size
+    smem = num_warps * num_stages * stage_bytes(kv.bits, ng)
     limit = _smem_limit(q.device.index if q.device.index is not None else 0)
     if smem > limit:
         raise ValueError(f"kivi_cuda.launch_split: num_warps={num_warps} x num_stages="
-                         f"{num_stages} x {stage_bytes(kv.bits)} B per stage = {smem} B of "
+                         f"{num_stages} x {stage_bytes(kv.bits, ng)} B per stage = {smem} B of "
                          f"shared memory: expected <= {limit} B on this GPU")
     lib = load(q.device)
     B, Hq, D = q.shape

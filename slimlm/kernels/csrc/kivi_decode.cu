@@ -59,9 +59,11 @@ template <int BITS> struct Geo {
   static constexpr int V_OFF = BLOCK * KB;
   static constexpr int SK_OFF = 2 * BLOCK * KB;       // 128 fp16 key scales
   static constexpr int ZK_OFF = SK_OFF + 2 * D;       // 128 fp16 key zeros
-  static constexpr int SV_OFF = ZK_OFF + 2 * D;       // <= 4 groups x 64 fp16 value scales
-  static constexpr int ZV_OFF = SV_OFF + 4 * 2 * BLOCK;
-  static constexpr int STAGE = ZV_OFF + 4 * 2 * BLOCK;
+  static constexpr int SV_OFF = ZK_OFF + 2 * D;       // NG groups x 64 fp16 value scales
+  // then NG x 64 fp16 value zeros at zv_off(NG); a stage is stage(NG) bytes (sized to NG:
+  // at int4 the 512 bytes a 4-group layout would waste cost a third thread block per SM)
+  __host__ __device__ static constexpr int zv_off(int ng) { return SV_OFF + ng * 2 * BLOCK; }
+  __host__ __device__ static constexpr int stage(int ng) { return zv_off(ng) + ng * 2 * BLOCK; }
 };
 
 // Channel offsets (within the thread's 32) of K pair i, in the order unpack_k makes them.
@@ -250,7 +252,8 @@ __global__ void __launch_bounds__(128, 3) kivi_decode_split(const KiviParams p) 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int item = blockIdx.x * (blockDim.x >> 5) + warp;
   if (item >= p.n_items) return;
-  unsigned char* wsm = smem + (size_t)warp * STAGES * G::STAGE;
+  const int stage_bytes = G::stage(p.ng), zv_off = G::zv_off(p.ng);
+  unsigned char* wsm = smem + (size_t)warp * STAGES * stage_bytes;
   const int bh = item / p.n_splits, split = item % p.n_splits;
   const int b = bh / p.n_kv_heads, h = bh % p.n_kv_heads;
   const int gid = lane >> 2, tig = lane & 3;
@@ -302,12 +305,12 @@ __global__ void __launch_bounds__(128, 3) kivi_decode_split(const KiviParams p) 
     const int i = lane + 32 * q, per = 8 * p.ng;  // per: chunks of the scales (or zeros)
     const int which = i >= per, rem = i - which * per, j = rem >> 3, c = rem & 7;
     lc.v_src[q] = (which ? vzg : vsg) + j * p.svs_j + 8 * c;
-    lc.v_dst[q] = i < 2 * per ? (which ? G::ZV_OFF : G::SV_OFF) + j * 2 * BLOCK + 16 * c : -1;
+    lc.v_dst[q] = i < 2 * per ? (which ? zv_off : G::SV_OFF) + j * 2 * BLOCK + 16 * c : -1;
   }
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (start + s < end) issue_block<BITS>(p, wsm + s * G::STAGE, lane, kg, vg, lc, start + s);
+    if (start + s < end) issue_block<BITS>(p, wsm + s * stage_bytes, lane, kg, vg, lc, start + s);
     cp_async_commit();
   }
   int load_stage = STAGES - 1, use_stage = 0;  // ring positions (no % in the loop)
@@ -322,12 +325,12 @@ __global__ void __launch_bounds__(128, 3) kivi_decode_split(const KiviParams p) 
 
   for (int blk = start; blk < end; ++blk) {
     const int nxt = blk + STAGES - 1;
-    if (nxt < end) issue_block<BITS>(p, wsm + load_stage * G::STAGE, lane, kg, vg, lc, nxt);
+    if (nxt < end) issue_block<BITS>(p, wsm + load_stage * stage_bytes, lane, kg, vg, lc, nxt);
     cp_async_commit();
     load_stage = load_stage + 1 == STAGES ? 0 : load_stage + 1;
     cp_async_wait<STAGES - 1>();
     __syncwarp();
-    const unsigned char* st = wsm + use_stage * G::STAGE;
+    const unsigned char* st = wsm + use_stage * stage_bytes;
     use_stage = use_stage + 1 == STAGES ? 0 : use_stage + 1;
 
     // Q' = q * key scale (fp16 pairs in unpack_k's order, row gid) and the zero-point bias
@@ -417,7 +420,7 @@ __global__ void __launch_bounds__(128, 3) kivi_decode_split(const KiviParams p) 
     // P' = p * value scale of the row's channel group; P'^T as the B operand of
     // O^T = V^T P'^T is the transpose of the S^T fragment: one movmatrix per 8 tokens.
     const __half* svb = reinterpret_cast<const __half*>(st + G::SV_OFF);
-    const __half* zvb = reinterpret_cast<const __half*>(st + G::ZV_OFF);
+    const __half* zvb = reinterpret_cast<const __half*>(st + zv_off);
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
       uint32_t pb[2];
@@ -495,7 +498,7 @@ cudaError_t grant_smem(size_t smem) {
 
 template <int BITS, int STAGES>
 int launch(const KiviParams* p, int warps, cudaStream_t stream) {
-  const size_t smem = (size_t)warps * STAGES * Geo<BITS>::STAGE;
+  const size_t smem = (size_t)warps * STAGES * Geo<BITS>::stage(p->ng);
   cudaError_t e = grant_smem<BITS, STAGES>(smem);
   if (e != cudaSuccess) return (int)e;
   const int grid = (p->n_items + warps - 1) / warps;
@@ -504,8 +507,8 @@ int launch(const KiviParams* p, int warps, cudaStream_t stream) {
 }
 
 template <int BITS, int STAGES>
-int occupancy(int warps) {
-  const size_t smem = (size_t)warps * STAGES * Geo<BITS>::STAGE;
+int occupancy(int warps, int ng) {
+  const size_t smem = (size_t)warps * STAGES * Geo<BITS>::stage(ng);
   if (grant_smem<BITS, STAGES>(smem) != cudaSuccess) return -1;
   int blocks = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kivi_decode_split<BITS, STAGES>,
@@ -522,8 +525,9 @@ extern "C" {
 int slimlm_kivi_params_size() { return (int)sizeof(KiviParams); }
 
 // Shared memory one warp needs per pipeline stage.
-int slimlm_kivi_stage_bytes(int bits) {
-  return bits == 2 ? Geo<2>::STAGE : bits == 4 ? Geo<4>::STAGE : bits == 8 ? Geo<8>::STAGE : -1;
+int slimlm_kivi_stage_bytes(int bits, int ng) {
+  return bits == 2 ? Geo<2>::stage(ng) : bits == 4 ? Geo<4>::stage(ng)
+                   : bits == 8 ? Geo<8>::stage(ng) : -1;
 }
 
 #define SLIMLM_KIVI_CASES(F)                                            \
@@ -542,9 +546,9 @@ int slimlm_kivi_decode(const KiviParams* p, int bits, int warps, int stages, voi
 
 // Thread blocks of `warps` warps resident per multiprocessor (registers and shared memory
 // permitting), or -1.
-int slimlm_kivi_occupancy(int bits, int warps, int stages) {
+int slimlm_kivi_occupancy(int bits, int warps, int stages, int ng) {
 #define SLIMLM_KIVI_CASE(B, S) \
-  if (bits == B && stages == S) return occupancy<B, S>(warps);
+  if (bits == B && stages == S) return occupancy<B, S>(warps, ng);
   SLIMLM_KIVI_CASES(SLIMLM_KIVI_CASE)
 #undef SLIMLM_KIVI_CASE
   return -1;
