@@ -57,16 +57,43 @@ head takes the full-precision residual. Per block, no dequantized tile is ever b
   that the accumulators stay of the output's size (no cancellation that would amplify
   the tensor cores' truncating accumulation over long contexts).
 
-A second, tiny kernel merges the splits' (max, sum, acc). :func:`decode_attention_ref`
-is the same computation in PyTorch (dequantize, then attention in fp32); the CPU falls
-back to it. Launch parameters come from :data:`CONFIGS` (chosen by reasoning: 64-token
-blocks = one key group, 3-4 stages of cp.async, about 4 programs per SM);
-:func:`autotune_table` times candidates on a GPU.
+A second kernel merges the splits' (max, sum, zero term, acc), one program per output
+row with all parts read as one tile. :func:`decode_attention_ref` is the same computation
+in PyTorch (dequantize, then attention in fp32); the CPU falls back to it.
+
+**The default on GPUs: a CUDA C++ split kernel** (:mod:`slimlm.kernels.kivi_cuda`,
+``csrc/kivi_decode.cu``, ``DecodeConfig(kernel="cuda")``). The Triton kernel above spends
+its time routing the unpacked tiles into the MMA layout through shared memory (21
+barriers, ~4,300 instructions per block); the CUDA kernel unpacks each code straight into
+the ``mma.sync`` register that holds it (~1 instruction per code, ~1,200 per block, no
+barrier): one warp per (batch, KV head, split) with a private cp.async pipeline,
+S^T = K Q'^T with the token block as the M side (no padding rows), P^T moved into the B
+operand of O^T = V^T P^T with ``movmatrix``, the zero-point bias as one more MMA, the
+running max moved only when it grows by more than 2^8. The residual runs as 32-token
+Triton programs, the merge as above. Splits are planned from the kernel's occupancy so
+that the warps fill whole waves. Measured on an H200 (32 query / 8 KV heads, 32k tokens,
+CUDA-graph replays, L2 flushed; ``slimlm bench kvcache --option sections=kernel``):
+
+    =====  ===========  ===========  ===========  ==================
+    bits   batch 1      batch 8      batch 32     Triton, batch 8
+    =====  ===========  ===========  ===========  ==================
+    int8   1.32x SDPA   1.48x        1.55x        0.60x
+    int4   1.57x        2.29x        2.68x        0.57x
+    int2   1.83x        3.01x        3.45x        0.55x
+    =====  ===========  ===========  ===========  ==================
+
+int4 reaches 66% (batch 8) and 82% (batch 32) of the HBM roofline of its bytes; int2 is
+bound by instruction issue (~1,165 per 64-token block, half of them the unpacking) at
+48-59%. Where the CUDA kernel cannot run (no ``nvcc``, head dim other than 128, key
+groups not a multiple of 64, more than 8 rows per KV head: :func:`kivi_cuda.supports`)
+the Triton kernel runs, with a one-time warning. Its launch parameters
+(``_MMA_FALLBACK``) were chosen by reasoning: 64-token blocks = one key group, 3-4 stages
+of cp.async, about 4 programs per SM; :func:`autotune_table` times candidates of every
+kernel on a GPU.
 
 Trade-off: int4 reads ~3.5x and int2 ~6.3x fewer bytes than a bf16 cache (scales
 included) for a quantization error that the residual window and per-channel keys keep
-small. What remains besides bytes is the fp16 tile's trip through shared memory on the
-way to the MMA (~1 KiB of shared traffic per token and head).
+small.
 
 A second split kernel, ``DecodeConfig(kernel="simt")`` (:func:`_decode_simt_kernel`), runs
 on CUDA cores: no ``tl.dot`` and, compiled by Triton 3.6 for sm_90, no barrier, shared

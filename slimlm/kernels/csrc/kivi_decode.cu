@@ -9,20 +9,20 @@
 // the codes its fragment holds, ~1 instruction per code.
 //
 // Fragments (mma.m16n8k16, fp16 in, fp32 accumulate; gid = lane / 4, tig = lane % 4).
-// Rows of A are the query rows r = j * QPG + g (query head g of the GQA group, value
-// channel group j: the value scale of group j is folded into P, as in the Triton kernel).
-// Rows 8..15 are padding: a1 = a3 = 0, so the c2/c3 accumulators stay exactly 0 and one
-// dummy pair serves every mma.
-//   S = Q' K^T: A = Q' (rows, channels), B = codes^T (channels, 8 tokens). Logical channel
-//     k of a k-step is private to thread tig (k = 2tig, 2tig+1, 2tig+8, 2tig+9), so the
-//     channel order is ours to choose per thread: thread tig owns physical channels
-//     [32 tig, 32 tig + 32), reads them as one contiguous run of the token's codes and
-//     pairs them in the order its unpacking produces (pair_lo/pair_hi below); Q' is built
-//     with the same pairing. Channel permutations leave q.k unchanged.
-//   O = P' V: A = P' (rows, 16 tokens) is the S accumulator of two n-tiles, as in
-//     FlashAttention-2; B = codes (16 tokens, 8 channels): thread gid owns channels
-//     [16 gid, 16 gid + 16) of tokens 2tig, 2tig+1 (b0) and 2tig+8, 2tig+9 (b1); a byte
-//     permute pairs the same channel of two tokens into one fp16x2.
+// The query rows r = j * QPG + g (query head g of the GQA group, value channel group j:
+// the value scale of group j is folded into P, as in the Triton kernel) are the N side
+// (8 columns) of both products, so no MMA row is padding; a thread holds rows 2tig and
+// 2tig + 1 of every accumulator.
+//   S^T = K Q'^T: A = codes (16 tokens, 16 channels), B = Q'^T. Logical channel k of a
+//     k-step is private to thread tig (k = 2tig, 2tig+1, 2tig+8, 2tig+9), so the channel
+//     order is ours to choose per thread: thread tig owns physical channels
+//     [32 tig, 32 tig + 32), reads them as one contiguous run of each token's codes and
+//     pairs them in the order its unpacking produces (pair_lo below); Q' and the bias
+//     vector are paired the same way. Channel permutations leave q.k unchanged.
+//   O^T = V^T P'^T: B = P'^T is the transpose of the S^T accumulator (one movmatrix per
+//     8 tokens); A = codes^T (16 channels, 16 tokens): thread gid owns channels
+//     [16 gid, 16 gid + 16) (m-tile c: rows 16 gid + 2c and + 1) of tokens 2tig, 2tig+1
+//     and 2tig+8, 2tig+9; a byte permute pairs one channel of two tokens into an fp16x2.
 // Codes become fp16 with the magic-number trick: (x & mask) | 0x6400 is 1024 + code * 2^s,
 // one fma.f16x2 turns it into code - CEN exactly (CEN = 2^(bits-1): centred codes keep the
 // accumulators at the output's size, see the Triton kernel's note on truncating tensor-core
