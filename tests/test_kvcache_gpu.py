@@ -60,10 +60,10 @@ def test_kernel_matches_reference_bf16_real_shapes(bits, ctx, batch, q_gain):
     """The Triton kernel (the default config runs the CUDA kernel: tested below)."""
     from slimlm.kernels.decode_attention import _MMA_FALLBACK
 
-    _check_real_shapes(bits, ctx, batch, q_gain, _MMA_FALLBACK[bits])
+    _check_real_shapes(bits, ctx, batch, q_gain, [_MMA_FALLBACK[bits]])
 
 
-def _check_real_shapes(bits, ctx, batch, q_gain, config):
+def _check_real_shapes(bits, ctx, batch, q_gain, configs, cuda=False):
     """Error against the fp32 reference over the same codes, bounded by the error of the
     natural bf16 alternative (dequantize to bf16 + SDPA) on the same inputs, for every
     split count (one split = one program runs all ``ctx / 64`` blocks of a head).
@@ -80,17 +80,22 @@ def _check_real_shapes(bits, ctx, batch, q_gain, config):
     q = (torch.randn(batch, 32, 128, device=dev) * q_gain).to(dt)
     kv = quantize_kv(k, v, bits=bits, group_size=64, v_group_size=64, n_res=128 + ctx % 64)
     assert kernel_supports(q, kv) is None
+    if cuda:
+        from slimlm.kernels import kivi_cuda
+
+        assert kivi_cuda.supports(q, kv) is None
     ref = decode_attention_ref(q.float(), kv)  # fp32 math over the same codes, fp32 out
     base = _sdpa_bf16_baseline(q, kv)
     err_base = _rel(base, ref)
-    for splits in (None, 1, 7):
-        out = decode_attention(q, kv, num_splits=splits, config=config)
-        assert out.dtype == dt and out.shape == (batch, 32, 128)
-        assert torch.isfinite(out).all()
-        err = _rel(out, ref)
-        # fp16 codes/operands and a bf16 output vs bf16 K/V/P: the kernel is expected to
-        # be at least as close; the slack covers the output's bf16 rounding (~1e-3).
-        assert err <= 1.5 * err_base + 1e-3, (splits, err, err_base)
+    for config in configs:
+        for splits in (None, 1, 7):
+            out = decode_attention(q, kv, num_splits=splits, config=config)
+            assert out.dtype == dt and out.shape == (batch, 32, 128)
+            assert torch.isfinite(out).all()
+            err = _rel(out, ref)
+            # fp16 codes/operands and a bf16 output vs bf16 K/V/P: the kernel is expected
+            # to be at least as close; the slack covers the output's bf16 rounding (~1e-3).
+            assert err <= 1.5 * err_base + 1e-3, (config, splits, err, err_base)
 
 
 @pytest.mark.parametrize("dt, tol", [(torch.float16, 5e-3), (torch.float32, 1e-4)],
@@ -151,22 +156,8 @@ def test_simt_kernel_matches_reference_bf16_real_shapes(bits, ctx, batch, q_gain
     _decode_simt_kernel), at 1 warp (16 sub-tiles per 64-token block) and 4 warps (4)."""
     from slimlm.kernels.decode_attention import DecodeConfig
 
-    torch.manual_seed(0)
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    k = torch.randn(batch, 8, ctx, 128, device=dev, dtype=dt)
-    k[..., 5] *= 8
-    v = torch.randn(batch, 8, ctx, 128, device=dev, dtype=dt)
-    q = (torch.randn(batch, 32, 128, device=dev) * q_gain).to(dt)
-    kv = quantize_kv(k, v, bits=bits, group_size=64, v_group_size=64, n_res=128 + ctx % 64)
-    ref = decode_attention_ref(q.float(), kv)
-    err_base = _rel(_sdpa_bf16_baseline(q, kv), ref)
-    cfg = DecodeConfig(kernel="simt", num_warps=warps, num_stages=3)
-    for splits in (None, 1, 7):
-        out = decode_attention(q, kv, num_splits=splits, config=cfg)
-        assert out.dtype == dt and out.shape == (batch, 32, 128)
-        assert torch.isfinite(out).all()
-        err = _rel(out, ref)
-        assert err <= 1.5 * err_base + 1e-3, (splits, err, err_base)
+    _check_real_shapes(bits, ctx, batch, q_gain,
+                       [DecodeConfig(kernel="simt", num_warps=warps, num_stages=3)])
 
 
 @pytest.mark.parametrize("dt, tol", [(torch.float16, 5e-3), (torch.float32, 1e-4)],
@@ -213,7 +204,7 @@ def test_autotune_default_candidates_include_simt():
 def _cuda_cfg(warps: int = 4, stages: int = 2):
     from slimlm.kernels.decode_attention import DecodeConfig
 
-    return DecodeConfig(kernel="cuda", num_warps=warps, num_stages=stages, programs_per_sm=8)
+    return DecodeConfig(kernel="cuda", num_warps=warps, num_stages=stages)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -222,25 +213,7 @@ def _cuda_cfg(warps: int = 4, stages: int = 2):
 def test_cuda_kernel_matches_reference_bf16_real_shapes(bits, ctx, batch, q_gain):
     """As test_kernel_matches_reference_bf16_real_shapes, for the CUDA kernel, at 2 and 3
     pipeline stages, 2 and 4 warps per block, and 1, 7 and the default number of splits."""
-    from slimlm.kernels import kivi_cuda
-
-    torch.manual_seed(0)
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    k = torch.randn(batch, 8, ctx, 128, device=dev, dtype=dt)
-    k[..., 5] *= 8
-    v = torch.randn(batch, 8, ctx, 128, device=dev, dtype=dt)
-    q = (torch.randn(batch, 32, 128, device=dev) * q_gain).to(dt)
-    kv = quantize_kv(k, v, bits=bits, group_size=64, v_group_size=64, n_res=128 + ctx % 64)
-    assert kivi_cuda.supports(q, kv) is None
-    ref = decode_attention_ref(q.float(), kv)
-    err_base = _rel(_sdpa_bf16_baseline(q, kv), ref)
-    for warps, stages in ((4, 2), (2, 3)):
-        for splits in (None, 1, 7):
-            out = decode_attention(q, kv, num_splits=splits, config=_cuda_cfg(warps, stages))
-            assert out.dtype == dt and out.shape == (batch, 32, 128)
-            assert torch.isfinite(out).all()
-            err = _rel(out, ref)
-            assert err <= 1.5 * err_base + 1e-3, (warps, stages, splits, err, err_base)
+    _check_real_shapes(bits, ctx, batch, q_gain, [_cuda_cfg(4, 2), _cuda_cfg(2, 3)], cuda=True)
 
 
 @pytest.mark.parametrize("hq, hkv, gv", [(8, 8, 64), (16, 2, 128), (4, 2, 32), (6, 2, 64)])
