@@ -1239,7 +1239,7 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
         if why_cuda is None:
             n_blocks = kv.n_quant // 64
             if num_splits is None:
-                idx = dev.index if dev.index is not None else 0
+                idx = dev.index if dev.index is not None else torch.cuda.current_device()
                 slots = _sm_count(idx) * kivi_cuda.resident_warps(idx, kv.bits, cfg.num_warps,
                                                                   cfg.num_stages, ng)
                 num_splits = kivi_cuda.plan_splits(B * Hkv, n_blocks, slots)

@@ -130,9 +130,10 @@ def load(device: torch.device) -> ctypes.CDLL:
             try:
                 lib = ctypes.CDLL(str(build(arch)))
                 lib.slimlm_kivi_decode.argtypes = [ctypes.POINTER(_Params), ctypes.c_int,
-                                                   ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+                                                   ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                                   ctypes.c_int]
                 lib.slimlm_kivi_decode.restype = ctypes.c_int
-                lib.slimlm_kivi_occupancy.argtypes = [ctypes.c_int] * 4
+                lib.slimlm_kivi_occupancy.argtypes = [ctypes.c_int] * 5
                 lib.slimlm_kivi_occupancy.restype = ctypes.c_int
                 if lib.slimlm_kivi_params_size() != ctypes.sizeof(_Params):
                     raise RuntimeError("kivi_cuda: KiviParams size mismatch between "
@@ -158,7 +159,7 @@ def resident_warps(index: int, bits: int, num_warps: int, num_stages: int, ng: i
     on CUDA device ``index`` for ``ng`` value channel groups; 0 when the launch config does
     not fit at all."""
     lib = load(torch.device("cuda", index))
-    blocks = lib.slimlm_kivi_occupancy(bits, num_warps, num_stages, ng)
+    blocks = lib.slimlm_kivi_occupancy(bits, num_warps, num_stages, ng, index)
     return max(0, blocks) * num_warps
 
 
@@ -246,6 +247,9 @@ def _buildable(device: torch.device) -> str | None:
         load(device)
     except RuntimeError as e:
         return f"the CUDA kernel did not build: {str(e)[:300]}"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if resident_warps(index, 4, 4, 2, 2) == 0:  # e.g. a driver older than the toolkit
+        return "the CUDA kernel's runtime cannot query this GPU (driver older than nvcc?)"
     return None
 
 
@@ -268,7 +272,8 @@ def launch_split(q: torch.Tensor, kv: Any, pm: torch.Tensor, pacc: torch.Tensor,
                          "(the kernel is built for at most 128 threads per block)")
     ng = q.shape[-1] // kv.v_group_size
     smem = num_warps * num_stages * stage_bytes(kv.bits, ng)
-    limit = _smem_limit(q.device.index if q.device.index is not None else 0)
+    limit = _smem_limit(q.device.index if q.device.index is not None
+                        else torch.cuda.current_device())
     if smem > limit:
         raise ValueError(f"kivi_cuda.launch_split: num_warps={num_warps} x num_stages="
                          f"{num_stages} x {stage_bytes(kv.bits, ng)} B per stage = {smem} B of "
@@ -288,7 +293,8 @@ def launch_split(q: torch.Tensor, kv: Any, pm: torch.Tensor, pacc: torch.Tensor,
         blocks_per_split, n_splits, n_parts, m_rows, int(q.dtype == torch.bfloat16),
         B * Hkv * n_splits, (kv.group_size // _BLOCK).bit_length() - 1, qk_scale)
     stream = torch.cuda.current_stream(q.device).cuda_stream
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     err = lib.slimlm_kivi_decode(ctypes.byref(p), kv.bits, num_warps, num_stages,
-                                 ctypes.c_void_p(stream))
+                                 ctypes.c_void_p(stream), index)
     if err != 0:
         raise RuntimeError(f"kivi_cuda.launch_split: launch failed with CUDA error {err}")

@@ -530,12 +530,23 @@ int slimlm_kivi_stage_bytes(int bits, int ng) {
                    : bits == 8 ? Geo<8>::stage(ng) : -1;
 }
 
+// This library links its own (static) CUDA runtime, whose current device is not
+// PyTorch's: make it the tensors' device before any call (a no-op on one GPU).
+static int use_device(int device) {
+  int cur = -1;
+  if (cudaGetDevice(&cur) != cudaSuccess) return -1;
+  if (cur != device && cudaSetDevice(device) != cudaSuccess) return -1;
+  return 0;
+}
+
 #define SLIMLM_KIVI_CASES(F)                                            \
   F(2, 2) F(2, 3) F(2, 4) F(4, 2) F(4, 3) F(4, 4) F(8, 2) F(8, 3)
 
-// Launch the split kernel; returns a cudaError_t (0 = success), or -1 for an unbuilt
-// (bits, stages) pair.
-int slimlm_kivi_decode(const KiviParams* p, int bits, int warps, int stages, void* stream) {
+// Launch the split kernel on CUDA device `device`; returns a cudaError_t (0 = success),
+// -1 for an unbuilt (bits, stages) pair, -2 when the device cannot be selected.
+int slimlm_kivi_decode(const KiviParams* p, int bits, int warps, int stages, void* stream,
+                       int device) {
+  if (use_device(device) != 0) return -2;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
 #define SLIMLM_KIVI_CASE(B, S) \
   if (bits == B && stages == S) return launch<B, S>(p, warps, s);
@@ -544,9 +555,10 @@ int slimlm_kivi_decode(const KiviParams* p, int bits, int warps, int stages, voi
   return -1;
 }
 
-// Thread blocks of `warps` warps resident per multiprocessor (registers and shared memory
-// permitting), or -1.
-int slimlm_kivi_occupancy(int bits, int warps, int stages, int ng) {
+// Thread blocks of `warps` warps resident per multiprocessor of `device` (registers and
+// shared memory permitting), or a negative number when the query fails.
+int slimlm_kivi_occupancy(int bits, int warps, int stages, int ng, int device) {
+  if (use_device(device) != 0) return -2;
 #define SLIMLM_KIVI_CASE(B, S) \
   if (bits == B && stages == S) return occupancy<B, S>(warps, ng);
   SLIMLM_KIVI_CASES(SLIMLM_KIVI_CASE)
