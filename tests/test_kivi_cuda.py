@@ -75,3 +75,24 @@ def test_library_builds_and_matches_the_python_mirror(tmp_path):
     for bits in (2, 4, 8):
         for ng in (1, 2, 4):
             assert lib.slimlm_kivi_stage_bytes(bits, ng) == kivi_cuda.stage_bytes(bits, ng)
+
+
+def test_plan_splits_and_stage_bytes_reject_bad_input():
+    with pytest.raises(ValueError, match="n_blocks=-1"):
+        kivi_cuda.plan_splits(8, -1, 1056)
+    with pytest.raises(ValueError, match="slots=2.5"):
+        kivi_cuda.plan_splits(8, 512, 2.5)
+    with pytest.raises(ValueError, match="bits=3"):
+        kivi_cuda.stage_bytes(3)
+    with pytest.raises(ValueError, match="ng=3"):
+        kivi_cuda.stage_bytes(4, 3)
+
+
+def test_buffer_layout_check():
+    """The layout the kernel reads (checked once per PackedKV on the GPU path)."""
+    k = torch.randn(1, 2, 192, 128)
+    kv = quantize_kv(k, k, bits=4, group_size=64, v_group_size=64)
+    assert kivi_cuda._layout_reason(kv, 128) is None
+    wide = torch.zeros(1, 2, 192, 128, dtype=torch.uint8)
+    kv.k_codes = wide[..., :64]  # token stride 128 bytes, not 64
+    assert "k_codes is not contiguous per token" == kivi_cuda._layout_reason(kv, 128)

@@ -280,6 +280,8 @@ class PackedKV:
     # Launch arguments derived from the buffers (int32 views, strides), computed on the
     # first kernel call and reused: a cache keeps one PackedKV across decode steps.
     _launch: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # kivi_cuda's verdict on the buffers' layout, (reason or None,), checked once.
+    _cuda_layout: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "PackedKV")

@@ -163,12 +163,16 @@ def resident_warps(index: int, bits: int, num_warps: int, num_stages: int, ng: i
     return max(0, blocks) * num_warps
 
 
+@functools.lru_cache(maxsize=1024)  # called per decode step and layer with few distinct args
 def plan_splits(batch_heads: int, n_blocks: int, slots: int) -> int:
     """Splits per (batch, KV head) for ``n_blocks`` 64-token blocks when ``slots`` warps run
     at once on the GPU: the fewest splits that minimise waves x (blocks per warp + 1) (the
     critical path, one block's worth for a warp's start and its partials), at least 2
     blocks per split where there are enough."""
-    if n_blocks <= 1 or slots < 1:
+    for name, v in (("batch_heads", batch_heads), ("n_blocks", n_blocks), ("slots", slots)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"kivi_cuda.plan_splits: {name}={v!r}: expected an integer >= 0")
+    if n_blocks <= 1 or slots < 1 or batch_heads < 1:
         return 1
     best, best_cost = 1, None
     for s in range(1, max(1, n_blocks // 2) + 1):
@@ -185,6 +189,9 @@ def stage_bytes(bits: int, ng: int = 2) -> int:
     """Shared memory one warp uses per pipeline stage (kivi_decode.cu: Geo::stage): a
     64-token block of K and V codes, the key scales and zeros, ``ng`` value groups' scales
     and zeros."""
+    if bits not in BUILT_STAGES or ng not in (1, 2, 4):
+        raise ValueError(f"kivi_cuda.stage_bytes: bits={bits!r}, ng={ng!r}: expected bits in "
+                         f"{tuple(BUILT_STAGES)} and ng in (1, 2, 4)")
     kb = 128 * bits // 8
     return 2 * _BLOCK * kb + 2 * 2 * 128 + 2 * ng * 2 * _BLOCK
 
@@ -217,9 +224,19 @@ def supports(q: torch.Tensor, kv: Any) -> str | None:
             return f"{name} dtype {getattr(kv, name).dtype} (the CUDA kernel takes float16)"
     if q.stride(-1) != 1 or q.data_ptr() % 16 or q.stride(0) % 8 or q.stride(1) % 8:
         return "q is not contiguous along the head dim and 16-byte aligned"
-    if kv.n_quant == 0:  # nothing quantized yet: the kernel reads no buffer
-        return _buildable(q.device)
-    kb = D * kv.bits // 8
+    if kv.n_quant:  # with nothing quantized yet the kernel reads no buffer
+        # The buffers' layout does not change while a cache reuses its PackedKV (only
+        # n_quant / n_res do): checked once per PackedKV, not on every decode step.
+        if kv._cuda_layout is None:
+            kv._cuda_layout = (_layout_reason(kv, D),)
+        if kv._cuda_layout[0] is not None:
+            return kv._cuda_layout[0]
+    return _buildable(q.device)
+
+
+def _layout_reason(kv: Any, d: int) -> str | None:
+    """Why the PackedKV's buffers do not have the layout the kernel reads, or None."""
+    kb = d * kv.bits // 8
     for name in ("k_codes", "v_codes"):
         t = getattr(kv, name)
         if t.stride(3) != 1 or t.stride(2) != kb:
@@ -237,7 +254,7 @@ def supports(q: torch.Tensor, kv: Any) -> str | None:
         strides = (0, 1, 3) if t.shape[3] > 1 else (0, 1)  # one value group: no stride 3
         if t.stride(2) != 1 or t.data_ptr() % 16 or any(t.stride(i) % 8 for i in strides):
             return f"{name} is not token-contiguous and 16-byte aligned"
-    return _buildable(q.device)
+    return None
 
 
 def _buildable(device: torch.device) -> str | None:
