@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from slimlm.kernels import _cuda_build
 
 __all__ = ["SOURCE", "nvcc_path", "supports", "load", "launch_split", "stage_bytes"]
 
@@ -71,53 +69,18 @@ BUILT_STAGES = {2: (2, 3, 4), 4: (2, 3, 4), 8: (2, 3)}
 
 def nvcc_path() -> str | None:
     """The ``nvcc`` to build with: ``$CUDA_HOME/bin/nvcc``, else the one on ``PATH``."""
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if root and (Path(root) / "bin" / "nvcc").is_file():
-            return str(Path(root) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("SLIMLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                          "slimlm")
-    return Path(root) / "cuda"
+    return _cuda_build.nvcc_path()
 
 
 def _arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{major}{minor}"
+    return _cuda_build.arch_of(device)
 
 
 def build(arch: str, nvcc: str | None = None, out_dir: Path | None = None) -> Path:
     """Compile the kernel library for ``sm_<arch>`` (e.g. "90") unless a build of this
-    source is cached; returns its path. Written under a temporary name and renamed, so
-    concurrent builds and interrupted ones never leave a broken library behind."""
-    nvcc = nvcc or nvcc_path()
-    if nvcc is None:
-        raise RuntimeError("kivi_cuda.build: nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    if not arch.isdigit():
-        raise ValueError(f"kivi_cuda.build: arch={arch!r}: expected digits such as '90'")
-    src = SOURCE.read_bytes()
-    digest = hashlib.sha256(src + arch.encode()).hexdigest()[:16]
-    out_dir = out_dir or _cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"kivi_decode-{digest}-sm{arch}.so"
-    if lib.is_file():
-        return lib
-    fd, tmp = tempfile.mkstemp(prefix=lib.name, suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    cmd = [nvcc, "-O3", "--use_fast_math", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
-           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", tmp, str(SOURCE)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if res.returncode != 0:
-            raise RuntimeError(f"kivi_cuda.build: nvcc failed ({res.returncode}):\n"
-                               f"{res.stderr[-2000:]}")
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+    source is cached; returns its path (see :mod:`slimlm.kernels._cuda_build`)."""
+    return _cuda_build.build_library(SOURCE, arch, who="kivi_cuda.build", nvcc=nvcc,
+                                     out_dir=out_dir)
 
 
 def load(device: torch.device) -> ctypes.CDLL:

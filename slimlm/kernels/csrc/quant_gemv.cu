@@ -1,0 +1,471 @@
+// Decode GEMV/GEMM for packed integer weights (int8, int4, int2) on tensor cores
+// (CUDA C++, sm_80+): y = x @ dequant(W)^T for x with 1 to 16 rows.
+//
+// Why tensor cores for a GEMV: a decode matmul reads every weight once and does two flops
+// with it, so it is bound by memory, and the work per weight is the unpacking. A thread
+// unpacks its codes straight into the registers of an mma.sync A operand (16 weight rows x
+// 16 input channels) and x is the B operand (its rows are the 8 or 16 columns): the
+// tensor core does the multiply-adds, in fp32, for up to 16 rows of x at the cost of one.
+//
+// Layout (weights (N, K), row-major packed words, the layout of slimlm.kernels.quant_matmul;
+// little-endian codes of BITS bits, PER = 32 / BITS per 32-bit word). A thread block owns
+// 16 output rows (one MMA M tile) and its warps split K: warp w takes the chunks w, w + W,
+// ... A chunk is 16 words of every row: the four threads of a quad (tig = lane % 4) read
+// one 16-byte vector each of rows gid and gid + 8 (gid = lane / 4), so a warp load covers
+// 16 rows x 64 contiguous bytes. mma.m16n8k16 gives thread tig the k slots 2tig, 2tig+1,
+// 2tig+8, 2tig+9 of each k step: which input channel a slot stands for is the thread's own
+// choice, provided A and B agree, so thread tig feeds its own codes in the order the
+// unpacking makes them: pair i of a word is (code i, code i + PER/2), the two codes the
+// magic-number trick yields in one fp16x2/bf16x2 register ((w & mask) | magic). B is built
+// from x in its natural order with one byte permute per pair.
+//
+// Dequantization: A = (q - z) * s in the MMA's type (fp16 for fp16 x, bf16 for bf16 x):
+// the magic number gives q exactly (one fma), a second fma gives q * s - z * s. int8 codes
+// do not fit bf16's mantissa: they go through fp32 (2^23 + code, exact) and are packed
+// into pairs with one cvt. The scales (fp16) are per (row, group); a thread's 16-byte
+// vector lies in one group (group sizes that are multiples of 4 * PER codes).
+//
+// The warps' partial sums meet in shared memory at the end; x rows >= M read as zeros.
+// With swiglu the block reads the same rows of two weights (gate, up) and writes
+// silu(gate) * up. Several weights (q, k, v) share a launch: each 16-row tile belongs to one.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+struct QGemvParams {
+  const void* x; long long sx;              // x (M, K), row stride in elements
+  void* out; long long so;                  // out (M, N_out), row stride in elements
+  const uint32_t* w[3];                     // weights (N_i, K * BITS / 32) words
+  const unsigned short* s[3];               // fp16 scales (N_i, groups)
+  const unsigned short* z[3];               // fp16 zero points (N_i, groups) or null
+  const float* bias;                        // (N_0,) fp32 or null (one weight only)
+  int n[3];                                 // rows of each weight (multiples of 16)
+  int nw, m, k, groups, gshift, swiglu;     // gshift = log2(group_size)
+};
+
+namespace {
+
+template <int BITS> struct G {
+  static constexpr int PER = 32 / BITS;    // codes per word
+  static constexpr int PAIRS = PER / 2;    // fp16x2 pairs per word
+  static constexpr int TC = 4 * PER;       // codes per thread and row in a chunk (16 bytes)
+  static constexpr int CHUNK = 4 * TC;     // codes per row in a chunk (a quad's 64 bytes)
+  static constexpr int CEN = 1 << (BITS - 1);  // implicit zero point when symmetric
+};
+
+constexpr int U = 2;        // chunks per pipeline stage and warp
+constexpr int MAX_WARPS = 8;  // 256 threads a block
+
+__device__ __forceinline__ uint32_t lop_or(uint32_t w, uint32_t mask, uint32_t magic) {
+  uint32_t r;  // (w & mask) | magic in one instruction (masks in registers)
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(w), "r"(mask), "r"(magic));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
+template <bool BF> __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  if constexpr (BF)
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  else
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+template <bool BF> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t r;
+  if constexpr (BF)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+template <bool BF>
+__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                    uint32_t a3, uint32_t b0, uint32_t b1) {
+  if constexpr (BF)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float h2f(unsigned short h) {
+  return __half2float(__ushort_as_half(h));
+}
+
+// Per (row, group): s and -z*s, both halves of a 32-bit register (fp32 for int8).
+template <int BITS, bool BF> struct RowScale {
+  uint32_t s2, nzs2;
+  float s, nzs;
+  __device__ __forceinline__ void set(unsigned short sh, unsigned short zh, bool has_z) {
+    s = h2f(sh);
+    const float z = has_z ? h2f(zh) : (float)G<BITS>::CEN;
+    nzs = -z * s;  // exact in fp32 (two 11-bit significands)
+    if constexpr (BITS != 8) {
+      s2 = pack2<BF>(s, s);
+      nzs2 = pack2<BF>(nzs, nzs);
+    }
+  }
+};
+
+// The PAIRS dequantized pairs of word w: pair i = (code i, code i + PER/2) as
+// (q - z) * s in the MMA type.
+template <int BITS, bool BF>
+__device__ __forceinline__ void unpack(uint32_t w, const RowScale<BITS, BF>& rs,
+                                       uint32_t (&a)[G<BITS>::PAIRS]) {
+  if constexpr (BITS == 8) {
+    const uint32_t hi = 0x4B000000u;  // fp32 2^23: 0x4B0000bb = 2^23 + b, exact
+    float f[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float q = __uint_as_float(prmt(w, hi, 0x7440u | j)) - 8388608.0f;
+      f[j] = fmaf(q, rs.s, rs.nzs);
+    }
+    a[0] = pack2<BF>(f[0], f[2]);
+    a[1] = pack2<BF>(f[1], f[3]);
+  } else if constexpr (!BF) {
+    // fp16: 0x6400 = 1024; (w & (m << p)) | 0x6400 = 1024 + q * 2^p, exact for p + BITS <= 10
+    const uint32_t magic = 0x64006400u;
+    const uint32_t w8 = w >> 8;
+#pragma unroll
+    for (int i = 0; i < G<BITS>::PAIRS; ++i) {
+      constexpr int HALF = G<BITS>::PAIRS / 2;  // pairs per byte of each half
+      const int p = BITS * (i % HALF);           // bit position within the byte
+      const uint32_t src = i < HALF ? w : w8;
+      const uint32_t mask = ((1u << BITS) - 1u) << p;
+      const uint32_t v = lop_or(src, mask * 0x00010001u, magic);
+      // q = v * 2^-p - 1024 * 2^-p (fp16 bit patterns: 2^-p and -(1024 * 2^-p), exact)
+      const uint32_t mul = (0x3C00u - 0x400u * p) * 0x00010001u;
+      const uint32_t off = ((0x6400u - 0x400u * p) | 0x8000u) * 0x00010001u;
+      const uint32_t q = fma2<false>(v, mul, off);
+      a[i] = fma2<false>(q, rs.s2, rs.nzs2);
+    }
+  } else {
+    // bf16: 0x4300 = 128, 7 mantissa bits: fields at bit 0 (int4) or bits 0 and 2 (int2)
+    // of each half, after shifts of 4 bits.
+    const uint32_t magic = 0x43004300u;
+#pragma unroll
+    for (int i = 0; i < G<BITS>::PAIRS; ++i) {
+      const int per_shift = 4 / BITS;            // pairs per 4-bit shift: int4 1, int2 2
+      const int sh = 4 * (i / per_shift);
+      const int p = BITS * (i % per_shift);
+      const uint32_t mask = ((1u << BITS) - 1u) << p;
+      const uint32_t v = lop_or(w >> sh, mask * 0x00010001u, magic);
+      // q = v * 2^-p - 128 * 2^-p (bf16 bit patterns, exact)
+      const uint32_t mul = (0x3F80u - 0x80u * p) * 0x00010001u;
+      const uint32_t off = ((0x4300u - 0x80u * p) | 0x8000u) * 0x00010001u;
+      const uint32_t q = fma2<true>(v, mul, off);
+      a[i] = fma2<true>(q, rs.s2, rs.nzs2);
+    }
+  }
+}
+
+// Pairs of x matching unpack's order for one word: x values e = 0 .. PER-1 of the word in
+// r (two per register); pair i = (x_i, x_{i + PER/2}).
+template <int BITS>
+__device__ __forceinline__ void x_pairs(const uint32_t* r, uint32_t (&b)[G<BITS>::PAIRS]) {
+  constexpr int Q = G<BITS>::PER / 4;  // registers between x_i and x_{i + PER/2}
+#pragma unroll
+  for (int i = 0; i < G<BITS>::PAIRS; ++i)
+    b[i] = prmt(r[i / 2], r[i / 2 + Q], (i & 1) ? 0x7632u : 0x5410u);
+}
+
+template <int BITS>
+__device__ __forceinline__ void load_x_word(const unsigned short* xr, int k0, bool live,
+                                            uint32_t (&r)[G<BITS>::PER / 2]) {
+  constexpr int NR = G<BITS>::PER / 2;  // 32-bit registers of x per word
+  if (!live) {
+#pragma unroll
+    for (int j = 0; j < NR; ++j) r[j] = 0u;
+    return;
+  }
+  if constexpr (NR == 2) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(xr + k0));
+    r[0] = v.x; r[1] = v.y;
+  } else {
+#pragma unroll
+    for (int j = 0; j < NR; j += 4) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(xr + k0 + 2 * j));
+      r[j] = v.x; r[j + 1] = v.y; r[j + 2] = v.z; r[j + 3] = v.w;
+    }
+  }
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  // .cg: cache in L2 only (weights are read once)
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Shared memory of a block: each warp's private ring of STAGES stages (U chunks x NWT
+// weights x 2 rows x 32 lanes x 16 bytes: a thread reads back only what it copied, so a
+// warp needs no barrier), then the block's scales and zeros (NWT x 16 rows x groups fp16),
+// then the partial sums of the epilogue.
+template <int NWT> __host__ __device__ constexpr int ring_bytes(int stages) {
+  return stages * U * NWT * 2 * 512;
+}
+__host__ __device__ inline int smem_bytes(int nwt, int stages, int warps, int groups, int nt,
+                                          bool has_z) {
+  const int ring = stages * U * nwt * 2 * 512 * warps;
+  const int sc = ((nwt * 16 * groups * 2 * (has_z ? 2 : 1)) + 15) / 16 * 16;
+  const int red = warps * nwt * 16 * 8 * nt * 4;
+  return ring + sc + red;
+}
+
+template <int BITS, bool BF, int NT, bool SWIGLU, int STAGES>
+__global__ void __launch_bounds__(32 * MAX_WARPS)
+qgemv_kernel(const QGemvParams p) {
+  using Geo = G<BITS>;
+  constexpr int NWT = SWIGLU ? 2 : 1;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+
+  // which weight and rows this block owns
+  int t = blockIdx.x, wi = 0, col0 = 0;
+  if (!SWIGLU) {
+    while (wi + 1 < p.nw && t >= p.n[wi] / 16) { t -= p.n[wi] / 16; col0 += p.n[wi]; ++wi; }
+  }
+  const int row0 = t * 16;
+  const int kw = p.k / Geo::PER;  // words per row
+  const bool has_z = p.z[SWIGLU ? 0 : wi] != nullptr;
+  const int nch = p.k / Geo::CHUNK;
+
+  unsigned char* ring = smem + warp * ring_bytes<NWT>(STAGES);
+  unsigned short* ssm = reinterpret_cast<unsigned short*>(smem + nwarps * ring_bytes<NWT>(STAGES));
+  unsigned short* zsm = ssm + NWT * 16 * p.groups;
+  const int sc_bytes = ((NWT * 16 * p.groups * 2 * (has_z ? 2 : 1)) + 15) / 16 * 16;
+  float* red = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(ssm) + sc_bytes);
+
+  // this thread's 16-byte vectors of rows gid and gid + 8 at chunk ch: + ch * 16 words
+  const uint32_t* wsrc[NWT];
+#pragma unroll
+  for (int j = 0; j < NWT; ++j)
+    wsrc[j] = p.w[SWIGLU ? j : wi] + (size_t)(row0 + gid) * kw + 4 * tig;
+  const size_t wrow8 = (size_t)8 * kw;
+
+  auto issue = [&](int slot, int blk) {  // stage `slot` <- chunks blk*U .. blk*U+U-1
+    unsigned char* st = ring + slot * (U * NWT * 2 * 512);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int ch = blk * U + u;
+      if (ch < nch) {
+#pragma unroll
+        for (int j = 0; j < NWT; ++j) {
+          cp_async16(st + ((u * NWT + j) * 2 + 0) * 512 + 16 * lane, wsrc[j] + ch * 16);
+          cp_async16(st + ((u * NWT + j) * 2 + 1) * 512 + 16 * lane, wsrc[j] + wrow8 + ch * 16);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+
+  // Prologue: the first STAGES-1 stages in flight, then the block's scales and zeros.
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) issue(s, warp + s * nwarps);
+  for (int i = threadIdx.x; i < NWT * 16 * p.groups; i += blockDim.x) {
+    const int j = i / (16 * p.groups), r = (i / p.groups) % 16, g = i % p.groups;
+    const size_t src = (size_t)(row0 + r) * p.groups + g;
+    ssm[i] = p.s[SWIGLU ? j : wi][src];
+    if (has_z) zsm[i] = p.z[SWIGLU ? j : wi][src];
+  }
+  __syncthreads();
+
+  const unsigned short* xbase = static_cast<const unsigned short*>(p.x);
+  const bool live0 = gid < p.m, live1 = gid + 8 < p.m;
+  const unsigned short* xr0 = xbase + (size_t)(live0 ? gid : 0) * p.sx;
+  const unsigned short* xr1 = xbase + (size_t)(live1 ? gid + 8 : 0) * p.sx;
+
+  // two accumulator sets (even and odd words) halve the dependent MMA chain
+  float acc[NWT][NT][2][4];
+#pragma unroll
+  for (int j = 0; j < NWT; ++j)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][n][h][e] = 0.f;
+
+  auto compute = [&](int slot, int blk) {
+    const unsigned char* st = ring + slot * (U * NWT * 2 * 512);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int ch = blk * U + u;
+      if (ch >= nch) break;
+      const int kt = ch * Geo::CHUNK + tig * Geo::TC;  // the thread's first channel
+      const int grp = kt >> p.gshift;
+      uint4 wv[NWT][2];
+      RowScale<BITS, BF> rs[NWT][2];
+#pragma unroll
+      for (int j = 0; j < NWT; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          wv[j][r] = *reinterpret_cast<const uint4*>(st + ((u * NWT + j) * 2 + r) * 512 +
+                                                     16 * lane);
+          const int si = (j * 16 + gid + 8 * r) * p.groups + grp;
+          rs[j][r].set(ssm[si], has_z ? zsm[si] : (unsigned short)0, has_z);
+        }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        uint32_t xr[Geo::PER / 2], b0[Geo::PAIRS], b1[Geo::PAIRS];
+        load_x_word<BITS>(xr0, kt + q * Geo::PER, live0, xr);
+        x_pairs<BITS>(xr, b0);
+        if constexpr (NT == 2) {
+          load_x_word<BITS>(xr1, kt + q * Geo::PER, live1, xr);
+          x_pairs<BITS>(xr, b1);
+        }
+#pragma unroll
+        for (int j = 0; j < NWT; ++j) {
+          const uint4& wa = wv[j][0];
+          const uint4& wb = wv[j][1];
+          const uint32_t wqa = q == 0 ? wa.x : q == 1 ? wa.y : q == 2 ? wa.z : wa.w;
+          const uint32_t wqb = q == 0 ? wb.x : q == 1 ? wb.y : q == 2 ? wb.z : wb.w;
+          uint32_t aa[Geo::PAIRS], ab[Geo::PAIRS];
+          unpack<BITS, BF>(wqa, rs[j][0], aa);
+          unpack<BITS, BF>(wqb, rs[j][1], ab);
+#pragma unroll
+          for (int s = 0; s < Geo::PAIRS / 2; ++s) {
+            mma<BF>(acc[j][0][q & 1], aa[2 * s], ab[2 * s], aa[2 * s + 1], ab[2 * s + 1],
+                    b0[2 * s], b0[2 * s + 1]);
+            if constexpr (NT == 2)
+              mma<BF>(acc[j][1][q & 1], aa[2 * s], ab[2 * s], aa[2 * s + 1], ab[2 * s + 1],
+                      b1[2 * s], b1[2 * s + 1]);
+          }
+        }
+      }
+    }
+  };
+
+  // Main loop: stage i computes while stages i+1 .. i+STAGES-1 are in flight.
+  int slot = 0;
+  for (int blk = warp; blk * U < nch; blk += nwarps) {
+    issue((slot + STAGES - 1) % STAGES, blk + (STAGES - 1) * nwarps);
+    cp_async_wait<STAGES - 1>();
+    compute(slot, blk);
+    slot = (slot + 1) % STAGES;
+  }
+  cp_async_wait<0>();
+
+  // Partial sums of the warps -> shared memory -> one sum per (row, x row).
+  constexpr int COLS = 8 * NT;
+#pragma unroll
+  for (int j = 0; j < NWT; ++j)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      float* r = red + ((warp * NWT + j) * 16) * COLS + n * 8 + 2 * tig;
+      r[gid * COLS] = acc[j][n][0][0] + acc[j][n][1][0];
+      r[gid * COLS + 1] = acc[j][n][0][1] + acc[j][n][1][1];
+      r[(gid + 8) * COLS] = acc[j][n][0][2] + acc[j][n][1][2];
+      r[(gid + 8) * COLS + 1] = acc[j][n][0][3] + acc[j][n][1][3];
+    }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < 16 * p.m; idx += blockDim.x) {
+    const int row = idx & 15, mrow = idx >> 4;
+    float y[NWT];
+#pragma unroll
+    for (int j = 0; j < NWT; ++j) {
+      float sum = 0.f;
+      for (int w = 0; w < nwarps; ++w) sum += red[((w * NWT + j) * 16 + row) * COLS + mrow];
+      y[j] = sum;
+    }
+    float v = y[0];
+    if constexpr (SWIGLU) {
+      v = v / (1.f + __expf(-v)) * y[1];
+    } else if (p.bias) {
+      v += p.bias[col0 + row0 + row];
+    }
+    const size_t o = (size_t)mrow * p.so + col0 + row0 + row;
+    if constexpr (BF)
+      static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
+    else
+      static_cast<__half*>(p.out)[o] = __float2half_rn(v);
+  }
+}
+
+template <int BITS, bool BF, int NT, bool SWIGLU>
+int launch(const QGemvParams* p, int warps, int stages, cudaStream_t stream) {
+  const int tiles = SWIGLU ? p->n[0] / 16 : (p->n[0] + (p->nw > 1 ? p->n[1] : 0) +
+                                            (p->nw > 2 ? p->n[2] : 0)) / 16;
+  const bool has_z = p->z[0] != nullptr;
+  const size_t smem = smem_bytes(SWIGLU ? 2 : 1, stages, warps, p->groups, NT, has_z);
+#define SLIMLM_QG_STAGES(S)                                                              \
+  if (stages == S) {                                                                     \
+    auto* k = qgemv_kernel<BITS, BF, NT, SWIGLU, S>;                                     \
+    static size_t granted = 48 * 1024; /* raised once per size, never inside a capture */ \
+    if (smem > granted) {                                                                \
+      cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+                                           (int)smem);                                   \
+      if (e != cudaSuccess) return (int)e;                                               \
+      granted = smem;                                                                    \
+    }                                                                                    \
+    k<<<tiles, 32 * warps, smem, stream>>>(*p);                                          \
+    return (int)cudaGetLastError();                                                      \
+  }
+  SLIMLM_QG_STAGES(2)
+  SLIMLM_QG_STAGES(4)
+#undef SLIMLM_QG_STAGES
+  return -1;
+}
+
+template <int BITS, bool BF>
+int dispatch(const QGemvParams* p, int warps, int stages, cudaStream_t s) {
+  const bool two = p->m > 8;
+  if (p->swiglu)
+    return two ? launch<BITS, BF, 2, true>(p, warps, stages, s)
+               : launch<BITS, BF, 1, true>(p, warps, stages, s);
+  return two ? launch<BITS, BF, 2, false>(p, warps, stages, s)
+             : launch<BITS, BF, 1, false>(p, warps, stages, s);
+}
+
+}  // namespace
+
+extern "C" {
+
+int slimlm_qgemv_params_size() { return (int)sizeof(QGemvParams); }
+
+// Bytes of dynamic shared memory one launch needs.
+int slimlm_qgemv_smem(int swiglu, int stages, int warps, int groups, int m, int has_z) {
+  return smem_bytes(swiglu ? 2 : 1, stages, warps, groups, m > 8 ? 2 : 1, has_z != 0);
+}
+
+static int use_device(int device) {
+  int cur = -1;
+  if (cudaGetDevice(&cur) != cudaSuccess) return -1;
+  if (cur != device && cudaSetDevice(device) != cudaSuccess) return -1;
+  return 0;
+}
+
+// Launch on CUDA device `device`; returns a cudaError_t (0 = success), -1 for unsupported
+// arguments, -2 when the device cannot be selected.
+int slimlm_qgemv(const QGemvParams* p, int bits, int bf16, int warps, int stages,
+                 void* stream, int device) {
+  if (warps < 1 || warps > MAX_WARPS || p->m < 1 || p->m > 16) return -1;
+  if (use_device(device) != 0) return -2;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (bits == 4) return bf16 ? dispatch<4, true>(p, warps, stages, s)
+                   : dispatch<4, false>(p, warps, stages, s);
+  if (bits == 2) return bf16 ? dispatch<2, true>(p, warps, stages, s)
+                   : dispatch<2, false>(p, warps, stages, s);
+  if (bits == 8) return bf16 ? dispatch<8, true>(p, warps, stages, s)
+                   : dispatch<8, false>(p, warps, stages, s);
+  return -1;
+}
+
+}  // extern "C"

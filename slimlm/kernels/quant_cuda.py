@@ -1,0 +1,234 @@
+"""Decode GEMV for packed integer weights on tensor cores: the CUDA C++ kernel
+``csrc/quant_gemv.cu``, built and launched from Python.
+
+``y = x @ dequant(W)^T`` for x with 1 to 16 rows (decode, small batches) and weights in
+the packed layout of :mod:`slimlm.kernels.quant_matmul` (int8, int4, int2; fp16 scales,
+optional fp16 zero points), in one launch: a thread unpacks its codes straight into the
+registers of an ``mma.sync`` operand, so the multiply-adds run on tensor cores in fp32
+whatever the number of rows (the source explains the fragment layout). Several weights
+that share x (q, k, v) run as one launch, and gate/up with the SwiGLU product as one.
+
+It is what :class:`slimlm.quant.QuantLinear` and the grouped decode path
+(:func:`slimlm.quant.linear.fused_linear`) run on the GPU when :func:`supports` says yes;
+otherwise the Triton kernels run. ``SLIMLM_QUANT_CUDA=0`` turns it off. Built on first use
+with ``nvcc`` (see :mod:`slimlm.kernels._cuda_build`), about 20 s, then cached.
+
+Reference: :func:`slimlm.kernels.quant_gemv.quant_gemv_ref`.
+
+Example::
+
+    from slimlm.kernels import quant_cuda
+    if quant_cuda.supports(x2, [w32], [s], [z], bits=4, group_size=128) is None:
+        y = quant_cuda.qgemv(x2, [w32], [s], [z], bits=4, group_size=128)  # (M, N)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimlm.kernels import _cuda_build
+
+__all__ = ["MAX_M", "SOURCE", "chunk_codes", "format_reason", "plan_warps", "qgemv",
+           "supports"]
+
+SOURCE = Path(__file__).with_name("csrc") / "quant_gemv.cu"
+#: Rows of x the kernel takes (two MMA column tiles of 8).
+MAX_M = 16
+#: Warps per thread block the kernel is built for (quant_gemv.cu: MAX_WARPS).
+MAX_WARPS = 8
+_U = 2  # chunks per pipeline stage (quant_gemv.cu: U)
+#: Pipeline depths the library is built with (quant_gemv.cu: SLIMLM_QG_STAGES).
+STAGES = (2, 4)
+_BUILT: dict[str, Any] = {}
+_LOCK = threading.Lock()
+
+
+class _Params(ctypes.Structure):
+    """Mirror of ``QGemvParams`` in quant_gemv.cu (checked against its sizeof at load)."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p), ("sx", ctypes.c_longlong),
+        ("out", ctypes.c_void_p), ("so", ctypes.c_longlong),
+        ("w", ctypes.c_void_p * 3), ("s", ctypes.c_void_p * 3), ("z", ctypes.c_void_p * 3),
+        ("bias", ctypes.c_void_p), ("n", ctypes.c_int * 3),
+        ("nw", ctypes.c_int), ("m", ctypes.c_int), ("k", ctypes.c_int),
+        ("groups", ctypes.c_int), ("gshift", ctypes.c_int), ("swiglu", ctypes.c_int),
+    ]
+
+
+def chunk_codes(bits: int) -> int:
+    """Input channels one chunk covers per weight row (64 bytes of codes): K must be a
+    multiple of it."""
+    return 512 // bits
+
+
+def format_reason(bits: int, k: int, group_size: int, n_rows: Sequence[int],
+                  scale_dtype: torch.dtype = torch.float16) -> str | None:
+    """None when the kernel takes this weight format, else why not (checked once per
+    module: the format never changes)."""
+    if bits not in (2, 4, 8):
+        return f"bits={bits} (the CUDA kernel takes 2, 4 or 8)"
+    if k % chunk_codes(bits):
+        return f"in_features={k} is not a multiple of {chunk_codes(bits)} (64 bytes of codes)"
+    thread_codes = 128 // bits  # a thread's 16-byte vector must lie in one group
+    if group_size & (group_size - 1) or group_size < thread_codes or k % group_size:
+        return (f"group_size={group_size} (the CUDA kernel takes powers of two >= "
+                f"{thread_codes} dividing in_features at {bits} bits)")
+    bad = [n for n in n_rows if n % 16]
+    if bad:
+        return f"out_features {bad} not a multiple of 16 (one MMA tile)"
+    if scale_dtype != torch.float16:
+        return f"scales in {scale_dtype} (the CUDA kernel takes float16)"
+    return None
+
+
+def _build(arch: str) -> Path:
+    return _cuda_build.build_library(SOURCE, arch, who="quant_cuda.build")
+
+
+def load(device: torch.device) -> ctypes.CDLL:
+    """The kernel library for ``device``'s architecture, built on first use (raises
+    RuntimeError with the reason when it cannot be built or loaded)."""
+    arch = _cuda_build.arch_of(device)
+    with _LOCK:
+        got = _BUILT.get(arch)
+        if got is None:
+            try:
+                lib = ctypes.CDLL(str(_build(arch)))
+                lib.slimlm_qgemv.argtypes = [ctypes.POINTER(_Params), ctypes.c_int,
+                                             ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                             ctypes.c_void_p, ctypes.c_int]
+                lib.slimlm_qgemv.restype = ctypes.c_int
+                if lib.slimlm_qgemv_params_size() != ctypes.sizeof(_Params):
+                    raise RuntimeError("quant_cuda: QGemvParams size mismatch between "
+                                       "quant_gemv.cu and quant_cuda._Params")
+                got = lib
+            except Exception as e:  # remembered: one failed build is not retried per call
+                got = f"{type(e).__name__}: {e}"
+            _BUILT[arch] = got
+    if isinstance(got, str):
+        raise RuntimeError(got)
+    return got
+
+
+@functools.cache
+def _device_reason(index: int) -> str | None:
+    """Why the kernel cannot run on CUDA device ``index`` (once per device)."""
+    dev = torch.device("cuda", index)
+    if torch.cuda.get_device_capability(dev) < (8, 0):
+        return "the GPU is older than sm_80 (mma.sync)"
+    if _cuda_build.nvcc_path() is None and _cuda_build.arch_of(dev) not in _BUILT:
+        return "nvcc (the CUDA toolkit) is not installed"
+    try:
+        load(dev)
+    except RuntimeError as e:
+        return f"the CUDA kernel did not build: {str(e)[:300]}"
+    return None
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def supports(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+             zeros: Sequence[torch.Tensor], bits: int, group_size: int) -> str | None:
+    """None when :func:`qgemv` can run on these operands, else why not. x2 (M, K);
+    ``w32s`` packed weights viewed as int32 (N_i, K*bits/32); ``zeros`` empty when
+    symmetric."""
+    if os.environ.get("SLIMLM_QUANT_CUDA", "1") == "0":
+        return "SLIMLM_QUANT_CUDA=0"
+    if not x2.is_cuda:
+        return "the tensors are on the CPU"
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        return f"x dtype {x2.dtype} (the CUDA kernel takes float16 or bfloat16)"
+    if x2.dim() != 2 or not 1 <= x2.shape[0] <= MAX_M:
+        return f"x of shape {tuple(x2.shape)} (the CUDA kernel takes 1 to {MAX_M} rows)"
+    if x2.stride(1) != 1 or x2.data_ptr() % 16 or x2.stride(0) % 8:
+        return "x is not contiguous along K and 16-byte aligned"
+    if not 1 <= len(w32s) <= 3 or len(scales) != len(w32s) or zeros and len(zeros) != len(w32s):
+        return f"{len(w32s)} weights, {len(scales)} scales, {len(zeros)} zeros"
+    why = format_reason(bits, x2.shape[1], group_size, [w.shape[0] for w in w32s],
+                        scales[0].dtype)
+    if why is not None:
+        return why
+    kw = x2.shape[1] * bits // 32
+    for w, s, z in zip(w32s, scales, list(zeros) or [None] * len(w32s)):
+        if w.dtype != torch.int32 or w.shape[1] != kw or not w.is_contiguous() or w.data_ptr() % 16:
+            return "a weight is not a contiguous, 16-byte aligned int32 (N, K*bits/32) tensor"
+        if s.dtype != torch.float16 or not s.is_contiguous() or (
+                z is not None and (z.dtype != torch.float16 or not z.is_contiguous())):
+            return "scales/zeros are not contiguous float16"
+        if w.device != x2.device:
+            return "weights and x on different devices"
+    index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    return _device_reason(index)
+
+
+@functools.lru_cache(maxsize=256)
+def plan_warps(tiles: int, n_chunks: int, sms: int) -> int:
+    """Warps per thread block (each block owns 16 weight rows; its warps split K): enough
+    warps in all to keep bytes in flight on every SM (about 16 per SM), no more than the
+    chunk pairs there are to share, at most :data:`MAX_WARPS`."""
+    for name, v in (("tiles", tiles), ("n_chunks", n_chunks), ("sms", sms)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"quant_cuda.plan_warps: {name}={v!r}: expected an integer >= 1")
+    want = -(-16 * sms // tiles)
+    warps = 1
+    while warps < want and warps < MAX_WARPS:
+        warps *= 2
+    return max(1, min(warps, -(-n_chunks // _U)))
+
+
+def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+          zeros: Sequence[torch.Tensor], bits: int, group_size: int, *,
+          bias: torch.Tensor | None = None, swiglu: bool = False,
+          warps: int | None = None, stages: int = 4) -> torch.Tensor:
+    """``cat([x @ dequant(W_i)^T (+ bias)])`` (M, sum N_i) in x's dtype, or with ``swiglu``
+    (two weights: gate, up) ``silu(x W0^T) * (x W1^T)`` (M, N). Call :func:`supports`
+    first (this checks only what it cannot: the combination of arguments). ``bias``: fp32
+    (N,), one weight only. ``warps`` overrides :func:`plan_warps`."""
+    if swiglu and (len(w32s) != 2 or w32s[0].shape != w32s[1].shape):
+        raise ValueError(f"quant_cuda.qgemv: swiglu=True with weights "
+                         f"{[tuple(w.shape) for w in w32s]}: expected two of equal shape")
+    if bias is not None and (len(w32s) != 1 or swiglu or bias.dtype != torch.float32
+                             or bias.shape != (w32s[0].shape[0],) or not bias.is_contiguous()):
+        raise ValueError("quant_cuda.qgemv: bias: expected a contiguous fp32 (N,) tensor with "
+                         "one weight and swiglu=False")
+    if warps is not None and not 1 <= warps <= MAX_WARPS:
+        raise ValueError(f"quant_cuda.qgemv: warps={warps}: expected 1 to {MAX_WARPS}")
+    if stages not in STAGES:
+        raise ValueError(f"quant_cuda.qgemv: stages={stages}: expected one of {STAGES}")
+    m, k = x2.shape
+    n_rows = [w.shape[0] for w in w32s]
+    n_out = n_rows[0] if swiglu else sum(n_rows)
+    out = torch.empty(m, n_out, dtype=x2.dtype, device=x2.device)
+    index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    tiles = n_out // 16
+    if warps is None:
+        warps = plan_warps(tiles, k // chunk_codes(bits), _sms(index))
+    w = list(w32s) + [w32s[0]] * (3 - len(w32s))
+    s = list(scales) + [scales[0]] * (3 - len(scales))
+    zp = [t.data_ptr() for t in zeros] + [0] * (3 - len(zeros)) if zeros else [0, 0, 0]
+    p = _Params(
+        x2.data_ptr(), x2.stride(0), out.data_ptr(), out.stride(0),
+        (ctypes.c_void_p * 3)(*[t.data_ptr() for t in w]),
+        (ctypes.c_void_p * 3)(*[t.data_ptr() for t in s]),
+        (ctypes.c_void_p * 3)(*[v or None for v in zp]),
+        bias.data_ptr() if bias is not None else None,
+        (ctypes.c_int * 3)(*(n_rows + [0] * (3 - len(n_rows)))),
+        len(w32s), m, k, k // group_size, group_size.bit_length() - 1, int(swiglu))
+    stream = torch.cuda.current_stream(x2.device).cuda_stream
+    err = load(x2.device).slimlm_qgemv(ctypes.byref(p), bits, int(x2.dtype == torch.bfloat16),
+                                       warps, stages, ctypes.c_void_p(stream), index)
+    if err != 0:
+        raise RuntimeError(f"quant_cuda.qgemv: launch failed with error {err}")
+    return out
