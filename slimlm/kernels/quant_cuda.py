@@ -36,7 +36,7 @@ import torch
 
 from slimlm.kernels import _cuda_build
 
-__all__ = ["MAX_M", "SOURCE", "chunk_codes", "format_reason", "plan_warps", "qgemv",
+__all__ = ["MAX_M", "SOURCE", "build", "chunk_codes", "format_reason", "plan_warps", "qgemv",
            "supports"]
 
 SOURCE = Path(__file__).with_name("csrc") / "quant_gemv.cu"
@@ -90,8 +90,11 @@ def format_reason(bits: int, k: int, group_size: int, n_rows: Sequence[int],
     return None
 
 
-def _build(arch: str) -> Path:
-    return _cuda_build.build_library(SOURCE, arch, who="quant_cuda.build")
+def build(arch: str, nvcc: str | None = None, out_dir: Path | None = None) -> Path:
+    """Compile the kernel library for ``sm_<arch>`` (e.g. "90") unless a build of this
+    source is cached; returns its path (see :mod:`slimlm.kernels._cuda_build`)."""
+    return _cuda_build.build_library(SOURCE, arch, who="quant_cuda.build", nvcc=nvcc,
+                                     out_dir=out_dir)
 
 
 def load(device: torch.device) -> ctypes.CDLL:
@@ -102,7 +105,7 @@ def load(device: torch.device) -> ctypes.CDLL:
         got = _BUILT.get(arch)
         if got is None:
             try:
-                lib = ctypes.CDLL(str(_build(arch)))
+                lib = ctypes.CDLL(str(build(arch)))
                 lib.slimlm_qgemv.argtypes = [ctypes.POINTER(_Params), ctypes.c_int,
                                              ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                              ctypes.c_void_p, ctypes.c_int]
@@ -132,11 +135,6 @@ def _device_reason(index: int) -> str | None:
     except RuntimeError as e:
         return f"the CUDA kernel did not build: {str(e)[:300]}"
     return None
-
-
-@functools.cache
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def supports(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
@@ -173,25 +171,23 @@ def supports(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[to
     return _device_reason(index)
 
 
-@functools.lru_cache(maxsize=256)
-def plan_warps(tiles: int, n_chunks: int, sms: int) -> int:
-    """Warps per thread block (each block owns 16 weight rows; its warps split K): enough
-    warps in all to keep bytes in flight on every SM (about 16 per SM), no more than the
-    chunk pairs there are to share, at most :data:`MAX_WARPS`."""
-    for name, v in (("tiles", tiles), ("n_chunks", n_chunks), ("sms", sms)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"quant_cuda.plan_warps: {name}={v!r}: expected an integer >= 1")
-    want = -(-16 * sms // tiles)
-    warps = 1
-    while warps < want and warps < MAX_WARPS:
-        warps *= 2
-    return max(1, min(warps, -(-n_chunks // _U)))
+def plan_warps(n_chunks: int) -> int:
+    """Warps per thread block for a row of ``n_chunks`` chunks (:func:`chunk_codes`
+    channels each). The kernel is persistent (as many blocks as fit on the GPU, each
+    looping over 16-row tiles) and a block's warps split K in blocks of 2 chunks: as many
+    warps as there are such blocks, at most :data:`MAX_WARPS` (8 measured fastest or
+    within a few percent at the Llama-3-8B shapes, M = 1 to 16; probe:
+    benchmarks/probes/qgemv_probe-h200.json)."""
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+        raise ValueError(f"quant_cuda.plan_warps: n_chunks={n_chunks!r}: expected an integer "
+                         ">= 1")
+    return min(MAX_WARPS, -(-n_chunks // _U))
 
 
 def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
           zeros: Sequence[torch.Tensor], bits: int, group_size: int, *,
           bias: torch.Tensor | None = None, swiglu: bool = False,
-          warps: int | None = None, stages: int = 4) -> torch.Tensor:
+          warps: int | None = None, stages: int = 2) -> torch.Tensor:
     """``cat([x @ dequant(W_i)^T (+ bias)])`` (M, sum N_i) in x's dtype, or with ``swiglu``
     (two weights: gate, up) ``silu(x W0^T) * (x W1^T)`` (M, N). Call :func:`supports`
     first (this checks only what it cannot: the combination of arguments). ``bias``: fp32
@@ -212,9 +208,8 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
     n_out = n_rows[0] if swiglu else sum(n_rows)
     out = torch.empty(m, n_out, dtype=x2.dtype, device=x2.device)
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    tiles = n_out // 16
     if warps is None:
-        warps = plan_warps(tiles, k // chunk_codes(bits), _sms(index))
+        warps = plan_warps(k // chunk_codes(bits))
     w = list(w32s) + [w32s[0]] * (3 - len(w32s))
     s = list(scales) + [scales[0]] * (3 - len(scales))
     zp = [t.data_ptr() for t in zeros] + [0] * (3 - len(zeros)) if zeros else [0, 0, 0]

@@ -182,7 +182,7 @@ __device__ __forceinline__ void x_pairs(const uint32_t* r, uint32_t (&b)[G<BITS>
     b[i] = prmt(r[i / 2], r[i / 2 + Q], (i & 1) ? 0x7632u : 0x5410u);
 }
 
-template <int BITS>
+template <int BITS, bool SMEM>
 __device__ __forceinline__ void load_x_word(const unsigned short* xr, int k0, bool live,
                                             uint32_t (&r)[G<BITS>::PER / 2]) {
   constexpr int NR = G<BITS>::PER / 2;  // 32-bit registers of x per word
@@ -192,15 +192,25 @@ __device__ __forceinline__ void load_x_word(const unsigned short* xr, int k0, bo
     return;
   }
   if constexpr (NR == 2) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(xr + k0));
+    const uint2 v = SMEM ? *reinterpret_cast<const uint2*>(xr + k0)
+                         : __ldg(reinterpret_cast<const uint2*>(xr + k0));
     r[0] = v.x; r[1] = v.y;
   } else {
 #pragma unroll
     for (int j = 0; j < NR; j += 4) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(xr + k0 + 2 * j));
+      const uint4 v = SMEM ? *reinterpret_cast<const uint4*>(xr + k0 + 2 * j)
+                           : __ldg(reinterpret_cast<const uint4*>(xr + k0 + 2 * j));
       r[j] = v.x; r[j + 1] = v.y; r[j + 2] = v.z; r[j + 3] = v.w;
     }
   }
+}
+
+// x is staged in shared memory (row stride K + 8 elements: rows 16 bytes apart in the
+// banks) when it takes at most this many bytes; larger x is read through L1.
+constexpr int XS_MAX = 48 * 1024;
+__host__ __device__ inline int x_smem_bytes(int m, int k) {
+  const int b = m * (2 * k + 16);
+  return b <= XS_MAX ? b : 0;
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -213,21 +223,34 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Shared memory of a block: each warp's private ring of STAGES stages (U chunks x NWT
-// weights x 2 rows x 32 lanes x 16 bytes: a thread reads back only what it copied, so a
-// warp needs no barrier), then the block's scales and zeros (NWT x 16 rows x groups fp16),
-// then the partial sums of the epilogue.
-template <int NWT> __host__ __device__ constexpr int ring_bytes(int stages) {
-  return stages * U * NWT * 2 * 512;
-}
-__host__ __device__ inline int smem_bytes(int nwt, int stages, int warps, int groups, int nt,
-                                          bool has_z) {
-  const int ring = stages * U * nwt * 2 * 512 * warps;
-  const int sc = ((nwt * 16 * groups * 2 * (has_z ? 2 : 1)) + 15) / 16 * 16;
-  const int red = warps * nwt * 16 * 8 * nt * 4;
-  return ring + sc + red;
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(gmem));
 }
 
+// Shared memory of a block: each warp's private ring of STAGES stages (per chunk, weight
+// and row half: 32 lanes x 16 bytes of codes, then 32 lanes x 2 x 4 bytes holding the
+// thread's scale and zero point; a thread reads back only what it copied, so a warp needs
+// no barrier), then the partial sums of the epilogue, then x when it fits (XS_MAX).
+constexpr int PIECE = 512 + 256;  // bytes per (chunk, weight, row half) in a stage
+template <int NWT> __host__ __device__ constexpr int ring_bytes(int stages) {
+  return stages * U * NWT * 2 * PIECE;
+}
+__host__ __device__ inline int smem_bytes(int nwt, int stages, int warps, int nt, int m,
+                                          int k) {
+  const int ring = stages * U * nwt * 2 * PIECE * warps;
+  const int red = warps * nwt * 16 * 8 * nt * 4;
+  return ring + red + x_smem_bytes(m, k);
+}
+
+__device__ __forceinline__ int n_tiles(const QGemvParams& p) {
+  return p.swiglu ? p.n[0] / 16
+                  : (p.n[0] + (p.nw > 1 ? p.n[1] : 0) + (p.nw > 2 ? p.n[2] : 0)) / 16;
+}
+
+// Persistent: block b owns the 16-row tiles b, b + gridDim.x, ...; its warps split each
+// tile's K. A warp's work is one stream of (tile, chunk block) items that its cp.async
+// ring prefetches across tile boundaries; the blocks meet once per tile, to sum.
 template <int BITS, bool BF, int NT, bool SWIGLU, int STAGES>
 __global__ void __launch_bounds__(32 * MAX_WARPS)
 qgemv_kernel(const QGemvParams p) {
@@ -236,75 +259,95 @@ qgemv_kernel(const QGemvParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
-
-  // which weight and rows this block owns
-  int t = blockIdx.x, wi = 0, col0 = 0;
-  if (!SWIGLU) {
-    while (wi + 1 < p.nw && t >= p.n[wi] / 16) { t -= p.n[wi] / 16; col0 += p.n[wi]; ++wi; }
-  }
-  const int row0 = t * 16;
   const int kw = p.k / Geo::PER;  // words per row
-  const bool has_z = p.z[SWIGLU ? 0 : wi] != nullptr;
   const int nch = p.k / Geo::CHUNK;
+  const int nblk = (nch + U - 1) / U;
+  const int tiles = n_tiles(p);
+  // items per tile of this warp: chunk blocks warp, warp + nwarps, ...
+  const int cnt = warp < nblk ? (nblk - warp + nwarps - 1) / nwarps : 0;
+  const bool has_z = p.z[0] != nullptr;
 
   unsigned char* ring = smem + warp * ring_bytes<NWT>(STAGES);
-  unsigned short* ssm = reinterpret_cast<unsigned short*>(smem + nwarps * ring_bytes<NWT>(STAGES));
-  unsigned short* zsm = ssm + NWT * 16 * p.groups;
-  const int sc_bytes = ((NWT * 16 * p.groups * 2 * (has_z ? 2 : 1)) + 15) / 16 * 16;
-  float* red = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(ssm) + sc_bytes);
+  float* red = reinterpret_cast<float*>(smem + nwarps * ring_bytes<NWT>(STAGES));
+  unsigned short* xsm = reinterpret_cast<unsigned short*>(red + nwarps * NWT * 16 * 8 * NT);
+  const bool x_in_smem = x_smem_bytes(p.m, p.k) > 0;
 
-  // this thread's 16-byte vectors of rows gid and gid + 8 at chunk ch: + ch * 16 words
-  const uint32_t* wsrc[NWT];
-#pragma unroll
-  for (int j = 0; j < NWT; ++j)
-    wsrc[j] = p.w[SWIGLU ? j : wi] + (size_t)(row0 + gid) * kw + 4 * tig;
-  const size_t wrow8 = (size_t)8 * kw;
+  // tile -> (weight, first row, first output column)
+  auto locate = [&](int t, int& wi, int& row0, int& col0) {
+    wi = 0; col0 = 0;
+    if (!SWIGLU) {
+      while (wi + 1 < p.nw && t >= p.n[wi] / 16) { t -= p.n[wi] / 16; col0 += p.n[wi]; ++wi; }
+    }
+    row0 = t * 16;
+  };
 
-  auto issue = [&](int slot, int blk) {  // stage `slot` <- chunks blk*U .. blk*U+U-1
-    unsigned char* st = ring + slot * (U * NWT * 2 * 512);
+  auto issue = [&](int slot, int item) {  // stage `slot` <- the warp's item-th work item
+    const int tile = blockIdx.x + (cnt ? item / cnt : 0) * gridDim.x;
+    if (cnt && tile < tiles) {
+      const int blk = warp + (item % cnt) * nwarps;
+      int wi, row0, col0;
+      locate(tile, wi, row0, col0);
+      unsigned char* st = ring + slot * (U * NWT * 2 * PIECE);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int ch = blk * U + u;
-      if (ch < nch) {
+      for (int u = 0; u < U; ++u) {
+        const int ch = blk * U + u;
+        if (ch < nch) {
+          const int grp = (ch * Geo::CHUNK + tig * Geo::TC) >> p.gshift;
 #pragma unroll
-        for (int j = 0; j < NWT; ++j) {
-          cp_async16(st + ((u * NWT + j) * 2 + 0) * 512 + 16 * lane, wsrc[j] + ch * 16);
-          cp_async16(st + ((u * NWT + j) * 2 + 1) * 512 + 16 * lane, wsrc[j] + wrow8 + ch * 16);
+          for (int j = 0; j < NWT; ++j) {
+            const int src = SWIGLU ? j : wi;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int row = row0 + gid + 8 * r;
+              unsigned char* piece = st + ((u * NWT + j) * 2 + r) * PIECE;
+              cp_async16(piece + 16 * lane, p.w[src] + (size_t)row * kw + 4 * tig + ch * 16);
+              const size_t si = (size_t)row * p.groups + grp;
+              cp_async4(piece + 512 + 8 * lane, p.s[src] + (si & ~(size_t)1));
+              if (has_z) cp_async4(piece + 516 + 8 * lane, p.z[src] + (si & ~(size_t)1));
+            }
+          }
         }
       }
     }
     cp_async_commit();
   };
 
-  // Prologue: the first STAGES-1 stages in flight, then the block's scales and zeros.
+  // Prologue: the first STAGES-1 items in flight, x into shared memory.
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) issue(s, warp + s * nwarps);
-  for (int i = threadIdx.x; i < NWT * 16 * p.groups; i += blockDim.x) {
-    const int j = i / (16 * p.groups), r = (i / p.groups) % 16, g = i % p.groups;
-    const size_t src = (size_t)(row0 + r) * p.groups + g;
-    ssm[i] = p.s[SWIGLU ? j : wi][src];
-    if (has_z) zsm[i] = p.z[SWIGLU ? j : wi][src];
+  for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
+  const unsigned short* xbase = static_cast<const unsigned short*>(p.x);
+  const int xstride = x_in_smem ? p.k + 8 : (int)p.sx;
+  if (x_in_smem) {
+    const int vecs = p.k / 8;  // 16-byte vectors per row
+    for (int i = threadIdx.x; i < p.m * vecs; i += blockDim.x) {
+      const int r = i / vecs, v = i % vecs;
+      *reinterpret_cast<uint4*>(xsm + (size_t)r * xstride + 8 * v) =
+          __ldg(reinterpret_cast<const uint4*>(xbase + (size_t)r * p.sx + 8 * v));
+    }
+    xbase = xsm;
   }
   __syncthreads();
 
-  const unsigned short* xbase = static_cast<const unsigned short*>(p.x);
   const bool live0 = gid < p.m, live1 = gid + 8 < p.m;
-  const unsigned short* xr0 = xbase + (size_t)(live0 ? gid : 0) * p.sx;
-  const unsigned short* xr1 = xbase + (size_t)(live1 ? gid + 8 : 0) * p.sx;
+  const unsigned short* xr0 = xbase + (size_t)(live0 ? gid : 0) * xstride;
+  const unsigned short* xr1 = xbase + (size_t)(live1 ? gid + 8 : 0) * xstride;
 
   // two accumulator sets (even and odd words) halve the dependent MMA chain
   float acc[NWT][NT][2][4];
+  auto zero_acc = [&]() {
 #pragma unroll
-  for (int j = 0; j < NWT; ++j)
+    for (int j = 0; j < NWT; ++j)
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+      for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[j][n][h][e] = 0.f;
+          for (int e = 0; e < 4; ++e) acc[j][n][h][e] = 0.f;
+  };
+  zero_acc();
 
-  auto compute = [&](int slot, int blk) {
-    const unsigned char* st = ring + slot * (U * NWT * 2 * 512);
+  auto compute = [&](int slot, int blk, int row0) {
+    const unsigned char* st = ring + slot * (U * NWT * 2 * PIECE);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int ch = blk * U + u;
@@ -317,18 +360,25 @@ qgemv_kernel(const QGemvParams p) {
       for (int j = 0; j < NWT; ++j)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          wv[j][r] = *reinterpret_cast<const uint4*>(st + ((u * NWT + j) * 2 + r) * 512 +
-                                                     16 * lane);
-          const int si = (j * 16 + gid + 8 * r) * p.groups + grp;
-          rs[j][r].set(ssm[si], has_z ? zsm[si] : (unsigned short)0, has_z);
+          const unsigned char* piece = st + ((u * NWT + j) * 2 + r) * PIECE;
+          wv[j][r] = *reinterpret_cast<const uint4*>(piece + 16 * lane);
+          const uint2 sz = *reinterpret_cast<const uint2*>(piece + 512 + 8 * lane);
+          const int hi = (int)((((size_t)(row0 + gid + 8 * r)) * p.groups + grp) & 1) * 16;
+          rs[j][r].set((unsigned short)(sz.x >> hi), (unsigned short)(sz.y >> hi), has_z);
         }
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         uint32_t xr[Geo::PER / 2], b0[Geo::PAIRS], b1[Geo::PAIRS];
-        load_x_word<BITS>(xr0, kt + q * Geo::PER, live0, xr);
+        if (x_in_smem)
+          load_x_word<BITS, true>(xr0, kt + q * Geo::PER, live0, xr);
+        else
+          load_x_word<BITS, false>(xr0, kt + q * Geo::PER, live0, xr);
         x_pairs<BITS>(xr, b0);
         if constexpr (NT == 2) {
-          load_x_word<BITS>(xr1, kt + q * Geo::PER, live1, xr);
+          if (x_in_smem)
+            load_x_word<BITS, true>(xr1, kt + q * Geo::PER, live1, xr);
+          else
+            load_x_word<BITS, false>(xr1, kt + q * Geo::PER, live1, xr);
           x_pairs<BITS>(xr, b1);
         }
 #pragma unroll
@@ -353,69 +403,80 @@ qgemv_kernel(const QGemvParams p) {
     }
   };
 
-  // Main loop: stage i computes while stages i+1 .. i+STAGES-1 are in flight.
-  int slot = 0;
-  for (int blk = warp; blk * U < nch; blk += nwarps) {
-    issue((slot + STAGES - 1) % STAGES, blk + (STAGES - 1) * nwarps);
-    cp_async_wait<STAGES - 1>();
-    compute(slot, blk);
-    slot = (slot + 1) % STAGES;
+  constexpr int COLS = 8 * NT;
+  int slot = 0, item = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    int wi, row0, col0;
+    locate(tile, wi, row0, col0);
+    for (int b = 0; b < cnt; ++b, ++item) {
+      issue((slot + STAGES - 1) % STAGES, item + STAGES - 1);
+      cp_async_wait<STAGES - 1>();
+      compute(slot, warp + b * nwarps, row0);
+      slot = (slot + 1) % STAGES;
+    }
+    // Partial sums of the warps -> shared memory -> one sum per (row, x row).
+#pragma unroll
+    for (int j = 0; j < NWT; ++j)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        float* r = red + ((warp * NWT + j) * 16) * COLS + n * 8 + 2 * tig;
+        r[gid * COLS] = acc[j][n][0][0] + acc[j][n][1][0];
+        r[gid * COLS + 1] = acc[j][n][0][1] + acc[j][n][1][1];
+        r[(gid + 8) * COLS] = acc[j][n][0][2] + acc[j][n][1][2];
+        r[(gid + 8) * COLS + 1] = acc[j][n][0][3] + acc[j][n][1][3];
+      }
+    zero_acc();
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * p.m; idx += blockDim.x) {
+      const int row = idx & 15, mrow = idx >> 4;
+      float y[NWT];
+#pragma unroll
+      for (int j = 0; j < NWT; ++j) {
+        float sum = 0.f;
+        for (int w = 0; w < nwarps; ++w) sum += red[((w * NWT + j) * 16 + row) * COLS + mrow];
+        y[j] = sum;
+      }
+      float v = y[0];
+      if constexpr (SWIGLU) {
+        v = v / (1.f + __expf(-v)) * y[1];
+      } else if (p.bias) {
+        v += p.bias[col0 + row0 + row];
+      }
+      const size_t o = (size_t)mrow * p.so + col0 + row0 + row;
+      if constexpr (BF)
+        static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
+      else
+        static_cast<__half*>(p.out)[o] = __float2half_rn(v);
+    }
+    __syncthreads();
   }
   cp_async_wait<0>();
-
-  // Partial sums of the warps -> shared memory -> one sum per (row, x row).
-  constexpr int COLS = 8 * NT;
-#pragma unroll
-  for (int j = 0; j < NWT; ++j)
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      float* r = red + ((warp * NWT + j) * 16) * COLS + n * 8 + 2 * tig;
-      r[gid * COLS] = acc[j][n][0][0] + acc[j][n][1][0];
-      r[gid * COLS + 1] = acc[j][n][0][1] + acc[j][n][1][1];
-      r[(gid + 8) * COLS] = acc[j][n][0][2] + acc[j][n][1][2];
-      r[(gid + 8) * COLS + 1] = acc[j][n][0][3] + acc[j][n][1][3];
-    }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < 16 * p.m; idx += blockDim.x) {
-    const int row = idx & 15, mrow = idx >> 4;
-    float y[NWT];
-#pragma unroll
-    for (int j = 0; j < NWT; ++j) {
-      float sum = 0.f;
-      for (int w = 0; w < nwarps; ++w) sum += red[((w * NWT + j) * 16 + row) * COLS + mrow];
-      y[j] = sum;
-    }
-    float v = y[0];
-    if constexpr (SWIGLU) {
-      v = v / (1.f + __expf(-v)) * y[1];
-    } else if (p.bias) {
-      v += p.bias[col0 + row0 + row];
-    }
-    const size_t o = (size_t)mrow * p.so + col0 + row0 + row;
-    if constexpr (BF)
-      static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
-    else
-      static_cast<__half*>(p.out)[o] = __float2half_rn(v);
-  }
 }
 
 template <int BITS, bool BF, int NT, bool SWIGLU>
-int launch(const QGemvParams* p, int warps, int stages, cudaStream_t stream) {
+int launch(const QGemvParams* p, int warps, int stages, int sms, cudaStream_t stream) {
   const int tiles = SWIGLU ? p->n[0] / 16 : (p->n[0] + (p->nw > 1 ? p->n[1] : 0) +
                                             (p->nw > 2 ? p->n[2] : 0)) / 16;
-  const bool has_z = p->z[0] != nullptr;
-  const size_t smem = smem_bytes(SWIGLU ? 2 : 1, stages, warps, p->groups, NT, has_z);
+  const size_t smem = smem_bytes(SWIGLU ? 2 : 1, stages, warps, NT, p->m, p->k);
 #define SLIMLM_QG_STAGES(S)                                                              \
   if (stages == S) {                                                                     \
     auto* k = qgemv_kernel<BITS, BF, NT, SWIGLU, S>;                                     \
     static size_t granted = 48 * 1024; /* raised once per size, never inside a capture */ \
+    static int occ[MAX_WARPS + 1][2] = {};  /* (warps) -> (smem, blocks per SM) */       \
     if (smem > granted) {                                                                \
       cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, \
                                            (int)smem);                                   \
       if (e != cudaSuccess) return (int)e;                                               \
       granted = smem;                                                                    \
     }                                                                                    \
-    k<<<tiles, 32 * warps, smem, stream>>>(*p);                                          \
+    if (occ[warps][0] != (int)smem) {                                                    \
+      int b = 0;                                                                         \
+      cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, k, 32 * warps, smem); \
+      if (e != cudaSuccess) return (int)e;                                               \
+      occ[warps][0] = (int)smem; occ[warps][1] = b > 0 ? b : 1;                          \
+    }                                                                                    \
+    const int grid = tiles < occ[warps][1] * sms ? tiles : occ[warps][1] * sms;          \
+    k<<<grid, 32 * warps, smem, stream>>>(*p);                                           \
     return (int)cudaGetLastError();                                                      \
   }
   SLIMLM_QG_STAGES(2)
@@ -425,13 +486,13 @@ int launch(const QGemvParams* p, int warps, int stages, cudaStream_t stream) {
 }
 
 template <int BITS, bool BF>
-int dispatch(const QGemvParams* p, int warps, int stages, cudaStream_t s) {
+int dispatch(const QGemvParams* p, int warps, int stages, int sms, cudaStream_t s) {
   const bool two = p->m > 8;
   if (p->swiglu)
-    return two ? launch<BITS, BF, 2, true>(p, warps, stages, s)
-               : launch<BITS, BF, 1, true>(p, warps, stages, s);
-  return two ? launch<BITS, BF, 2, false>(p, warps, stages, s)
-             : launch<BITS, BF, 1, false>(p, warps, stages, s);
+    return two ? launch<BITS, BF, 2, true>(p, warps, stages, sms, s)
+               : launch<BITS, BF, 1, true>(p, warps, stages, sms, s);
+  return two ? launch<BITS, BF, 2, false>(p, warps, stages, sms, s)
+             : launch<BITS, BF, 1, false>(p, warps, stages, sms, s);
 }
 
 }  // namespace
@@ -441,8 +502,8 @@ extern "C" {
 int slimlm_qgemv_params_size() { return (int)sizeof(QGemvParams); }
 
 // Bytes of dynamic shared memory one launch needs.
-int slimlm_qgemv_smem(int swiglu, int stages, int warps, int groups, int m, int has_z) {
-  return smem_bytes(swiglu ? 2 : 1, stages, warps, groups, m > 8 ? 2 : 1, has_z != 0);
+int slimlm_qgemv_smem(int swiglu, int stages, int warps, int m, int k) {
+  return smem_bytes(swiglu ? 2 : 1, stages, warps, m > 8 ? 2 : 1, m, k);
 }
 
 static int use_device(int device) {
@@ -458,13 +519,19 @@ int slimlm_qgemv(const QGemvParams* p, int bits, int bf16, int warps, int stages
                  void* stream, int device) {
   if (warps < 1 || warps > MAX_WARPS || p->m < 1 || p->m > 16) return -1;
   if (use_device(device) != 0) return -2;
+  static int sms_of[64] = {};
+  if (device < 0 || device >= 64) return -1;
+  if (sms_of[device] == 0 &&
+      cudaDeviceGetAttribute(&sms_of[device], cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return -2;
+  const int sms = sms_of[device];
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (bits == 4) return bf16 ? dispatch<4, true>(p, warps, stages, s)
-                   : dispatch<4, false>(p, warps, stages, s);
-  if (bits == 2) return bf16 ? dispatch<2, true>(p, warps, stages, s)
-                   : dispatch<2, false>(p, warps, stages, s);
-  if (bits == 8) return bf16 ? dispatch<8, true>(p, warps, stages, s)
-                   : dispatch<8, false>(p, warps, stages, s);
+  if (bits == 4) return bf16 ? dispatch<4, true>(p, warps, stages, sms, s)
+                   : dispatch<4, false>(p, warps, stages, sms, s);
+  if (bits == 2) return bf16 ? dispatch<2, true>(p, warps, stages, sms, s)
+                   : dispatch<2, false>(p, warps, stages, sms, s);
+  if (bits == 8) return bf16 ? dispatch<8, true>(p, warps, stages, sms, s)
+                   : dispatch<8, false>(p, warps, stages, sms, s);
   return -1;
 }
 

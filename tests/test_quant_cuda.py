@@ -1,0 +1,140 @@
+"""The CUDA C++ quantized GEMV (slimlm.kernels.quant_cuda): host-side checks on the CPU
+(format rules, argument validation, the library's build and struct mirror where nvcc
+exists) and, marked ``gpu``, the kernel against the fp32 reference."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from slimlm.kernels import _cuda_build, quant_cuda
+from slimlm.kernels.quant_gemv import quant_gemv_ref
+from slimlm.quant.formats import pack_bits, rtn_quantize
+
+
+def test_format_reason_names_what_the_kernel_does_not_take():
+    assert quant_cuda.format_reason(4, 4096, 128, [4096, 1024]) is None
+    assert quant_cuda.format_reason(2, 4096, 64, [6144]) is None
+    assert quant_cuda.format_reason(8, 4096, 32, [4096]) is None
+    assert "bits=3" in quant_cuda.format_reason(3, 4096, 128, [4096])
+    assert "in_features=4000" in quant_cuda.format_reason(4, 4000, 32, [4096])
+    assert "group_size=32" in quant_cuda.format_reason(2, 4096, 32, [4096])  # < 64 at int2
+    assert "group_size=96" in quant_cuda.format_reason(4, 4096, 96, [4096])  # not a power of 2
+    assert "[40]" in quant_cuda.format_reason(4, 4096, 128, [4096, 40])
+    assert "bfloat16" in quant_cuda.format_reason(4, 4096, 128, [64], torch.bfloat16)
+
+
+def test_supports_declines_cpu_tensors_and_the_switch(monkeypatch):
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    assert "CPU" in quant_cuda.supports(x, [], [], [], 4, 128)
+    monkeypatch.setenv("SLIMLM_QUANT_CUDA", "0")
+    assert quant_cuda.supports(x, [], [], [], 4, 128) == "SLIMLM_QUANT_CUDA=0"
+
+
+def test_plan_warps_and_qgemv_reject_bad_arguments():
+    assert quant_cuda.plan_warps(32) == 8
+    assert quant_cuda.plan_warps(3) == 2
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="n_chunks"):
+            quant_cuda.plan_warps(bad)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    w = torch.zeros(16, 32, dtype=torch.int32)
+    s = torch.ones(16, 2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="swiglu=True"):
+        quant_cuda.qgemv(x, [w], [s], [], 4, 128, swiglu=True)
+    with pytest.raises(ValueError, match="bias"):
+        quant_cuda.qgemv(x, [w], [s], [], 4, 128, bias=torch.zeros(16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="warps=9"):
+        quant_cuda.qgemv(x, [w], [s], [], 4, 128, warps=9)
+    with pytest.raises(ValueError, match="stages=3"):
+        quant_cuda.qgemv(x, [w], [s], [], 4, 128, stages=3)
+
+
+def test_build_rejects_a_bad_arch(tmp_path):
+    with pytest.raises(ValueError, match="arch='sm90'"):
+        quant_cuda.build("sm90", nvcc="/bin/true", out_dir=tmp_path)
+
+
+@pytest.mark.skipif(_cuda_build.nvcc_path() is None, reason="needs nvcc (the CUDA toolkit)")
+def test_library_builds_and_matches_the_python_mirror(tmp_path):
+    """Compiles for sm_90 (no GPU needed) and checks the parameter struct's size."""
+    path = quant_cuda.build("90", out_dir=tmp_path)
+    assert quant_cuda.build("90", out_dir=tmp_path) == path  # cached
+    lib = ctypes.CDLL(str(path))
+    assert lib.slimlm_qgemv_params_size() == ctypes.sizeof(quant_cuda._Params)
+    # shared memory grows with stages, warps and the x rows staged in it
+    lib.slimlm_qgemv_smem.argtypes = [ctypes.c_int] * 5
+    assert lib.slimlm_qgemv_smem(0, 4, 8, 1, 4096) > lib.slimlm_qgemv_smem(0, 2, 8, 1, 4096)
+    assert lib.slimlm_qgemv_smem(1, 2, 8, 1, 4096) > lib.slimlm_qgemv_smem(0, 2, 8, 1, 4096)
+
+
+# ----------------------------------------------------------------------------- GPU
+def _weight(n: int, k: int, bits: int, gs: int, sym: bool, dev: torch.device, seed: int):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    q, s, z = rtn_quantize(w, bits, gs, sym)
+    qw = pack_bits(q, bits).to(dev)
+    return (qw, qw.view(torch.int32), s.to(dev, torch.float16),
+            None if z is None else z.to(dev, torch.float16))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits,gs", [(4, 128), (4, 32), (2, 64), (8, 128), (8, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qgemv_matches_the_reference(bits, gs, dtype):
+    """Rows 1, 3, 8, 9 and 16, symmetric and with zero points, warps and stages varied, a
+    bias, three weights in one launch and gate/up with SwiGLU: within the error of
+    rounding the output to x's dtype plus the MMA operands' rounding (bf16: 1e-2)."""
+    dev = torch.device("cuda")
+    bound = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    k = 1024
+    for sym in (False, True):
+        qw, w32, s, z = _weight(256, k, bits, gs, sym, dev, seed=bits)
+        zs = [] if z is None else [z]
+        for m in (1, 3, 8, 9, 16):
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            assert quant_cuda.supports(x, [w32], [s], zs, bits, gs) is None
+            ref = quant_gemv_ref(x, [qw], [s], zs, bits, gs).float()
+            for warps, stages in ((None, 2), (1, 4), (3, 2), (8, 4)):
+                y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, warps=warps, stages=stages)
+                assert y.shape == (m, 256) and y.dtype == dtype
+                assert _rel(y, ref) < bound, (sym, m, warps, stages, _rel(y, ref))
+        x = torch.randn(9, k, device=dev, dtype=dtype)
+        b = torch.randn(256, device=dev)
+        y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, bias=b)
+        assert _rel(y, quant_gemv_ref(x, [qw], [s], zs, bits, gs).float() + b) < bound
+        q2, w2, s2, z2 = _weight(128, k, bits, gs, sym, dev, seed=7)
+        q3, w3, s3, z3 = _weight(64, k, bits, gs, sym, dev, seed=8)
+        zz = [] if z is None else [z, z2, z3]
+        y = quant_cuda.qgemv(x, [w32, w2, w3], [s, s2, s3], zz, bits, gs)
+        ref3 = quant_gemv_ref(x, [qw, q2, q3], [s, s2, s3], zz, bits, gs)
+        assert _rel(y, ref3) < bound
+        qu, wu, su, zu = _weight(256, k, bits, gs, sym, dev, seed=9)
+        zz = [] if z is None else [z, zu]
+        y = quant_cuda.qgemv(x, [w32, wu], [s, su], zz, bits, gs, swiglu=True)
+        refs = quant_gemv_ref(x, [qw, qu], [s, su], zz, bits, gs, swiglu=True)
+        assert y.shape == (9, 256) and _rel(y, refs) < 1.5 * bound
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qgemv_replays_from_a_cuda_graph():
+    dev = torch.device("cuda")
+    qw, w32, s, z = _weight(4096, 4096, 4, 128, False, dev, seed=0)
+    x = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16)
+    y0 = quant_cuda.qgemv(x, [w32], [s], [z], 4, 128)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = quant_cuda.qgemv(x, [w32], [s], [z], 4, 128)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert _rel(y, quant_gemv_ref(x, [qw], [s], [z], 4, 128)) < 1e-2
+    assert not torch.equal(y, y0)
