@@ -453,10 +453,337 @@ qgemv_kernel(const QGemvParams p) {
   cp_async_wait<0>();
 }
 
+// ---------------------------------------------------------------------------------
+// The fold path (int4/int2, x staged in shared memory): the MMA multiplies the raw
+// magic-number halves M0 + q * 2^pos with x * 2^-pos, so a pair costs one lop3 (plus a
+// shared shift) and no fp16 arithmetic at all; per fold unit (a group, or one chunk of a
+// larger group) the block's prologue has summed C = sum M0 * 2^-pos * x and X = sum x, and
+//   sum_k (q_k - z) s x_k = s * (acc - C - z * X)
+// is applied in fp32 once per unit. A k step must then lie in one unit: a thread takes
+// word 4q + tig of a chunk (not its own 16-byte vector), which the ring stores rotated
+// so that these 4-byte reads hit 32 different banks.
+template <int BITS, bool BF> struct FoldGeo {
+  static constexpr int WIN = BF ? 4 : 8;  // bits per shift window (bf16: 7 mantissa bits)
+  static constexpr int PPW = WIN / BITS;  // pairs per shift window
+  __host__ __device__ static constexpr int pos(int i) { return BITS * (i % PPW); }
+  __host__ __device__ static constexpr int shift(int i) { return WIN * (i / PPW); }
+  static constexpr uint32_t MAGIC = BF ? 0x43004300u : 0x64006400u;
+};
+template <bool BF> __host__ __device__ constexpr float magic_value() { return BF ? 128.f : 1024.f; }
+
+template <int BITS, bool BF>
+__device__ __forceinline__ void raw_pairs(uint32_t w, uint32_t (&a)[G<BITS>::PAIRS]) {
+  using F = FoldGeo<BITS, BF>;
+#pragma unroll
+  for (int i = 0; i < G<BITS>::PAIRS; ++i)
+    a[i] = lop_or(w >> F::shift(i), (((1u << BITS) - 1u) << F::pos(i)) * 0x00010001u, F::MAGIC);
+}
+
+constexpr int FOLD_MAX = 100 * 1024;  // shared memory for staged x and the unit sums
+__host__ __device__ inline int fold_unit(int bits, int group_size) {
+  const int chunk = 512 / bits;
+  return group_size < chunk ? group_size : chunk;
+}
+__host__ __device__ inline int fold_x_stride(int k) { return k / 2 + 16; }  // words per x row
+__host__ __device__ inline int fold_bytes(int bits, int m, int k, int group_size, int nt) {
+  const int units = k / fold_unit(bits, group_size);
+  const int b = m * fold_x_stride(k) * 4 + units * 8 * nt * 8;
+  return b <= FOLD_MAX ? b : 0;
+}
+__host__ __device__ inline int fold_smem_bytes(int nwt, int warps, int nt, int bits, int m,
+                                               int k, int group_size) {
+  return 2 * U * nwt * 2 * PIECE * warps + warps * nwt * 16 * 8 * nt * 4 +
+         fold_bytes(bits, m, k, group_size, nt);
+}
+
+template <int BITS, bool BF, int NT, bool SWIGLU>
+__global__ void __launch_bounds__(32 * MAX_WARPS)
+qgemv_fold_kernel(const QGemvParams p) {
+  using Geo = G<BITS>;
+  using F = FoldGeo<BITS, BF>;
+  constexpr int STAGES = 2;
+  constexpr int NWT = SWIGLU ? 2 : 1;
+  constexpr int MP = 8 * NT;  // x rows in the unit sums
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int kw = p.k / Geo::PER;
+  const int nch = p.k / Geo::CHUNK;
+  const int nblk = (nch + U - 1) / U;
+  const int tiles = n_tiles(p);
+  const int cnt = warp < nblk ? (nblk - warp + nwarps - 1) / nwarps : 0;
+  const bool has_z = p.z[0] != nullptr;
+  constexpr int CHUNK_SHIFT = BITS == 4 ? 7 : 8;  // log2(Geo::CHUNK)
+  const int ushift = p.gshift < CHUNK_SHIFT ? p.gshift : CHUNK_SHIFT;  // log2(fold unit)
+  const int unit = 1 << ushift;
+  const int units = p.k >> ushift;
+  const int wmask = (unit / Geo::TC) - 1;  // word indices q per unit - 1: 0, 1 or 3
+  const int xs = fold_x_stride(p.k);
+
+  unsigned char* ring = smem + warp * ring_bytes<NWT>(STAGES);
+  float* red = reinterpret_cast<float*>(smem + nwarps * ring_bytes<NWT>(STAGES));
+  uint32_t* xp = reinterpret_cast<uint32_t*>(red + nwarps * NWT * 16 * 8 * NT);
+  float* cx = reinterpret_cast<float*>(xp + p.m * xs);  // [units][MP][2] (C, X)
+
+  auto locate = [&](int t, int& wi, int& row0, int& col0) {
+    wi = 0; col0 = 0;
+    if (!SWIGLU) {
+      while (wi + 1 < p.nw && t >= p.n[wi] / 16) { t -= p.n[wi] / 16; col0 += p.n[wi]; ++wi; }
+    }
+    row0 = t * 16;
+  };
+  // the 16-byte vector of lane (gid, tig) goes to rotated slot (tig + gid / 2) % 4 of its row
+  const int wslot = 64 * gid + 16 * ((tig + (gid >> 1)) & 3);
+
+  auto issue = [&](int slot, int item) {
+    const int tile = blockIdx.x + (cnt ? item / cnt : 0) * gridDim.x;
+    if (cnt && tile < tiles) {
+      const int blk = warp + (item % cnt) * nwarps;
+      int wi, row0, col0;
+      locate(tile, wi, row0, col0);
+      unsigned char* st = ring + slot * (U * NWT * 2 * PIECE);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int ch = blk * U + u;
+        if (ch < nch) {
+          const int grp = (ch * Geo::CHUNK + tig * Geo::TC) >> p.gshift;
+#pragma unroll
+          for (int j = 0; j < NWT; ++j) {
+            const int src = SWIGLU ? j : wi;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int row = row0 + gid + 8 * r;
+              unsigned char* piece = st + ((u * NWT + j) * 2 + r) * PIECE;
+              cp_async16(piece + wslot, p.w[src] + (size_t)row * kw + 4 * tig + ch * 16);
+              const size_t si = (size_t)row * p.groups + grp;
+              cp_async4(piece + 512 + 8 * lane, p.s[src] + (si & ~(size_t)1));
+              if (has_z) cp_async4(piece + 516 + 8 * lane, p.z[src] + (si & ~(size_t)1));
+            }
+          }
+        }
+      }
+    }
+    cp_async_commit();
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
+
+  // Prologue: x in pair order, pair i scaled by 2^-pos(i), and the unit sums C and X.
+  for (int i = threadIdx.x; i < units * MP * 2; i += blockDim.x) cx[i] = 0.f;
+  __syncthreads();
+  {
+    const unsigned short* xg = static_cast<const unsigned short*>(p.x);
+    for (int task = threadIdx.x; task < p.m * kw; task += blockDim.x) {
+      const int m = task / kw, w = task % kw;
+      uint32_t r[Geo::PER / 2];
+#pragma unroll
+      for (int v = 0; v < Geo::PER / 2; v += 4) {
+        const uint4 t4 = __ldg(reinterpret_cast<const uint4*>(xg + (size_t)m * p.sx +
+                                                              w * Geo::PER + 2 * v));
+        r[v] = t4.x; r[v + 1] = t4.y; r[v + 2] = t4.z; r[v + 3] = t4.w;
+      }
+      float c = 0.f, xsum = 0.f;
+#pragma unroll
+      for (int i = 0; i < Geo::PAIRS; ++i) {
+        const int e0 = i, e1 = i + Geo::PER / 2;  // values of the pair within the word
+        const unsigned short h0 = (unsigned short)(r[e0 / 2] >> (16 * (e0 & 1)));
+        const unsigned short h1 = (unsigned short)(r[e1 / 2] >> (16 * (e1 & 1)));
+        float v0, v1;
+        if constexpr (BF) {
+          v0 = __uint_as_float((uint32_t)h0 << 16);
+          v1 = __uint_as_float((uint32_t)h1 << 16);
+        } else {
+          v0 = h2f(h0);
+          v1 = h2f(h1);
+        }
+        const float f = 1.0f / (float)(1 << F::pos(i));
+        const uint32_t pr = pack2<BF>(v0 * f, v1 * f);  // exact: a power-of-two scale
+        xp[m * xs + w * Geo::PAIRS + i] = pr;
+        float s0, s1;  // what the MMA sees (the packed values, in fp32)
+        if constexpr (BF) {
+          s0 = __uint_as_float(pr << 16);
+          s1 = __uint_as_float(pr & 0xFFFF0000u);
+        } else {
+          s0 = h2f((unsigned short)(pr & 0xFFFF));
+          s1 = h2f((unsigned short)(pr >> 16));
+        }
+        c += magic_value<BF>() * (s0 + s1);
+        xsum += v0 + v1;
+      }
+      float* dst = cx + (((w * Geo::PER) >> ushift) * MP + m) * 2;
+      atomicAdd(dst, c);
+      atomicAdd(dst + 1, xsum);
+    }
+  }
+  __syncthreads();
+
+  const bool live0 = gid < p.m, live1 = gid + 8 < p.m;
+  const uint32_t* xr0 = xp + (live0 ? gid : 0) * xs;
+  const uint32_t* xr1 = xp + (live1 ? gid + 8 : 0) * xs;
+
+  float acc[NWT][NT][4];
+  float tmp[NWT][NT][2][4];
+#pragma unroll
+  for (int j = 0; j < NWT; ++j)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[j][n][e] = 0.f;
+        tmp[j][n][0][e] = 0.f;
+        tmp[j][n][1][e] = 0.f;
+      }
+
+  auto load_pairs = [&](const uint32_t* xr, bool live, int word, uint32_t (&b)[Geo::PAIRS]) {
+    if (!live) {
+#pragma unroll
+      for (int i = 0; i < Geo::PAIRS; ++i) b[i] = 0u;
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < Geo::PAIRS; i += 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(xr + word * Geo::PAIRS + i);
+      b[i] = v.x; b[i + 1] = v.y; b[i + 2] = v.z; b[i + 3] = v.w;
+    }
+  };
+
+  auto compute = [&](int slot, int blk, int row0) {
+    const unsigned char* st = ring + slot * (U * NWT * 2 * PIECE);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int ch = blk * U + u;
+      if (ch >= nch) break;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int word = ch * 16 + 4 * q + tig;  // this thread's word of the row
+        uint32_t b0[Geo::PAIRS], b1[Geo::PAIRS];
+        load_pairs(xr0, live0, word, b0);
+        if constexpr (NT == 2) load_pairs(xr1, live1, word, b1);
+#pragma unroll
+        for (int j = 0; j < NWT; ++j) {
+          const unsigned char* pa = st + ((u * NWT + j) * 2 + 0) * PIECE;
+          const unsigned char* pb = st + ((u * NWT + j) * 2 + 1) * PIECE;
+          const int rd = 64 * gid + 16 * ((q + (gid >> 1)) & 3) + 4 * tig;
+          uint32_t aa[Geo::PAIRS], ab[Geo::PAIRS];
+          raw_pairs<BITS, BF>(*reinterpret_cast<const uint32_t*>(pa + rd), aa);
+          raw_pairs<BITS, BF>(*reinterpret_cast<const uint32_t*>(pb + rd), ab);
+#pragma unroll
+          for (int s = 0; s < Geo::PAIRS / 2; ++s) {
+            mma<BF>(tmp[j][0][s & 1], aa[2 * s], ab[2 * s], aa[2 * s + 1], ab[2 * s + 1],
+                    b0[2 * s], b0[2 * s + 1]);
+            if constexpr (NT == 2)
+              mma<BF>(tmp[j][1][s & 1], aa[2 * s], ab[2 * s], aa[2 * s + 1], ab[2 * s + 1],
+                      b1[2 * s], b1[2 * s + 1]);
+          }
+        }
+        if (((q + 1) & wmask) == 0) {  // the unit ends: fold it in with its scale and zero
+          const int un = (ch * Geo::CHUNK + q * Geo::TC) >> ushift;
+          const int grp = (ch * Geo::CHUNK + q * Geo::TC) >> p.gshift;
+#pragma unroll
+          for (int j = 0; j < NWT; ++j)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const unsigned char* pr = st + ((u * NWT + j) * 2 + r) * PIECE;
+              const uint2 sz = *reinterpret_cast<const uint2*>(pr + 512 + 8 * (4 * gid + q));
+              const int hi = (int)(((size_t)(row0 + gid + 8 * r) * p.groups + grp) & 1) * 16;
+              const float sc = h2f((unsigned short)(sz.x >> hi));
+              const float z = has_z ? h2f((unsigned short)(sz.y >> hi)) : (float)Geo::CEN;
+#pragma unroll
+              for (int n = 0; n < NT; ++n) {
+                const float4 cxv = *reinterpret_cast<const float4*>(
+                    cx + ((size_t)un * MP + n * 8 + 2 * tig) * 2);
+                const float e0 = tmp[j][n][0][2 * r] + tmp[j][n][1][2 * r] - cxv.x;
+                const float e1 = tmp[j][n][0][2 * r + 1] + tmp[j][n][1][2 * r + 1] - cxv.z;
+                acc[j][n][2 * r] = fmaf(sc, fmaf(-z, cxv.y, e0), acc[j][n][2 * r]);
+                acc[j][n][2 * r + 1] = fmaf(sc, fmaf(-z, cxv.w, e1), acc[j][n][2 * r + 1]);
+                tmp[j][n][0][2 * r] = tmp[j][n][1][2 * r] = 0.f;
+                tmp[j][n][0][2 * r + 1] = tmp[j][n][1][2 * r + 1] = 0.f;
+              }
+            }
+        }
+      }
+    }
+  };
+
+  constexpr int COLS = 8 * NT;
+  int slot = 0, item = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    int wi, row0, col0;
+    locate(tile, wi, row0, col0);
+    for (int b = 0; b < cnt; ++b, ++item) {
+      issue((slot + STAGES - 1) % STAGES, item + STAGES - 1);
+      cp_async_wait<STAGES - 1>();
+      compute(slot, warp + b * nwarps, row0);
+      slot = (slot + 1) % STAGES;
+    }
+#pragma unroll
+    for (int j = 0; j < NWT; ++j)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        float* r = red + ((warp * NWT + j) * 16) * COLS + n * 8 + 2 * tig;
+        r[gid * COLS] = acc[j][n][0];
+        r[gid * COLS + 1] = acc[j][n][1];
+        r[(gid + 8) * COLS] = acc[j][n][2];
+        r[(gid + 8) * COLS + 1] = acc[j][n][3];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][n][e] = 0.f;
+      }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * p.m; idx += blockDim.x) {
+      const int row = idx & 15, mrow = idx >> 4;
+      float y[NWT];
+#pragma unroll
+      for (int j = 0; j < NWT; ++j) {
+        float sum = 0.f;
+        for (int w = 0; w < nwarps; ++w) sum += red[((w * NWT + j) * 16 + row) * COLS + mrow];
+        y[j] = sum;
+      }
+      float v = y[0];
+      if constexpr (SWIGLU) {
+        v = v / (1.f + __expf(-v)) * y[1];
+      } else if (p.bias) {
+        v += p.bias[col0 + row0 + row];
+      }
+      const size_t o = (size_t)mrow * p.so + col0 + row0 + row;
+      if constexpr (BF)
+        static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
+      else
+        static_cast<__half*>(p.out)[o] = __float2half_rn(v);
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+}
+
 template <int BITS, bool BF, int NT, bool SWIGLU>
 int launch(const QGemvParams* p, int warps, int stages, int sms, cudaStream_t stream) {
   const int tiles = SWIGLU ? p->n[0] / 16 : (p->n[0] + (p->nw > 1 ? p->n[1] : 0) +
                                             (p->nw > 2 ? p->n[2] : 0)) / 16;
+  if constexpr (BITS != 8) {
+    if (stages == 2 && fold_bytes(BITS, p->m, p->k, 1 << p->gshift, NT) > 0) {
+      auto* k = qgemv_fold_kernel<BITS, BF, NT, SWIGLU>;
+      const size_t smem = fold_smem_bytes(SWIGLU ? 2 : 1, warps, NT, BITS, p->m, p->k,
+                                          1 << p->gshift);
+      static size_t granted = 48 * 1024;
+      static int occ[MAX_WARPS + 1][2] = {};
+      if (smem > granted) {
+        cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)smem);
+        if (e != cudaSuccess) return (int)e;
+        granted = smem;
+      }
+      if (occ[warps][0] != (int)smem) {
+        int b = 0;
+        cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, k, 32 * warps, smem);
+        if (e != cudaSuccess) return (int)e;
+        occ[warps][0] = (int)smem; occ[warps][1] = b > 0 ? b : 1;
+      }
+      const int grid = tiles < occ[warps][1] * sms ? tiles : occ[warps][1] * sms;
+      k<<<grid, 32 * warps, smem, stream>>>(*p);
+      return (int)cudaGetLastError();
+    }
+  }
   const size_t smem = smem_bytes(SWIGLU ? 2 : 1, stages, warps, NT, p->m, p->k);
 #define SLIMLM_QG_STAGES(S)                                                              \
   if (stages == S) {                                                                     \
