@@ -138,3 +138,35 @@ def test_qgemv_replays_from_a_cuda_graph():
     torch.cuda.synchronize()
     assert _rel(y, quant_gemv_ref(x, [qw], [s], [z], 4, 128)) < 1e-2
     assert not torch.equal(y, y0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quant_linear_takes_the_cuda_gemv_for_int2_at_4_to_16_rows(monkeypatch):
+    """QuantLinear (eager and through quant_matmul) runs the CUDA kernel where the table
+    says it is faster, matches the reference there, and runs Triton elsewhere or when
+    SLIMLM_QUANT_CUDA=0."""
+    from torch import nn
+
+    from slimlm.kernels import quant_matmul as qm
+    from slimlm.quant import QuantConfig, quantize_
+
+    dev = torch.device("cuda")
+    lin = nn.Sequential(nn.Linear(1024, 512, bias=True, device=dev, dtype=torch.bfloat16))
+    quantize_(lin, QuantConfig(bits=2, group_size=64))
+    ql = lin[0]
+    calls = []
+    real = quant_cuda.qgemv
+    monkeypatch.setattr(quant_cuda, "qgemv", lambda *a, **k: calls.append(a[0].shape[0])
+                        or real(*a, **k))
+    with torch.no_grad():
+        for m in (1, 4, 16):
+            x = torch.randn(m, 1024, device=dev, dtype=torch.bfloat16)
+            ref = qm.quant_matmul_ref(x, ql.qweight, ql.scales, ql.zeros, 2, 64, ql.bias)
+            assert _rel(ql(x), ref) < 1e-2
+            assert _rel(qm.quant_matmul(x, ql.qweight, ql.scales, ql.zeros, 2, 64, ql.bias),
+                        ref) < 1e-2
+        assert calls == [4, 4, 16, 16]
+        monkeypatch.setenv("SLIMLM_QUANT_CUDA", "0")
+        ql(torch.randn(4, 1024, device=dev, dtype=torch.bfloat16))
+        assert calls == [4, 4, 16, 16]

@@ -8,9 +8,10 @@ registers of an ``mma.sync`` operand, so the multiply-adds run on tensor cores i
 whatever the number of rows (the source explains the fragment layout). Several weights
 that share x (q, k, v) run as one launch, and gate/up with the SwiGLU product as one.
 
-It is what :class:`slimlm.quant.QuantLinear` and the grouped decode path
-(:func:`slimlm.quant.linear.fused_linear`) run on the GPU when :func:`supports` says yes;
-otherwise the Triton kernels run. ``SLIMLM_QUANT_CUDA=0`` turns it off. Built on first use
+:class:`slimlm.quant.QuantLinear` runs it on the GPU for int2 weights and 4 to 16 rows of
+x (:data:`slimlm.kernels.quant_matmul.CUDA_GEMV_BITS`), where it measured faster than the
+Triton kernels, when :func:`supports` says it can; elsewhere the Triton kernels run.
+``SLIMLM_QUANT_CUDA=0`` turns it off. Built on first use
 with ``nvcc`` (see :mod:`slimlm.kernels._cuda_build`), about 20 s, then cached.
 
 Reference: :func:`slimlm.kernels.quant_gemv.quant_gemv_ref`.
@@ -187,7 +188,7 @@ def plan_warps(n_chunks: int) -> int:
 def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
           zeros: Sequence[torch.Tensor], bits: int, group_size: int, *,
           bias: torch.Tensor | None = None, swiglu: bool = False,
-          warps: int | None = None, stages: int = 2) -> torch.Tensor:
+          warps: int | None = None, stages: int = 4) -> torch.Tensor:
     """``cat([x @ dequant(W_i)^T (+ bias)])`` (M, sum N_i) in x's dtype, or with ``swiglu``
     (two weights: gate, up) ``silu(x W0^T) * (x W1^T)`` (M, N). Call :func:`supports`
     first (this checks only what it cannot: the combination of arguments). ``bias``: fp32

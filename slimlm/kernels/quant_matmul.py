@@ -1257,6 +1257,32 @@ def _pick_config(x2: torch.Tensor, n: int, scales: torch.Tensor, bits: int, grou
     return cfg
 
 
+#: Where the CUDA C++ tensor-core GEMV (:mod:`slimlm.kernels.quant_cuda`) replaces the
+#: Triton kernels: int2 weights times 4 to 16 rows of x. Measured on the H200 at the
+#: Llama-3-8B shapes it is 1.1-1.6x faster than them there, and slower at M = 1 and
+#: for most int4/int8 cases (benchmarks/probes/qgemv_probe-h200.json).
+CUDA_GEMV_BITS = (2,)
+CUDA_GEMV_MIN_M = 4
+
+
+def _cuda_gemv(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor | None, bits: int, group_size: int,
+               bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The CUDA GEMV's (M, N) result where :data:`CUDA_GEMV_BITS` and the row range say
+    it is the faster kernel and :func:`slimlm.kernels.quant_cuda.supports` says it can
+    run; None otherwise (the caller runs the Triton kernels)."""
+    if bits not in CUDA_GEMV_BITS or not CUDA_GEMV_MIN_M <= x2.shape[0] <= 16:
+        return None
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return None
+    from slimlm.kernels import quant_cuda
+
+    zs = [] if zeros is None else [zeros]
+    if quant_cuda.supports(x2, [w32], [scales], zs, bits, group_size) is not None:
+        return None
+    return quant_cuda.qgemv(x2, [w32], [scales], zs, bits, group_size, bias=bias, stages=4)
+
+
 def _quant_matmul_triton(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                          zeros: torch.Tensor | None, bits: int, group_size: int,
                          bias: torch.Tensor | None,
@@ -1265,6 +1291,12 @@ def _quant_matmul_triton(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.
     QMMConfig or a dict of fields overriding the table's) picks mode and tiles."""
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     w32 = qweight.contiguous().view(torch.int32)  # (N, K*bits/32): same bytes, 4 at a time
+    if config is None:
+        y = _cuda_gemv(x2, w32, scales.contiguous(),
+                       zeros.contiguous() if zeros is not None else None, bits, group_size,
+                       bias)
+        if y is not None:
+            return y
     cfg = _pick_config(x2, w32.shape[0], scales, bits, group_size, config)
     return _launch(x2, w32, scales.contiguous(),
                    zeros.contiguous() if zeros is not None else None, bias, bits, group_size,
@@ -1282,10 +1314,12 @@ def quant_matmul_packed(x: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    idx = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    cfg = default_config(bits, _m_bucket(m), w32.shape[0], k, group_size, _sm_count(idx),
-                         x2.element_size(), scales.element_size())
-    y = _launch(x2, w32, scales, zeros, bias, bits, group_size, cfg)
+    y = _cuda_gemv(x2, w32, scales, zeros, bits, group_size, bias)
+    if y is None:
+        idx = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+        cfg = default_config(bits, _m_bucket(m), w32.shape[0], k, group_size, _sm_count(idx),
+                             x2.element_size(), scales.element_size())
+        y = _launch(x2, w32, scales, zeros, bias, bits, group_size, cfg)
     return y.view(*x.shape[:-1], w32.shape[0])  # (..., N)
 
 
