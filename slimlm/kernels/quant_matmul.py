@@ -1273,13 +1273,13 @@ def _cuda_gemv(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
     run; None otherwise (the caller runs the Triton kernels)."""
     if bits not in CUDA_GEMV_BITS or not CUDA_GEMV_MIN_M <= x2.shape[0] <= 16:
         return None
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        return None
     from slimlm.kernels import quant_cuda
 
     zs = [] if zeros is None else [zeros]
     if quant_cuda.supports(x2, [w32], [scales], zs, bits, group_size) is not None:
         return None
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()  # the kernel adds an fp32 bias
     return quant_cuda.qgemv(x2, [w32], [scales], zs, bits, group_size, bias=bias, stages=4)
 
 
