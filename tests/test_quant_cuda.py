@@ -170,3 +170,22 @@ def test_quant_linear_takes_the_cuda_gemv_for_int2_at_4_to_16_rows(monkeypatch):
         monkeypatch.setenv("SLIMLM_QUANT_CUDA", "0")
         ql(torch.randn(4, 1024, device=dev, dtype=torch.bfloat16))
         assert calls == [4, 4, 16, 16]
+
+
+def test_load_library_remembers_a_failed_build(tmp_path, monkeypatch):
+    """A library that does not build raises RuntimeError with nvcc's reason, once built
+    or not the failure is remembered (no rebuild per call) and tried() says so."""
+    src = tmp_path / "broken.cu"
+    src.write_text("this is not C++\n")
+    monkeypatch.setattr(_cuda_build, "arch_of", lambda device: "90")
+    monkeypatch.setattr(_cuda_build, "cache_dir", lambda: tmp_path / "cache")
+    runs = []
+    real = _cuda_build.build_library
+    monkeypatch.setattr(_cuda_build, "build_library",
+                        lambda *a, **k: runs.append(1) or real(*a, **k))
+    dev = torch.device("cpu")
+    assert not _cuda_build.tried(src, dev)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="test.build|nvcc"):
+            _cuda_build.load_library(src, dev, who="test.build", configure=lambda lib: None)
+    assert runs == [1] and _cuda_build.tried(src, dev)

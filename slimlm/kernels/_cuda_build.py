@@ -8,16 +8,23 @@ temporary name and renamed: concurrent and interrupted builds never leave a brok
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["arch_of", "build_library", "cache_dir", "nvcc_path"]
+__all__ = ["arch_of", "build_library", "cache_dir", "load_library", "nvcc_path", "tried"]
+
+_LIBS: dict[tuple[str, str], Any] = {}  # (source, arch) -> library, or a failure's message
+_LOCK = threading.Lock()
 
 
 def nvcc_path() -> str | None:
@@ -69,3 +76,30 @@ def build_library(source: Path, arch: str, *, who: str, nvcc: str | None = None,
         if os.path.exists(tmp):
             os.unlink(tmp)
     return lib
+
+
+def load_library(source: Path, device: torch.device, *, who: str,
+                 configure: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+    """The library of ``source`` for ``device``'s architecture, built on first use and
+    passed to ``configure`` (argument types, struct-size checks) once. A failure is
+    remembered (not retried per call) and raised as RuntimeError with its reason."""
+    arch = arch_of(device)
+    key = (str(source), arch)
+    with _LOCK:
+        got = _LIBS.get(key)
+        if got is None:
+            try:
+                lib = ctypes.CDLL(str(build_library(source, arch, who=who)))
+                configure(lib)
+                got = lib
+            except Exception as e:
+                got = f"{type(e).__name__}: {e}"
+            _LIBS[key] = got
+    if isinstance(got, str):
+        raise RuntimeError(got)
+    return got
+
+
+def tried(source: Path, device: torch.device) -> bool:
+    """Whether :func:`load_library` already ran for this source and device architecture."""
+    return (str(source), arch_of(device)) in _LIBS

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,6 @@ __all__ = ["SOURCE", "nvcc_path", "supports", "load", "launch_split", "stage_byt
 
 SOURCE = Path(__file__).with_name("csrc") / "kivi_decode.cu"
 _BLOCK = 64  # tokens per pipeline stage (kivi_decode.cu: BLOCK)
-_BUILT: dict[str, Any] = {}  # arch -> ctypes library, or the error string of a failed build
-_LOCK = threading.Lock()
 
 
 class _Params(ctypes.Structure):
@@ -83,31 +80,22 @@ def build(arch: str, nvcc: str | None = None, out_dir: Path | None = None) -> Pa
                                      out_dir=out_dir)
 
 
+def _configure(lib: ctypes.CDLL) -> None:
+    lib.slimlm_kivi_decode.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.slimlm_kivi_decode.restype = ctypes.c_int
+    lib.slimlm_kivi_occupancy.argtypes = [ctypes.c_int] * 5
+    lib.slimlm_kivi_occupancy.restype = ctypes.c_int
+    if lib.slimlm_kivi_params_size() != ctypes.sizeof(_Params):
+        raise RuntimeError("kivi_cuda: KiviParams size mismatch between kivi_decode.cu and "
+                           "kivi_cuda._Params")
+
+
 def load(device: torch.device) -> ctypes.CDLL:
     """The kernel library for ``device``'s architecture, built on first use (raises
     RuntimeError with the reason when it cannot be built or loaded)."""
-    arch = _arch(device)
-    with _LOCK:
-        got = _BUILT.get(arch)
-        if got is None:
-            try:
-                lib = ctypes.CDLL(str(build(arch)))
-                lib.slimlm_kivi_decode.argtypes = [ctypes.POINTER(_Params), ctypes.c_int,
-                                                   ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                                   ctypes.c_int]
-                lib.slimlm_kivi_decode.restype = ctypes.c_int
-                lib.slimlm_kivi_occupancy.argtypes = [ctypes.c_int] * 5
-                lib.slimlm_kivi_occupancy.restype = ctypes.c_int
-                if lib.slimlm_kivi_params_size() != ctypes.sizeof(_Params):
-                    raise RuntimeError("kivi_cuda: KiviParams size mismatch between "
-                                       "kivi_decode.cu and kivi_cuda._Params")
-                got = lib
-            except Exception as e:  # remembered: one failed build is not retried per call
-                got = f"{type(e).__name__}: {e}"
-            _BUILT[arch] = got
-    if isinstance(got, str):
-        raise RuntimeError(got)
-    return got
+    return _cuda_build.load_library(SOURCE, device, who="kivi_cuda.build",
+                                    configure=_configure)
 
 
 @functools.cache
@@ -221,7 +209,7 @@ def _layout_reason(kv: Any, d: int) -> str | None:
 
 
 def _buildable(device: torch.device) -> str | None:
-    if nvcc_path() is None and _arch(device) not in _BUILT:
+    if nvcc_path() is None and not _cuda_build.tried(SOURCE, device):
         return "nvcc (the CUDA toolkit) is not installed"
     try:
         load(device)

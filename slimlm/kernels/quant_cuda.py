@@ -28,10 +28,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -48,8 +46,6 @@ MAX_WARPS = 8
 _U = 2  # chunks per pipeline stage (quant_gemv.cu: U)
 #: Pipeline depths the library is built with (quant_gemv.cu: SLIMLM_QG_STAGES).
 STAGES = (2, 4)
-_BUILT: dict[str, Any] = {}
-_LOCK = threading.Lock()
 
 
 class _Params(ctypes.Structure):
@@ -98,29 +94,20 @@ def build(arch: str, nvcc: str | None = None, out_dir: Path | None = None) -> Pa
                                      out_dir=out_dir)
 
 
+def _configure(lib: ctypes.CDLL) -> None:
+    lib.slimlm_qgemv.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int,
+                                 ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.slimlm_qgemv.restype = ctypes.c_int
+    if lib.slimlm_qgemv_params_size() != ctypes.sizeof(_Params):
+        raise RuntimeError("quant_cuda: QGemvParams size mismatch between quant_gemv.cu and "
+                           "quant_cuda._Params")
+
+
 def load(device: torch.device) -> ctypes.CDLL:
     """The kernel library for ``device``'s architecture, built on first use (raises
     RuntimeError with the reason when it cannot be built or loaded)."""
-    arch = _cuda_build.arch_of(device)
-    with _LOCK:
-        got = _BUILT.get(arch)
-        if got is None:
-            try:
-                lib = ctypes.CDLL(str(build(arch)))
-                lib.slimlm_qgemv.argtypes = [ctypes.POINTER(_Params), ctypes.c_int,
-                                             ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                             ctypes.c_void_p, ctypes.c_int]
-                lib.slimlm_qgemv.restype = ctypes.c_int
-                if lib.slimlm_qgemv_params_size() != ctypes.sizeof(_Params):
-                    raise RuntimeError("quant_cuda: QGemvParams size mismatch between "
-                                       "quant_gemv.cu and quant_cuda._Params")
-                got = lib
-            except Exception as e:  # remembered: one failed build is not retried per call
-                got = f"{type(e).__name__}: {e}"
-            _BUILT[arch] = got
-    if isinstance(got, str):
-        raise RuntimeError(got)
-    return got
+    return _cuda_build.load_library(SOURCE, device, who="quant_cuda.build",
+                                    configure=_configure)
 
 
 @functools.cache
@@ -129,7 +116,7 @@ def _device_reason(index: int) -> str | None:
     dev = torch.device("cuda", index)
     if torch.cuda.get_device_capability(dev) < (8, 0):
         return "the GPU is older than sm_80 (mma.sync)"
-    if _cuda_build.nvcc_path() is None and _cuda_build.arch_of(dev) not in _BUILT:
+    if _cuda_build.nvcc_path() is None and not _cuda_build.tried(SOURCE, dev):
         return "nvcc (the CUDA toolkit) is not installed"
     try:
         load(dev)
