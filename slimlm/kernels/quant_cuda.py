@@ -150,9 +150,11 @@ def supports(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[to
     for w, s, z in zip(w32s, scales, list(zeros) or [None] * len(w32s)):
         if w.dtype != torch.int32 or w.shape[1] != kw or not w.is_contiguous() or w.data_ptr() % 16:
             return "a weight is not a contiguous, 16-byte aligned int32 (N, K*bits/32) tensor"
-        if s.dtype != torch.float16 or not s.is_contiguous() or (
-                z is not None and (z.dtype != torch.float16 or not z.is_contiguous())):
-            return "scales/zeros are not contiguous float16"
+        # the kernel copies each fp16 scale and zero as the 4-byte word that holds it
+        if s.dtype != torch.float16 or not s.is_contiguous() or s.data_ptr() % 4 or (
+                z is not None and (z.dtype != torch.float16 or not z.is_contiguous()
+                                   or z.data_ptr() % 4)):
+            return "scales/zeros are not contiguous, 4-byte aligned float16"
         if w.device != x2.device:
             return "weights and x on different devices"
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
