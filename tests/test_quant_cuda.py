@@ -189,3 +189,25 @@ def test_load_library_remembers_a_failed_build(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="test.build|nvcc"):
             _cuda_build.load_library(src, dev, who="test.build", configure=lambda lib: None)
     assert runs == [1] and _cuda_build.tried(src, dev)
+
+
+@pytest.mark.skipif(_cuda_build.nvcc_path() is None, reason="needs nvcc (the CUDA toolkit)")
+def test_load_checks_the_parameter_struct(tmp_path, monkeypatch):
+    """Both kernel libraries load (no GPU needed) with their struct mirrors; a mirror of the
+    wrong size is refused with a message naming it."""
+    from slimlm.kernels import kivi_cuda
+
+    monkeypatch.setattr(_cuda_build, "arch_of", lambda device: "90")
+    monkeypatch.setattr(_cuda_build, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(_cuda_build, "_LIBS", {})
+    dev = torch.device("cpu")
+    assert quant_cuda.load(dev).slimlm_qgemv_params_size() == ctypes.sizeof(quant_cuda._Params)
+    assert kivi_cuda.load(dev).slimlm_kivi_params_size() == ctypes.sizeof(kivi_cuda._Params)
+
+    class Short(ctypes.Structure):
+        _fields_ = [("x", ctypes.c_int)]
+
+    monkeypatch.setattr(_cuda_build, "_LIBS", {})
+    with pytest.raises(RuntimeError, match="Short does not match"):
+        _cuda_build.load_library(quant_cuda.SOURCE, dev, who="t", configure=lambda lib: None,
+                                 params=("slimlm_qgemv_params_size", Short))

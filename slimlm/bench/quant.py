@@ -110,14 +110,12 @@ def _config_name(ql: QuantLinear, x: torch.Tensor) -> str | None:
     if ql.w8a8 or x.device.type != "cuda" or not ql._kernel_ok:
         return None
     from slimlm.kernels import quant_cuda
-    from slimlm.kernels.quant_matmul import CUDA_GEMV_BITS, CUDA_GEMV_MIN_M
+    from slimlm.kernels.quant_matmul import cuda_gemv_applies
 
     w32, s, z = ql._operands()
-    if (ql.bits in CUDA_GEMV_BITS and CUDA_GEMV_MIN_M <= x.shape[0] <= quant_cuda.MAX_M
-            and quant_cuda.supports(x, [w32], [s], [] if z is None else [z], ql.bits,
-                                    ql.group_size) is None):
-        return (f"cuda,warps={quant_cuda.plan_warps(x.shape[1] // quant_cuda.chunk_codes(ql.bits))}"
-                ",stages=4")
+    if cuda_gemv_applies(x, w32, s, z, ql.bits, ql.group_size):
+        warps = quant_cuda.plan_warps(x.shape[1] // quant_cuda.chunk_codes(ql.bits))
+        return f"cuda,warps={warps},stages=4"
     cfg = _pick_config(x, ql.out_features, ql.scales, ql.bits, ql.group_size, None)
     return ",".join(f"{k}={v}" for k, v in asdict(cfg).items())
 

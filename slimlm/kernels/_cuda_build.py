@@ -79,10 +79,12 @@ def build_library(source: Path, arch: str, *, who: str, nvcc: str | None = None,
 
 
 def load_library(source: Path, device: torch.device, *, who: str,
-                 configure: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+                 configure: Callable[[ctypes.CDLL], None],
+                 params: tuple[str, type[ctypes.Structure]] | None = None) -> ctypes.CDLL:
     """The library of ``source`` for ``device``'s architecture, built on first use and
-    passed to ``configure`` (argument types, struct-size checks) once. A failure is
-    remembered (not retried per call) and raised as RuntimeError with its reason."""
+    passed to ``configure`` (argument types) once; ``params`` = (name of the library's
+    ``int f()`` returning sizeof its parameter struct, the ctypes mirror) is checked then.
+    A failure is remembered (not retried per call) and raised as RuntimeError."""
     arch = arch_of(device)
     key = (str(source), arch)
     with _LOCK:
@@ -91,6 +93,9 @@ def load_library(source: Path, device: torch.device, *, who: str,
             try:
                 lib = ctypes.CDLL(str(build_library(source, arch, who=who)))
                 configure(lib)
+                if params is not None and getattr(lib, params[0])() != ctypes.sizeof(params[1]):
+                    raise RuntimeError(f"{who}: {params[1].__name__} does not match the size "
+                                       f"of the struct in {source.name}")
                 got = lib
             except Exception as e:
                 got = f"{type(e).__name__}: {e}"

@@ -86,16 +86,13 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.slimlm_kivi_decode.restype = ctypes.c_int
     lib.slimlm_kivi_occupancy.argtypes = [ctypes.c_int] * 5
     lib.slimlm_kivi_occupancy.restype = ctypes.c_int
-    if lib.slimlm_kivi_params_size() != ctypes.sizeof(_Params):
-        raise RuntimeError("kivi_cuda: KiviParams size mismatch between kivi_decode.cu and "
-                           "kivi_cuda._Params")
 
 
 def load(device: torch.device) -> ctypes.CDLL:
     """The kernel library for ``device``'s architecture, built on first use (raises
     RuntimeError with the reason when it cannot be built or loaded)."""
     return _cuda_build.load_library(SOURCE, device, who="kivi_cuda.build",
-                                    configure=_configure)
+                                    configure=_configure, params=("slimlm_kivi_params_size", _Params))
 
 
 @functools.cache

@@ -98,16 +98,13 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.slimlm_qgemv.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int,
                                  ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     lib.slimlm_qgemv.restype = ctypes.c_int
-    if lib.slimlm_qgemv_params_size() != ctypes.sizeof(_Params):
-        raise RuntimeError("quant_cuda: QGemvParams size mismatch between quant_gemv.cu and "
-                           "quant_cuda._Params")
 
 
 def load(device: torch.device) -> ctypes.CDLL:
     """The kernel library for ``device``'s architecture, built on first use (raises
     RuntimeError with the reason when it cannot be built or loaded)."""
     return _cuda_build.load_library(SOURCE, device, who="quant_cuda.build",
-                                    configure=_configure)
+                                    configure=_configure, params=("slimlm_qgemv_params_size", _Params))
 
 
 @functools.cache

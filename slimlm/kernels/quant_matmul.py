@@ -1265,19 +1265,29 @@ CUDA_GEMV_BITS = (2,)
 CUDA_GEMV_MIN_M = 4
 
 
+def cuda_gemv_applies(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
+                      zeros: torch.Tensor | None, bits: int, group_size: int) -> bool:
+    """Whether quant_matmul runs the CUDA GEMV on these operands: :data:`CUDA_GEMV_BITS`
+    and the row range say it is the faster kernel, and
+    :func:`slimlm.kernels.quant_cuda.supports` says it can run."""
+    if bits not in CUDA_GEMV_BITS or not CUDA_GEMV_MIN_M <= x2.shape[0] <= 16:
+        return False
+    from slimlm.kernels import quant_cuda
+
+    zs = [] if zeros is None else [zeros]
+    return quant_cuda.supports(x2, [w32], [scales], zs, bits, group_size) is None
+
+
 def _cuda_gemv(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor | None, bits: int, group_size: int,
                bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The CUDA GEMV's (M, N) result where :data:`CUDA_GEMV_BITS` and the row range say
-    it is the faster kernel and :func:`slimlm.kernels.quant_cuda.supports` says it can
-    run; None otherwise (the caller runs the Triton kernels)."""
-    if bits not in CUDA_GEMV_BITS or not CUDA_GEMV_MIN_M <= x2.shape[0] <= 16:
+    """The CUDA GEMV's (M, N) result where :func:`cuda_gemv_applies`; None otherwise (the
+    caller runs the Triton kernels)."""
+    if not cuda_gemv_applies(x2, w32, scales, zeros, bits, group_size):
         return None
     from slimlm.kernels import quant_cuda
 
     zs = [] if zeros is None else [zeros]
-    if quant_cuda.supports(x2, [w32], [scales], zs, bits, group_size) is not None:
-        return None
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.float().contiguous()  # the kernel adds an fp32 bias
     return quant_cuda.qgemv(x2, [w32], [scales], zs, bits, group_size, bias=bias, stages=4)
