@@ -245,8 +245,14 @@ __device__ __forceinline__ void issue_block(const KiviParams& p, unsigned char* 
     if (lc.v_dst[q] >= 0) cp_async16(st + lc.v_dst[q], lc.v_src[q] + t0);
 }
 
+// Thread blocks of 128 threads per multiprocessor the register allocation must allow (3:
+// at most 168 registers, no spills; 4 forces 128 and spills 128-240 bytes).
+#ifndef SLIMLM_KIVI_MIN_BLOCKS
+#define SLIMLM_KIVI_MIN_BLOCKS 3
+#endif
+
 template <int BITS, int STAGES>
-__global__ void __launch_bounds__(128, 3) kivi_decode_split(const KiviParams p) {
+__global__ void __launch_bounds__(128, SLIMLM_KIVI_MIN_BLOCKS) kivi_decode_split(const KiviParams p) {
   using G = Geo<BITS>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
