@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (the timed lambdas run before their loop variables change)
 """Time variants of the KIVI CUDA decode path on a GPU, in one run: compile-time variants of
 ``csrc/kivi_decode.cu`` (``#define``s prepended to a copy of the source) and the parts of
-the launch sequence (split kernel alone, without the merge, without the overlap), against
+the launch sequence (split kernel alone, residual + merge kernel alone, and without it), against
 SDPA on the bf16 cache. CUDA-graph replays, L2 flushed; 32 query / 8 KV heads, D = 128.
 
     python scripts/kivi_variants.py --out $OUT/kivi_variants.json \
@@ -93,26 +93,19 @@ def main() -> None:
             _use_source("", tmp)
             if not args.parts:
                 continue
-            merge = da._merge_parts
+            res_merge = da._res_merge
             try:
-                da._merge_parts = lambda *a, **k: None
-                emit({"batch": B, "bits": bits, "variant": "no-merge",
+                da._res_merge = lambda *a, **k: None
+                emit({"batch": B, "bits": bits, "variant": "no-res-merge",
                       "us": t_us(lambda kv=kv: da.decode_attention(q, kv))})
             finally:
-                da._merge_parts = merge
-            ov = da._OVERLAP
-            try:
-                da._OVERLAP = False
-                emit({"batch": B, "bits": bits, "variant": "no-overlap",
-                      "us": t_us(lambda kv=kv: da.decode_attention(q, kv))})
-            finally:
-                da._OVERLAP = ov
+                da._res_merge = res_merge
             n_blocks = kv.n_quant // 64
             idx = 0
             slots = da._sm_count(idx) * kivi_cuda.resident_warps(idx, bits, 4, 2, 2)
             splits = kivi_cuda.plan_splits(B * Hkv, n_blocks, slots)
             bps = -(-n_blocks // splits)
-            parts = splits + 4
+            parts = splits
             pm = torch.empty(3, B * Hkv, parts, 16, device=dev)
             pacc = torch.empty(B * Hkv, parts, 16, D, device=dev)
             scale = D ** -0.5 * 1.4426950408889634
@@ -122,8 +115,8 @@ def main() -> None:
                       q, kv, pm, pacc, qk_scale=scale, n_splits=splits, n_parts=parts,
                       blocks_per_split=bps, m_rows=16, num_warps=4, num_stages=2))})
             out = torch.empty_like(q)
-            emit({"batch": B, "bits": bits, "variant": "merge-only",
-                  "us": t_us(lambda: merge(pm, pacc, out, Hkv, parts, D, 4, 16, 64))})
+            emit({"batch": B, "bits": bits, "variant": "res-merge-only",
+                  "us": t_us(lambda: res_merge(q, kv, pm, pacc, out, scale, 16))})
 
 
 if __name__ == "__main__":

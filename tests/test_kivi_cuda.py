@@ -48,7 +48,7 @@ def test_launch_split_rejects_bad_launch_parameters():
         kivi_cuda.launch_split(q, kv, pm, pacc, n_splits=2, n_parts=3, num_warps=8,
                                num_stages=2, **common)
     with pytest.raises(ValueError, match="n_parts=2"):
-        kivi_cuda.launch_split(q, kv, pm, pacc, n_splits=2, n_parts=2, num_warps=4,
+        kivi_cuda.launch_split(q, kv, pm, pacc, n_splits=3, n_parts=2, num_warps=4,
                                num_stages=2, **common)
 
 

@@ -462,6 +462,69 @@ def _run_cases_in_two_children(script: str, loop: str, marker: str) -> None:
                              marker=marker)
 
 
+_RES_MERGE_SCRIPT = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import math
+import torch
+from slimlm.kernels import decode_attention as da
+torch.manual_seed(0)
+cases = [  # dtype, B, Hq, Hkv, D, T, group, vgroup, splits, n_res
+    (torch.float16, 2, 8, 2, 32, 16 * 4 + 37, 16, 16, 3, 37),  # GQA 4 x 2 groups, 2 chunks
+    (torch.float32, 1, 4, 2, 32, 16 * 2, 16, 32, 2, 0),  # no residual
+    (torch.float16, 1, 2, 1, 64, 5, 16, 16, 1, 5),  # residual only (one empty split)
+]
+for dt, B, Hq, Hkv, D, T, G, Gv, splits, n_res in cases:
+    k, v = torch.randn(B, Hkv, T, D).to(dt), torch.randn(B, Hkv, T, D).to(dt)
+    q = torch.randn(B, Hq, D).to(dt)
+    kv = da.quantize_kv(k, v, bits=4, group_size=G, v_group_size=Gv, n_res=n_res)
+    qpg, ng, nq, M = Hq // Hkv, D // Gv, kv.n_quant, 16
+    kd = da.dequantize_keys(kv.k_codes[:, :, :nq], kv.k_scale[:, :, :nq // G],
+                            kv.k_zero[:, :, :nq // G], 4, G).float()
+    vd = da.dequantize_values(kv.v_codes[:, :, :nq], kv.v_scale[:, :, :nq],
+                              kv.v_zero[:, :, :nq], 4, Gv).float()
+    scale = 1.4426950408889634 / math.sqrt(D)
+    pm = torch.full((3, B * Hkv, splits, M), float("nan"))  # padding rows: never read
+    pacc = torch.full((B * Hkv, splits, M, D), float("nan"))
+    bounds = torch.linspace(0, nq, splits + 1).long().tolist()
+    for bh in range(B * Hkv):
+        b, h = divmod(bh, Hkv)
+        for sp in range(splits):
+            lo, hi = bounds[sp], bounds[sp + 1]
+            for j in range(ng):
+                for g in range(qpg):
+                    r = j * qpg + g
+                    if hi == lo:  # an empty split
+                        pm[:, bh, sp, r] = torch.tensor([-1.0e30, 0.0, 0.0])
+                        pacc[bh, sp, r] = 0.0
+                        continue
+                    s = (kd[b, h, lo:hi] @ q[b, h * qpg + g].float()) * scale
+                    m = s.max()
+                    p = torch.exp2(s - m)
+                    z = torch.randn(())  # a zero term: acc + z is the numerator
+                    pm[:, bh, sp, r] = torch.stack([m, p.sum(), z])
+                    pacc[bh, sp, r] = p @ vd[b, h, lo:hi] - z
+    out = torch.empty_like(q)
+    da._res_merge(q, kv, pm, pacc, out, scale, M)
+    ref = da.decode_attention_ref(q, kv)
+    err = (out.float() - ref.float()).abs().max().item()
+    tol = 2e-3 if dt == torch.float16 else 1e-5
+    assert torch.isfinite(out).all() and err < tol, (dt, B, Hq, err)
+print("ok")
+import os
+os._exit(0)
+"""
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_residual_merge_kernel_under_interpreter_matches_reference():
+    """The CUDA path's second kernel (residual + merge of the split partials) on partials
+    built in PyTorch, with zero terms, an empty split and NaN in the padding rows."""
+    from _interp import run_interpreted
+
+    run_interpreted(_RES_MERGE_SCRIPT)
+
+
 @pytest.mark.filterwarnings("ignore::slimlm.kernels.SlimlmFallbackWarning")  # CPU: reference
 def test_bench_quick_sections_run():
     from slimlm.bench.kvcache import kvcache_suite

@@ -4,7 +4,8 @@ The kernel computes the split partials of :mod:`slimlm.kernels.decode_attention`
 quantized segment of a KIVI cache on tensor cores, unpacking the codes straight into the
 registers of the ``mma.sync`` operands (the source explains the fragment layout). It is
 the ``DecodeConfig(kernel="cuda")`` path of :func:`~slimlm.kernels.decode_attention.
-decode_attention`; the residual segment and the merge of the splits stay Triton kernels.
+decode_attention`; one Triton kernel then adds the full-precision residual and merges the
+splits.
 
 It is compiled on first use with the CUDA toolkit's ``nvcc`` for the GPU at hand (about
 10 s), into ``$SLIMLM_CACHE`` (default ``~/.cache/slimlm``) under a name that hashes the
@@ -224,10 +225,10 @@ def launch_split(q: torch.Tensor, kv: Any, pm: torch.Tensor, pacc: torch.Tensor,
     """Write the partials (max, sum, zero term, acc) of splits ``0 .. n_splits - 1`` for
     every (batch, KV head) into ``pm`` (3, B*Hkv, n_parts, m_rows) and ``pacc``
     (B*Hkv, n_parts, m_rows, D), the layout decode_attention's merge kernel reads (parts
-    ``n_splits ..`` are the residual's). Call :func:`supports` first."""
-    if n_parts <= n_splits or tuple(pm.shape[2:]) != (n_parts, m_rows):
+    ``n_splits ..``, if any, are left to the caller). Call :func:`supports` first."""
+    if n_parts < n_splits or tuple(pm.shape[2:]) != (n_parts, m_rows):
         raise ValueError(f"kivi_cuda.launch_split: n_parts={n_parts}, n_splits={n_splits}, "
-                         f"pm of shape {tuple(pm.shape)}: expected n_parts > n_splits and pm "
+                         f"pm of shape {tuple(pm.shape)}: expected n_parts >= n_splits and pm "
                          "(3, B*Hkv, n_parts, m_rows)")
     if num_stages not in BUILT_STAGES[kv.bits]:
         raise ValueError(f"kivi_cuda.launch_split: num_stages={num_stages}: expected one of "
