@@ -93,19 +93,19 @@ def main() -> None:
             _use_source("", tmp)
             if not args.parts:
                 continue
-            res_merge = da._res_merge
+            res_merge = da._residual_and_merge
             try:
-                da._res_merge = lambda *a, **k: None
+                da._residual_and_merge = lambda *a, **k: None
                 emit({"batch": B, "bits": bits, "variant": "no-res-merge",
                       "us": t_us(lambda kv=kv: da.decode_attention(q, kv))})
             finally:
-                da._res_merge = res_merge
+                da._residual_and_merge = res_merge
             n_blocks = kv.n_quant // 64
             idx = 0
             slots = da._sm_count(idx) * kivi_cuda.resident_warps(idx, bits, 4, 2, 2)
             splits = kivi_cuda.plan_splits(B * Hkv, n_blocks, slots)
             bps = -(-n_blocks // splits)
-            parts = splits
+            parts = splits + 4  # the residual's 128 tokens: 4 chunks
             pm = torch.empty(3, B * Hkv, parts, 16, device=dev)
             pacc = torch.empty(B * Hkv, parts, 16, D, device=dev)
             scale = D ** -0.5 * 1.4426950408889634
@@ -116,7 +116,7 @@ def main() -> None:
                       blocks_per_split=bps, m_rows=16, num_warps=4, num_stages=2))})
             out = torch.empty_like(q)
             emit({"batch": B, "bits": bits, "variant": "res-merge-only",
-                  "us": t_us(lambda: res_merge(q, kv, pm, pacc, out, scale, 16))})
+                  "us": t_us(lambda: res_merge(q, kv, pm, pacc, out, scale, splits, bps))})
 
 
 if __name__ == "__main__":

@@ -462,7 +462,7 @@ def _run_cases_in_two_children(script: str, loop: str, marker: str) -> None:
                              marker=marker)
 
 
-_RES_MERGE_SCRIPT = r"""
+_CUDA_TAIL_SCRIPT = r"""
 import os
 os.environ["TRITON_INTERPRET"] = "1"
 import math
@@ -484,8 +484,9 @@ for dt, B, Hq, Hkv, D, T, G, Gv, splits, n_res in cases:
     vd = da.dequantize_values(kv.v_codes[:, :, :nq], kv.v_scale[:, :, :nq],
                               kv.v_zero[:, :, :nq], 4, Gv).float()
     scale = 1.4426950408889634 / math.sqrt(D)
-    pm = torch.full((3, B * Hkv, splits, M), float("nan"))  # padding rows: never read
-    pacc = torch.full((B * Hkv, splits, M, D), float("nan"))
+    chunks = max(1, -(-n_res // 32))
+    pm = torch.full((3, B * Hkv, splits + chunks, M), float("nan"))  # padding rows: unread
+    pacc = torch.full((B * Hkv, splits + chunks, M, D), float("nan"))
     bounds = torch.linspace(0, nq, splits + 1).long().tolist()
     for bh in range(B * Hkv):
         b, h = divmod(bh, Hkv)
@@ -505,7 +506,7 @@ for dt, B, Hq, Hkv, D, T, G, Gv, splits, n_res in cases:
                     pm[:, bh, sp, r] = torch.stack([m, p.sum(), z])
                     pacc[bh, sp, r] = p @ vd[b, h, lo:hi] - z
     out = torch.empty_like(q)
-    da._res_merge(q, kv, pm, pacc, out, scale, M)
+    da._residual_and_merge(q, kv, pm, pacc, out, scale, splits, -(-(nq // 64) // splits))
     ref = da.decode_attention_ref(q, kv)
     err = (out.float() - ref.float()).abs().max().item()
     tol = 2e-3 if dt == torch.float16 else 1e-5
@@ -517,12 +518,12 @@ os._exit(0)
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-def test_residual_merge_kernel_under_interpreter_matches_reference():
-    """The CUDA path's second kernel (residual + merge of the split partials) on partials
-    built in PyTorch, with zero terms, an empty split and NaN in the padding rows."""
+def test_cuda_path_tail_under_interpreter_matches_reference():
+    """The CUDA path's tail (the residual's chunk programs, then the merge) on split
+    partials built in PyTorch, with zero terms, an empty split and NaN in the padding rows."""
     from _interp import run_interpreted
 
-    run_interpreted(_RES_MERGE_SCRIPT)
+    run_interpreted(_CUDA_TAIL_SCRIPT)
 
 
 @pytest.mark.filterwarnings("ignore::slimlm.kernels.SlimlmFallbackWarning")  # CPU: reference

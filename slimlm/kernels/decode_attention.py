@@ -69,10 +69,9 @@ the ``mma.sync`` register that holds it (~1 instruction per code, ~1,200 per blo
 barrier): one warp per (batch, KV head, split) with a private cp.async pipeline,
 S^T = K Q'^T with the token block as the M side (no padding rows), P^T moved into the B
 operand of O^T = V^T P^T with ``movmatrix``, the zero-point bias as one more MMA, the
-running max moved only when it grows by more than 2^8. One Triton kernel then adds the
-full-precision residual and merges the splits (:func:`_decode_res_merge_kernel`: one
-launch after the split kernel, where a residual kernel on a side stream plus a merge
-kernel cost 10-15 us more at batch 8). Splits are planned from the kernel's occupancy so
+running max moved only when it grows by more than 2^8. Then, on the same stream, the
+residual runs as 32-token Triton programs and the merge as above
+(:func:`_residual_and_merge`). Splits are planned from the kernel's occupancy so
 that the warps fill whole waves. Measured on an H200 (32 query / 8 KV heads, 32k tokens,
 CUDA-graph replays, L2 flushed; ``slimlm bench kvcache --option sections=kernel``):
 
@@ -463,6 +462,7 @@ if triton_available():
         BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
         QPG: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         OPDT: tl.constexpr, PREC: tl.constexpr, GATHER: tl.constexpr,
+        RES_CHUNKS: tl.constexpr = 0,
     ):
         """One program = one (batch, KV head, split). Row r of the (M, ...) tiles is query
         head ``r % QPG`` of the group, replica ``j = r // QPG``; replica j carries value
@@ -485,8 +485,16 @@ if triton_available():
         centred, their rounding has either sign. fp32 caches (``PREC="ieee"``) multiply
         in full fp32: tf32 kept 10 mantissa bits (1.2% off the reference on the H200)."""
         pid_bh = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        n_parts = n_splits + 1
+        if RES_CHUNKS > 0:  # grid (B * Hkv, RES_CHUNKS): residual parts only (kernel="cuda")
+            pid_s = n_splits + tl.program_id(1)
+            res_lo = tl.program_id(1) * BLOCK_R  # one BLOCK_R-token chunk per program
+            res_hi = res_lo + BLOCK_R
+            n_parts = n_splits + RES_CHUNKS
+        else:
+            pid_s = tl.program_id(1)
+            res_lo = 0
+            res_hi = n_res
+            n_parts = n_splits + 1
         b = pid_bh // n_kv_heads
         h = pid_bh % n_kv_heads
         NG: tl.constexpr = D // VGROUP
@@ -562,7 +570,7 @@ if triton_available():
             # scores: rounding the pre-scaled q to bf16 would add an error SDPA does not
             # have (it showed at 4k context, where the residual holds 3% of the tokens).
             qr = tl.load(q_ptr, mask=real[:, None], other=0.0).to(rdt)  # (M, D)
-            for t0 in range(0, n_res, BLOCK_R):
+            for t0 in range(res_lo, res_hi, BLOCK_R):
                 rows = t0 + offs_t
                 valid = rows < n_res
                 k = tl.load(kr_base + rows[:, None] * skr_t + offs_d[None, :],
@@ -592,7 +600,9 @@ if triton_available():
         (B * Hkv, QPG * D // VGROUP), program (bh, r) = query head ``r % QPG`` of the group,
         value channel group ``r // QPG`` (the row that holds those columns). The parts are
         read ``BLOCK_P`` at a time as one tile (no loop-carried load chain: with 100+
-        splits a serial loop over parts cost more than the split kernel itself)."""
+        splits a serial loop over parts cost more than the split kernel itself), in one
+        pass with an online rescale: no load waits for a reduction (a first pass for the
+        maximum cost one more round trip to memory)."""
         pid_bh = tl.program_id(0)
         r = tl.program_id(1)
         b = pid_bh // n_kv_heads
@@ -601,96 +611,25 @@ if triton_available():
         offs_p = tl.arange(0, BLOCK_P)
         offs_d = (r // QPG) * VGROUP + tl.arange(0, VGROUP)
         row0 = pid_bh * n_parts
-        mx = tl.full((BLOCK_P,), -1.0e30, dtype=tl.float32)
-        for p0 in range(0, n_parts, BLOCK_P):
-            ok = p0 + offs_p < n_parts
-            mx = tl.maximum(mx, tl.load(PM + (row0 + p0 + offs_p) * M + r, mask=ok,
-                                        other=-1.0e30))
-        m = tl.max(mx, 0)
-        den = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_P, VGROUP), dtype=tl.float32)
-        for p0 in range(0, n_parts, BLOCK_P):
+        m = tl.full((1,), -1.0e30, dtype=tl.float32)
+        l = tl.zeros((1,), dtype=tl.float32)
+        acc = tl.zeros((VGROUP,), dtype=tl.float32)
+        for p0 in range(0, n_parts, BLOCK_P):  # one pass: the loads wait on no reduction
             ok = p0 + offs_p < n_parts
             rows = (row0 + p0 + offs_p) * M + r  # (BLOCK_P,)
-            w = tl.math.exp2(tl.load(PM + rows, mask=ok, other=-1.0e30) - m)
-            den += w * tl.load(PL + rows, mask=ok, other=0.0)
+            pm = tl.load(PM + rows, mask=ok, other=-1.0e30)
+            pl = tl.load(PL + rows, mask=ok, other=0.0)
             z = tl.load(PZ + rows, mask=ok, other=0.0)
             a = tl.load(PACC + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-            acc += (a + z[:, None]) * w[:, None]
-        l = tl.sum(den, 0)
-        out = tl.sum(acc, 0) / tl.where(l > 0, l, 1.0)
+            m_new = tl.maximum(m, tl.max(pm, 0))
+            alpha = tl.math.exp2(m - m_new)
+            w = tl.math.exp2(pm - m_new)
+            l = l * alpha + tl.sum(w * pl, 0)
+            acc = acc * alpha + tl.sum((a + z[:, None]) * w[:, None], 0)
+            m = m_new
+        out = acc / tl.where(l > 0, l, 1.0)
         o_ptr = OUT + b * so_b + (h * QPG + g) * so_h + offs_d
         tl.store(o_ptr, out.to(OUT.dtype.element_ty))
-
-    @triton.jit
-    def _decode_res_merge_kernel(Q, KR, VR, PM, PL, PZ, PACC, OUT, n_res, qk_scale,
-                                 sq_b, sq_h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
-                                 so_b, so_h, n_kv_heads, n_parts,
-                                 D: tl.constexpr, QPG: tl.constexpr, M: tl.constexpr,
-                                 NG: tl.constexpr, VGROUP: tl.constexpr,
-                                 BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
-        """The CUDA path's second (and last) kernel: the full-precision residual and the
-        merge with the split kernel's partials, for one query head. Grid (B * Hkv, QPG).
-
-        Residual: fp32 scores of the raw query against the residual keys (products of two
-        bf16/fp16 values are exact in fp32), online softmax over ``BLOCK_R``-token chunks.
-        Merge: the ``n_parts`` partials (max, sum, zero term, acc) of the query head's
-        rows ``j * QPG + g`` (value channel group j holds columns ``j * VGROUP ..``), read
-        ``BLOCK_P`` parts at a time as one (BLOCK_P, NG, VGROUP) tile with an online
-        rescale (no load waits on a reduction: with the parts in one tile, one round trip
-        to memory). Replaces a residual kernel on a side stream plus a merge kernel (two
-        launches and a fork/join that cost 10-15 us per call at batch 8 on an H200)."""
-        pid_bh = tl.program_id(0)
-        g = tl.program_id(1)
-        b = pid_bh // n_kv_heads
-        h = pid_bh % n_kv_heads
-        offs_d = tl.arange(0, D)
-        offs_j = tl.arange(0, NG)
-        offs_v = tl.arange(0, VGROUP)
-        cols = offs_j[:, None] * VGROUP + offs_v[None, :]  # (NG, VGROUP) output columns
-        qv = tl.load(Q + b * sq_b + (h * QPG + g) * sq_h + offs_d).to(tl.float32)
-        kr = KR + b * skr_b + h * skr_h
-        vr = VR + b * svr_b + h * svr_h
-        offs_t = tl.arange(0, BLOCK_R)
-        m_i = tl.full((1,), -1.0e30, dtype=tl.float32)
-        den = tl.zeros((1,), dtype=tl.float32)
-        acc = tl.zeros((NG, VGROUP), dtype=tl.float32)
-        for t0 in range(0, n_res, BLOCK_R):
-            rows = t0 + offs_t
-            valid = rows < n_res
-            k = tl.load(kr + rows[:, None] * skr_t + offs_d[None, :], mask=valid[:, None],
-                        other=0.0).to(tl.float32)
-            s = tl.sum(k * qv[None, :], 1) * qk_scale
-            s = tl.where(valid, s, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new)
-            den = den * alpha + tl.sum(p, 0)
-            v = tl.load(vr + rows[:, None, None] * svr_t + cols[None, :, :],
-                        mask=valid[:, None, None], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, None, None] * v, 0)
-            m_i = m_new
-        # The partials of rows j * QPG + g, j = 0 .. NG-1: pm/pl/pz (BLOCK_P, NG, 1),
-        # acc (BLOCK_P, NG, VGROUP).
-        offs_p = tl.arange(0, BLOCK_P)
-        m_j = tl.zeros((NG, 1), dtype=tl.float32) + m_i[:, None]
-        den_j = tl.zeros((NG, 1), dtype=tl.float32) + den[:, None]
-        for p0 in range(0, n_parts, BLOCK_P):
-            ok = (p0 + offs_p < n_parts)[:, None, None]
-            prow = ((pid_bh * n_parts + p0 + offs_p) * M)[:, None, None] \
-                + (offs_j * QPG + g)[None, :, None]  # (BLOCK_P, NG, 1)
-            pm = tl.load(PM + prow, mask=ok, other=-1.0e30)
-            pl = tl.load(PL + prow, mask=ok, other=0.0)
-            pz = tl.load(PZ + prow, mask=ok, other=0.0)
-            a = tl.load(PACC + prow * D + cols[None, :, :], mask=ok, other=0.0)
-            m_new = tl.maximum(m_j, tl.max(pm, 0))  # (NG, 1)
-            alpha = tl.math.exp2(m_j - m_new)
-            w = tl.math.exp2(pm - m_new[None, :, :])  # (BLOCK_P, NG, 1)
-            den_j = den_j * alpha + tl.sum(w * pl, 0)
-            acc = acc * alpha + tl.sum((a + pz) * w, 0)
-            m_j = m_new
-        out = acc / tl.where(den_j > 0, den_j, 1.0)
-        tl.store(OUT + b * so_b + (h * QPG + g) * so_h + cols, out.to(OUT.dtype.element_ty))
 
     # -----------------------------------------------------------------------------------
     # The CUDA-core ("simt") variant: DecodeConfig(kernel="simt")
@@ -1266,20 +1205,44 @@ def _as_words(codes: torch.Tensor) -> torch.Tensor:
     return codes.view(torch.int32)
 
 
-def _res_merge(q: torch.Tensor, kv: PackedKV, pm: torch.Tensor, pacc: torch.Tensor,
-               out: torch.Tensor, qk_scale: float, m_rows: int) -> None:
-    """Launch :func:`_decode_res_merge_kernel`: the residual of ``kv`` and the merge of the
-    split partials ``pm`` (3, B*Hkv, parts, m_rows) / ``pacc`` into ``out`` (B, Hq, D)."""
+def _launch_args(kv: PackedKV) -> None:
+    """Cache the kernels' launch arguments on ``kv``: int32 views of the codes and the
+    buffers' strides (checked once: a cache reuses its PackedKV across decode steps)."""
+    kw, vw = _as_words(kv.k_codes), _as_words(kv.v_codes)
+    ks, vs, kr, vr = kv.k_scale, kv.v_scale, kv.k_res, kv.v_res
+    if kv.n_quant and not (ks.stride() == kv.k_zero.stride()
+                           and vs.stride() == kv.v_zero.stride()):
+        raise ValueError("decode_attention: scale and zero tensors must share strides")
+    kv._launch = (kw, vw, (*kw.stride()[:3], *ks.stride()[:3], *vw.stride()[:3],
+                           *vs.stride()[:4], *kr.stride()[:3], *vr.stride()[:3]))
+
+
+def _residual_and_merge(q: torch.Tensor, kv: PackedKV, pm: torch.Tensor, pacc: torch.Tensor,
+                        out: torch.Tensor, qk_scale: float, n_splits: int,
+                        blocks_per_split: int) -> None:
+    """The CUDA path's tail: the residual's 32-token chunks (parts ``n_splits ..`` of ``pm``
+    (3, B*Hkv, parts, M) / ``pacc``; one Triton program each) and the merge of all parts
+    into ``out`` (B, Hq, D). Both on the current stream, after the split kernel: running
+    the residual on a side stream overlapped it with the split kernel's tail but cost more
+    than it saved (H200, batch 8, 32k tokens: int4 108 against 103 us; the split kernel
+    fills the GPU in one wave, the graph's fork/join costs a few us)."""
     B, Hq, D = q.shape
     Hkv = kv.k_res.shape[1]
-    qpg, ng = Hq // Hkv, D // kv.v_group_size
-    parts = pm.shape[2]
-    kr, vr = kv.k_res, kv.v_res
-    _decode_res_merge_kernel[(B * Hkv, qpg)](
-        q, kr, vr, pm[0], pm[1], pm[2], pacc, out, kv.n_res, qk_scale,
-        q.stride(0), q.stride(1), *kr.stride()[:3], *vr.stride()[:3], out.stride(0),
-        out.stride(1), Hkv, parts, D=D, QPG=qpg, M=m_rows, NG=ng, VGROUP=kv.v_group_size,
-        BLOCK_P=min(32, max(2, 1 << (parts - 1).bit_length())), BLOCK_R=32, num_warps=4)
+    qpg = Hq // Hkv
+    parts, m_rows = pm.shape[2], pm.shape[3]
+    chunks = parts - n_splits
+    if kv._launch is None:
+        _launch_args(kv)
+    kw, vw, strides = kv._launch
+    _decode_split_kernel[(B * Hkv, chunks)](
+        q, kw, kv.k_scale, kv.k_zero, vw, kv.v_scale, kv.v_zero, kv.k_res,
+        kv.v_res, pm[0], pm[1], pm[2], pacc, kv.n_quant, kv.n_res, blocks_per_split, qk_scale,
+        q.stride(0), q.stride(1), *strides, Hkv, n_splits,
+        BITS=kv.bits, GROUP=kv.group_size, VGROUP=kv.v_group_size, D=D, QPG=qpg,
+        M=m_rows, BLOCK_N=64, BLOCK_R=32,
+        OPDT=tl.float32 if q.dtype == torch.float32 else tl.float16, PREC="tf32",
+        GATHER=False, RES_CHUNKS=chunks, num_warps=4, num_stages=2)
+    _merge_parts(pm, pacc, out, Hkv, parts, D, qpg, m_rows, kv.v_group_size)
 
 
 def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = None, *,
@@ -1303,13 +1266,7 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
     if q.stride(-1) != 1:
         q = q.contiguous()
     if kv._launch is None:
-        kw, vw = _as_words(kv.k_codes), _as_words(kv.v_codes)
-        ks, vs, kr, vr = kv.k_scale, kv.v_scale, kv.k_res, kv.v_res
-        if kv.n_quant and not (ks.stride() == kv.k_zero.stride()
-                               and vs.stride() == kv.v_zero.stride()):
-            raise ValueError("decode_attention: scale and zero tensors must share strides")
-        kv._launch = (kw, vw, (*kw.stride()[:3], *ks.stride()[:3], *vw.stride()[:3],
-                               *vs.stride()[:4], *kr.stride()[:3], *vr.stride()[:3]))
+        _launch_args(kv)
     kw, vw, strides = kv._launch
     fp32 = q.dtype == torch.float32
     opdt = tl.float32 if fp32 else tl.float16
@@ -1326,13 +1283,16 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
                 num_splits = kivi_cuda.plan_splits(B * Hkv, n_blocks, slots)
             splits = max(1, min(int(num_splits), max(n_blocks, 1)))
             bps = -(-n_blocks // splits) if n_blocks else 0
-            parts = splits
+            # The residual in 32-token chunks, one program and one part each: a serial loop
+            # over it in one program per head cost ~8 us at 128 tokens.
+            chunks = max(1, -(-kv.n_res // 32))
+            parts = splits + chunks
             pm = torch.empty(3, B * Hkv, parts, m_rows, device=dev, dtype=torch.float32)
             pacc = torch.empty(B * Hkv, parts, m_rows, D, device=dev, dtype=torch.float32)
             kivi_cuda.launch_split(q, kv, pm, pacc, qk_scale=scale, n_splits=splits,
                                    n_parts=parts, blocks_per_split=bps, m_rows=m_rows,
                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            _res_merge(q, kv, pm, pacc, out, scale, m_rows)
+            _residual_and_merge(q, kv, pm, pacc, out, scale, splits, bps)
             return out
         if q.is_cuda:
             _warn_no_cuda_kernel(why_cuda)
