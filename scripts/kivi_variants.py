@@ -1,8 +1,7 @@
 # ruff: noqa: B023  (the timed lambdas run before their loop variables change)
 """Time variants of the KIVI CUDA decode path on a GPU, in one run: compile-time variants of
-``csrc/kivi_decode.cu`` (``#define``s prepended to a copy of the source) and the parts of
-the launch sequence (split kernel alone, residual + merge kernel alone, and without it), against
-SDPA on the bf16 cache. CUDA-graph replays, L2 flushed; 32 query / 8 KV heads, D = 128.
+``csrc/kivi_decode.cu`` (``#define``s prepended to a copy of the source), against SDPA on
+the bf16 cache. CUDA-graph replays, L2 flushed; 32 query / 8 KV heads, D = 128.
 
     python scripts/kivi_variants.py --out $OUT/kivi_variants.json \
         [--variants base,minb4] [--batches 8,32] [--bits 4,2] [--ctx 32768]
@@ -52,7 +51,6 @@ def main() -> None:
     ap.add_argument("--bits", default="4,2")
     ap.add_argument("--ctx", type=int, default=32768)
     ap.add_argument("--rep", type=int, default=30)
-    ap.add_argument("--parts", action="store_true", help="also time the launch sequence's parts")
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows: list[dict] = []
@@ -91,32 +89,6 @@ def main() -> None:
                 except Exception as e:  # a variant that does not build or run
                     emit({"batch": B, "bits": bits, "variant": name, "error": repr(e)[:400]})
             _use_source("", tmp)
-            if not args.parts:
-                continue
-            res_merge = da._residual_and_merge
-            try:
-                da._residual_and_merge = lambda *a, **k: None
-                emit({"batch": B, "bits": bits, "variant": "no-res-merge",
-                      "us": t_us(lambda kv=kv: da.decode_attention(q, kv))})
-            finally:
-                da._residual_and_merge = res_merge
-            n_blocks = kv.n_quant // 64
-            idx = 0
-            slots = da._sm_count(idx) * kivi_cuda.resident_warps(idx, bits, 4, 2, 2)
-            splits = kivi_cuda.plan_splits(B * Hkv, n_blocks, slots)
-            bps = -(-n_blocks // splits)
-            parts = splits + 4  # the residual's 128 tokens: 4 chunks
-            pm = torch.empty(3, B * Hkv, parts, 16, device=dev)
-            pacc = torch.empty(B * Hkv, parts, 16, D, device=dev)
-            scale = D ** -0.5 * 1.4426950408889634
-            emit({"batch": B, "bits": bits, "variant": "split-only", "splits": splits,
-                  "blocks_per_split": bps,
-                  "us": t_us(lambda kv=kv: kivi_cuda.launch_split(
-                      q, kv, pm, pacc, qk_scale=scale, n_splits=splits, n_parts=parts,
-                      blocks_per_split=bps, m_rows=16, num_warps=4, num_stages=2))})
-            out = torch.empty_like(q)
-            emit({"batch": B, "bits": bits, "variant": "res-merge-only",
-                  "us": t_us(lambda: res_merge(q, kv, pm, pacc, out, scale, splits, bps))})
 
 
 if __name__ == "__main__":

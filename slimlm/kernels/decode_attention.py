@@ -69,9 +69,10 @@ the ``mma.sync`` register that holds it (~1 instruction per code, ~1,200 per blo
 barrier): one warp per (batch, KV head, split) with a private cp.async pipeline,
 S^T = K Q'^T with the token block as the M side (no padding rows), P^T moved into the B
 operand of O^T = V^T P^T with ``movmatrix``, the zero-point bias as one more MMA, the
-running max moved only when it grows by more than 2^8. Then, on the same stream, the
-residual runs as 32-token Triton programs and the merge as above
-(:func:`_residual_and_merge`). Splits are planned from the kernel's occupancy so
+running max moved only when it grows by more than 2^8. The same launch runs the
+full-precision residual (64-token items, bf16/fp16 MMAs) and merges the parts: the last
+item of each (batch, KV head) to finish does it (a counter per head, the threadfence
+pattern), so the whole decode attention is one kernel. Splits are planned from the kernel's occupancy so
 that the warps fill whole waves. Measured on an H200 (32 query / 8 KV heads, 32k tokens,
 CUDA-graph replays, L2 flushed; ``slimlm bench kvcache --option sections=kernel``):
 
@@ -462,7 +463,6 @@ if triton_available():
         BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
         QPG: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         OPDT: tl.constexpr, PREC: tl.constexpr, GATHER: tl.constexpr,
-        RES_CHUNKS: tl.constexpr = 0,
     ):
         """One program = one (batch, KV head, split). Row r of the (M, ...) tiles is query
         head ``r % QPG`` of the group, replica ``j = r // QPG``; replica j carries value
@@ -485,16 +485,8 @@ if triton_available():
         centred, their rounding has either sign. fp32 caches (``PREC="ieee"``) multiply
         in full fp32: tf32 kept 10 mantissa bits (1.2% off the reference on the H200)."""
         pid_bh = tl.program_id(0)
-        if RES_CHUNKS > 0:  # grid (B * Hkv, RES_CHUNKS): residual parts only (kernel="cuda")
-            pid_s = n_splits + tl.program_id(1)
-            res_lo = tl.program_id(1) * BLOCK_R  # one BLOCK_R-token chunk per program
-            res_hi = res_lo + BLOCK_R
-            n_parts = n_splits + RES_CHUNKS
-        else:
-            pid_s = tl.program_id(1)
-            res_lo = 0
-            res_hi = n_res
-            n_parts = n_splits + 1
+        pid_s = tl.program_id(1)
+        n_parts = n_splits + 1
         b = pid_bh // n_kv_heads
         h = pid_bh % n_kv_heads
         NG: tl.constexpr = D // VGROUP
@@ -570,7 +562,7 @@ if triton_available():
             # scores: rounding the pre-scaled q to bf16 would add an error SDPA does not
             # have (it showed at 4k context, where the residual holds 3% of the tokens).
             qr = tl.load(q_ptr, mask=real[:, None], other=0.0).to(rdt)  # (M, D)
-            for t0 in range(res_lo, res_hi, BLOCK_R):
+            for t0 in range(0, n_res, BLOCK_R):
                 rows = t0 + offs_t
                 valid = rows < n_res
                 k = tl.load(kr_base + rows[:, None] * skr_t + offs_d[None, :],
@@ -1217,34 +1209,6 @@ def _launch_args(kv: PackedKV) -> None:
                            *vs.stride()[:4], *kr.stride()[:3], *vr.stride()[:3]))
 
 
-def _residual_and_merge(q: torch.Tensor, kv: PackedKV, pm: torch.Tensor, pacc: torch.Tensor,
-                        out: torch.Tensor, qk_scale: float, n_splits: int,
-                        blocks_per_split: int) -> None:
-    """The CUDA path's tail: the residual's 32-token chunks (parts ``n_splits ..`` of ``pm``
-    (3, B*Hkv, parts, M) / ``pacc``; one Triton program each) and the merge of all parts
-    into ``out`` (B, Hq, D). Both on the current stream, after the split kernel: running
-    the residual on a side stream overlapped it with the split kernel's tail but cost more
-    than it saved (H200, batch 8, 32k tokens: int4 108 against 103 us; the split kernel
-    fills the GPU in one wave, the graph's fork/join costs a few us)."""
-    B, Hq, D = q.shape
-    Hkv = kv.k_res.shape[1]
-    qpg = Hq // Hkv
-    parts, m_rows = pm.shape[2], pm.shape[3]
-    chunks = parts - n_splits
-    if kv._launch is None:
-        _launch_args(kv)
-    kw, vw, strides = kv._launch
-    _decode_split_kernel[(B * Hkv, chunks)](
-        q, kw, kv.k_scale, kv.k_zero, vw, kv.v_scale, kv.v_zero, kv.k_res,
-        kv.v_res, pm[0], pm[1], pm[2], pacc, kv.n_quant, kv.n_res, blocks_per_split, qk_scale,
-        q.stride(0), q.stride(1), *strides, Hkv, n_splits,
-        BITS=kv.bits, GROUP=kv.group_size, VGROUP=kv.v_group_size, D=D, QPG=qpg,
-        M=m_rows, BLOCK_N=64, BLOCK_R=32,
-        OPDT=tl.float32 if q.dtype == torch.float32 else tl.float16, PREC="tf32",
-        GATHER=False, RES_CHUNKS=chunks, num_warps=4, num_stages=2)
-    _merge_parts(pm, pacc, out, Hkv, parts, D, qpg, m_rows, kv.v_group_size)
-
-
 def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = None, *,
                      num_splits: int | None = None, config: DecodeConfig | None = None
                      ) -> torch.Tensor:
@@ -1275,7 +1239,8 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
 
         why_cuda = kivi_cuda.supports(q, kv)
         if why_cuda is None:
-            n_blocks = kv.n_quant // 64
+            # the residual's 64-token blocks follow the quantized ones in the split plan
+            n_blocks = kv.n_quant // 64 + kivi_cuda.res_items(kv.n_res)
             if num_splits is None:
                 idx = dev.index if dev.index is not None else torch.cuda.current_device()
                 slots = _sm_count(idx) * kivi_cuda.resident_warps(idx, kv.bits, cfg.num_warps,
@@ -1283,16 +1248,8 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
                 num_splits = kivi_cuda.plan_splits(B * Hkv, n_blocks, slots)
             splits = max(1, min(int(num_splits), max(n_blocks, 1)))
             bps = -(-n_blocks // splits) if n_blocks else 0
-            # The residual in 32-token chunks, one program and one part each: a serial loop
-            # over it in one program per head cost ~8 us at 128 tokens.
-            chunks = max(1, -(-kv.n_res // 32))
-            parts = splits + chunks
-            pm = torch.empty(3, B * Hkv, parts, m_rows, device=dev, dtype=torch.float32)
-            pacc = torch.empty(B * Hkv, parts, m_rows, D, device=dev, dtype=torch.float32)
-            kivi_cuda.launch_split(q, kv, pm, pacc, qk_scale=scale, n_splits=splits,
-                                   n_parts=parts, blocks_per_split=bps, m_rows=m_rows,
-                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            _residual_and_merge(q, kv, pm, pacc, out, scale, splits, bps)
+            kivi_cuda.decode(q, kv, out, qk_scale=scale, n_splits=splits, blocks_per_split=bps,
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return out
         if q.is_cuda:
             _warn_no_cuda_kernel(why_cuda)
