@@ -237,6 +237,34 @@ def test_cuda_kernel_fp16_gqa_groups_and_short_caches(hq, hkv, gv, group):
             assert err < 5e-3, (T, bits, err)
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_kernel_residual_blocks_and_merge(dt):
+    """The residual's 64-token blocks (after the quantized ones, in the same split plan) and
+    the merge by the last warp: residuals of 0, 1, 63, 64, 65 and 200 tokens, with and
+    without a quantized segment, 1 to 9 splits; repeated calls give the same output (the
+    per-head counters are back at zero after each launch)."""
+    from slimlm.kernels import kivi_cuda
+
+    torch.manual_seed(3)
+    for n_quant in (0, 1024):
+        for n_res in (0, 1, 63, 64, 65, 200):
+            if n_quant + n_res == 0:
+                continue
+            T = n_quant + n_res
+            k = torch.randn(2, 4, T, 128, device="cuda", dtype=dt)
+            v = torch.randn(2, 4, T, 128, device="cuda", dtype=dt)
+            q = torch.randn(2, 16, 128, device="cuda", dtype=dt)
+            kv = quantize_kv(k, v, bits=4, group_size=64, v_group_size=64, n_res=n_res)
+            assert kivi_cuda.supports(q, kv) is None
+            ref = decode_attention_ref(q.float(), kv)
+            for splits in (None, 1, 2, 9):
+                out = decode_attention(q, kv, num_splits=splits, config=_cuda_cfg())
+                err = _rel(out, ref)
+                assert err < 5e-3, (n_quant, n_res, splits, err)
+                again = decode_attention(q, kv, num_splits=splits, config=_cuda_cfg())
+                assert torch.equal(out, again), (n_quant, n_res, splits)
+
+
 def test_cuda_kernel_replays_in_a_cuda_graph():
     torch.manual_seed(2)
     k = torch.randn(2, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
