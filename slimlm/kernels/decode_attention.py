@@ -282,7 +282,7 @@ class PackedKV:
     # Launch arguments derived from the buffers (int32 views, strides), computed on the
     # first kernel call and reused: a cache keeps one PackedKV across decode steps.
     _launch: tuple | None = field(default=None, init=False, repr=False, compare=False)
-    # kivi_cuda's verdict on the buffers' layout, (reason or None,), checked once.
+    # kivi_cuda's verdict on the buffers' layout: (quantized segment non-empty, reason or None).
     _cuda_layout: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -1246,7 +1246,8 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
                 slots = _sm_count(idx) * kivi_cuda.resident_warps(idx, kv.bits, cfg.num_warps,
                                                                   cfg.num_stages, ng)
                 num_splits = kivi_cuda.plan_splits(B * Hkv, n_blocks, slots)
-            splits = max(1, min(int(num_splits), max(n_blocks, 1)))
+            splits = max(1, min(int(num_splits), max(n_blocks, 1),
+                                kivi_cuda.max_splits(kv.bits, ng, cfg.num_stages)))
             bps = -(-n_blocks // splits) if n_blocks else 0
             kivi_cuda.decode(q, kv, out, qk_scale=scale, n_splits=splits, blocks_per_split=bps,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -37,7 +37,8 @@ import torch
 
 from slimlm.kernels import _cuda_build
 
-__all__ = ["SOURCE", "nvcc_path", "supports", "load", "decode", "stage_bytes", "res_items"]
+__all__ = ["SOURCE", "nvcc_path", "supports", "load", "decode", "stage_bytes", "res_items",
+           "max_splits"]
 
 SOURCE = Path(__file__).with_name("csrc") / "kivi_decode.cu"
 _BLOCK = 64  # tokens per pipeline stage (kivi_decode.cu: BLOCK)
@@ -188,10 +189,12 @@ def supports(q: torch.Tensor, kv: Any) -> str | None:
     if kv.n_quant or kv.n_res:  # with an empty cache the kernel reads no buffer
         # The buffers' layout does not change while a cache reuses its PackedKV (only
         # n_quant / n_res do): checked once per PackedKV, not on every decode step.
-        if kv._cuda_layout is None:
-            kv._cuda_layout = (_layout_reason(kv, D),)
-        if kv._cuda_layout[0] is not None:
-            return kv._cuda_layout[0]
+        # (checked again once the quantized segment is no longer empty: only then are its
+        # buffers read)
+        if kv._cuda_layout is None or kv._cuda_layout[0] != bool(kv.n_quant):
+            kv._cuda_layout = (bool(kv.n_quant), _layout_reason(kv, D))
+        if kv._cuda_layout[1] is not None:
+            return kv._cuda_layout[1]
     return _buildable(q.device)
 
 
@@ -201,6 +204,8 @@ def _layout_reason(kv: Any, d: int) -> str | None:
         t = getattr(kv, name)
         if t.stride(3) != 1 or t.data_ptr() % 16 or any(x % 8 for x in t.stride()[:3]):
             return f"{name} is not channel-contiguous and 16-byte aligned"
+    if not kv.n_quant:  # the quantized buffers are not read
+        return None
     kb = d * kv.bits // 8
     for name in ("k_codes", "v_codes"):
         t = getattr(kv, name)
@@ -233,6 +238,12 @@ def _buildable(device: torch.device) -> str | None:
     if resident_warps(index, 4, 4, 2, 2) == 0:  # e.g. a driver older than the toolkit
         return "the CUDA kernel's runtime cannot query this GPU (driver older than nvcc?)"
     return None
+
+
+def max_splits(bits: int, ng: int, num_stages: int) -> int:
+    """The most splits per (batch, KV head) the merge can take: the merging warp keeps each
+    split's weights and zero terms (8 rows x 2 floats) in its own pipeline ring."""
+    return num_stages * stage_bytes(bits, ng) // 64
 
 
 def res_items(n_res: int) -> int:
@@ -282,6 +293,10 @@ def decode(q: torch.Tensor, kv: Any, out: torch.Tensor, *, qk_scale: float, n_sp
                          f": expected q's shape {tuple(q.shape)} and dtype {q.dtype}, "
                          "channel-contiguous and 16-byte aligned")
     ng = q.shape[-1] // kv.v_group_size
+    if n_splits > max_splits(kv.bits, ng, num_stages):
+        raise ValueError(f"kivi_cuda.decode: n_splits={n_splits}: expected <= "
+                         f"{max_splits(kv.bits, ng, num_stages)} (the merging warp keeps 64 "
+                         f"bytes per split in its {num_stages}-stage ring)")
     smem = num_warps * num_stages * stage_bytes(kv.bits, ng)
     limit = _smem_limit(q.device.index if q.device.index is not None
                         else torch.cuda.current_device())

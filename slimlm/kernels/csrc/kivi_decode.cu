@@ -375,62 +375,101 @@ __device__ __forceinline__ void residual_block(const KiviParams& p, int b, int h
 }
 
 // ---- The merge of one (batch, KV head)'s parts into the output, by the warp that finished
-// last: out[g, d] = sum_p w_p (acc_p[r, d] + z_p[r]) / sum_p w_p l_p[r], w_p = 2^(m_p[r] - M_r),
-// row r = j * qpg + g for the value group j of channel d. Lanes split the parts for the row
-// maxima and denominators, and the channels (4 each) for the sums; L2 loads (.cg: the
-// partials were written by other multiprocessors).
-__device__ __forceinline__ void merge_parts(const KiviParams& p, int bh, int b, int h, int lane) {
+// last: out[g, d] = sum_p w_p (acc_p[r, d] + z_p[r]), w_p = 2^(m_p[r] - M_r) / den_r,
+// den_r = sum_p 2^(m_p[r] - M_r) l_p[r], row r = j * qpg + g for the value group j of
+// channel d. Latency-bound (one warp, L2 loads: .cg, the partials were written by other
+// multiprocessors), so loads are issued in independent batches: first the lanes split the
+// parts (maxima, denominators; the weights and zero terms go to the warp's shared memory),
+// then each lane sums its 4 channels over (query head, part) pairs, 16 loads in flight.
+__device__ __forceinline__ void merge_parts(const KiviParams& p, int bh, int b, int h, int lane,
+                                            float* sw) {
   const int rows = p.qpg * p.ng, vg = D / p.ng;
   const long long base = (long long)bh * p.n_parts;
+  float* sz = sw + 8 * p.n_parts;
   float mr[8], dr[8];
 #pragma unroll
   for (int r = 0; r < 8; ++r) { mr[r] = -1.0e30f; dr[r] = 0.f; }
   for (int q = lane; q < p.n_parts; q += 32) {
+    float pmv[8], plv[8], pzv[8];
 #pragma unroll
-    for (int r = 0; r < 8; ++r)
-      if (r < rows) mr[r] = fmaxf(mr[r], __ldcg(p.pm + (base + q) * p.m_rows + r));
+    for (int r = 0; r < 8; ++r) {
+      const long long i = (base + q) * p.m_rows + r;
+      pmv[r] = r < rows ? __ldcg(p.pm + i) : -1.0e30f;
+      plv[r] = r < rows ? __ldcg(p.pl + i) : 0.f;
+      pzv[r] = r < rows ? __ldcg(p.pz + i) : 0.f;
+    }
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+      const float n = fmaxf(mr[r], pmv[r]);
+      dr[r] = dr[r] * exp2f(mr[r] - n) + plv[r] * exp2f(pmv[r] - n);
+      mr[r] = n;
+      sw[8 * q + r] = pmv[r];  // the raw maximum for now
+      sz[8 * q + r] = pzv[r];
+    }
   }
 #pragma unroll
-  for (int r = 0; r < 8; ++r)
+  for (int r = 0; r < 8; ++r) {
+    float M = mr[r];
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) mr[r] = fmaxf(mr[r], __shfl_xor_sync(0xffffffffu, mr[r], o));
-  for (int q = lane; q < p.n_parts; q += 32) {
+    for (int o = 1; o < 32; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    float d = dr[r] * exp2f(mr[r] - M);
 #pragma unroll
-    for (int r = 0; r < 8; ++r)
-      if (r < rows) {
-        const long long i = (base + q) * p.m_rows + r;
-        dr[r] += exp2f(__ldcg(p.pm + i) - mr[r]) * __ldcg(p.pl + i);
-      }
+    for (int o = 1; o < 32; o <<= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+    mr[r] = M;
+    dr[r] = d > 0.f ? 1.f / d : 0.f;
   }
-#pragma unroll
-  for (int r = 0; r < 8; ++r)
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) dr[r] += __shfl_xor_sync(0xffffffffu, dr[r], o);
-  const int j = 4 * lane / vg;  // the value group of this lane's 4 channels
-  for (int g = 0; g < p.qpg; ++g) {
-    const int r = j * p.qpg + g;
-    float M = 0.f, den = 0.f;
+  __syncwarp();
+  for (int i = lane; i < 8 * p.n_parts; i += 32) {
+    const int r = i & 7;
+    float M = 0.f, inv = 0.f;
 #pragma unroll
     for (int rr = 0; rr < 8; ++rr)
-      if (rr == r) { M = mr[rr]; den = dr[rr]; }
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int q = 0; q < p.n_parts; ++q) {
-      const long long i = (base + q) * p.m_rows + r;
-      const float w = exp2f(__ldcg(p.pm + i) - M), z = __ldcg(p.pz + i);
-      const float4 a = __ldcg(reinterpret_cast<const float4*>(p.pacc + i * D) + lane);
-      o.x = fmaf(w, a.x + z, o.x);
-      o.y = fmaf(w, a.y + z, o.y);
-      o.z = fmaf(w, a.z + z, o.z);
-      o.w = fmaf(w, a.w + z, o.w);
-    }
-    const float inv = den > 0.f ? 1.f / den : 0.f;
-    const uint32_t lo = p.q_bf16 ? pack2<true>(o.x * inv, o.y * inv) : pack2<false>(o.x * inv, o.y * inv);
-    const uint32_t hi = p.q_bf16 ? pack2<true>(o.z * inv, o.w * inv) : pack2<false>(o.z * inv, o.w * inv);
+      if (rr == r) { M = mr[rr]; inv = dr[rr]; }
+    sw[i] = exp2f(sw[i] - M) * inv;
+  }
+  __syncwarp();
+  const int j = 4 * lane / vg;  // the value group of this lane's 4 channels
+  const int total = p.qpg * p.n_parts;
+  int g_cur = 0;
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+  auto store = [&](int g) {
+    const uint32_t lo = p.q_bf16 ? pack2<true>(o.x, o.y) : pack2<false>(o.x, o.y);
+    const uint32_t hi = p.q_bf16 ? pack2<true>(o.z, o.w) : pack2<false>(o.z, o.w);
     unsigned short* dst = static_cast<unsigned short*>(p.out) + b * p.so_b +
                           (long long)(h * p.qpg + g) * p.so_h + 4 * lane;
     *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
+  };
+  for (int k0 = 0; k0 < total; k0 += 16) {
+    float4 a[16];
+    float w[16], z[16];
+    int gk[16];
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {
+      const int k = k0 + u;
+      gk[u] = k < total ? k / p.n_parts : -1;
+      if (k < total) {
+        const int q = k - gk[u] * p.n_parts, r = j * p.qpg + gk[u];
+        a[u] = __ldcg(reinterpret_cast<const float4*>(p.pacc + ((base + q) * p.m_rows + r) * D) +
+                      lane);
+        w[u] = sw[8 * q + r];
+        z[u] = sz[8 * q + r];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {
+      if (gk[u] < 0) break;
+      if (gk[u] != g_cur) {
+        store(g_cur);
+        o = make_float4(0.f, 0.f, 0.f, 0.f);
+        g_cur = gk[u];
+      }
+      o.x = fmaf(w[u], a[u].x + z[u], o.x);
+      o.y = fmaf(w[u], a[u].y + z[u], o.y);
+      o.z = fmaf(w[u], a[u].z + z[u], o.z);
+      o.w = fmaf(w[u], a[u].w + z[u], o.w);
+    }
   }
+  store(g_cur);
 }
 
 // One split item: blocks [split * blocks_per_split, ...) of the quantized segment, through
@@ -639,7 +678,11 @@ __device__ __forceinline__ void split_item(const KiviParams& p, unsigned char* w
     const int rb = bh / p.n_kv_heads, rh = bh % p.n_kv_heads;
     const int v0 = sp * p.blocks_per_split, v1 = min(v0 + p.blocks_per_split,
                                                       p.n_blocks + p.n_res_items);
+#ifdef SLIMLM_KIVI_SKIP_RESIDUAL  // (a probe hook: scripts/kivi_variants.py)
+    for (int vb = v1; vb < v1; ++vb) {
+#else
     for (int vb = max(v0, p.n_blocks); vb < v1; ++vb) {
+#endif
       if (p.q_bf16)
         residual_block<true>(p, rb, rh, vb - p.n_blocks, gid, tig, rows, m0, m1, l0, l1, z0, z1,
                              acc);
@@ -715,7 +758,10 @@ __global__ void __launch_bounds__(128, SLIMLM_KIVI_MIN_BLOCKS) kivi_decode_split
   if (done != (unsigned)(p.n_splits - 1)) return;
   __threadfence();
   if (lane == 0) p.counter[bh_done] = 0;  // ready for the next launch (CUDA-graph replays)
-  merge_parts(p, bh_done, bh_done / p.n_kv_heads, bh_done % p.n_kv_heads, lane);
+#ifndef SLIMLM_KIVI_SKIP_MERGE  // (a probe hook: scripts/kivi_variants.py times without it)
+  merge_parts(p, bh_done, bh_done / p.n_kv_heads, bh_done % p.n_kv_heads, lane,
+              reinterpret_cast<float*>(wsm));
+#endif
 }
 
 template <int BITS, int STAGES>
