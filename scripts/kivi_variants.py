@@ -28,8 +28,6 @@ from slimlm.kernels import kivi_cuda  # noqa: E402
 VARIANTS = {
     "base": "",
     "minb4": "#define SLIMLM_KIVI_MIN_BLOCKS 4\n",
-    "skipmerge": "#define SLIMLM_KIVI_SKIP_MERGE\n",  # wrong outputs: timing only
-    "skipres": "#define SLIMLM_KIVI_SKIP_RESIDUAL\n",  # wrong outputs: timing only
 }
 
 

@@ -69,10 +69,12 @@ the ``mma.sync`` register that holds it (~1 instruction per code, ~1,200 per blo
 barrier): one warp per (batch, KV head, split) with a private cp.async pipeline,
 S^T = K Q'^T with the token block as the M side (no padding rows), P^T moved into the B
 operand of O^T = V^T P^T with ``movmatrix``, the zero-point bias as one more MMA, the
-running max moved only when it grows by more than 2^8. The same launch runs the
-full-precision residual (64-token items, bf16/fp16 MMAs) and merges the parts: the last
-item of each (batch, KV head) to finish does it (a counter per head, the threadfence
-pattern), so the whole decode attention is one kernel. Splits are planned from the kernel's occupancy so
+running max moved only when it grows by more than 2^8. The same kernel runs the
+full-precision residual (64-token blocks after the quantized ones in the split plan,
+bf16/fp16 MMAs, prefetched into L2 when the split starts); the merge above is the only
+other launch. (A merge by the last warp of each head, in the same launch, was slower: one
+warp per head ran ~25 us of dependent L2 loads at batch 8, where the merge kernel takes
+~5 us.) Splits are planned from the kernel's occupancy so
 that the warps fill whole waves. Measured on an H200 (32 query / 8 KV heads, 32k tokens,
 CUDA-graph replays, L2 flushed; ``slimlm bench kvcache --option sections=kernel``):
 
@@ -1246,11 +1248,15 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
                 slots = _sm_count(idx) * kivi_cuda.resident_warps(idx, kv.bits, cfg.num_warps,
                                                                   cfg.num_stages, ng)
                 num_splits = kivi_cuda.plan_splits(B * Hkv, n_blocks, slots)
-            splits = max(1, min(int(num_splits), max(n_blocks, 1),
-                                kivi_cuda.max_splits(kv.bits, ng, cfg.num_stages)))
+            splits = max(1, min(int(num_splits), max(n_blocks, 1)))
             bps = -(-n_blocks // splits) if n_blocks else 0
-            kivi_cuda.decode(q, kv, out, qk_scale=scale, n_splits=splits, blocks_per_split=bps,
-                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            rows = qpg * ng  # <= 8
+            pm = torch.empty(3, B * Hkv, splits, rows, device=dev, dtype=torch.float32)
+            pacc = torch.empty(B * Hkv, splits, rows, D, device=dev, dtype=torch.float32)
+            kivi_cuda.launch_split(q, kv, pm, pacc, qk_scale=scale, n_splits=splits,
+                                   blocks_per_split=bps, num_warps=cfg.num_warps,
+                                   num_stages=cfg.num_stages)
+            _merge_parts(pm, pacc, out, Hkv, splits, D, qpg, rows, kv.v_group_size)
             return out
         if q.is_cuda:
             _warn_no_cuda_kernel(why_cuda)

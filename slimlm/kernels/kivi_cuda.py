@@ -4,11 +4,9 @@ The kernel computes the split partials of :mod:`slimlm.kernels.decode_attention`
 quantized segment of a KIVI cache on tensor cores, unpacking the codes straight into the
 registers of the ``mma.sync`` operands (the source explains the fragment layout). It is
 the ``DecodeConfig(kernel="cuda")`` path of :func:`~slimlm.kernels.decode_attention.
-decode_attention`, whole in one launch: the residual's tokens are 64-token blocks after
-the quantized segment's (bf16/fp16 MMAs; the split planner balances both), and the last
-warp of each (batch, KV head) to finish merges the splits into the output (a counter per
-(batch, KV head), the threadfence pattern). Three launches (split, residual, merge) cost
-10-16 us more at batch 8 on an H200.
+decode_attention`: the residual's tokens are 64-token blocks after the quantized segment's
+(bf16/fp16 MMAs, prefetched into L2 when the split starts; the split planner balances
+both), so a Triton kernel that merges the splits is the only other launch.
 
 It is compiled on first use with the CUDA toolkit's ``nvcc`` for the GPU at hand (about
 10 s), into ``$SLIMLM_CACHE`` (default ``~/.cache/slimlm``) under a name that hashes the
@@ -37,8 +35,8 @@ import torch
 
 from slimlm.kernels import _cuda_build
 
-__all__ = ["SOURCE", "nvcc_path", "supports", "load", "decode", "stage_bytes", "res_items",
-           "max_splits"]
+__all__ = ["SOURCE", "nvcc_path", "supports", "load", "launch_split", "stage_bytes",
+           "res_items"]
 
 SOURCE = Path(__file__).with_name("csrc") / "kivi_decode.cu"
 _BLOCK = 64  # tokens per pipeline stage (kivi_decode.cu: BLOCK)
@@ -66,8 +64,7 @@ class _Params(ctypes.Structure):
         ("skr_t", ctypes.c_longlong),
         ("vr", ctypes.c_void_p), ("svr_b", ctypes.c_longlong), ("svr_h", ctypes.c_longlong),
         ("svr_t", ctypes.c_longlong),
-        ("out", ctypes.c_void_p), ("so_b", ctypes.c_longlong), ("so_h", ctypes.c_longlong),
-        ("counter", ctypes.c_void_p), ("n_res", ctypes.c_int), ("n_res_items", ctypes.c_int),
+        ("n_res", ctypes.c_int), ("n_res_items", ctypes.c_int),
     ]
 
 
@@ -240,77 +237,54 @@ def _buildable(device: torch.device) -> str | None:
     return None
 
 
-def max_splits(bits: int, ng: int, num_stages: int) -> int:
-    """The most splits per (batch, KV head) the merge can take: the merging warp keeps each
-    split's weights and zero terms (8 rows x 2 floats) in its own pipeline ring."""
-    return num_stages * stage_bytes(bits, ng) // 64
-
-
 def res_items(n_res: int) -> int:
     """64-token blocks of ``n_res`` residual tokens (the kernel runs them after the quantized
     segment's blocks, in the same split plan)."""
     return -(-n_res // _BLOCK)
 
 
-#: Per device: the counters of items done per (batch, KV head), zeros between launches (the
-#: last item resets its own). Grown by allocating a larger buffer; the old ones are kept,
-#: since a captured CUDA graph may still use them.
-_COUNTERS: dict[int, list[torch.Tensor]] = {}
-
-
-def _counter(device: torch.device, n: int) -> torch.Tensor:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    bufs = _COUNTERS.setdefault(index, [])
-    if not bufs or bufs[-1].numel() < n:
-        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return bufs[-1]
-
-
-def decode(q: torch.Tensor, kv: Any, out: torch.Tensor, *, qk_scale: float, n_splits: int,
-           blocks_per_split: int, num_warps: int, num_stages: int) -> None:
-    """Decode attention of ``q`` (B, Hq, D) over the PackedKV ``kv`` into ``out`` (B, Hq, D,
-    q's dtype) in one launch: ``n_splits`` warps per (batch, KV head), each over
-    ``blocks_per_split`` 64-token blocks of the quantized segment followed by the
-    residual's :func:`res_items` blocks, merged by the last warp to finish. ``qk_scale`` is
-    the softmax scale times log2(e). Calls on one device must not run concurrently on
-    different streams (they share the counters). Call :func:`supports` first."""
+def launch_split(q: torch.Tensor, kv: Any, pm: torch.Tensor, pacc: torch.Tensor, *,
+                 qk_scale: float, n_splits: int, blocks_per_split: int, num_warps: int,
+                 num_stages: int) -> None:
+    """Write the partials (max, sum, zero term, acc) of ``n_splits`` splits per (batch, KV
+    head) into ``pm`` (3, B*Hkv, n_splits, M) and ``pacc`` (B*Hkv, n_splits, M, D), M >= the
+    query rows per KV head x value groups: decode_attention's merge kernel reads that
+    layout. Each split runs ``blocks_per_split`` 64-token blocks of the quantized segment
+    followed by the residual's :func:`res_items` blocks. ``qk_scale`` is the softmax scale
+    times log2(e). Call :func:`supports` first."""
     if num_stages not in BUILT_STAGES[kv.bits]:
-        raise ValueError(f"kivi_cuda.decode: num_stages={num_stages}: expected one of "
+        raise ValueError(f"kivi_cuda.launch_split: num_stages={num_stages}: expected one of "
                          f"{BUILT_STAGES[kv.bits]} for {kv.bits}-bit codes")
     if num_warps not in (1, 2, 4):
-        raise ValueError(f"kivi_cuda.decode: num_warps={num_warps}: expected 1, 2 or 4 "
+        raise ValueError(f"kivi_cuda.launch_split: num_warps={num_warps}: expected 1, 2 or 4 "
                          "(the kernel is built for at most 128 threads per block)")
     if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
-        raise ValueError(f"kivi_cuda.decode: n_splits={n_splits!r}: expected an integer >= 1")
+        raise ValueError(f"kivi_cuda.launch_split: n_splits={n_splits!r}: expected an "
+                         "integer >= 1")
     n_blocks, n_res_items = kv.n_quant // _BLOCK, res_items(kv.n_res)
     if n_splits * blocks_per_split < n_blocks + n_res_items or blocks_per_split < 0:
-        raise ValueError(f"kivi_cuda.decode: n_splits={n_splits} x blocks_per_split="
+        raise ValueError(f"kivi_cuda.launch_split: n_splits={n_splits} x blocks_per_split="
                          f"{blocks_per_split}: expected to cover the {n_blocks} quantized and "
                          f"{n_res_items} residual blocks of {_BLOCK} tokens")
-    if (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1
-            or out.data_ptr() % 16 or out.stride(0) % 8 or out.stride(1) % 8):
-        raise ValueError(f"kivi_cuda.decode: out of shape {tuple(out.shape)}, dtype {out.dtype}"
-                         f": expected q's shape {tuple(q.shape)} and dtype {q.dtype}, "
-                         "channel-contiguous and 16-byte aligned")
-    ng = q.shape[-1] // kv.v_group_size
-    if n_splits > max_splits(kv.bits, ng, num_stages):
-        raise ValueError(f"kivi_cuda.decode: n_splits={n_splits}: expected <= "
-                         f"{max_splits(kv.bits, ng, num_stages)} (the merging warp keeps 64 "
-                         f"bytes per split in its {num_stages}-stage ring)")
+    B, Hq, D = q.shape
+    Hkv = kv.k_res.shape[1]
+    ng = D // kv.v_group_size
+    rows = Hq // Hkv * ng
+    if (pm.dim() != 4 or tuple(pm.shape[:3]) != (3, B * Hkv, n_splits) or pm.shape[3] < rows
+            or tuple(pacc.shape) != (B * Hkv, n_splits, pm.shape[3], D)
+            or not pm.is_contiguous() or not pacc.is_contiguous()
+            or pm.dtype != torch.float32 or pacc.dtype != torch.float32):
+        raise ValueError(f"kivi_cuda.launch_split: pm {tuple(pm.shape)}, pacc "
+                         f"{tuple(pacc.shape)}: expected contiguous float32 (3, {B * Hkv}, "
+                         f"{n_splits}, M) and ({B * Hkv}, {n_splits}, M, {D}), M >= {rows}")
     smem = num_warps * num_stages * stage_bytes(kv.bits, ng)
     limit = _smem_limit(q.device.index if q.device.index is not None
                         else torch.cuda.current_device())
     if smem > limit:
-        raise ValueError(f"kivi_cuda.decode: num_warps={num_warps} x num_stages="
+        raise ValueError(f"kivi_cuda.launch_split: num_warps={num_warps} x num_stages="
                          f"{num_stages} x {stage_bytes(kv.bits, ng)} B per stage = {smem} B of "
                          f"shared memory: expected <= {limit} B on this GPU")
     lib = load(q.device)
-    B, Hq, D = q.shape
-    Hkv = kv.k_res.shape[1]
-    parts, m_rows = n_splits, 8
-    pm = torch.empty(3, B * Hkv, parts, m_rows, device=q.device, dtype=torch.float32)
-    pacc = torch.empty(B * Hkv, parts, m_rows, D, device=q.device, dtype=torch.float32)
-    counter = _counter(q.device, B * Hkv)
     kr, vr = kv.k_res, kv.v_res
     p = _Params(
         q.data_ptr(), q.stride(0), q.stride(1),
@@ -321,15 +295,13 @@ def decode(q: torch.Tensor, kv: Any, out: torch.Tensor, *, qk_scale: float, n_sp
         kv.v_scale.stride(1), kv.v_scale.stride(3),
         pm[0].data_ptr(), pm[1].data_ptr(), pm[2].data_ptr(), pacc.data_ptr(),
         Hkv, Hq // Hkv, ng, kv.group_size, n_blocks,
-        blocks_per_split, n_splits, parts, m_rows, int(q.dtype == torch.bfloat16),
+        blocks_per_split, n_splits, n_splits, pm.shape[3], int(q.dtype == torch.bfloat16),
         B * Hkv * n_splits, (kv.group_size // _BLOCK).bit_length() - 1, qk_scale,
-        kr.data_ptr(), *kr.stride()[:3], vr.data_ptr(), *vr.stride()[:3],
-        out.data_ptr(), out.stride(0), out.stride(1), counter.data_ptr(), kv.n_res,
+        kr.data_ptr(), *kr.stride()[:3], vr.data_ptr(), *vr.stride()[:3], kv.n_res,
         n_res_items)
     stream = torch.cuda.current_stream(q.device).cuda_stream
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     err = lib.slimlm_kivi_decode(ctypes.byref(p), kv.bits, num_warps, num_stages,
                                  ctypes.c_void_p(stream), index)
     if err != 0:
-        counter.zero_()  # a failed launch may have left counts behind
-        raise RuntimeError(f"kivi_cuda.decode: launch failed with CUDA error {err}")
+        raise RuntimeError(f"kivi_cuda.launch_split: launch failed with CUDA error {err}")

@@ -1,10 +1,10 @@
 // KIVI decode attention on tensor cores, dequantizing in registers (CUDA C++, sm_80+).
 //
-// The whole decode attention of slimlm.kernels.decode_attention over a KIVI cache, in one
-// launch: one *warp* owns one (batch, KV head, split) and walks its 64-token blocks of the
-// quantized segment with a private cp.async pipeline (no block-wide barrier anywhere), then
-// its share of the full-precision residual (residual_block); the last warp of a (batch, KV
-// head) to finish merges the splits' partials into the output (merge_parts). Why CUDA and not Triton: the
+// The split kernel of slimlm.kernels.decode_attention for a KIVI cache: one *warp* owns one
+// (batch, KV head, split) and walks its 64-token blocks of the quantized segment with a
+// private cp.async pipeline (no block-wide barrier anywhere), then its share of the
+// full-precision residual (residual_block: the residual's blocks follow the quantized ones
+// in the split plan); a Triton kernel merges the splits' partials. Why CUDA and not Triton: the
 // whole point is to unpack the packed codes straight into the registers an mma.sync
 // operand needs. Triton picks its own layouts and routed the unpacked tiles through shared
 // memory (21 barriers and ~4,300 instructions per block); here a thread unpacks exactly
@@ -47,8 +47,6 @@ struct KiviParams {
   // 64-token blocks numbered after the n_blocks quantized ones (blocks_per_split counts both).
   const void* kr; long long skr_b, skr_h, skr_t;
   const void* vr; long long svr_b, svr_h, svr_t;
-  void* out; long long so_b, so_h;  // (B, Hq, 128), q's dtype, channel stride 1
-  unsigned* counter;  // B*Hkv zeros: items done per (batch, KV head); left at zero
   int n_res, n_res_items;
 };
 
@@ -155,6 +153,10 @@ template <int BITS> __host__ __device__ constexpr uint32_t kCen2() {
 template <int BITS> __device__ __forceinline__ uint32_t field(uint32_t x, int s) {
   const uint32_t mask = (((1u << BITS) - 1u) << s) * 0x10001u;
   return hfma2(lop(x, mask), h2_pow2(s), h2_off<BITS>(s));
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 // This warp's item, re-read from the special registers (volatile: not kept in a register
@@ -374,104 +376,6 @@ __device__ __forceinline__ void residual_block(const KiviParams& p, int b, int h
   }
 }
 
-// ---- The merge of one (batch, KV head)'s parts into the output, by the warp that finished
-// last: out[g, d] = sum_p w_p (acc_p[r, d] + z_p[r]), w_p = 2^(m_p[r] - M_r) / den_r,
-// den_r = sum_p 2^(m_p[r] - M_r) l_p[r], row r = j * qpg + g for the value group j of
-// channel d. Latency-bound (one warp, L2 loads: .cg, the partials were written by other
-// multiprocessors), so loads are issued in independent batches: first the lanes split the
-// parts (maxima, denominators; the weights and zero terms go to the warp's shared memory),
-// then each lane sums its 4 channels over (query head, part) pairs, 16 loads in flight.
-__device__ __forceinline__ void merge_parts(const KiviParams& p, int bh, int b, int h, int lane,
-                                            float* sw) {
-  const int rows = p.qpg * p.ng, vg = D / p.ng;
-  const long long base = (long long)bh * p.n_parts;
-  float* sz = sw + 8 * p.n_parts;
-  float mr[8], dr[8];
-#pragma unroll
-  for (int r = 0; r < 8; ++r) { mr[r] = -1.0e30f; dr[r] = 0.f; }
-  for (int q = lane; q < p.n_parts; q += 32) {
-    float pmv[8], plv[8], pzv[8];
-#pragma unroll
-    for (int r = 0; r < 8; ++r) {
-      const long long i = (base + q) * p.m_rows + r;
-      pmv[r] = r < rows ? __ldcg(p.pm + i) : -1.0e30f;
-      plv[r] = r < rows ? __ldcg(p.pl + i) : 0.f;
-      pzv[r] = r < rows ? __ldcg(p.pz + i) : 0.f;
-    }
-#pragma unroll
-    for (int r = 0; r < 8; ++r) {
-      const float n = fmaxf(mr[r], pmv[r]);
-      dr[r] = dr[r] * exp2f(mr[r] - n) + plv[r] * exp2f(pmv[r] - n);
-      mr[r] = n;
-      sw[8 * q + r] = pmv[r];  // the raw maximum for now
-      sz[8 * q + r] = pzv[r];
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < 8; ++r) {
-    float M = mr[r];
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    float d = dr[r] * exp2f(mr[r] - M);
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-    mr[r] = M;
-    dr[r] = d > 0.f ? 1.f / d : 0.f;
-  }
-  __syncwarp();
-  for (int i = lane; i < 8 * p.n_parts; i += 32) {
-    const int r = i & 7;
-    float M = 0.f, inv = 0.f;
-#pragma unroll
-    for (int rr = 0; rr < 8; ++rr)
-      if (rr == r) { M = mr[rr]; inv = dr[rr]; }
-    sw[i] = exp2f(sw[i] - M) * inv;
-  }
-  __syncwarp();
-  const int j = 4 * lane / vg;  // the value group of this lane's 4 channels
-  const int total = p.qpg * p.n_parts;
-  int g_cur = 0;
-  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-  auto store = [&](int g) {
-    const uint32_t lo = p.q_bf16 ? pack2<true>(o.x, o.y) : pack2<false>(o.x, o.y);
-    const uint32_t hi = p.q_bf16 ? pack2<true>(o.z, o.w) : pack2<false>(o.z, o.w);
-    unsigned short* dst = static_cast<unsigned short*>(p.out) + b * p.so_b +
-                          (long long)(h * p.qpg + g) * p.so_h + 4 * lane;
-    *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
-  };
-  for (int k0 = 0; k0 < total; k0 += 16) {
-    float4 a[16];
-    float w[16], z[16];
-    int gk[16];
-#pragma unroll
-    for (int u = 0; u < 16; ++u) {
-      const int k = k0 + u;
-      gk[u] = k < total ? k / p.n_parts : -1;
-      if (k < total) {
-        const int q = k - gk[u] * p.n_parts, r = j * p.qpg + gk[u];
-        a[u] = __ldcg(reinterpret_cast<const float4*>(p.pacc + ((base + q) * p.m_rows + r) * D) +
-                      lane);
-        w[u] = sw[8 * q + r];
-        z[u] = sz[8 * q + r];
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < 16; ++u) {
-      if (gk[u] < 0) break;
-      if (gk[u] != g_cur) {
-        store(g_cur);
-        o = make_float4(0.f, 0.f, 0.f, 0.f);
-        g_cur = gk[u];
-      }
-      o.x = fmaf(w[u], a[u].x + z[u], o.x);
-      o.y = fmaf(w[u], a[u].y + z[u], o.y);
-      o.z = fmaf(w[u], a[u].z + z[u], o.z);
-      o.w = fmaf(w[u], a[u].w + z[u], o.w);
-    }
-  }
-  store(g_cur);
-}
-
 // One split item: blocks [split * blocks_per_split, ...) of the quantized segment, through
 // the warp's private cp.async ring at wsm.
 template <int BITS, int STAGES>
@@ -514,6 +418,25 @@ __device__ __forceinline__ void split_item(const KiviParams& p, unsigned char* w
   // Virtual blocks [start, vend): the quantized segment's blocks, then the residual's.
   const int start = split * p.blocks_per_split;
   const int end = min(start + p.blocks_per_split, p.n_blocks);
+  {
+    // The residual blocks this split runs last, into L2 now: their loads are not pipelined
+    // (a 64-token block from HBM cost ~4 quantized blocks' time at the end of a split).
+    const int rend = min(start + p.blocks_per_split, p.n_blocks + p.n_res_items);
+    const unsigned short* kr = static_cast<const unsigned short*>(p.kr) + b * p.skr_b +
+                               h * p.skr_h;
+    const unsigned short* vr = static_cast<const unsigned short*>(p.vr) + b * p.svr_b +
+                               h * p.svr_h;
+    for (int vb = max(start, p.n_blocks); vb < rend; ++vb) {
+#pragma unroll
+      for (int i = lane; i < 2 * BLOCK; i += 32) {  // two 128-byte lines per token row
+        const int tok = (vb - p.n_blocks) * BLOCK + (i >> 1);
+        if (tok < p.n_res) {
+          prefetch_l2(kr + tok * p.skr_t + 64 * (i & 1));
+          prefetch_l2(vr + tok * p.svr_t + 64 * (i & 1));
+        }
+      }
+    }
+  }
   const unsigned char* kg = p.kc + b * p.skc_b + h * p.skc_h;
   const unsigned char* vg = p.vc + b * p.svc_b + h * p.svc_h;
   const __half* ksg = p.ks + b * p.sks_b + h * p.sks_h;
@@ -678,11 +601,7 @@ __device__ __forceinline__ void split_item(const KiviParams& p, unsigned char* w
     const int rb = bh / p.n_kv_heads, rh = bh % p.n_kv_heads;
     const int v0 = sp * p.blocks_per_split, v1 = min(v0 + p.blocks_per_split,
                                                       p.n_blocks + p.n_res_items);
-#ifdef SLIMLM_KIVI_SKIP_RESIDUAL  // (a probe hook: scripts/kivi_variants.py)
-    for (int vb = v1; vb < v1; ++vb) {
-#else
     for (int vb = max(v0, p.n_blocks); vb < v1; ++vb) {
-#endif
       if (p.q_bf16)
         residual_block<true>(p, rb, rh, vb - p.n_blocks, gid, tig, rows, m0, m1, l0, l1, z0, z1,
                              acc);
@@ -729,7 +648,7 @@ __global__ void __launch_bounds__(128, SLIMLM_KIVI_MIN_BLOCKS) kivi_decode_split
     z0 += __shfl_xor_sync(0xffffffffu, z0, o);
     z1 += __shfl_xor_sync(0xffffffffu, z1, o);
   }
-  const long long part = warp_item();  // = bh * n_parts + split (n_parts = n_splits)
+  const long long part = (long long)bh * p.n_parts + split;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int r = r0 + e;
@@ -746,22 +665,6 @@ __global__ void __launch_bounds__(128, SLIMLM_KIVI_MIN_BLOCKS) kivi_decode_split
       *reinterpret_cast<float4*>(dst + 2 * c) =
           make_float4(acc[c][e], acc[c][2 + e], acc[c + 1][e], acc[c + 1][2 + e]);
   }
-
-  // The last item of this (batch, KV head) to finish merges its parts (the threadfence
-  // pattern: every lane's writes are visible device-wide before the warp's count).
-  __threadfence();
-  __syncwarp();
-  unsigned done = 0;
-  const int bh_done = (int)part / p.n_splits;
-  if (lane == 0) done = atomicAdd(p.counter + bh_done, 1u);
-  done = __shfl_sync(0xffffffffu, done, 0);
-  if (done != (unsigned)(p.n_splits - 1)) return;
-  __threadfence();
-  if (lane == 0) p.counter[bh_done] = 0;  // ready for the next launch (CUDA-graph replays)
-#ifndef SLIMLM_KIVI_SKIP_MERGE  // (a probe hook: scripts/kivi_variants.py times without it)
-  merge_parts(p, bh_done, bh_done / p.n_kv_heads, bh_done % p.n_kv_heads, lane,
-              reinterpret_cast<float*>(wsm));
-#endif
 }
 
 template <int BITS, int STAGES>
