@@ -37,24 +37,19 @@ def test_supports_names_what_it_cannot_run():
 
 def test_launch_split_rejects_bad_launch_parameters():
     k = torch.randn(1, 2, 128, 128)
-    kv = quantize_kv(k, k, bits=4, group_size=64, v_group_size=64)  # 2 blocks of 64 tokens
+    kv = quantize_kv(k, k, bits=4, group_size=64, v_group_size=64)
     q = torch.randn(1, 8, 128)
-    pm, pacc = torch.empty(3, 2, 2, 8), torch.empty(2, 2, 8, 128)
-    common = dict(qk_scale=0.1, blocks_per_split=1)
+    pm, pacc = torch.empty(3, 2, 3, 16), torch.empty(2, 3, 16, 128)
+    common = dict(qk_scale=0.1, blocks_per_split=1, m_rows=16)
     with pytest.raises(ValueError, match="num_stages=5"):
-        kivi_cuda.launch_split(q, kv, pm, pacc, n_splits=2, num_warps=4, num_stages=5, **common)
+        kivi_cuda.launch_split(q, kv, pm, pacc, n_splits=2, n_parts=3, num_warps=4,
+                               num_stages=5, **common)
     with pytest.raises(ValueError, match="num_warps=8"):
-        kivi_cuda.launch_split(q, kv, pm, pacc, n_splits=2, num_warps=8, num_stages=2, **common)
-    with pytest.raises(ValueError, match="n_splits=0"):
-        kivi_cuda.launch_split(q, kv, pm, pacc, n_splits=0, num_warps=4, num_stages=2, **common)
-    with pytest.raises(ValueError, match="n_splits=1 x blocks_per_split=1"):
-        kivi_cuda.launch_split(q, kv, pm[:, :, :1], pacc[:, :1], n_splits=1, num_warps=4,
+        kivi_cuda.launch_split(q, kv, pm, pacc, n_splits=2, n_parts=3, num_warps=8,
                                num_stages=2, **common)
-    with pytest.raises(ValueError, match="M >= 8"):  # 4 query heads x 2 value groups
-        kivi_cuda.launch_split(q, kv, pm[..., :4].contiguous(), pacc[:, :, :4].contiguous(),
-                               n_splits=2, num_warps=4, num_stages=2, **common)
-    assert kivi_cuda.res_items(0) == 0 and kivi_cuda.res_items(64) == 1
-    assert kivi_cuda.res_items(65) == 2
+    with pytest.raises(ValueError, match="n_parts=2"):
+        kivi_cuda.launch_split(q, kv, pm, pacc, n_splits=2, n_parts=2, num_warps=4,
+                               num_stages=2, **common)
 
 
 def test_decode_config_takes_the_cuda_kernel():

@@ -238,11 +238,10 @@ def test_cuda_kernel_fp16_gqa_groups_and_short_caches(hq, hkv, gv, group):
 
 
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_cuda_kernel_residual_blocks_and_merge(dt):
-    """The residual's 64-token blocks (after the quantized ones, in the same split plan) and
-    the merge by the last warp: residuals of 0, 1, 63, 64, 65 and 200 tokens, with and
-    without a quantized segment, 1 to 9 splits; repeated calls give the same output (the
-    per-head counters are back at zero after each launch)."""
+def test_cuda_kernel_residual_chunks_and_merge(dt):
+    """The residual (32-token chunk programs beside the CUDA split kernel) and the merge:
+    residuals of 0, 1, 63, 64, 65 and 200 tokens, with and without a quantized segment,
+    1 to 9 splits; repeated calls give the same output."""
     from slimlm.kernels import kivi_cuda
 
     torch.manual_seed(3)

@@ -69,12 +69,8 @@ the ``mma.sync`` register that holds it (~1 instruction per code, ~1,200 per blo
 barrier): one warp per (batch, KV head, split) with a private cp.async pipeline,
 S^T = K Q'^T with the token block as the M side (no padding rows), P^T moved into the B
 operand of O^T = V^T P^T with ``movmatrix``, the zero-point bias as one more MMA, the
-running max moved only when it grows by more than 2^8. The same kernel runs the
-full-precision residual (64-token blocks after the quantized ones in the split plan,
-bf16/fp16 MMAs, prefetched into L2 when the split starts); the merge above is the only
-other launch. (A merge by the last warp of each head, in the same launch, was slower: one
-warp per head ran ~25 us of dependent L2 loads at batch 8, where the merge kernel takes
-~5 us.) Splits are planned from the kernel's occupancy so
+running max moved only when it grows by more than 2^8. The residual runs as 32-token
+Triton programs, the merge as above. Splits are planned from the kernel's occupancy so
 that the warps fill whole waves. Measured on an H200 (32 query / 8 KV heads, 32k tokens,
 CUDA-graph replays, L2 flushed; ``slimlm bench kvcache --option sections=kernel``):
 
@@ -138,8 +134,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,7 +282,7 @@ class PackedKV:
     # Launch arguments derived from the buffers (int32 views, strides), computed on the
     # first kernel call and reused: a cache keeps one PackedKV across decode steps.
     _launch: tuple | None = field(default=None, init=False, repr=False, compare=False)
-    # kivi_cuda's verdict on the buffers' layout: (quantized segment non-empty, reason or None).
+    # kivi_cuda's verdict on the buffers' layout, (reason or None,), checked once.
     _cuda_layout: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -465,6 +463,7 @@ if triton_available():
         BITS: tl.constexpr, GROUP: tl.constexpr, VGROUP: tl.constexpr, D: tl.constexpr,
         QPG: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         OPDT: tl.constexpr, PREC: tl.constexpr, GATHER: tl.constexpr,
+        RES_CHUNKS: tl.constexpr = 0,
     ):
         """One program = one (batch, KV head, split). Row r of the (M, ...) tiles is query
         head ``r % QPG`` of the group, replica ``j = r // QPG``; replica j carries value
@@ -487,8 +486,16 @@ if triton_available():
         centred, their rounding has either sign. fp32 caches (``PREC="ieee"``) multiply
         in full fp32: tf32 kept 10 mantissa bits (1.2% off the reference on the H200)."""
         pid_bh = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        n_parts = n_splits + 1
+        if RES_CHUNKS > 0:  # grid (B * Hkv, RES_CHUNKS): residual parts only (kernel="cuda")
+            pid_s = n_splits + tl.program_id(1)
+            res_lo = tl.program_id(1) * BLOCK_R  # one BLOCK_R-token chunk per program
+            res_hi = res_lo + BLOCK_R
+            n_parts = n_splits + RES_CHUNKS
+        else:
+            pid_s = tl.program_id(1)
+            res_lo = 0
+            res_hi = n_res
+            n_parts = n_splits + 1
         b = pid_bh // n_kv_heads
         h = pid_bh % n_kv_heads
         NG: tl.constexpr = D // VGROUP
@@ -564,7 +571,7 @@ if triton_available():
             # scores: rounding the pre-scaled q to bf16 would add an error SDPA does not
             # have (it showed at 4k context, where the residual holds 3% of the tokens).
             qr = tl.load(q_ptr, mask=real[:, None], other=0.0).to(rdt)  # (M, D)
-            for t0 in range(0, n_res, BLOCK_R):
+            for t0 in range(res_lo, res_hi, BLOCK_R):
                 rows = t0 + offs_t
                 valid = rows < n_res
                 k = tl.load(kr_base + rows[:, None] * skr_t + offs_d[None, :],
@@ -595,8 +602,8 @@ if triton_available():
         value channel group ``r // QPG`` (the row that holds those columns). The parts are
         read ``BLOCK_P`` at a time as one tile (no loop-carried load chain: with 100+
         splits a serial loop over parts cost more than the split kernel itself), in one
-        pass with an online rescale: no load waits for a reduction (a first pass for the
-        maximum cost one more round trip to memory)."""
+        pass with an online rescale, so no load waits for a reduction. (Same-run A/B on an
+        H200 against a first pass for the maximum: within 1% at 32k tokens, batch 8-32.)"""
         pid_bh = tl.program_id(0)
         r = tl.program_id(1)
         b = pid_bh // n_kv_heads
@@ -1199,16 +1206,19 @@ def _as_words(codes: torch.Tensor) -> torch.Tensor:
     return codes.view(torch.int32)
 
 
-def _launch_args(kv: PackedKV) -> None:
-    """Cache the kernels' launch arguments on ``kv``: int32 views of the codes and the
-    buffers' strides (checked once: a cache reuses its PackedKV across decode steps)."""
-    kw, vw = _as_words(kv.k_codes), _as_words(kv.v_codes)
-    ks, vs, kr, vr = kv.k_scale, kv.v_scale, kv.k_res, kv.v_res
-    if kv.n_quant and not (ks.stride() == kv.k_zero.stride()
-                           and vs.stride() == kv.v_zero.stride()):
-        raise ValueError("decode_attention: scale and zero tensors must share strides")
-    kv._launch = (kw, vw, (*kw.stride()[:3], *ks.stride()[:3], *vw.stride()[:3],
-                           *vs.stride()[:4], *kr.stride()[:3], *vr.stride()[:3]))
+#: Run the residual of the CUDA path on a side stream, overlapping the split kernel
+#: (``SLIMLM_KIVI_OVERLAP=0`` turns it off). H200, 32k tokens, same run: int4 111.0 ->
+#: 108.1 us at batch 8, 354.5 -> 347.6 us at 32; int2 83.6 -> 80.7, 270.8 -> 263.4 us.
+_OVERLAP = os.environ.get("SLIMLM_KIVI_OVERLAP", "1") != "0"
+_SIDE: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(dev: torch.device) -> torch.cuda.Stream:
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    st = _SIDE.get(idx)
+    if st is None:
+        st = _SIDE[idx] = torch.cuda.Stream(device=idx)
+    return st
 
 
 def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = None, *,
@@ -1232,7 +1242,13 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
     if q.stride(-1) != 1:
         q = q.contiguous()
     if kv._launch is None:
-        _launch_args(kv)
+        kw, vw = _as_words(kv.k_codes), _as_words(kv.v_codes)
+        ks, vs, kr, vr = kv.k_scale, kv.v_scale, kv.k_res, kv.v_res
+        if kv.n_quant and not (ks.stride() == kv.k_zero.stride()
+                               and vs.stride() == kv.v_zero.stride()):
+            raise ValueError("decode_attention: scale and zero tensors must share strides")
+        kv._launch = (kw, vw, (*kw.stride()[:3], *ks.stride()[:3], *vw.stride()[:3],
+                               *vs.stride()[:4], *kr.stride()[:3], *vr.stride()[:3]))
     kw, vw, strides = kv._launch
     fp32 = q.dtype == torch.float32
     opdt = tl.float32 if fp32 else tl.float16
@@ -1241,8 +1257,7 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
 
         why_cuda = kivi_cuda.supports(q, kv)
         if why_cuda is None:
-            # the residual's 64-token blocks follow the quantized ones in the split plan
-            n_blocks = kv.n_quant // 64 + kivi_cuda.res_items(kv.n_res)
+            n_blocks = kv.n_quant // 64
             if num_splits is None:
                 idx = dev.index if dev.index is not None else torch.cuda.current_device()
                 slots = _sm_count(idx) * kivi_cuda.resident_warps(idx, kv.bits, cfg.num_warps,
@@ -1250,13 +1265,33 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, sm_scale: float | None = Non
                 num_splits = kivi_cuda.plan_splits(B * Hkv, n_blocks, slots)
             splits = max(1, min(int(num_splits), max(n_blocks, 1)))
             bps = -(-n_blocks // splits) if n_blocks else 0
-            rows = qpg * ng  # <= 8
-            pm = torch.empty(3, B * Hkv, splits, rows, device=dev, dtype=torch.float32)
-            pacc = torch.empty(B * Hkv, splits, rows, D, device=dev, dtype=torch.float32)
+            # The residual in 32-token chunks, one program and one part each: a serial loop
+            # over it in one program per head cost ~8 us at 128 tokens.
+            chunks = max(1, -(-kv.n_res // 32))
+            parts = splits + chunks
+            pm = torch.empty(3, B * Hkv, parts, m_rows, device=dev, dtype=torch.float32)
+            pacc = torch.empty(B * Hkv, parts, m_rows, D, device=dev, dtype=torch.float32)
+            # The residual's parts are disjoint from the split kernel's: they run on a side
+            # stream (unless SLIMLM_KIVI_OVERLAP=0), in the split kernel's tail
+            # (forked from and joined to the current stream, so CUDA graphs capture both).
+            side = _side_stream(dev) if _OVERLAP else None
+            cur = torch.cuda.current_stream(dev)
+            if side is not None:
+                side.wait_stream(cur)  # before the split kernel: only q and the cache
             kivi_cuda.launch_split(q, kv, pm, pacc, qk_scale=scale, n_splits=splits,
-                                   blocks_per_split=bps, num_warps=cfg.num_warps,
-                                   num_stages=cfg.num_stages)
-            _merge_parts(pm, pacc, out, Hkv, splits, D, qpg, rows, kv.v_group_size)
+                                   n_parts=parts, blocks_per_split=bps, m_rows=m_rows,
+                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                _decode_split_kernel[(B * Hkv, chunks)](
+                    q, kw, kv.k_scale, kv.k_zero, vw, kv.v_scale, kv.v_zero, kv.k_res,
+                    kv.v_res, pm[0], pm[1], pm[2], pacc, kv.n_quant, kv.n_res, bps, scale,
+                    q.stride(0), q.stride(1), *strides, Hkv, splits,
+                    BITS=kv.bits, GROUP=kv.group_size, VGROUP=kv.v_group_size, D=D, QPG=qpg,
+                    M=m_rows, BLOCK_N=64, BLOCK_R=32, OPDT=opdt, PREC="tf32", GATHER=False,
+                    RES_CHUNKS=chunks, num_warps=4, num_stages=2)
+            if side is not None:
+                cur.wait_stream(side)
+            _merge_parts(pm, pacc, out, Hkv, parts, D, qpg, m_rows, kv.v_group_size)
             return out
         if q.is_cuda:
             _warn_no_cuda_kernel(why_cuda)

@@ -4,9 +4,7 @@ The kernel computes the split partials of :mod:`slimlm.kernels.decode_attention`
 quantized segment of a KIVI cache on tensor cores, unpacking the codes straight into the
 registers of the ``mma.sync`` operands (the source explains the fragment layout). It is
 the ``DecodeConfig(kernel="cuda")`` path of :func:`~slimlm.kernels.decode_attention.
-decode_attention`: the residual's tokens are 64-token blocks after the quantized segment's
-(bf16/fp16 MMAs, prefetched into L2 when the split starts; the split planner balances
-both), so a Triton kernel that merges the splits is the only other launch.
+decode_attention`; the residual segment and the merge of the splits stay Triton kernels.
 
 It is compiled on first use with the CUDA toolkit's ``nvcc`` for the GPU at hand (about
 10 s), into ``$SLIMLM_CACHE`` (default ``~/.cache/slimlm``) under a name that hashes the
@@ -35,8 +33,7 @@ import torch
 
 from slimlm.kernels import _cuda_build
 
-__all__ = ["SOURCE", "nvcc_path", "supports", "load", "launch_split", "stage_bytes",
-           "res_items"]
+__all__ = ["SOURCE", "nvcc_path", "supports", "load", "launch_split", "stage_bytes"]
 
 SOURCE = Path(__file__).with_name("csrc") / "kivi_decode.cu"
 _BLOCK = 64  # tokens per pipeline stage (kivi_decode.cu: BLOCK)
@@ -60,11 +57,6 @@ class _Params(ctypes.Structure):
         ("blocks_per_split", ctypes.c_int), ("n_splits", ctypes.c_int),
         ("n_parts", ctypes.c_int), ("m_rows", ctypes.c_int), ("q_bf16", ctypes.c_int),
         ("n_items", ctypes.c_int), ("gshift", ctypes.c_int), ("qk_scale", ctypes.c_float),
-        ("kr", ctypes.c_void_p), ("skr_b", ctypes.c_longlong), ("skr_h", ctypes.c_longlong),
-        ("skr_t", ctypes.c_longlong),
-        ("vr", ctypes.c_void_p), ("svr_b", ctypes.c_longlong), ("svr_h", ctypes.c_longlong),
-        ("svr_t", ctypes.c_longlong),
-        ("n_res", ctypes.c_int), ("n_res_items", ctypes.c_int),
     ]
 
 
@@ -178,31 +170,20 @@ def supports(q: torch.Tensor, kv: Any) -> str | None:
     for name in ("k_scale", "k_zero", "v_scale", "v_zero"):
         if getattr(kv, name).dtype != torch.float16:
             return f"{name} dtype {getattr(kv, name).dtype} (the CUDA kernel takes float16)"
-    if kv.k_res.dtype != q.dtype or kv.v_res.dtype != q.dtype:
-        return (f"residual dtype {kv.k_res.dtype} / {kv.v_res.dtype} is not q's {q.dtype} "
-                "(the CUDA kernel reads the residual in q's dtype)")
     if q.stride(-1) != 1 or q.data_ptr() % 16 or q.stride(0) % 8 or q.stride(1) % 8:
         return "q is not contiguous along the head dim and 16-byte aligned"
-    if kv.n_quant or kv.n_res:  # with an empty cache the kernel reads no buffer
+    if kv.n_quant:  # with nothing quantized yet the kernel reads no buffer
         # The buffers' layout does not change while a cache reuses its PackedKV (only
         # n_quant / n_res do): checked once per PackedKV, not on every decode step.
-        # (checked again once the quantized segment is no longer empty: only then are its
-        # buffers read)
-        if kv._cuda_layout is None or kv._cuda_layout[0] != bool(kv.n_quant):
-            kv._cuda_layout = (bool(kv.n_quant), _layout_reason(kv, D))
-        if kv._cuda_layout[1] is not None:
-            return kv._cuda_layout[1]
+        if kv._cuda_layout is None:
+            kv._cuda_layout = (_layout_reason(kv, D),)
+        if kv._cuda_layout[0] is not None:
+            return kv._cuda_layout[0]
     return _buildable(q.device)
 
 
 def _layout_reason(kv: Any, d: int) -> str | None:
     """Why the PackedKV's buffers do not have the layout the kernel reads, or None."""
-    for name in ("k_res", "v_res"):
-        t = getattr(kv, name)
-        if t.stride(3) != 1 or t.data_ptr() % 16 or any(x % 8 for x in t.stride()[:3]):
-            return f"{name} is not channel-contiguous and 16-byte aligned"
-    if not kv.n_quant:  # the quantized buffers are not read
-        return None
     kb = d * kv.bits // 8
     for name in ("k_codes", "v_codes"):
         t = getattr(kv, name)
@@ -237,46 +218,24 @@ def _buildable(device: torch.device) -> str | None:
     return None
 
 
-def res_items(n_res: int) -> int:
-    """64-token blocks of ``n_res`` residual tokens (the kernel runs them after the quantized
-    segment's blocks, in the same split plan)."""
-    return -(-n_res // _BLOCK)
-
-
 def launch_split(q: torch.Tensor, kv: Any, pm: torch.Tensor, pacc: torch.Tensor, *,
-                 qk_scale: float, n_splits: int, blocks_per_split: int, num_warps: int,
-                 num_stages: int) -> None:
-    """Write the partials (max, sum, zero term, acc) of ``n_splits`` splits per (batch, KV
-    head) into ``pm`` (3, B*Hkv, n_splits, M) and ``pacc`` (B*Hkv, n_splits, M, D), M >= the
-    query rows per KV head x value groups: decode_attention's merge kernel reads that
-    layout. Each split runs ``blocks_per_split`` 64-token blocks of the quantized segment
-    followed by the residual's :func:`res_items` blocks. ``qk_scale`` is the softmax scale
-    times log2(e). Call :func:`supports` first."""
+                 qk_scale: float, n_splits: int, n_parts: int, blocks_per_split: int,
+                 m_rows: int, num_warps: int, num_stages: int) -> None:
+    """Write the partials (max, sum, zero term, acc) of splits ``0 .. n_splits - 1`` for
+    every (batch, KV head) into ``pm`` (3, B*Hkv, n_parts, m_rows) and ``pacc``
+    (B*Hkv, n_parts, m_rows, D), the layout decode_attention's merge kernel reads (parts
+    ``n_splits ..`` are the residual's). Call :func:`supports` first."""
+    if n_parts <= n_splits or tuple(pm.shape[2:]) != (n_parts, m_rows):
+        raise ValueError(f"kivi_cuda.launch_split: n_parts={n_parts}, n_splits={n_splits}, "
+                         f"pm of shape {tuple(pm.shape)}: expected n_parts > n_splits and pm "
+                         "(3, B*Hkv, n_parts, m_rows)")
     if num_stages not in BUILT_STAGES[kv.bits]:
         raise ValueError(f"kivi_cuda.launch_split: num_stages={num_stages}: expected one of "
                          f"{BUILT_STAGES[kv.bits]} for {kv.bits}-bit codes")
     if num_warps not in (1, 2, 4):
         raise ValueError(f"kivi_cuda.launch_split: num_warps={num_warps}: expected 1, 2 or 4 "
                          "(the kernel is built for at most 128 threads per block)")
-    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
-        raise ValueError(f"kivi_cuda.launch_split: n_splits={n_splits!r}: expected an "
-                         "integer >= 1")
-    n_blocks, n_res_items = kv.n_quant // _BLOCK, res_items(kv.n_res)
-    if n_splits * blocks_per_split < n_blocks + n_res_items or blocks_per_split < 0:
-        raise ValueError(f"kivi_cuda.launch_split: n_splits={n_splits} x blocks_per_split="
-                         f"{blocks_per_split}: expected to cover the {n_blocks} quantized and "
-                         f"{n_res_items} residual blocks of {_BLOCK} tokens")
-    B, Hq, D = q.shape
-    Hkv = kv.k_res.shape[1]
-    ng = D // kv.v_group_size
-    rows = Hq // Hkv * ng
-    if (pm.dim() != 4 or tuple(pm.shape[:3]) != (3, B * Hkv, n_splits) or pm.shape[3] < rows
-            or tuple(pacc.shape) != (B * Hkv, n_splits, pm.shape[3], D)
-            or not pm.is_contiguous() or not pacc.is_contiguous()
-            or pm.dtype != torch.float32 or pacc.dtype != torch.float32):
-        raise ValueError(f"kivi_cuda.launch_split: pm {tuple(pm.shape)}, pacc "
-                         f"{tuple(pacc.shape)}: expected contiguous float32 (3, {B * Hkv}, "
-                         f"{n_splits}, M) and ({B * Hkv}, {n_splits}, M, {D}), M >= {rows}")
+    ng = q.shape[-1] // kv.v_group_size
     smem = num_warps * num_stages * stage_bytes(kv.bits, ng)
     limit = _smem_limit(q.device.index if q.device.index is not None
                         else torch.cuda.current_device())
@@ -285,7 +244,8 @@ def launch_split(q: torch.Tensor, kv: Any, pm: torch.Tensor, pacc: torch.Tensor,
                          f"{num_stages} x {stage_bytes(kv.bits, ng)} B per stage = {smem} B of "
                          f"shared memory: expected <= {limit} B on this GPU")
     lib = load(q.device)
-    kr, vr = kv.k_res, kv.v_res
+    B, Hq, D = q.shape
+    Hkv = kv.k_res.shape[1]
     p = _Params(
         q.data_ptr(), q.stride(0), q.stride(1),
         kv.k_codes.data_ptr(), kv.k_codes.stride(0), kv.k_codes.stride(1),
@@ -294,11 +254,9 @@ def launch_split(q: torch.Tensor, kv: Any, pm: torch.Tensor, pacc: torch.Tensor,
         kv.v_scale.data_ptr(), kv.v_zero.data_ptr(), kv.v_scale.stride(0),
         kv.v_scale.stride(1), kv.v_scale.stride(3),
         pm[0].data_ptr(), pm[1].data_ptr(), pm[2].data_ptr(), pacc.data_ptr(),
-        Hkv, Hq // Hkv, ng, kv.group_size, n_blocks,
-        blocks_per_split, n_splits, n_splits, pm.shape[3], int(q.dtype == torch.bfloat16),
-        B * Hkv * n_splits, (kv.group_size // _BLOCK).bit_length() - 1, qk_scale,
-        kr.data_ptr(), *kr.stride()[:3], vr.data_ptr(), *vr.stride()[:3], kv.n_res,
-        n_res_items)
+        Hkv, Hq // Hkv, D // kv.v_group_size, kv.group_size, kv.n_quant // _BLOCK,
+        blocks_per_split, n_splits, n_parts, m_rows, int(q.dtype == torch.bfloat16),
+        B * Hkv * n_splits, (kv.group_size // _BLOCK).bit_length() - 1, qk_scale)
     stream = torch.cuda.current_stream(q.device).cuda_stream
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     err = lib.slimlm_kivi_decode(ctypes.byref(p), kv.bits, num_warps, num_stages,

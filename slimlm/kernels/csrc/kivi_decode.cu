@@ -1,10 +1,8 @@
 // KIVI decode attention on tensor cores, dequantizing in registers (CUDA C++, sm_80+).
 //
-// The split kernel of slimlm.kernels.decode_attention for a KIVI cache: one *warp* owns one
-// (batch, KV head, split) and walks its 64-token blocks of the quantized segment with a
-// private cp.async pipeline (no block-wide barrier anywhere), then its share of the
-// full-precision residual (residual_block: the residual's blocks follow the quantized ones
-// in the split plan); a Triton kernel merges the splits' partials. Why CUDA and not Triton: the
+// The split kernel of slimlm.kernels.decode_attention for the quantized segment of a KIVI
+// cache: one *warp* owns one (batch, KV head, split) and walks its 64-token blocks with a
+// private cp.async pipeline (no block-wide barrier anywhere). Why CUDA and not Triton: the
 // whole point is to unpack the packed codes straight into the registers an mma.sync
 // operand needs. Triton picks its own layouts and routed the unpacked tiles through shared
 // memory (21 barriers and ~4,300 instructions per block); here a thread unpacks exactly
@@ -43,11 +41,6 @@ struct KiviParams {
   int n_kv_heads, qpg, ng, group_size, n_blocks, blocks_per_split, n_splits, n_parts;
   int m_rows, q_bf16, n_items, gshift;  // gshift = log2(group_size / 64)
   float qk_scale;
-  // The full-precision residual (model dtype = q's dtype), tokens [0, n_res): n_res_items
-  // 64-token blocks numbered after the n_blocks quantized ones (blocks_per_split counts both).
-  const void* kr; long long skr_b, skr_h, skr_t;
-  const void* vr; long long svr_b, svr_h, svr_t;
-  int n_res, n_res_items;
 };
 
 namespace {
@@ -155,19 +148,6 @@ template <int BITS> __device__ __forceinline__ uint32_t field(uint32_t x, int s)
   return hfma2(lop(x, mask), h2_pow2(s), h2_off<BITS>(s));
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
-// This warp's item, re-read from the special registers (volatile: not kept in a register
-// across the block loop, where registers are scarce).
-__device__ __forceinline__ int warp_item() {
-  unsigned cta, tid;
-  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(cta));
-  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
-  return (int)(cta * (blockDim.x >> 5) + (tid >> 5));
-}
-
 // K: the thread's BITS words (32 channels) -> 16 fp16x2 pairs, pair i = channels
 // (pair_lo(i), pair_lo(i) + HALF).
 template <int BITS> __device__ __forceinline__ void unpack_k(const uint32_t* w, uint32_t* out) {
@@ -265,128 +245,28 @@ __device__ __forceinline__ void issue_block(const KiviParams& p, unsigned char* 
     if (lc.v_dst[q] >= 0) cp_async16(st + lc.v_dst[q], lc.v_src[q] + t0);
 }
 
-// ---- The full-precision residual, in 64-token blocks after the quantized segment's (the
-// split planner balances both): the same fragments as the split loop with the raw query as
-// B (scores scaled in fp32, as the Triton residual does) and bf16 or fp16 MMAs (the cache's
-// dtype), K and V read straight from global memory.
+// Thread blocks of 128 threads per multiprocessor the register allocation must allow (3:
+// at most 168 registers, no spills; 4 forces 128 and spills 128-240 bytes, and measured
+// 5-18% slower on an H200 although int2 then runs 16 warps per SM instead of 12).
+#ifndef SLIMLM_KIVI_MIN_BLOCKS
+#define SLIMLM_KIVI_MIN_BLOCKS 3
+#endif
 
-template <bool BF> __device__ __forceinline__ void mma_t(float* c, uint32_t a0, uint32_t a1,
-                                                        uint32_t a2, uint32_t a3, uint32_t b0,
-                                                        uint32_t b1) {
-  if constexpr (BF) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    mma(c, a0, a1, a2, a3, b0, b1);
-  }
-}
-
-template <bool BF> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (BF) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  } else {
-    return pack_h2(lo, hi);
-  }
-}
-
-// NW 16-byte vectors from p (4 NW words), or zeros when !ok.
-template <int NW> __device__ __forceinline__ void ldg_or_zero(const unsigned short* p, bool ok,
-                                                              uint32_t* w) {
-#pragma unroll
-  for (int i = 0; i < NW; ++i) {
-    const uint4 v = ok ? *reinterpret_cast<const uint4*>(p + 8 * i) : make_uint4(0, 0, 0, 0);
-    w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
-  }
-}
-
-// Residual tokens [64 chunk, 64 chunk + 64) ∩ [0, n_res), folded into the running state
-// (m, l, z, acc) of the split item that runs them.
-template <bool BF>
-__device__ __forceinline__ void residual_block(const KiviParams& p, int b, int h, int chunk,
-                                               int gid, int tig, int rows, float& m0, float& m1,
-                                               float& l0, float& l1, float& z0, float& z1,
-                                               float (&acc)[8][4]) {
-  const unsigned short* kr = static_cast<const unsigned short*>(p.kr) + b * p.skr_b + h * p.skr_h;
-  const unsigned short* vr = static_cast<const unsigned short*>(p.vr) + b * p.svr_b + h * p.svr_h;
-  // Row gid's raw query over channels [32 tig, 32 tig + 32): pair i = channels 32 tig + 2i,
-  // +1 (k-step k takes pairs 2k, 2k + 1; the keys are paired the same way).
-  uint32_t qr[16];
-  ldg_or_zero<4>(static_cast<const unsigned short*>(p.q) + b * p.sq_b +
-                     (long long)(h * p.qpg + gid % p.qpg) * p.sq_h + 32 * tig,
-                 gid < rows, qr);
-  const int t0 = BLOCK * chunk;
-  // 16 tokens at a time, each folded in with its own rescale: a cold path (one or two blocks
-  // per head), kept to one tile's registers so that the block loop's allocation is untouched.
-#pragma unroll 1
-  for (int t = 0; t < 4; ++t) {
-    const int ta = t0 + 16 * t + gid, tb = ta + 8;
-    if (t0 + 16 * t >= p.n_res) break;  // warp-uniform
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
-    {
-      uint32_t ka[16], kb[16];
-      ldg_or_zero<4>(kr + ta * p.skr_t + 32 * tig, ta < p.n_res, ka);
-      ldg_or_zero<4>(kr + tb * p.skr_t + 32 * tig, tb < p.n_res, kb);
-#pragma unroll
-      for (int k = 0; k < 8; ++k)
-        mma_t<BF>(s, ka[2 * k], kb[2 * k], ka[2 * k + 1], kb[2 * k + 1], qr[2 * k], qr[2 * k + 1]);
-    }
-    s[0] = ta < p.n_res ? s[0] * p.qk_scale : -1.0e30f;
-    s[1] = ta < p.n_res ? s[1] * p.qk_scale : -1.0e30f;
-    s[2] = tb < p.n_res ? s[2] * p.qk_scale : -1.0e30f;
-    s[3] = tb < p.n_res ? s[3] * p.qk_scale : -1.0e30f;
-    float bm0 = fmaxf(s[0], s[2]), bm1 = fmaxf(s[1], s[3]);
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1) {
-      bm0 = fmaxf(bm0, __shfl_xor_sync(0xffffffffu, bm0, o));
-      bm1 = fmaxf(bm1, __shfl_xor_sync(0xffffffffu, bm1, o));
-    }
-    const float n0 = fmaxf(m0, bm0), n1 = fmaxf(m1, bm1);
-    const float a0 = exp2f(m0 - n0), a1 = exp2f(m1 - n1);
-    m0 = n0;
-    m1 = n1;
-    l0 *= a0; z0 *= a0; l1 *= a1; z1 *= a1;
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      acc[c][0] *= a0; acc[c][2] *= a0;
-      acc[c][1] *= a1; acc[c][3] *= a1;
-    }
-    uint32_t pb[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const float p0 = exp2f(s[2 * hh] - m0), p1 = exp2f(s[2 * hh + 1] - m1);
-      l0 += p0;
-      l1 += p1;
-      pb[hh] = movtrans(pack2<BF>(p0, p1));
-    }
-    // V^T: thread gid owns channels [16 gid, 16 gid + 16) of tokens 16t + 2tig (+1, +8, +9);
-    // word c of a token = channels 16 gid + 2c (low half) and + 1 (high half).
-    const int tv = t0 + 16 * t + 2 * tig;
-    uint32_t wa[8], wb[8], wc[8], wd[8];
-    ldg_or_zero<2>(vr + tv * p.svr_t + 16 * gid, tv < p.n_res, wa);
-    ldg_or_zero<2>(vr + (tv + 1) * p.svr_t + 16 * gid, tv + 1 < p.n_res, wb);
-    ldg_or_zero<2>(vr + (tv + 8) * p.svr_t + 16 * gid, tv + 8 < p.n_res, wc);
-    ldg_or_zero<2>(vr + (tv + 9) * p.svr_t + 16 * gid, tv + 9 < p.n_res, wd);
-#pragma unroll
-    for (int c = 0; c < 8; ++c)
-      mma_t<BF>(acc[c], prmt(wa[c], wb[c], 0x5410u), prmt(wa[c], wb[c], 0x7632u),
-                prmt(wc[c], wd[c], 0x5410u), prmt(wc[c], wd[c], 0x7632u), pb[0], pb[1]);
-  }
-}
-
-// One split item: blocks [split * blocks_per_split, ...) of the quantized segment, through
-// the warp's private cp.async ring at wsm.
 template <int BITS, int STAGES>
-__device__ __forceinline__ void split_item(const KiviParams& p, unsigned char* wsm, int lane,
-                                           int b, int h, int split, int gid, int tig, int rows,
-                                           float& m0, float& m1, float& l0, float& l1, float& z0,
-                                           float& z1, float (&acc)[8][4]) {
+__global__ void __launch_bounds__(128, SLIMLM_KIVI_MIN_BLOCKS) kivi_decode_split(const KiviParams p) {
   using G = Geo<BITS>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int item = blockIdx.x * (blockDim.x >> 5) + warp;
+  if (item >= p.n_items) return;
   const int stage_bytes = G::stage(p.ng), zv_off = G::zv_off(p.ng);
+  unsigned char* wsm = smem + (size_t)warp * STAGES * stage_bytes;
+  const int bh = item / p.n_splits, split = item % p.n_splits;
+  const int b = bh / p.n_kv_heads, h = bh % p.n_kv_heads;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int rows = p.qpg * p.ng;
   const bool real = gid < rows;
-  const int r0 = 2 * tig, r1 = r0 + 1;
+
   // Row gid's query over the thread's 32 channels, softmax scale and log2(e) folded in, as
   // fp16 pairs in unpack_k's order: the B operand of both S^T = K Q'^T and the bias MMA.
   uint32_t qh[16];
@@ -415,28 +295,8 @@ __device__ __forceinline__ void split_item(const KiviParams& p, unsigned char* w
     }
   }
 
-  // Virtual blocks [start, vend): the quantized segment's blocks, then the residual's.
   const int start = split * p.blocks_per_split;
   const int end = min(start + p.blocks_per_split, p.n_blocks);
-  {
-    // The residual blocks this split runs last, into L2 now: their loads are not pipelined
-    // (a 64-token block from HBM cost ~4 quantized blocks' time at the end of a split).
-    const int rend = min(start + p.blocks_per_split, p.n_blocks + p.n_res_items);
-    const unsigned short* kr = static_cast<const unsigned short*>(p.kr) + b * p.skr_b +
-                               h * p.skr_h;
-    const unsigned short* vr = static_cast<const unsigned short*>(p.vr) + b * p.svr_b +
-                               h * p.svr_h;
-    for (int vb = max(start, p.n_blocks); vb < rend; ++vb) {
-#pragma unroll
-      for (int i = lane; i < 2 * BLOCK; i += 32) {  // two 128-byte lines per token row
-        const int tok = (vb - p.n_blocks) * BLOCK + (i >> 1);
-        if (tok < p.n_res) {
-          prefetch_l2(kr + tok * p.skr_t + 64 * (i & 1));
-          prefetch_l2(vr + tok * p.svr_t + 64 * (i & 1));
-        }
-      }
-    }
-  }
   const unsigned char* kg = p.kc + b * p.skc_b + h * p.skc_h;
   const unsigned char* vg = p.vc + b * p.svc_b + h * p.svc_h;
   const __half* ksg = p.ks + b * p.sks_b + h * p.sks_h;
@@ -462,7 +322,13 @@ __device__ __forceinline__ void split_item(const KiviParams& p, unsigned char* w
   }
   int load_stage = STAGES - 1, use_stage = 0;  // ring positions (no % in the loop)
 
+  // Thread (gid, tig) holds query rows r0 = 2 tig and r1 = 2 tig + 1 in every accumulator.
+  const int r0 = 2 * tig, r1 = r0 + 1;
   const int j0 = r0 < rows ? r0 / p.qpg : 0, j1 = r1 < rows ? r1 / p.qpg : 0;
+  float m0 = -1.0e30f, m1 = -1.0e30f, l0 = 0.f, l1 = 0.f, z0 = 0.f, z1 = 0.f;
+  float acc[8][4];  // O^T: m-tile c = channels 16 gid + 2c (+1 in c2/c3), rows r0/r1
+#pragma unroll
+  for (int c = 0; c < 8; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.f;
 
   for (int blk = start; blk < end; ++blk) {
     const int nxt = blk + STAGES - 1;
@@ -596,50 +462,6 @@ __device__ __forceinline__ void split_item(const KiviParams& p, unsigned char* w
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
   cp_async_wait<0>();
-  {
-    const int item = warp_item(), bh = item / p.n_splits, sp = item % p.n_splits;
-    const int rb = bh / p.n_kv_heads, rh = bh % p.n_kv_heads;
-    const int v0 = sp * p.blocks_per_split, v1 = min(v0 + p.blocks_per_split,
-                                                      p.n_blocks + p.n_res_items);
-    for (int vb = max(v0, p.n_blocks); vb < v1; ++vb) {
-      if (p.q_bf16)
-        residual_block<true>(p, rb, rh, vb - p.n_blocks, gid, tig, rows, m0, m1, l0, l1, z0, z1,
-                             acc);
-      else
-        residual_block<false>(p, rb, rh, vb - p.n_blocks, gid, tig, rows, m0, m1, l0, l1, z0,
-                              z1, acc);
-    }
-  }
-}
-
-// Thread blocks of 128 threads per multiprocessor the register allocation must allow (3:
-// at most 168 registers, no spills; 4 forces 128 and spills 128-240 bytes).
-#ifndef SLIMLM_KIVI_MIN_BLOCKS
-#define SLIMLM_KIVI_MIN_BLOCKS 3
-#endif
-
-template <int BITS, int STAGES>
-__global__ void __launch_bounds__(128, SLIMLM_KIVI_MIN_BLOCKS) kivi_decode_split(const KiviParams p) {
-  using G = Geo<BITS>;
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int item = blockIdx.x * (blockDim.x >> 5) + warp;
-  if (item >= p.n_items) return;
-  unsigned char* wsm = smem + (size_t)warp * STAGES * G::stage(p.ng);
-  const int bh = item / p.n_splits, split = item % p.n_splits;
-  const int b = bh / p.n_kv_heads, h = bh % p.n_kv_heads;
-  const int gid = lane >> 2, tig = lane & 3;
-  const int rows = p.qpg * p.ng;
-
-  // Thread (gid, tig) holds query rows r0 = 2 tig and r0 + 1 in every accumulator.
-  const int r0 = 2 * tig;
-  float m0 = -1.0e30f, m1 = -1.0e30f, l0 = 0.f, l1 = 0.f, z0 = 0.f, z1 = 0.f;
-  float acc[8][4];  // O^T: m-tile c = channels 16 gid + 2c (+1 in c2/c3), rows r0/r1
-#pragma unroll
-  for (int c = 0; c < 8; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.f;
-
-  split_item<BITS, STAGES>(p, wsm, lane, b, h, split, gid, tig, rows, m0, m1, l0, l1, z0, z1,
-                           acc);
 
 #pragma unroll
   for (int o = 4; o < 32; o <<= 1) {
