@@ -191,6 +191,26 @@ def test_load_library_remembers_a_failed_build(tmp_path, monkeypatch):
     assert runs == [1] and _cuda_build.tried(src, dev)
 
 
+def test_build_hash_covers_the_shared_headers(tmp_path):
+    """A change to a .cuh beside the source (csrc/common.cuh) gives a new library name, so
+    a stale build is never loaded; an unchanged source and header reuse the cached one.
+    (A stand-in nvcc writes the output file: no CUDA toolkit needed.)"""
+    src_dir = tmp_path / "csrc"
+    src_dir.mkdir()
+    src = src_dir / "k.cu"
+    src.write_text('#include "common.cuh"\n')
+    (src_dir / "common.cuh").write_text("// v1\n")
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\n: > "$2"\n')
+    nvcc.chmod(0o755)
+    out = tmp_path / "cache"
+    p1 = _cuda_build.build_library(src, "90", who="t", nvcc=str(nvcc), out_dir=out)
+    assert _cuda_build.build_library(src, "90", who="t", nvcc=str(nvcc), out_dir=out) == p1
+    (src_dir / "common.cuh").write_text("// v2\n")
+    p2 = _cuda_build.build_library(src, "90", who="t", nvcc=str(nvcc), out_dir=out)
+    assert p2 != p1 and p2.is_file()
+
+
 @pytest.mark.skipif(_cuda_build.nvcc_path() is None, reason="needs nvcc (the CUDA toolkit)")
 def test_load_checks_the_parameter_struct(tmp_path, monkeypatch):
     """Both kernel libraries load (no GPU needed) with their struct mirrors; a mirror of the

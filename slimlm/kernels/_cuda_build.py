@@ -2,7 +2,8 @@
 libraries that ``ctypes`` loads (no PyTorch C++ headers, no ABI coupling).
 
 A library is built once per source and GPU architecture, into ``$SLIMLM_CACHE`` (default
-``~/.cache/slimlm``)``/cuda`` under a name that hashes the source, written under a
+``~/.cache/slimlm``)``/cuda`` under a name that hashes the source and the ``.cuh`` headers
+beside it (``csrc/common.cuh``: helpers the kernels share), written under a
 temporary name and renamed: concurrent and interrupted builds never leave a broken file.
 """
 
@@ -57,6 +58,8 @@ def build_library(source: Path, arch: str, *, who: str, nvcc: str | None = None,
     if not arch.isdigit():
         raise ValueError(f"{who}: arch={arch!r}: expected digits such as '90'")
     src = source.read_bytes()
+    for header in sorted(source.parent.glob("*.cuh")):  # the headers it may include
+        src += header.name.encode() + header.read_bytes()
     digest = hashlib.sha256(src + arch.encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)

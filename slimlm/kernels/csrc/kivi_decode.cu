@@ -31,6 +31,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 struct KiviParams {
   const void* q; long long sq_b, sq_h;
   const unsigned char* kc; long long skc_b, skc_h;  // token stride = D * bits / 8 bytes
@@ -71,23 +73,6 @@ template <int BITS> __device__ __forceinline__ constexpr int pair_lo(int i) {
   return Geo<BITS>::PER * (i / Geo<BITS>::HALF) + i % Geo<BITS>::HALF;
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                    uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // The transpose of an 8x8 fp16 matrix held as mma fragments (one fp16x2 per thread).
 __device__ __forceinline__ uint32_t movtrans(uint32_t x) {
   uint32_t r;
@@ -109,11 +94,6 @@ __device__ __forceinline__ uint32_t hfma2(uint32_t x, uint32_t m, uint32_t a) {
 __device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
   uint32_t r;
   asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
-  return r;
-}
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
   return r;
 }
 __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
@@ -535,15 +515,6 @@ int slimlm_kivi_params_size() { return (int)sizeof(KiviParams); }
 int slimlm_kivi_stage_bytes(int bits, int ng) {
   return bits == 2 ? Geo<2>::stage(ng) : bits == 4 ? Geo<4>::stage(ng)
                    : bits == 8 ? Geo<8>::stage(ng) : -1;
-}
-
-// This library links its own (static) CUDA runtime, whose current device is not
-// PyTorch's: make it the tensors' device before any call (a no-op on one GPU).
-static int use_device(int device) {
-  int cur = -1;
-  if (cudaGetDevice(&cur) != cudaSuccess) return -1;
-  if (cur != device && cudaSetDevice(device) != cudaSuccess) return -1;
-  return 0;
 }
 
 #define SLIMLM_KIVI_CASES(F)                                            \

@@ -32,6 +32,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 struct QGemvParams {
   const void* x; long long sx;              // x (M, K), row stride in elements
   void* out; long long so;                  // out (M, N_out), row stride in elements
@@ -62,12 +64,6 @@ __device__ __forceinline__ uint32_t lop_or(uint32_t w, uint32_t mask, uint32_t m
   return r;
 }
 
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-  return r;
-}
-
 template <bool BF> __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t r;
   if constexpr (BF)
@@ -84,21 +80,6 @@ template <bool BF> __device__ __forceinline__ uint32_t pack2(float lo, float hi)
   else
     asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
-}
-
-template <bool BF>
-__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                    uint32_t a3, uint32_t b0, uint32_t b1) {
-  if constexpr (BF)
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ float h2f(unsigned short h) {
@@ -211,16 +192,6 @@ constexpr int XS_MAX = 48 * 1024;
 __host__ __device__ inline int x_smem_bytes(int m, int k) {
   const int b = m * (2 * k + 16);
   return b <= XS_MAX ? b : 0;
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  // .cg: cache in L2 only (weights are read once)
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
@@ -504,13 +475,6 @@ int slimlm_qgemv_params_size() { return (int)sizeof(QGemvParams); }
 // Bytes of dynamic shared memory one launch needs.
 int slimlm_qgemv_smem(int swiglu, int stages, int warps, int m, int k) {
   return smem_bytes(swiglu ? 2 : 1, stages, warps, m > 8 ? 2 : 1, m, k);
-}
-
-static int use_device(int device) {
-  int cur = -1;
-  if (cudaGetDevice(&cur) != cudaSuccess) return -1;
-  if (cur != device && cudaSetDevice(device) != cudaSuccess) return -1;
-  return 0;
 }
 
 // Launch on CUDA device `device`; returns a cudaError_t (0 = success), -1 for unsupported
