@@ -38,6 +38,8 @@ def _use_source(defines: str, tmp: Path) -> None:
     src = VARIANTS_ORIG_SOURCE if defines == "" else tmp / f"kivi_{abs(hash(defines))}.cu"
     if defines:
         src.write_text(defines + VARIANTS_ORIG_SOURCE.read_text())
+        for header in VARIANTS_ORIG_SOURCE.parent.glob("*.cuh"):  # its #include "..."s
+            (tmp / header.name).write_text(header.read_text())
     kivi_cuda.SOURCE = src
     kivi_cuda.resident_warps.cache_clear()
     kivi_cuda.plan_splits.cache_clear()
