@@ -28,9 +28,6 @@ from slimlm.kernels import kivi_cuda  # noqa: E402
 VARIANTS = {
     "base": "",
     "minb4": "#define SLIMLM_KIVI_MIN_BLOCKS 4\n",
-    "pf0": "#define SLIMLM_KIVI_PREFETCH 0\n",
-    "pf2": "#define SLIMLM_KIVI_PREFETCH 2\n",
-    "pf4": "#define SLIMLM_KIVI_PREFETCH 4\n",
 }
 
 

@@ -171,7 +171,7 @@ def time_cpu(fn: Callable[[], Any], *, warmup: int = 2, rep: int = 10) -> dict[s
 
 def time_cuda(fn: Callable[[], Any], *, warmup: int = 3, rep: int = 10,
               device: torch.device | str | None = None, flush_l2: bool = False,
-              graph: bool = False) -> dict[str, float | int]:
+              graph: bool = False, spin_s: float = 0.2) -> dict[str, float | int]:
     """Time ``fn()`` on the GPU with CUDA events, one event pair per call.
 
     ``warmup`` untimed calls (compilation, autotuning, allocator growth), then ``rep`` timed
@@ -180,8 +180,12 @@ def time_cuda(fn: Callable[[], Any], *, warmup: int = 3, rep: int = 10,
     outside the timed interval). ``graph`` captures ``fn`` once into a CUDA graph (after the
     warm-up) and times its replays: the kernels' device time without the host's launch
     cost, which for small kernels can exceed the kernels themselves (the figure a model
-    run under CUDA graphs or torch.compile sees). On a CPU device (or without CUDA) falls back to
-    :func:`time_cpu` with the same return value: ``{"median_ms", "p10", "p90", "min_ms", "n"}``.
+    run under CUDA graphs or torch.compile sees). Before timing, ``fn`` keeps running for
+    ``spin_s`` seconds: an idle GPU runs at a fraction of its boost clock (the H200 idles at
+    345 MHz against 1980) and a few short warm-up calls do not bring it up (a KIVI kernel
+    timed right after its nvcc build measured 106 us, the same kernel timed later 98 us).
+    On a CPU device (or without CUDA) falls back to :func:`time_cpu` with the same return
+    value: ``{"median_ms", "p10", "p90", "min_ms", "n"}``.
     """
     _check_counts(warmup, rep)
     dev = torch.device(device) if device is not None else (
@@ -205,6 +209,11 @@ def time_cuda(fn: Callable[[], Any], *, warmup: int = 3, rep: int = 10,
             fn()
             torch.cuda.synchronize()
         flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev) if flush_l2 else None
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < spin_s:  # clocks up (see above)
+            for _ in range(4):
+                fn()
+            torch.cuda.synchronize()
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
         for i in range(rep):

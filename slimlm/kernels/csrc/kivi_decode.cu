@@ -205,17 +205,6 @@ struct LaneCopies {
   const __half* v_src[2]; int v_dst[2];
 };
 
-// Blocks ahead of the cp.async ring whose codes are prefetched into L2 (0: none). Nsight
-// Compute (int4, batch 8, 32k tokens): 16% of the warps' samples waited on the ring's
-// cp.async (long scoreboard at the wait), with one block in flight per warp.
-#ifndef SLIMLM_KIVI_PREFETCH
-#define SLIMLM_KIVI_PREFETCH 1
-#endif
-
-__device__ __forceinline__ void prefetch_l2(const void* ptr) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
-}
-
 template <int BITS>
 __device__ __forceinline__ void issue_block(const KiviParams& p, unsigned char* st, int lane,
                                             const unsigned char* kg, const unsigned char* vg,
@@ -324,18 +313,6 @@ __global__ void __launch_bounds__(128, SLIMLM_KIVI_MIN_BLOCKS) kivi_decode_split
   for (int blk = start; blk < end; ++blk) {
     const int nxt = blk + STAGES - 1;
     if (nxt < end) issue_block<BITS>(p, wsm + load_stage * stage_bytes, lane, kg, vg, lc, nxt);
-#if SLIMLM_KIVI_PREFETCH > 0
-    // The codes of the block SLIMLM_KIVI_PREFETCH beyond the ring's, into L2 (no shared
-    // memory: the ring is what limits the blocks per SM).
-    if (nxt + SLIMLM_KIVI_PREFETCH < end) {
-      const long long off = (long long)(nxt + SLIMLM_KIVI_PREFETCH) * BLOCK * G::KB;
-#pragma unroll
-      for (int c = lane; c < BLOCK * G::KB / 128; c += 32) {
-        prefetch_l2(kg + off + 128 * c);
-        prefetch_l2(vg + off + 128 * c);
-      }
-    }
-#endif
     cp_async_commit();
     load_stage = load_stage + 1 == STAGES ? 0 : load_stage + 1;
     cp_async_wait<STAGES - 1>();
