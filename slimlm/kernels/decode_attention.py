@@ -77,14 +77,14 @@ CUDA-graph replays, L2 flushed; ``slimlm bench kvcache --option sections=kernel`
     =====  ===========  ===========  ===========  ==================
     bits   batch 1      batch 8      batch 32     Triton, batch 8
     =====  ===========  ===========  ===========  ==================
-    int8   1.32x SDPA   1.48x        1.55x        0.60x
-    int4   1.57x        2.29x        2.68x        0.57x
-    int2   1.83x        3.01x        3.45x        0.55x
+    int8   1.29x SDPA   1.62x        1.65x        0.64x
+    int4   1.61x        2.52x        2.75x        0.61x
+    int2   1.87x        3.24x        3.45x        0.57x
     =====  ===========  ===========  ===========  ==================
 
-int4 reaches 66% (batch 8) and 82% (batch 32) of the HBM roofline of its bytes; int2 is
+int4 reaches 71% (batch 8) and 82% (batch 32) of the HBM roofline of its bytes; int2 is
 bound by instruction issue (~1,165 per 64-token block, half of them the unpacking) at
-48-59%. Where the CUDA kernel cannot run (no ``nvcc``, head dim other than 128, key
+51-58%. (Timed after 0.2 s of warm-up calls, so the GPU's clocks are up.) Where the CUDA kernel cannot run (no ``nvcc``, head dim other than 128, key
 groups not a multiple of 64, more than 8 rows per KV head: :func:`kivi_cuda.supports`)
 the Triton kernel runs, with a one-time warning. Its launch parameters
 (``_MMA_FALLBACK``) were chosen by reasoning: 64-token blocks = one key group, 3-4 stages
