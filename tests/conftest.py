@@ -30,3 +30,10 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def one_thread_per_module() -> Iterator[None]:
     yield from _single_thread()
+
+
+@pytest.fixture(scope="session")
+def cuda_lib_dir(tmp_path_factory: pytest.TempPathFactory):
+    """One build folder for the CUDA C++ libraries for the whole test session: each library
+    compiles once (~10-30 s with nvcc on 2 cores) however many tests load it."""
+    return tmp_path_factory.mktemp("cuda-libs")

@@ -64,12 +64,12 @@ def test_build_rejects_a_bad_arch(tmp_path):
 
 
 @pytest.mark.skipif(kivi_cuda.nvcc_path() is None, reason="needs nvcc (the CUDA toolkit)")
-def test_library_builds_and_matches_the_python_mirror(tmp_path):
+def test_library_builds_and_matches_the_python_mirror(cuda_lib_dir):
     """Compiles for sm_90 (no GPU needed), loads without one (the CUDA runtime is linked
     statically), and checks the parameter struct size and every stage size."""
-    path = kivi_cuda.build("90", out_dir=tmp_path)
-    assert kivi_cuda.build("90", out_dir=tmp_path) == path  # cached: no second compile
-    assert not list(tmp_path.glob("*.tmp"))  # no temporary left behind
+    path = kivi_cuda.build("90", out_dir=cuda_lib_dir)
+    assert kivi_cuda.build("90", out_dir=cuda_lib_dir) == path  # cached: no second compile
+    assert not list(cuda_lib_dir.glob("*.tmp"))  # no temporary left behind
     lib = ctypes.CDLL(str(path))
     assert lib.slimlm_kivi_params_size() == ctypes.sizeof(kivi_cuda._Params)
     for bits in (2, 4, 8):

@@ -58,10 +58,10 @@ def test_build_rejects_a_bad_arch(tmp_path):
 
 
 @pytest.mark.skipif(_cuda_build.nvcc_path() is None, reason="needs nvcc (the CUDA toolkit)")
-def test_library_builds_and_matches_the_python_mirror(tmp_path):
+def test_library_builds_and_matches_the_python_mirror(cuda_lib_dir):
     """Compiles for sm_90 (no GPU needed) and checks the parameter struct's size."""
-    path = quant_cuda.build("90", out_dir=tmp_path)
-    assert quant_cuda.build("90", out_dir=tmp_path) == path  # cached
+    path = quant_cuda.build("90", out_dir=cuda_lib_dir)
+    assert quant_cuda.build("90", out_dir=cuda_lib_dir) == path  # cached
     lib = ctypes.CDLL(str(path))
     assert lib.slimlm_qgemv_params_size() == ctypes.sizeof(quant_cuda._Params)
     # shared memory grows with stages, warps and the x rows staged in it
@@ -212,13 +212,13 @@ def test_build_hash_covers_the_shared_headers(tmp_path):
 
 
 @pytest.mark.skipif(_cuda_build.nvcc_path() is None, reason="needs nvcc (the CUDA toolkit)")
-def test_load_checks_the_parameter_struct(tmp_path, monkeypatch):
+def test_load_checks_the_parameter_struct(cuda_lib_dir, monkeypatch):
     """Both kernel libraries load (no GPU needed) with their struct mirrors; a mirror of the
     wrong size is refused with a message naming it."""
     from slimlm.kernels import kivi_cuda
 
     monkeypatch.setattr(_cuda_build, "arch_of", lambda device: "90")
-    monkeypatch.setattr(_cuda_build, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(_cuda_build, "cache_dir", lambda: cuda_lib_dir)  # the session's builds
     monkeypatch.setattr(_cuda_build, "_LIBS", {})
     dev = torch.device("cpu")
     assert quant_cuda.load(dev).slimlm_qgemv_params_size() == ctypes.sizeof(quant_cuda._Params)
