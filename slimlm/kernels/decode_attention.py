@@ -84,8 +84,9 @@ CUDA-graph replays, L2 flushed; ``slimlm bench kvcache --option sections=kernel`
 
 int4 reaches 71% (batch 8) and 82% (batch 32) of the HBM roofline of its bytes; int2 is
 bound by instruction issue (~1,165 per 64-token block, half of them the unpacking) at
-51-58%. (Timed after 0.2 s of warm-up calls, so the GPU's clocks are up.) Where the CUDA kernel cannot run (no ``nvcc``, head dim other than 128, key
-groups not a multiple of 64, more than 8 rows per KV head: :func:`kivi_cuda.supports`)
+51-58%. (Timed after 0.2 s of warm-up calls, so the GPU's clocks are up.) Where the CUDA
+kernel cannot run (no ``nvcc``, head dim other than 128, key groups not a multiple of
+64, more than 8 rows per KV head: :func:`kivi_cuda.supports`)
 the Triton kernel runs, with a one-time warning. Its launch parameters
 (``_MMA_FALLBACK``) were chosen by reasoning: 64-token blocks = one key group, 3-4 stages
 of cp.async, about 4 programs per SM; :func:`autotune_table` times candidates of every
