@@ -217,6 +217,8 @@ def test_cpu_timer_medians_are_sane():
         harness.time_cpu(lambda: None, rep=0)
     with pytest.raises(ValueError, match="warmup=-1"):
         harness.time_fn(lambda: None, "cpu", warmup=-1)
+    with pytest.raises(ValueError, match="spin_s=-1"):
+        harness.time_cuda(lambda: None, device="cpu", spin_s=-1)
 
 
 def test_units_and_slugs():

@@ -194,6 +194,8 @@ def time_cuda(fn: Callable[[], Any], *, warmup: int = 3, rep: int = 10,
     value: ``{"median_ms", "p10", "p90", "min_ms", "n"}``.
     """
     _check_counts(warmup, rep)
+    if isinstance(spin_s, bool) or not isinstance(spin_s, (int, float)) or not spin_s >= 0:
+        raise ValueError(f"spin_s={spin_s!r}: expected seconds >= 0")
     dev = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if dev.type != "cuda":
