@@ -35,8 +35,8 @@ import torch
 
 from slimlm.kernels import _cuda_build
 
-__all__ = ["MAX_M", "SOURCE", "build", "chunk_codes", "format_reason", "plan_warps", "qgemv",
-           "supports"]
+__all__ = ["MAX_M", "SOURCE", "build", "chunk_codes", "fold_reason", "format_reason",
+           "plan_warps", "qgemv", "supports"]
 
 SOURCE = Path(__file__).with_name("csrc") / "quant_gemv.cu"
 #: Rows of x the kernel takes (two MMA column tiles of 8).
@@ -87,6 +87,18 @@ def format_reason(bits: int, k: int, group_size: int, n_rows: Sequence[int],
     return None
 
 
+def fold_reason(bits: int, group_size: int) -> str | None:
+    """None when the fold kernel (``qgemv(..., fold=True)``) takes this format, else why
+    not: int4 or int2 with groups of at least one chunk (:func:`chunk_codes` channels),
+    so that every MMA's 16 input channels share one scale."""
+    if bits not in (2, 4):
+        return f"bits={bits} (the fold kernel takes 2 or 4)"
+    if group_size < chunk_codes(bits):
+        return (f"group_size={group_size} (the fold kernel takes groups of >= "
+                f"{chunk_codes(bits)} channels at {bits} bits)")
+    return None
+
+
 def build(arch: str, nvcc: str | None = None, out_dir: Path | None = None) -> Path:
     """Compile the kernel library for ``sm_<arch>`` (e.g. "90") unless a build of this
     source is cached; returns its path (see :mod:`slimlm.kernels._cuda_build`)."""
@@ -98,6 +110,10 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.slimlm_qgemv.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int,
                                  ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     lib.slimlm_qgemv.restype = ctypes.c_int
+    lib.slimlm_qgemv_fold.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int,
+                                      ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                      ctypes.c_void_p, ctypes.c_int]
+    lib.slimlm_qgemv_fold.restype = ctypes.c_int
 
 
 def load(device: torch.device) -> ctypes.CDLL:
@@ -174,11 +190,16 @@ def plan_warps(n_chunks: int) -> int:
 def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
           zeros: Sequence[torch.Tensor], bits: int, group_size: int, *,
           bias: torch.Tensor | None = None, swiglu: bool = False,
-          warps: int | None = None, stages: int = 4) -> torch.Tensor:
+          warps: int | None = None, stages: int = 4, fold: bool = False,
+          prefetch: int = 4, hint: bool = True) -> torch.Tensor:
     """``cat([x @ dequant(W_i)^T (+ bias)])`` (M, sum N_i) in x's dtype, or with ``swiglu``
     (two weights: gate, up) ``silu(x W0^T) * (x W1^T)`` (M, N). Call :func:`supports`
     first (this checks only what it cannot: the combination of arguments). ``bias``: fp32
-    (N,), one weight only. ``warps`` overrides :func:`plan_warps`."""
+    (N,), one weight only. ``warps`` overrides :func:`plan_warps`.
+
+    ``fold=True`` runs the fold kernel instead (:func:`fold_reason` must be None; no
+    swiglu): scales and zero points applied once per group in fp32, ``prefetch`` (2 or 4)
+    chunks in flight per warp, ``hint`` an L2 256-byte prefetch on the weight loads."""
     if swiglu and (len(w32s) != 2 or w32s[0].shape != w32s[1].shape):
         raise ValueError(f"quant_cuda.qgemv: swiglu=True with weights "
                          f"{[tuple(w.shape) for w in w32s]}: expected two of equal shape")
@@ -188,6 +209,12 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
                          "one weight and swiglu=False")
     if warps is not None and not 1 <= warps <= MAX_WARPS:
         raise ValueError(f"quant_cuda.qgemv: warps={warps}: expected 1 to {MAX_WARPS}")
+    if fold:
+        why = fold_reason(bits, group_size)
+        if why is not None or swiglu:
+            raise ValueError(f"quant_cuda.qgemv: fold=True: {why or 'swiglu is not supported'}")
+        if prefetch not in (2, 4):
+            raise ValueError(f"quant_cuda.qgemv: prefetch={prefetch}: expected 2 or 4")
     if stages not in STAGES:
         raise ValueError(f"quant_cuda.qgemv: stages={stages}: expected one of {STAGES}")
     m, k = x2.shape
@@ -209,8 +236,13 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
         (ctypes.c_int * 3)(*(n_rows + [0] * (3 - len(n_rows)))),
         len(w32s), m, k, k // group_size, group_size.bit_length() - 1, int(swiglu))
     stream = torch.cuda.current_stream(x2.device).cuda_stream
-    err = load(x2.device).slimlm_qgemv(ctypes.byref(p), bits, int(x2.dtype == torch.bfloat16),
-                                       warps, stages, ctypes.c_void_p(stream), index)
+    lib = load(x2.device)
+    if fold:
+        err = lib.slimlm_qgemv_fold(ctypes.byref(p), bits, int(x2.dtype == torch.bfloat16),
+                                    warps, prefetch, int(hint), ctypes.c_void_p(stream), index)
+    else:
+        err = lib.slimlm_qgemv(ctypes.byref(p), bits, int(x2.dtype == torch.bfloat16),
+                               warps, stages, ctypes.c_void_p(stream), index)
     if err != 0:
         raise RuntimeError(f"quant_cuda.qgemv: launch failed with error {err}")
     return out

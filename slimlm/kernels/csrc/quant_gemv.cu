@@ -466,6 +466,200 @@ int dispatch(const QGemvParams* p, int warps, int stages, int sms, cudaStream_t 
              : launch<BITS, BF, 1, false>(p, warps, stages, sms, s);
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Fold kernel (int4 and int2, groups spanning whole chunks): the group's scale and zero
+// point leave the inner loop. The A operand is the magic-number value itself, v = MAGIC + q
+// (one lop3 per pair, plus a shift per field), so the tensor core sums v * x over a group:
+//   sum (q - z) x = sum v x - (MAGIC + z) sum x,   y += s * (that)   (fp32, per group)
+// sum x over the group comes from a second MMA with an all-ones A on the same B fragment.
+// All 16 k slots of one MMA must then lie in one group: a chunk (the quad's four 16-byte
+// vectors of a row) is 128 int4 or 256 int2 codes, so the group size must be a multiple.
+// No shared-memory ring: each warp keeps P chunks of loads in flight in registers, owns a
+// K slice of one 16-row tile (blocks are tiles, non-persistent) and the warps of a block
+// meet once, at the end, to sum.
+template <bool HINT> __device__ __forceinline__ uint4 ldg_stream(const uint32_t* ptr) {
+  uint4 v;
+  if constexpr (HINT)
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
+  else
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
+  return v;
+}
+
+// Pair i of word w as MAGIC + code: (code i, code i + PER/2), field moved to bit 0.
+template <int BITS, bool BF>
+__device__ __forceinline__ void unpack_raw(uint32_t w, uint32_t (&a)[G<BITS>::PAIRS]) {
+  const uint32_t magic = BF ? 0x43004300u : 0x64006400u;
+  const uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
+#pragma unroll
+  for (int i = 0; i < G<BITS>::PAIRS; ++i) a[i] = lop_or(w >> (BITS * i), mask, magic);
+}
+
+template <int BITS, bool BF, int NT, int P, bool HINT>
+__global__ void __launch_bounds__(32 * MAX_WARPS)
+qgemv_fold_kernel(const QGemvParams p) {
+  using Geo = G<BITS>;
+  constexpr float MAGIC = BF ? 128.f : 1024.f;
+  constexpr uint32_t ONE = BF ? 0x3F803F80u : 0x3C003C00u;
+  constexpr int CSHIFT = BITS == 4 ? 7 : 8;  // log2(Geo::CHUNK)
+  __shared__ float red[MAX_WARPS * 16 * 8 * NT];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int kw = p.k / Geo::PER;
+  const int cshift = p.gshift - CSHIFT;         // log2(chunks per group)
+  const int ngb = (p.k / Geo::CHUNK) >> cshift;  // groups per row
+  const int gbs = warp < ngb ? (ngb - warp + nwarps - 1) / nwarps : 0;
+  const int items = gbs << cshift;              // chunks of this warp
+  const bool has_z = p.z[0] != nullptr;
+
+  int t = blockIdx.x, wi = 0, col0 = 0;
+  while (wi + 1 < p.nw && t >= p.n[wi] / 16) { t -= p.n[wi] / 16; col0 += p.n[wi]; ++wi; }
+  const int row0 = t * 16;
+  const uint32_t* wpa = p.w[wi] + (size_t)(row0 + gid) * kw + 4 * tig;
+  const uint32_t* wpb = wpa + (size_t)8 * kw;
+  const unsigned short* spa = p.s[wi] + (size_t)(row0 + gid) * p.groups;
+  const unsigned short* spb = spa + (size_t)8 * p.groups;
+  const unsigned short* zpa = has_z ? p.z[wi] + (size_t)(row0 + gid) * p.groups : nullptr;
+  const unsigned short* zpb = has_z ? zpa + (size_t)8 * p.groups : nullptr;
+  const unsigned short* xb = static_cast<const unsigned short*>(p.x);
+  const bool live0 = gid < p.m, live1 = gid + 8 < p.m;
+  const unsigned short* xr0 = xb + (size_t)(live0 ? gid : 0) * p.sx;
+  const unsigned short* xr1 = xb + (size_t)(live1 ? gid + 8 : 0) * p.sx;
+
+  // item i -> chunk: group blocks warp, warp + nwarps, ..., each 2^cshift chunks
+  auto chunk_of = [&](int i) {
+    return ((warp + (i >> cshift) * nwarps) << cshift) + (i & ((1 << cshift) - 1));
+  };
+
+  uint4 ba[P], bb[P];
+  unsigned short sa[P], sb[P], za[P], zb[P];
+  auto load = [&](int s, int i) {
+    if (i < items) {
+      const int ch = chunk_of(i);
+      ba[s] = ldg_stream<HINT>(wpa + ch * 16);
+      bb[s] = ldg_stream<HINT>(wpb + ch * 16);
+      const int grp = ch >> cshift;
+      sa[s] = __ldg(spa + grp);
+      sb[s] = __ldg(spb + grp);
+      if (has_z) { za[s] = __ldg(zpa + grp); zb[s] = __ldg(zpb + grp); }
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < P; ++s) load(s, s);
+
+  float acc[NT][4], cr[2][NT][4], co[2][NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc[n][e] = 0.f;
+      cr[0][n][e] = cr[1][n][e] = co[0][n][e] = co[1][n][e] = 0.f;
+    }
+
+#pragma unroll 1
+  for (int i0 = 0; i0 < items; i0 += P) {
+#pragma unroll
+    for (int s = 0; s < P; ++s) {
+      const int i = i0 + s;
+      if (i < items) {
+        const uint4 wa = ba[s], wb = bb[s];
+        const unsigned short csa = sa[s], csb = sb[s];
+        const unsigned short cza = has_z ? za[s] : 0, czb = has_z ? zb[s] : 0;
+        const int kt = chunk_of(i) * Geo::CHUNK + tig * Geo::TC;  // the thread's first channel
+        load(s, i + P);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          uint32_t xr[Geo::PER / 2], b0[Geo::PAIRS], b1[Geo::PAIRS];
+          load_x_word<BITS, false>(xr0, kt + q * Geo::PER, live0, xr);
+          x_pairs<BITS>(xr, b0);
+          if constexpr (NT == 2) {
+            load_x_word<BITS, false>(xr1, kt + q * Geo::PER, live1, xr);
+            x_pairs<BITS>(xr, b1);
+          }
+          const uint32_t wqa = q == 0 ? wa.x : q == 1 ? wa.y : q == 2 ? wa.z : wa.w;
+          const uint32_t wqb = q == 0 ? wb.x : q == 1 ? wb.y : q == 2 ? wb.z : wb.w;
+          uint32_t aa[Geo::PAIRS], ab[Geo::PAIRS];
+          unpack_raw<BITS, BF>(wqa, aa);
+          unpack_raw<BITS, BF>(wqb, ab);
+#pragma unroll
+          for (int j = 0; j < Geo::PAIRS / 2; ++j) {
+            mma<BF>(cr[q & 1][0], aa[2 * j], ab[2 * j], aa[2 * j + 1], ab[2 * j + 1],
+                    b0[2 * j], b0[2 * j + 1]);
+            mma<BF>(co[q & 1][0], ONE, ONE, ONE, ONE, b0[2 * j], b0[2 * j + 1]);
+            if constexpr (NT == 2) {
+              mma<BF>(cr[q & 1][1], aa[2 * j], ab[2 * j], aa[2 * j + 1], ab[2 * j + 1],
+                      b1[2 * j], b1[2 * j + 1]);
+              mma<BF>(co[q & 1][1], ONE, ONE, ONE, ONE, b1[2 * j], b1[2 * j + 1]);
+            }
+          }
+        }
+        if (((i + 1) & ((1 << cshift) - 1)) == 0) {  // the group ends with this chunk
+          const float s_a = h2f(csa), s_b = h2f(csb);
+          const float off_a = MAGIC + (has_z ? h2f(cza) : (float)Geo::CEN);
+          const float off_b = MAGIC + (has_z ? h2f(czb) : (float)Geo::CEN);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            const float x0 = co[0][n][0] + co[1][n][0], x1 = co[0][n][1] + co[1][n][1];
+            acc[n][0] = fmaf(s_a, fmaf(-off_a, x0, cr[0][n][0] + cr[1][n][0]), acc[n][0]);
+            acc[n][1] = fmaf(s_a, fmaf(-off_a, x1, cr[0][n][1] + cr[1][n][1]), acc[n][1]);
+            acc[n][2] = fmaf(s_b, fmaf(-off_b, x0, cr[0][n][2] + cr[1][n][2]), acc[n][2]);
+            acc[n][3] = fmaf(s_b, fmaf(-off_b, x1, cr[0][n][3] + cr[1][n][3]), acc[n][3]);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) cr[0][n][e] = cr[1][n][e] = co[0][n][e] = co[1][n][e] = 0.f;
+          }
+        }
+      }
+    }
+  }
+
+  constexpr int COLS = 8 * NT;
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    float* r = red + (warp * 16) * COLS + n * 8 + 2 * tig;
+    r[gid * COLS] = acc[n][0];
+    r[gid * COLS + 1] = acc[n][1];
+    r[(gid + 8) * COLS] = acc[n][2];
+    r[(gid + 8) * COLS + 1] = acc[n][3];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < 16 * p.m; idx += blockDim.x) {
+    const int row = idx & 15, mrow = idx >> 4;
+    float v = 0.f;
+    for (int w = 0; w < nwarps; ++w) v += red[(w * 16 + row) * COLS + mrow];
+    if (p.bias) v += p.bias[col0 + row0 + row];
+    const size_t o = (size_t)mrow * p.so + col0 + row0 + row;
+    if constexpr (BF)
+      static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
+    else
+      static_cast<__half*>(p.out)[o] = __float2half_rn(v);
+  }
+}
+
+template <int BITS, bool BF, int NT, int P>
+int launch_fold(const QGemvParams* p, int warps, bool hint, cudaStream_t stream) {
+  const int tiles = (p->n[0] + (p->nw > 1 ? p->n[1] : 0) + (p->nw > 2 ? p->n[2] : 0)) / 16;
+  if (hint)
+    qgemv_fold_kernel<BITS, BF, NT, P, true><<<tiles, 32 * warps, 0, stream>>>(*p);
+  else
+    qgemv_fold_kernel<BITS, BF, NT, P, false><<<tiles, 32 * warps, 0, stream>>>(*p);
+  return (int)cudaGetLastError();
+}
+
+template <int BITS, bool BF>
+int dispatch_fold(const QGemvParams* p, int warps, int prefetch, bool hint, cudaStream_t s) {
+  const bool two = p->m > 8;
+  if (prefetch == 2)
+    return two ? launch_fold<BITS, BF, 2, 2>(p, warps, hint, s)
+               : launch_fold<BITS, BF, 1, 2>(p, warps, hint, s);
+  if (prefetch == 4)
+    return two ? launch_fold<BITS, BF, 2, 4>(p, warps, hint, s)
+               : launch_fold<BITS, BF, 1, 4>(p, warps, hint, s);
+  return -1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -497,6 +691,20 @@ int slimlm_qgemv(const QGemvParams* p, int bits, int bf16, int warps, int stages
   if (bits == 8) return bf16 ? dispatch<8, true>(p, warps, stages, sms, s)
                    : dispatch<8, false>(p, warps, stages, sms, s);
   return -1;
+}
+
+// The fold kernel (int4 with groups of >= 128 codes, int2 with >= 256; no swiglu).
+// prefetch: chunks in flight per warp (2 or 4); hint: L2 256-byte prefetch on the loads.
+int slimlm_qgemv_fold(const QGemvParams* p, int bits, int bf16, int warps, int prefetch,
+                      int hint, void* stream, int device) {
+  if (warps < 1 || warps > MAX_WARPS || p->m < 1 || p->m > 16 || p->swiglu) return -1;
+  if (!((bits == 4 && p->gshift >= 7) || (bits == 2 && p->gshift >= 8))) return -1;
+  if (use_device(device) != 0) return -2;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (bits == 4) return bf16 ? dispatch_fold<4, true>(p, warps, prefetch, hint, s)
+                   : dispatch_fold<4, false>(p, warps, prefetch, hint, s);
+  return bf16 ? dispatch_fold<2, true>(p, warps, prefetch, hint, s)
+              : dispatch_fold<2, false>(p, warps, prefetch, hint, s);
 }
 
 }  // extern "C"

@@ -1,0 +1,148 @@
+"""Probe the fold kernel of slimlm/kernels/csrc/quant_gemv.cu (``quant_cuda.qgemv(...,
+fold=True)``) on a GPU: error against the fp32 reference, then device time (CUDA-graph
+replays, L2 flushed) against bf16 F.linear (cuBLAS), the Triton kernel and the ring kernel
+at the Llama-3-8B layer shapes, over warps per block, loads in flight and the L2 hint.
+
+    python scripts/qgemv_fold_probe.py --out $OUT/fold_probe.json [--check-only] [--time-only]
+"""
+
+# ruff: noqa: B023
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from slimlm.bench.harness import time_fn  # noqa: E402
+from slimlm.bench.quant import _quantized  # noqa: E402
+from slimlm.kernels import quant_cuda  # noqa: E402
+from slimlm.kernels.quant_gemv import quant_gemv_ref  # noqa: E402
+from slimlm.kernels.quant_matmul import quant_matmul_packed  # noqa: E402
+from slimlm.quant import QuantConfig  # noqa: E402
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def _ops(n, k, bits, gs, sym, dev, seed):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    w = torch.randn(n, k, device=dev, generator=g, dtype=torch.float32) * 0.02
+    ql = _quantized(w.to(torch.bfloat16), QuantConfig(bits=bits, group_size=gs, symmetric=sym))
+    w32, s, z = ql._operands()
+    return ql, w32, s, z
+
+
+def check(dev, emit) -> None:
+    for bits, gs in ((4, 128), (4, 256), (2, 256)):
+        for dtype in (torch.bfloat16, torch.float16):
+            for m, sym in ((1, False), (3, False), (8, False), (9, False), (16, False),
+                           (1, True), (5, True)):
+                n, k = 256, 2048
+                ql, w32, s, z = _ops(n, k, bits, gs, sym, dev, seed=bits * 100 + m)
+                x = torch.randn(m, k, device=dev, dtype=dtype)
+                zs = [] if z is None else [z]
+                row = dict(kind="check", bits=bits, group_size=gs, dtype=str(dtype), m=m, sym=sym)
+                try:
+                    ref = quant_gemv_ref(x, [ql.qweight], [s], zs, bits, gs).float()
+                    row["ring_err"] = _rel(quant_cuda.qgemv(x, [w32], [s], zs, bits, gs), ref)
+                    for wp in (1, 3, 8):
+                        for pf in (2, 4):
+                            y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, fold=True, warps=wp,
+                                                 prefetch=pf, hint=pf == 4)
+                            row[f"err_w{wp}p{pf}"] = _rel(y, ref)
+                    b = torch.randn(n, device=dev)
+                    y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, bias=b, fold=True, warps=4)
+                    row["bias_err"] = _rel(y, (ref + b))
+                    ql2, w2, s2, z2 = _ops(128, k, bits, gs, sym, dev, seed=7)
+                    ql3, w3, s3, z3 = _ops(64, k, bits, gs, sym, dev, seed=8)
+                    zz = [] if z is None else [z, z2, z3]
+                    y = quant_cuda.qgemv(x, [w32, w2, w3], [s, s2, s3], zz, bits, gs, fold=True,
+                                         warps=2)
+                    r3 = quant_gemv_ref(x, [ql.qweight, ql2.qweight, ql3.qweight], [s, s2, s3],
+                                        zz, bits, gs)
+                    row["three_err"] = _rel(y, r3)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {e}"[:400]
+                    traceback.print_exc()
+                emit(row)
+
+
+def timing(dev, emit, ms, shapes, rep, formats) -> None:
+    for n, k in shapes:
+        g = torch.Generator(device=dev).manual_seed(0)
+        wb = (torch.randn(n, k, device=dev, generator=g) * 0.02).to(torch.bfloat16)
+        for bits, gs in formats:
+            ql = _quantized(wb, QuantConfig(bits=bits, group_size=gs))
+            w32, s, z = ql._operands()
+            zs = [] if z is None else [z]
+            for m in ms:
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                row = dict(kind="time", n=n, k=k, bits=bits, group_size=gs, m=m)
+
+                def t(fn):
+                    return time_fn(fn, dev, flush_l2=True, graph=True, rep=rep)["median_ms"] * 1e3
+
+                try:
+                    with torch.no_grad():
+                        row["bf16_us"] = t(lambda: F.linear(x, wb))
+                        row["triton_us"] = t(lambda: quant_matmul_packed(x, w32, s, z, bits, gs))
+                        row["ring_us"] = t(lambda: quant_cuda.qgemv(x, [w32], [s], zs, bits, gs))
+                        best = None
+                        for wp in (1, 2, 4, 8):
+                            for pf in (2, 4):
+                                for hint in (False, True):
+                                    us = t(lambda: quant_cuda.qgemv(
+                                        x, [w32], [s], zs, bits, gs, fold=True, warps=wp,
+                                        prefetch=pf, hint=hint))
+                                    key = f"fold_w{wp}p{pf}{'h' if hint else ''}"
+                                    row[key + "_us"] = us
+                                    if best is None or us < best[1]:
+                                        best = (key, us)
+                        nbytes = ql.storage_bytes() + (x.numel() + m * n) * 2
+                        row.update(best=best[0], best_us=best[1],
+                                   best_speedup=row["bf16_us"] / best[1],
+                                   triton_speedup=row["bf16_us"] / row["triton_us"],
+                                   best_tb_s=nbytes / (best[1] * 1e-6) / 1e12)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {e}"[:400]
+                    traceback.print_exc()
+                emit(row)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--time-only", action="store_true")
+    ap.add_argument("--ms", default="1,4,16")
+    ap.add_argument("--rep", type=int, default=20)
+    ap.add_argument("--formats", default="4:128,2:256")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                          for k, v in row.items()}), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+    if not args.time_only:
+        check(dev, emit)
+    if not args.check_only:
+        shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
+        formats = [tuple(int(v) for v in f.split(":")) for f in args.formats.split(",")]
+        timing(dev, emit, [int(v) for v in args.ms.split(",")], shapes, args.rep, formats)
+
+
+if __name__ == "__main__":
+    main()
