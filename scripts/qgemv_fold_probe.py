@@ -41,7 +41,7 @@ def _ops(n, k, bits, gs, sym, dev, seed):
 
 
 def check(dev, emit) -> None:
-    for bits, gs in ((4, 128), (4, 256), (2, 256)):
+    for bits, gs in ((4, 128),):
         for dtype in (torch.bfloat16, torch.float16):
             for m, sym in ((1, False), (3, False), (8, False), (9, False), (16, False),
                            (1, True), (5, True)):
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--time-only", action="store_true")
     ap.add_argument("--ms", default="1,4,16")
     ap.add_argument("--rep", type=int, default=20)
-    ap.add_argument("--formats", default="4:128,2:256")
+    ap.add_argument("--formats", default="4:128")
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows: list[dict] = []
