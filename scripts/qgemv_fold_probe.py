@@ -1,7 +1,7 @@
 """Probe the fold kernel of slimlm/kernels/csrc/quant_gemv.cu (``quant_cuda.qgemv(...,
 fold=True)``) on a GPU: error against the fp32 reference, then device time (CUDA-graph
 replays, L2 flushed) against bf16 F.linear (cuBLAS), the Triton kernel and the ring kernel
-at the Llama-3-8B layer shapes, over warps per block, loads in flight and the L2 hint.
+at the Llama-3-8B layer shapes, over warps per block and loads in flight.
 
     python scripts/qgemv_fold_probe.py --out $OUT/fold_probe.json [--check-only] [--time-only]
 """
@@ -56,7 +56,7 @@ def check(dev, emit) -> None:
                     for wp in (1, 3, 8):
                         for pf in (2, 4):
                             y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, fold=True, warps=wp,
-                                                 prefetch=pf, hint=pf == 4)
+                                                 prefetch=pf)
                             row[f"err_w{wp}p{pf}"] = _rel(y, ref)
                     b = torch.randn(n, device=dev)
                     y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, bias=b, fold=True, warps=4)
@@ -96,16 +96,15 @@ def timing(dev, emit, ms, shapes, rep, formats) -> None:
                         row["triton_us"] = t(lambda: quant_matmul_packed(x, w32, s, z, bits, gs))
                         row["ring_us"] = t(lambda: quant_cuda.qgemv(x, [w32], [s], zs, bits, gs))
                         best = None
-                        for wp in (1, 2, 4, 8):
+                        for wp in (2, 4, 8):
                             for pf in (2, 4):
-                                for hint in (False, True):
-                                    us = t(lambda: quant_cuda.qgemv(
-                                        x, [w32], [s], zs, bits, gs, fold=True, warps=wp,
-                                        prefetch=pf, hint=hint))
-                                    key = f"fold_w{wp}p{pf}{'h' if hint else ''}"
-                                    row[key + "_us"] = us
-                                    if best is None or us < best[1]:
-                                        best = (key, us)
+                                us = t(lambda: quant_cuda.qgemv(
+                                    x, [w32], [s], zs, bits, gs, fold=True, warps=wp,
+                                    prefetch=pf))
+                                key = f"fold_w{wp}p{pf}"
+                                row[key + "_us"] = us
+                                if best is None or us < best[1]:
+                                    best = (key, us)
                         nbytes = ql.storage_bytes() + (x.numel() + m * n) * 2
                         row.update(best=best[0], best_us=best[1],
                                    best_speedup=row["bf16_us"] / best[1],

@@ -478,14 +478,10 @@ int dispatch(const QGemvParams* p, int warps, int stages, int sms, cudaStream_t 
 // No shared-memory ring: each warp keeps P chunks of loads in flight in registers, owns a
 // K slice of one 16-row tile (blocks are tiles, non-persistent) and the warps of a block
 // meet once, at the end, to sum.
-template <bool HINT> __device__ __forceinline__ uint4 ldg_stream(const uint32_t* ptr) {
+__device__ __forceinline__ uint4 ldg_stream(const uint32_t* ptr) {  // read once: no L1
   uint4 v;
-  if constexpr (HINT)
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
-  else
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
   return v;
 }
 
@@ -498,7 +494,15 @@ __device__ __forceinline__ void unpack_raw(uint32_t w, uint32_t (&a)[G<BITS>::PA
   for (int i = 0; i < G<BITS>::PAIRS; ++i) a[i] = lop_or(w >> (BITS * i), mask, magic);
 }
 
-template <int BITS, bool BF, int NT, int P, bool HINT>
+// x goes through shared memory, in the pair order of x_pairs (one 16-byte read per word
+// and x row), when it takes at most this many bytes; larger x is read through L1.
+constexpr int FOLD_XS_MAX = 40 * 1024;
+__host__ __device__ inline int fold_x_bytes(int m, int k) {
+  const int b = m * (2 * k + 16);
+  return b <= FOLD_XS_MAX ? b : 0;
+}
+
+template <int BITS, bool BF, int NT, int P, bool XS>
 __global__ void __launch_bounds__(32 * MAX_WARPS)
 qgemv_fold_kernel(const QGemvParams p) {
   using Geo = G<BITS>;
@@ -539,8 +543,8 @@ qgemv_fold_kernel(const QGemvParams p) {
   auto load = [&](int s, int i) {
     if (i < items) {
       const int ch = chunk_of(i);
-      ba[s] = ldg_stream<HINT>(wpa + ch * 16);
-      bb[s] = ldg_stream<HINT>(wpb + ch * 16);
+      ba[s] = ldg_stream(wpa + ch * 16);
+      bb[s] = ldg_stream(wpb + ch * 16);
       const int grp = ch >> cshift;
       sa[s] = __ldg(spa + grp);
       sb[s] = __ldg(spb + grp);
@@ -549,6 +553,42 @@ qgemv_fold_kernel(const QGemvParams p) {
   };
 #pragma unroll
   for (int s = 0; s < P; ++s) load(s, s);
+
+  // x into shared memory in pair order while the first weight loads are in flight
+  extern __shared__ __align__(16) unsigned char fold_smem[];
+  uint32_t* xs = reinterpret_cast<uint32_t*>(fold_smem);
+  const int xstride = (2 * p.k + 16) / 4;  // 32-bit words per x row
+  if constexpr (XS) {
+    for (int i = threadIdx.x; i < p.m * kw; i += blockDim.x) {
+      const int r = i / kw, wd = i % kw;
+      uint32_t xr[Geo::PER / 2], b[Geo::PAIRS];
+      load_x_word<BITS, false>(xb + (size_t)r * p.sx, wd * Geo::PER, true, xr);
+      x_pairs<BITS>(xr, b);
+      uint32_t* dst = xs + r * xstride + wd * Geo::PAIRS;
+#pragma unroll
+      for (int j = 0; j < Geo::PAIRS; j += 4)
+        *reinterpret_cast<uint4*>(dst + j) = make_uint4(b[j], b[j + 1], b[j + 2], b[j + 3]);
+    }
+    __syncthreads();
+  }
+  const uint32_t* xs0 = xs + (live0 ? gid : 0) * xstride;
+  const uint32_t* xs1 = xs + (live1 ? gid + 8 : 0) * xstride;
+  // B fragments of word wd for one x row (pair order), zeros for rows >= M
+  auto x_frag = [&](const unsigned short* xrow, const uint32_t* xsrow, bool live, int wd,
+                    uint32_t (&b)[Geo::PAIRS]) {
+    if constexpr (XS) {
+#pragma unroll
+      for (int j = 0; j < Geo::PAIRS; j += 4) {
+        const uint4 v = live ? *reinterpret_cast<const uint4*>(xsrow + wd * Geo::PAIRS + j)
+                             : make_uint4(0u, 0u, 0u, 0u);
+        b[j] = v.x; b[j + 1] = v.y; b[j + 2] = v.z; b[j + 3] = v.w;
+      }
+    } else {
+      uint32_t xr[Geo::PER / 2];
+      load_x_word<BITS, false>(xrow, wd * Geo::PER, live, xr);
+      x_pairs<BITS>(xr, b);
+    }
+  };
 
   float acc[NT][4], cr[2][NT][4], co[2][NT][4];
 #pragma unroll
@@ -568,17 +608,13 @@ qgemv_fold_kernel(const QGemvParams p) {
         const uint4 wa = ba[s], wb = bb[s];
         const unsigned short csa = sa[s], csb = sb[s];
         const unsigned short cza = has_z ? za[s] : 0, czb = has_z ? zb[s] : 0;
-        const int kt = chunk_of(i) * Geo::CHUNK + tig * Geo::TC;  // the thread's first channel
+        const int wd0 = chunk_of(i) * 16 + 4 * tig;  // the thread's first word of the row
         load(s, i + P);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          uint32_t xr[Geo::PER / 2], b0[Geo::PAIRS], b1[Geo::PAIRS];
-          load_x_word<BITS, false>(xr0, kt + q * Geo::PER, live0, xr);
-          x_pairs<BITS>(xr, b0);
-          if constexpr (NT == 2) {
-            load_x_word<BITS, false>(xr1, kt + q * Geo::PER, live1, xr);
-            x_pairs<BITS>(xr, b1);
-          }
+          uint32_t b0[Geo::PAIRS], b1[Geo::PAIRS];
+          x_frag(xr0, xs0, live0, wd0 + q, b0);
+          if constexpr (NT == 2) x_frag(xr1, xs1, live1, wd0 + q, b1);
           const uint32_t wqa = q == 0 ? wa.x : q == 1 ? wa.y : q == 2 ? wa.z : wa.w;
           const uint32_t wqb = q == 0 ? wb.x : q == 1 ? wb.y : q == 2 ? wb.z : wb.w;
           uint32_t aa[Geo::PAIRS], ab[Geo::PAIRS];
@@ -639,24 +675,25 @@ qgemv_fold_kernel(const QGemvParams p) {
 }
 
 template <int BITS, bool BF, int NT, int P>
-int launch_fold(const QGemvParams* p, int warps, bool hint, cudaStream_t stream) {
+int launch_fold(const QGemvParams* p, int warps, cudaStream_t stream) {
   const int tiles = (p->n[0] + (p->nw > 1 ? p->n[1] : 0) + (p->nw > 2 ? p->n[2] : 0)) / 16;
-  if (hint)
-    qgemv_fold_kernel<BITS, BF, NT, P, true><<<tiles, 32 * warps, 0, stream>>>(*p);
+  const int xs = fold_x_bytes(p->m, p->k);
+  if (xs)
+    qgemv_fold_kernel<BITS, BF, NT, P, true><<<tiles, 32 * warps, xs, stream>>>(*p);
   else
     qgemv_fold_kernel<BITS, BF, NT, P, false><<<tiles, 32 * warps, 0, stream>>>(*p);
   return (int)cudaGetLastError();
 }
 
 template <int BITS, bool BF>
-int dispatch_fold(const QGemvParams* p, int warps, int prefetch, bool hint, cudaStream_t s) {
+int dispatch_fold(const QGemvParams* p, int warps, int prefetch, cudaStream_t s) {
   const bool two = p->m > 8;
   if (prefetch == 2)
-    return two ? launch_fold<BITS, BF, 2, 2>(p, warps, hint, s)
-               : launch_fold<BITS, BF, 1, 2>(p, warps, hint, s);
+    return two ? launch_fold<BITS, BF, 2, 2>(p, warps, s)
+               : launch_fold<BITS, BF, 1, 2>(p, warps, s);
   if (prefetch == 4)
-    return two ? launch_fold<BITS, BF, 2, 4>(p, warps, hint, s)
-               : launch_fold<BITS, BF, 1, 4>(p, warps, hint, s);
+    return two ? launch_fold<BITS, BF, 2, 4>(p, warps, s)
+               : launch_fold<BITS, BF, 1, 4>(p, warps, s);
   return -1;
 }
 
@@ -694,17 +731,17 @@ int slimlm_qgemv(const QGemvParams* p, int bits, int bf16, int warps, int stages
 }
 
 // The fold kernel (int4 with groups of >= 128 codes, int2 with >= 256; no swiglu).
-// prefetch: chunks in flight per warp (2 or 4); hint: L2 256-byte prefetch on the loads.
+// prefetch: chunks in flight per warp (2 or 4).
 int slimlm_qgemv_fold(const QGemvParams* p, int bits, int bf16, int warps, int prefetch,
-                      int hint, void* stream, int device) {
+                      void* stream, int device) {
   if (warps < 1 || warps > MAX_WARPS || p->m < 1 || p->m > 16 || p->swiglu) return -1;
   if (!((bits == 4 && p->gshift >= 7) || (bits == 2 && p->gshift >= 8))) return -1;
   if (use_device(device) != 0) return -2;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (bits == 4) return bf16 ? dispatch_fold<4, true>(p, warps, prefetch, hint, s)
-                   : dispatch_fold<4, false>(p, warps, prefetch, hint, s);
-  return bf16 ? dispatch_fold<2, true>(p, warps, prefetch, hint, s)
-              : dispatch_fold<2, false>(p, warps, prefetch, hint, s);
+  if (bits == 4) return bf16 ? dispatch_fold<4, true>(p, warps, prefetch, s)
+                   : dispatch_fold<4, false>(p, warps, prefetch, s);
+  return bf16 ? dispatch_fold<2, true>(p, warps, prefetch, s)
+              : dispatch_fold<2, false>(p, warps, prefetch, s);
 }
 
 }  // extern "C"
