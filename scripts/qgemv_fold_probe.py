@@ -53,22 +53,26 @@ def check(dev, emit) -> None:
                 try:
                     ref = quant_gemv_ref(x, [ql.qweight], [s], zs, bits, gs).float()
                     row["ring_err"] = _rel(quant_cuda.qgemv(x, [w32], [s], zs, bits, gs), ref)
-                    for wp in (1, 3, 8):
+                    for wp, ksp in ((1, 1), (3, 3), (8, 8), (8, 2), (4, 1), (3, 1), (6, 3)):
                         for pf in (2, 4):
                             y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, fold=True, warps=wp,
-                                                 prefetch=pf)
-                            row[f"err_w{wp}p{pf}"] = _rel(y, ref)
+                                                 prefetch=pf, ksplit=ksp)
+                            row[f"err_w{wp}k{ksp}p{pf}"] = _rel(y, ref)
                     b = torch.randn(n, device=dev)
                     y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, bias=b, fold=True, warps=4)
                     row["bias_err"] = _rel(y, (ref + b))
                     ql2, w2, s2, z2 = _ops(128, k, bits, gs, sym, dev, seed=7)
                     ql3, w3, s3, z3 = _ops(64, k, bits, gs, sym, dev, seed=8)
                     zz = [] if z is None else [z, z2, z3]
-                    y = quant_cuda.qgemv(x, [w32, w2, w3], [s, s2, s3], zz, bits, gs, fold=True,
-                                         warps=2)
                     r3 = quant_gemv_ref(x, [ql.qweight, ql2.qweight, ql3.qweight], [s, s2, s3],
                                         zz, bits, gs)
-                    row["three_err"] = _rel(y, r3)
+                    for wp, ksp in ((2, 2), (4, 1), (8, 2)):
+                        y = quant_cuda.qgemv(x, [w32, w2, w3], [s, s2, s3], zz, bits, gs,
+                                             fold=True, warps=wp, ksplit=ksp)
+                        row[f"three_w{wp}k{ksp}_err"] = _rel(y, r3)
+                    y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, bias=b, fold=True, warps=4,
+                                         ksplit=1)
+                    row["bias_k1_err"] = _rel(y, (ref + b))
                 except Exception as e:  # noqa: BLE001
                     row["error"] = f"{type(e).__name__}: {e}"[:400]
                     traceback.print_exc()
@@ -96,12 +100,13 @@ def timing(dev, emit, ms, shapes, rep, formats) -> None:
                         row["triton_us"] = t(lambda: quant_matmul_packed(x, w32, s, z, bits, gs))
                         row["ring_us"] = t(lambda: quant_cuda.qgemv(x, [w32], [s], zs, bits, gs))
                         best = None
-                        for wp in (2, 4, 8):
+                        for wp, ksp in ((8, 8), (8, 4), (8, 2), (8, 1), (4, 4), (4, 2), (4, 1),
+                                        (2, 1)):
                             for pf in (2, 4):
                                 us = t(lambda: quant_cuda.qgemv(
                                     x, [w32], [s], zs, bits, gs, fold=True, warps=wp,
-                                    prefetch=pf))
-                                key = f"fold_w{wp}p{pf}"
+                                    prefetch=pf, ksplit=ksp))
+                                key = f"fold_w{wp}k{ksp}p{pf}"
                                 row[key + "_us"] = us
                                 if best is None or us < best[1]:
                                     best = (key, us)

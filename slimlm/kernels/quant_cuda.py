@@ -111,8 +111,8 @@ def _configure(lib: ctypes.CDLL) -> None:
                                  ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     lib.slimlm_qgemv.restype = ctypes.c_int
     lib.slimlm_qgemv_fold.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int,
-                                      ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                      ctypes.c_int]
+                                      ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                      ctypes.c_void_p, ctypes.c_int]
     lib.slimlm_qgemv_fold.restype = ctypes.c_int
 
 
@@ -191,7 +191,7 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
           zeros: Sequence[torch.Tensor], bits: int, group_size: int, *,
           bias: torch.Tensor | None = None, swiglu: bool = False,
           warps: int | None = None, stages: int = 4, fold: bool = False,
-          prefetch: int = 4) -> torch.Tensor:
+          prefetch: int = 4, ksplit: int | None = None) -> torch.Tensor:
     """``cat([x @ dequant(W_i)^T (+ bias)])`` (M, sum N_i) in x's dtype, or with ``swiglu``
     (two weights: gate, up) ``silu(x W0^T) * (x W1^T)`` (M, N). Call :func:`supports`
     first (this checks only what it cannot: the combination of arguments). ``bias``: fp32
@@ -199,7 +199,8 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
 
     ``fold=True`` runs the fold kernel instead (:func:`fold_reason` must be None; no
     swiglu): scales and zero points applied once per group in fp32, ``prefetch`` (2 or 4)
-    chunks in flight per warp."""
+    chunks in flight per warp; a block's ``warps`` work on ``warps // ksplit`` 16-row tiles,
+    ``ksplit`` warps splitting each tile's K (default: all of them on one tile)."""
     if swiglu and (len(w32s) != 2 or w32s[0].shape != w32s[1].shape):
         raise ValueError(f"quant_cuda.qgemv: swiglu=True with weights "
                          f"{[tuple(w.shape) for w in w32s]}: expected two of equal shape")
@@ -215,6 +216,9 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
             raise ValueError(f"quant_cuda.qgemv: fold=True: {why or 'swiglu is not supported'}")
         if prefetch not in (2, 4):
             raise ValueError(f"quant_cuda.qgemv: prefetch={prefetch}: expected 2 or 4")
+        if ksplit is not None and (warps is None or ksplit < 1 or warps % ksplit):
+            raise ValueError(f"quant_cuda.qgemv: ksplit={ksplit}: expected a divisor of "
+                             f"warps={warps}")
     if stages not in STAGES:
         raise ValueError(f"quant_cuda.qgemv: stages={stages}: expected one of {STAGES}")
     m, k = x2.shape
@@ -239,7 +243,8 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
     lib = load(x2.device)
     if fold:
         err = lib.slimlm_qgemv_fold(ctypes.byref(p), bits, int(x2.dtype == torch.bfloat16),
-                                    warps, prefetch, ctypes.c_void_p(stream), index)
+                                    warps, ksplit or warps, prefetch, ctypes.c_void_p(stream),
+                                    index)
     else:
         err = lib.slimlm_qgemv(ctypes.byref(p), bits, int(x2.dtype == torch.bfloat16),
                                warps, stages, ctypes.c_void_p(stream), index)

@@ -504,7 +504,7 @@ __host__ __device__ inline int fold_x_bytes(int m, int k) {
 
 template <int BITS, bool BF, int NT, int P, bool XS>
 __global__ void __launch_bounds__(32 * MAX_WARPS)
-qgemv_fold_kernel(const QGemvParams p) {
+qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
   using Geo = G<BITS>;
   constexpr float MAGIC = BF ? 128.f : 1024.f;
   constexpr uint32_t ONE = BF ? 0x3F803F80u : 0x3C003C00u;
@@ -512,14 +512,19 @@ qgemv_fold_kernel(const QGemvParams p) {
   __shared__ float red[MAX_WARPS * 16 * 8 * NT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
+  // warps = (tiles per block) x ksplit: warp w works on tile w / ksplit of the block, on
+  // the K slice w % ksplit (group blocks ks, ks + ksplit, ...)
+  const int tpb = nwarps / ksplit, ks = warp % ksplit;
+  const int tile = blockIdx.x * tpb + warp / ksplit;
+  const int tiles = (p.n[0] + (p.nw > 1 ? p.n[1] : 0) + (p.nw > 2 ? p.n[2] : 0)) / 16;
   const int kw = p.k / Geo::PER;
   const int cshift = p.gshift - CSHIFT;         // log2(chunks per group)
   const int ngb = (p.k / Geo::CHUNK) >> cshift;  // groups per row
-  const int gbs = warp < ngb ? (ngb - warp + nwarps - 1) / nwarps : 0;
+  const int gbs = (tile < tiles && ks < ngb) ? (ngb - ks + ksplit - 1) / ksplit : 0;
   const int items = gbs << cshift;              // chunks of this warp
   const bool has_z = p.z[0] != nullptr;
 
-  int t = blockIdx.x, wi = 0, col0 = 0;
+  int t = tile < tiles ? tile : 0, wi = 0, col0 = 0;
   while (wi + 1 < p.nw && t >= p.n[wi] / 16) { t -= p.n[wi] / 16; col0 += p.n[wi]; ++wi; }
   const int row0 = t * 16;
   const uint32_t* wpa = p.w[wi] + (size_t)(row0 + gid) * kw + 4 * tig;
@@ -533,9 +538,9 @@ qgemv_fold_kernel(const QGemvParams p) {
   const unsigned short* xr0 = xb + (size_t)(live0 ? gid : 0) * p.sx;
   const unsigned short* xr1 = xb + (size_t)(live1 ? gid + 8 : 0) * p.sx;
 
-  // item i -> chunk: group blocks warp, warp + nwarps, ..., each 2^cshift chunks
+  // item i -> chunk: group blocks ks, ks + ksplit, ..., each 2^cshift chunks
   auto chunk_of = [&](int i) {
-    return ((warp + (i >> cshift) * nwarps) << cshift) + (i & ((1 << cshift) - 1));
+    return ((ks + (i >> cshift) * ksplit) << cshift) + (i & ((1 << cshift) - 1));
   };
 
   uint4 ba[P], bb[P];
@@ -554,10 +559,12 @@ qgemv_fold_kernel(const QGemvParams p) {
 #pragma unroll
   for (int s = 0; s < P; ++s) load(s, s);
 
-  // x into shared memory in pair order while the first weight loads are in flight
+  // XS: x into shared memory in pair order while the first weight loads are in flight,
+  // then the sum of x over every group (fp32), which replaces the all-ones MMA.
   extern __shared__ __align__(16) unsigned char fold_smem[];
   uint32_t* xs = reinterpret_cast<uint32_t*>(fold_smem);
   const int xstride = (2 * p.k + 16) / 4;  // 32-bit words per x row
+  float* xsum = reinterpret_cast<float*>(xs + p.m * xstride);  // (m, groups)
   if constexpr (XS) {
     for (int i = threadIdx.x; i < p.m * kw; i += blockDim.x) {
       const int r = i / kw, wd = i % kw;
@@ -568,6 +575,24 @@ qgemv_fold_kernel(const QGemvParams p) {
 #pragma unroll
       for (int j = 0; j < Geo::PAIRS; j += 4)
         *reinterpret_cast<uint4*>(dst + j) = make_uint4(b[j], b[j + 1], b[j + 2], b[j + 3]);
+    }
+    __syncthreads();
+    const int gpairs = 1 << (p.gshift - 1);  // x pairs (32-bit words) per group
+    for (int it = warp; it < p.m * p.groups; it += nwarps) {
+      const int r = it / p.groups, g = it % p.groups;
+      const uint32_t* src = xs + r * xstride + g * gpairs;
+      float sum = 0.f;
+      for (int j = lane; j < gpairs; j += 32) {
+        const uint32_t v = src[j];
+        if constexpr (BF)
+          sum += __uint_as_float(v << 16) + __uint_as_float(v & 0xFFFF0000u);
+        else
+          sum += __half2float(__ushort_as_half((unsigned short)(v & 0xFFFFu))) +
+                 __half2float(__ushort_as_half((unsigned short)(v >> 16)));
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if (lane == 0) xsum[it] = sum;
     }
     __syncthreads();
   }
@@ -608,7 +633,8 @@ qgemv_fold_kernel(const QGemvParams p) {
         const uint4 wa = ba[s], wb = bb[s];
         const unsigned short csa = sa[s], csb = sb[s];
         const unsigned short cza = has_z ? za[s] : 0, czb = has_z ? zb[s] : 0;
-        const int wd0 = chunk_of(i) * 16 + 4 * tig;  // the thread's first word of the row
+        const int ch = chunk_of(i);
+        const int wd0 = ch * 16 + 4 * tig;  // the thread's first word of the row
         load(s, i + P);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -624,11 +650,12 @@ qgemv_fold_kernel(const QGemvParams p) {
           for (int j = 0; j < Geo::PAIRS / 2; ++j) {
             mma<BF>(cr[q & 1][0], aa[2 * j], ab[2 * j], aa[2 * j + 1], ab[2 * j + 1],
                     b0[2 * j], b0[2 * j + 1]);
-            mma<BF>(co[q & 1][0], ONE, ONE, ONE, ONE, b0[2 * j], b0[2 * j + 1]);
+            if constexpr (!XS) mma<BF>(co[q & 1][0], ONE, ONE, ONE, ONE, b0[2 * j], b0[2 * j + 1]);
             if constexpr (NT == 2) {
               mma<BF>(cr[q & 1][1], aa[2 * j], ab[2 * j], aa[2 * j + 1], ab[2 * j + 1],
                       b1[2 * j], b1[2 * j + 1]);
-              mma<BF>(co[q & 1][1], ONE, ONE, ONE, ONE, b1[2 * j], b1[2 * j + 1]);
+              if constexpr (!XS)
+                mma<BF>(co[q & 1][1], ONE, ONE, ONE, ONE, b1[2 * j], b1[2 * j + 1]);
             }
           }
         }
@@ -636,9 +663,18 @@ qgemv_fold_kernel(const QGemvParams p) {
           const float s_a = h2f(csa), s_b = h2f(csb);
           const float off_a = MAGIC + (has_z ? h2f(cza) : (float)Geo::CEN);
           const float off_b = MAGIC + (has_z ? h2f(czb) : (float)Geo::CEN);
+          const int grp = ch >> cshift;
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
-            const float x0 = co[0][n][0] + co[1][n][0], x1 = co[0][n][1] + co[1][n][1];
+            float x0, x1;
+            if constexpr (XS) {
+              const int c0 = 8 * n + 2 * tig;
+              x0 = c0 < p.m ? xsum[c0 * p.groups + grp] : 0.f;
+              x1 = c0 + 1 < p.m ? xsum[(c0 + 1) * p.groups + grp] : 0.f;
+            } else {
+              x0 = co[0][n][0] + co[1][n][0];
+              x1 = co[0][n][1] + co[1][n][1];
+            }
             acc[n][0] = fmaf(s_a, fmaf(-off_a, x0, cr[0][n][0] + cr[1][n][0]), acc[n][0]);
             acc[n][1] = fmaf(s_a, fmaf(-off_a, x1, cr[0][n][1] + cr[1][n][1]), acc[n][1]);
             acc[n][2] = fmaf(s_b, fmaf(-off_b, x0, cr[0][n][2] + cr[1][n][2]), acc[n][2]);
@@ -652,6 +688,26 @@ qgemv_fold_kernel(const QGemvParams p) {
   }
 
   constexpr int COLS = 8 * NT;
+  if (ksplit == 1) {  // the warp holds whole sums: straight out
+    if (tile < tiles) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int mrow = 8 * n + 2 * tig + (e & 1), row = gid + 8 * (e >> 1);
+          if (mrow < p.m) {
+            float v = acc[n][e];
+            if (p.bias) v += p.bias[col0 + row0 + row];
+            const size_t o = (size_t)mrow * p.so + col0 + row0 + row;
+            if constexpr (BF)
+              static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
+            else
+              static_cast<__half*>(p.out)[o] = __float2half_rn(v);
+          }
+        }
+    }
+    return;
+  }
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
     float* r = red + (warp * 16) * COLS + n * 8 + 2 * tig;
@@ -661,12 +717,16 @@ qgemv_fold_kernel(const QGemvParams p) {
     r[(gid + 8) * COLS + 1] = acc[n][3];
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < 16 * p.m; idx += blockDim.x) {
-    const int row = idx & 15, mrow = idx >> 4;
+  for (int idx = threadIdx.x; idx < tpb * 16 * p.m; idx += blockDim.x) {
+    const int row = idx & 15, mrow = (idx >> 4) % p.m, tb = (idx >> 4) / p.m;
+    const int tl = blockIdx.x * tpb + tb;
+    if (tl >= tiles) continue;
     float v = 0.f;
-    for (int w = 0; w < nwarps; ++w) v += red[(w * 16 + row) * COLS + mrow];
-    if (p.bias) v += p.bias[col0 + row0 + row];
-    const size_t o = (size_t)mrow * p.so + col0 + row0 + row;
+    for (int w = 0; w < ksplit; ++w) v += red[((tb * ksplit + w) * 16 + row) * COLS + mrow];
+    int tt = tl, wj = 0, c0 = 0;
+    while (wj + 1 < p.nw && tt >= p.n[wj] / 16) { tt -= p.n[wj] / 16; c0 += p.n[wj]; ++wj; }
+    if (p.bias) v += p.bias[c0 + tt * 16 + row];
+    const size_t o = (size_t)mrow * p.so + c0 + tt * 16 + row;
     if constexpr (BF)
       static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
     else
@@ -675,25 +735,29 @@ qgemv_fold_kernel(const QGemvParams p) {
 }
 
 template <int BITS, bool BF, int NT, int P>
-int launch_fold(const QGemvParams* p, int warps, cudaStream_t stream) {
+int launch_fold(const QGemvParams* p, int warps, int ksplit, cudaStream_t stream) {
   const int tiles = (p->n[0] + (p->nw > 1 ? p->n[1] : 0) + (p->nw > 2 ? p->n[2] : 0)) / 16;
+  const int tpb = warps / ksplit;
+  const int grid = (tiles + tpb - 1) / tpb;
   const int xs = fold_x_bytes(p->m, p->k);
-  if (xs)
-    qgemv_fold_kernel<BITS, BF, NT, P, true><<<tiles, 32 * warps, xs, stream>>>(*p);
-  else
-    qgemv_fold_kernel<BITS, BF, NT, P, false><<<tiles, 32 * warps, 0, stream>>>(*p);
+  if (xs) {
+    const int bytes = xs + p->m * p->groups * 4;
+    qgemv_fold_kernel<BITS, BF, NT, P, true><<<grid, 32 * warps, bytes, stream>>>(*p, ksplit);
+  } else {
+    qgemv_fold_kernel<BITS, BF, NT, P, false><<<grid, 32 * warps, 0, stream>>>(*p, ksplit);
+  }
   return (int)cudaGetLastError();
 }
 
 template <int BITS, bool BF>
-int dispatch_fold(const QGemvParams* p, int warps, int prefetch, cudaStream_t s) {
+int dispatch_fold(const QGemvParams* p, int warps, int ksplit, int prefetch, cudaStream_t s) {
   const bool two = p->m > 8;
   if (prefetch == 2)
-    return two ? launch_fold<BITS, BF, 2, 2>(p, warps, s)
-               : launch_fold<BITS, BF, 1, 2>(p, warps, s);
+    return two ? launch_fold<BITS, BF, 2, 2>(p, warps, ksplit, s)
+               : launch_fold<BITS, BF, 1, 2>(p, warps, ksplit, s);
   if (prefetch == 4)
-    return two ? launch_fold<BITS, BF, 2, 4>(p, warps, s)
-               : launch_fold<BITS, BF, 1, 4>(p, warps, s);
+    return two ? launch_fold<BITS, BF, 2, 4>(p, warps, ksplit, s)
+               : launch_fold<BITS, BF, 1, 4>(p, warps, ksplit, s);
   return -1;
 }
 
@@ -731,17 +795,19 @@ int slimlm_qgemv(const QGemvParams* p, int bits, int bf16, int warps, int stages
 }
 
 // The fold kernel (int4 with groups of >= 128 codes, int2 with >= 256; no swiglu).
+// warps per block = (16-row tiles per block) x ksplit (warps splitting one tile's K);
 // prefetch: chunks in flight per warp (2 or 4).
-int slimlm_qgemv_fold(const QGemvParams* p, int bits, int bf16, int warps, int prefetch,
-                      void* stream, int device) {
+int slimlm_qgemv_fold(const QGemvParams* p, int bits, int bf16, int warps, int ksplit,
+                      int prefetch, void* stream, int device) {
   if (warps < 1 || warps > MAX_WARPS || p->m < 1 || p->m > 16 || p->swiglu) return -1;
+  if (ksplit < 1 || warps % ksplit) return -1;
   if (!((bits == 4 && p->gshift >= 7) || (bits == 2 && p->gshift >= 8))) return -1;
   if (use_device(device) != 0) return -2;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (bits == 4) return bf16 ? dispatch_fold<4, true>(p, warps, prefetch, s)
-                   : dispatch_fold<4, false>(p, warps, prefetch, s);
-  return bf16 ? dispatch_fold<2, true>(p, warps, prefetch, s)
-              : dispatch_fold<2, false>(p, warps, prefetch, s);
+  if (bits == 4) return bf16 ? dispatch_fold<4, true>(p, warps, ksplit, prefetch, s)
+                   : dispatch_fold<4, false>(p, warps, ksplit, prefetch, s);
+  return bf16 ? dispatch_fold<2, true>(p, warps, ksplit, prefetch, s)
+              : dispatch_fold<2, false>(p, warps, ksplit, prefetch, s);
 }
 
 }  // extern "C"
