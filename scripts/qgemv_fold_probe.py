@@ -100,8 +100,7 @@ def timing(dev, emit, ms, shapes, rep, formats) -> None:
                         row["triton_us"] = t(lambda: quant_matmul_packed(x, w32, s, z, bits, gs))
                         row["ring_us"] = t(lambda: quant_cuda.qgemv(x, [w32], [s], zs, bits, gs))
                         best = None
-                        for wp, ksp in ((8, 8), (8, 4), (8, 2), (8, 1), (4, 4), (4, 2), (4, 1),
-                                        (2, 1)):
+                        for wp, ksp in ((8, 8), (8, 4), (8, 2), (8, 1), (4, 4), (4, 1)):
                             for pf in (2, 4):
                                 us = t(lambda: quant_cuda.qgemv(
                                     x, [w32], [s], zs, bits, gs, fold=True, warps=wp,

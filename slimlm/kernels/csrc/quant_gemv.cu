@@ -496,7 +496,7 @@ __device__ __forceinline__ void unpack_raw(uint32_t w, uint32_t (&a)[G<BITS>::PA
 
 // x goes through shared memory, in the pair order of x_pairs (one 16-byte read per word
 // and x row), when it takes at most this many bytes; larger x is read through L1.
-constexpr int FOLD_XS_MAX = 40 * 1024;
+constexpr int FOLD_XS_MAX = 16 * 1024;  // larger staging cost more than it saved (M=4)
 __host__ __device__ inline int fold_x_bytes(int m, int k) {
   const int b = m * (2 * k + 16);
   return b <= FOLD_XS_MAX ? b : 0;
@@ -559,12 +559,12 @@ qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
 #pragma unroll
   for (int s = 0; s < P; ++s) load(s, s);
 
-  // XS: x into shared memory in pair order while the first weight loads are in flight,
-  // then the sum of x over every group (fp32), which replaces the all-ones MMA.
+  // XS: x into shared memory in pair order while the first weight loads are in flight.
+  // (Group sums of x computed here instead of the all-ones MMA measured slower: the
+  // per-block reduction costs more than the MMAs it saves.)
   extern __shared__ __align__(16) unsigned char fold_smem[];
   uint32_t* xs = reinterpret_cast<uint32_t*>(fold_smem);
   const int xstride = (2 * p.k + 16) / 4;  // 32-bit words per x row
-  float* xsum = reinterpret_cast<float*>(xs + p.m * xstride);  // (m, groups)
   if constexpr (XS) {
     for (int i = threadIdx.x; i < p.m * kw; i += blockDim.x) {
       const int r = i / kw, wd = i % kw;
@@ -575,24 +575,6 @@ qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
 #pragma unroll
       for (int j = 0; j < Geo::PAIRS; j += 4)
         *reinterpret_cast<uint4*>(dst + j) = make_uint4(b[j], b[j + 1], b[j + 2], b[j + 3]);
-    }
-    __syncthreads();
-    const int gpairs = 1 << (p.gshift - 1);  // x pairs (32-bit words) per group
-    for (int it = warp; it < p.m * p.groups; it += nwarps) {
-      const int r = it / p.groups, g = it % p.groups;
-      const uint32_t* src = xs + r * xstride + g * gpairs;
-      float sum = 0.f;
-      for (int j = lane; j < gpairs; j += 32) {
-        const uint32_t v = src[j];
-        if constexpr (BF)
-          sum += __uint_as_float(v << 16) + __uint_as_float(v & 0xFFFF0000u);
-        else
-          sum += __half2float(__ushort_as_half((unsigned short)(v & 0xFFFFu))) +
-                 __half2float(__ushort_as_half((unsigned short)(v >> 16)));
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if (lane == 0) xsum[it] = sum;
     }
     __syncthreads();
   }
@@ -650,12 +632,11 @@ qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
           for (int j = 0; j < Geo::PAIRS / 2; ++j) {
             mma<BF>(cr[q & 1][0], aa[2 * j], ab[2 * j], aa[2 * j + 1], ab[2 * j + 1],
                     b0[2 * j], b0[2 * j + 1]);
-            if constexpr (!XS) mma<BF>(co[q & 1][0], ONE, ONE, ONE, ONE, b0[2 * j], b0[2 * j + 1]);
+            mma<BF>(co[q & 1][0], ONE, ONE, ONE, ONE, b0[2 * j], b0[2 * j + 1]);
             if constexpr (NT == 2) {
               mma<BF>(cr[q & 1][1], aa[2 * j], ab[2 * j], aa[2 * j + 1], ab[2 * j + 1],
                       b1[2 * j], b1[2 * j + 1]);
-              if constexpr (!XS)
-                mma<BF>(co[q & 1][1], ONE, ONE, ONE, ONE, b1[2 * j], b1[2 * j + 1]);
+              mma<BF>(co[q & 1][1], ONE, ONE, ONE, ONE, b1[2 * j], b1[2 * j + 1]);
             }
           }
         }
@@ -663,18 +644,9 @@ qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
           const float s_a = h2f(csa), s_b = h2f(csb);
           const float off_a = MAGIC + (has_z ? h2f(cza) : (float)Geo::CEN);
           const float off_b = MAGIC + (has_z ? h2f(czb) : (float)Geo::CEN);
-          const int grp = ch >> cshift;
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
-            float x0, x1;
-            if constexpr (XS) {
-              const int c0 = 8 * n + 2 * tig;
-              x0 = c0 < p.m ? xsum[c0 * p.groups + grp] : 0.f;
-              x1 = c0 + 1 < p.m ? xsum[(c0 + 1) * p.groups + grp] : 0.f;
-            } else {
-              x0 = co[0][n][0] + co[1][n][0];
-              x1 = co[0][n][1] + co[1][n][1];
-            }
+            const float x0 = co[0][n][0] + co[1][n][0], x1 = co[0][n][1] + co[1][n][1];
             acc[n][0] = fmaf(s_a, fmaf(-off_a, x0, cr[0][n][0] + cr[1][n][0]), acc[n][0]);
             acc[n][1] = fmaf(s_a, fmaf(-off_a, x1, cr[0][n][1] + cr[1][n][1]), acc[n][1]);
             acc[n][2] = fmaf(s_b, fmaf(-off_b, x0, cr[0][n][2] + cr[1][n][2]), acc[n][2]);
@@ -741,8 +713,7 @@ int launch_fold(const QGemvParams* p, int warps, int ksplit, cudaStream_t stream
   const int grid = (tiles + tpb - 1) / tpb;
   const int xs = fold_x_bytes(p->m, p->k);
   if (xs) {
-    const int bytes = xs + p->m * p->groups * 4;
-    qgemv_fold_kernel<BITS, BF, NT, P, true><<<grid, 32 * warps, bytes, stream>>>(*p, ksplit);
+    qgemv_fold_kernel<BITS, BF, NT, P, true><<<grid, 32 * warps, xs, stream>>>(*p, ksplit);
   } else {
     qgemv_fold_kernel<BITS, BF, NT, P, false><<<grid, 32 * warps, 0, stream>>>(*p, ksplit);
   }
