@@ -52,6 +52,58 @@ def test_plan_warps_and_qgemv_reject_bad_arguments():
         quant_cuda.qgemv(x, [w], [s], [], 4, 128, stages=3)
 
 
+def test_fold_reason_and_plan_fold():
+    assert quant_cuda.fold_reason(4, 128) is None
+    assert "bits=8" in quant_cuda.fold_reason(8, 128)
+    assert "group_size=64" in quant_cuda.fold_reason(4, 64)  # a chunk is 128 int4 codes
+    assert "group_size=64" in quant_cuda.fold_reason(2, 64)  # 256 int2 codes
+    assert quant_cuda.plan_fold(4096) == (8, 8)  # 256 tiles: every warp on one tile's K
+    assert quant_cuda.plan_fold(6144) == (4, 4)
+    assert quant_cuda.plan_fold(28672) == (4, 4)
+    for bad in (0, -16, 16.0, True):
+        with pytest.raises(ValueError, match="n_rows"):
+            quant_cuda.plan_fold(bad)
+
+
+def test_qgemv_fold_rejects_bad_arguments_before_any_launch():
+    """The checks run on CPU tensors: they come before the library is loaded."""
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    w = torch.zeros(16, 32, dtype=torch.int32)
+    s = torch.ones(16, 2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="group_size=64"):
+        quant_cuda.qgemv(x, [w], [s], [], 4, 64, fold=True)
+    with pytest.raises(ValueError, match="swiglu"):
+        quant_cuda.qgemv(x, [w, w], [s, s], [], 4, 128, fold=True, swiglu=True)
+    with pytest.raises(ValueError, match="prefetch=3"):
+        quant_cuda.qgemv(x, [w], [s], [], 4, 128, fold=True, prefetch=3)
+    with pytest.raises(ValueError, match="ksplit=3"):
+        quant_cuda.qgemv(x, [w], [s], [], 4, 128, fold=True, warps=8, ksplit=3)
+    with pytest.raises(ValueError, match="ksplit=2"):
+        quant_cuda.qgemv(x, [w], [s], [], 4, 128, fold=True, ksplit=2)  # warps not given
+
+
+def test_cuda_gemv_plan_follows_the_rules(monkeypatch):
+    """Which kernel quant_matmul picks by bits and rows, with the device checks stubbed
+    (they pass on a GPU; on the CPU the plan is always None)."""
+    from slimlm.kernels import quant_matmul as qm
+
+    w = torch.zeros(6144, 512, dtype=torch.int32)  # int4, K = 4096
+    s = torch.ones(6144, 32, dtype=torch.float16)
+    x = torch.randn(4, 4096, dtype=torch.bfloat16)
+    assert qm.cuda_gemv_plan(x, w, s, None, 4, 128) is None  # CPU tensors
+    monkeypatch.setattr(quant_cuda, "supports", lambda *a, **k: None)
+    for m, want in ((1, None), (2, "fold"), (8, "fold"), (9, None), (16, None)):
+        plan = qm.cuda_gemv_plan(torch.randn(m, 4096), w, s, None, 4, 128)
+        assert (plan and ("fold" if plan.get("fold") else "ring")) == want, (m, plan)
+    assert qm.cuda_gemv_plan(x, w, s, None, 4, 128) == {"fold": True, "warps": 4, "ksplit": 4,
+                                                        "prefetch": 4}
+    assert qm.cuda_gemv_plan(x, w, s, None, 4, 64) is None  # groups too small for the fold
+    w2 = torch.zeros(6144, 256, dtype=torch.int32)  # int2
+    for m, want in ((1, None), (3, None), (4, {"stages": 4}), (16, {"stages": 4})):
+        assert qm.cuda_gemv_plan(torch.randn(m, 4096), w2, s, None, 2, 64) == want
+    assert qm.cuda_gemv_plan(x, w, s, None, 8, 128) is None
+
+
 def test_build_rejects_a_bad_arch(tmp_path):
     with pytest.raises(ValueError, match="arch='sm90'"):
         quant_cuda.build("sm90", nvcc="/bin/true", out_dir=tmp_path)
@@ -121,6 +173,86 @@ def test_qgemv_matches_the_reference(bits, gs, dtype):
         y = quant_cuda.qgemv(x, [w32, wu], [s, su], zz, bits, gs, swiglu=True)
         refs = quant_gemv_ref(x, [qw, qu], [s, su], zz, bits, gs, swiglu=True)
         assert y.shape == (9, 256) and _rel(y, refs) < 1.5 * bound
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1024, 6144])  # x in shared memory (<= 16 KB) or read from L1
+def test_qgemv_fold_matches_the_reference_and_the_ring_kernel(dtype, k):
+    """int4, groups of 128 and 256 codes (256: two chunks per group), rows 1 to 16,
+    symmetric and with zero points, warps / ksplit / prefetch varied (a block holding
+    several tiles, a last block with fewer tiles than warps), a bias and three weights."""
+    dev = torch.device("cuda")
+    bound = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for gs, sym in ((128, False), (128, True), (256, False)):
+        qw, w32, s, z = _weight(272, k, 4, gs, sym, dev, seed=gs + sym)  # 17 tiles
+        zs = [] if z is None else [z]
+        for m in (1, 2, 5, 8, 9, 16):
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            ref = quant_gemv_ref(x, [qw], [s], zs, 4, gs).float()
+            ring = quant_cuda.qgemv(x, [w32], [s], zs, 4, gs)
+            for warps, ksplit, pf in ((8, 8, 4), (4, 4, 2), (8, 1, 4), (6, 3, 2), (1, 1, 4)):
+                y = quant_cuda.qgemv(x, [w32], [s], zs, 4, gs, fold=True, warps=warps,
+                                     ksplit=ksplit, prefetch=pf)
+                assert y.shape == (m, 272) and y.dtype == dtype
+                assert _rel(y, ref) < bound, (gs, sym, m, warps, ksplit, _rel(y, ref))
+                assert _rel(y, ring) < bound
+        x = torch.randn(5, k, device=dev, dtype=dtype)
+        b = torch.randn(272, device=dev)
+        for warps, ksplit in ((8, 8), (4, 1)):
+            y = quant_cuda.qgemv(x, [w32], [s], zs, 4, gs, bias=b, fold=True, warps=warps,
+                                 ksplit=ksplit)
+            assert _rel(y, quant_gemv_ref(x, [qw], [s], zs, 4, gs).float() + b) < bound
+        q2, w2, s2, z2 = _weight(128, k, 4, gs, sym, dev, seed=7)
+        q3, w3, s3, z3 = _weight(48, k, 4, gs, sym, dev, seed=8)
+        zz = [] if z is None else [z, z2, z3]
+        ref3 = quant_gemv_ref(x, [qw, q2, q3], [s, s2, s3], zz, 4, gs)
+        for warps, ksplit in ((8, 8), (4, 1), (8, 2)):
+            y = quant_cuda.qgemv(x, [w32, w2, w3], [s, s2, s3], zz, 4, gs, fold=True,
+                                 warps=warps, ksplit=ksplit)
+            assert _rel(y, ref3) < bound, (warps, ksplit)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qgemv_fold_replays_from_a_cuda_graph():
+    dev = torch.device("cuda")
+    qw, w32, s, z = _weight(4096, 4096, 4, 128, False, dev, seed=0)
+    x = torch.randn(4, 4096, device=dev, dtype=torch.bfloat16)
+    y0 = quant_cuda.qgemv(x, [w32], [s], [z], 4, 128, fold=True, warps=8)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = quant_cuda.qgemv(x, [w32], [s], [z], 4, 128, fold=True, warps=8)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert _rel(y, quant_gemv_ref(x, [qw], [s], [z], 4, 128)) < 1e-2
+    assert not torch.equal(y, y0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quant_linear_takes_the_fold_kernel_for_int4_at_2_to_8_rows(monkeypatch):
+    from torch import nn
+
+    from slimlm.kernels import quant_matmul as qm
+    from slimlm.quant import QuantConfig, quantize_
+
+    dev = torch.device("cuda")
+    lin = nn.Sequential(nn.Linear(1024, 512, bias=True, device=dev, dtype=torch.bfloat16))
+    quantize_(lin, QuantConfig(bits=4, group_size=128))
+    ql = lin[0]
+    calls = []
+    real = quant_cuda.qgemv
+    monkeypatch.setattr(quant_cuda, "qgemv", lambda *a, **k: calls.append(
+        (a[0].shape[0], k.get("fold", False))) or real(*a, **k))
+    with torch.no_grad():
+        for m in (1, 2, 8, 9):
+            x = torch.randn(m, 1024, device=dev, dtype=torch.bfloat16)
+            ref = qm.quant_matmul_ref(x, ql.qweight, ql.scales, ql.zeros, 4, 128, ql.bias)
+            assert _rel(ql(x), ref) < 1e-2
+    assert calls == [(2, True), (8, True)]
 
 
 @pytest.mark.gpu

@@ -110,10 +110,14 @@ def _config_name(ql: QuantLinear, x: torch.Tensor) -> str | None:
     if ql.w8a8 or x.device.type != "cuda" or not ql._kernel_ok:
         return None
     from slimlm.kernels import quant_cuda
-    from slimlm.kernels.quant_matmul import cuda_gemv_applies
+    from slimlm.kernels.quant_matmul import cuda_gemv_plan
 
     w32, s, z = ql._operands()
-    if cuda_gemv_applies(x, w32, s, z, ql.bits, ql.group_size):
+    plan = cuda_gemv_plan(x, w32, s, z, ql.bits, ql.group_size)
+    if plan is not None and plan.get("fold"):
+        return (f"cuda-fold,warps={plan['warps']},ksplit={plan['ksplit']},"
+                f"prefetch={plan['prefetch']}")
+    if plan is not None:
         warps = quant_cuda.plan_warps(x.shape[1] // quant_cuda.chunk_codes(ql.bits))
         return f"cuda,warps={warps},stages=4"
     cfg = _pick_config(x, ql.out_features, ql.scales, ql.bits, ql.group_size, None)

@@ -8,9 +8,15 @@ registers of an ``mma.sync`` operand, so the multiply-adds run on tensor cores i
 whatever the number of rows (the source explains the fragment layout). Several weights
 that share x (q, k, v) run as one launch, and gate/up with the SwiGLU product as one.
 
-:class:`slimlm.quant.QuantLinear` runs it on the GPU for int2 weights and 4 to 16 rows of
-x (:data:`slimlm.kernels.quant_matmul.CUDA_GEMV_BITS`), where it measured faster than the
-Triton kernels, when :func:`supports` says it can; elsewhere the Triton kernels run.
+:class:`slimlm.quant.QuantLinear` runs it on the GPU where it measured faster than the
+Triton kernels (:data:`slimlm.kernels.quant_matmul.CUDA_GEMV_RULES`: int2 weights at 4 to
+16 rows of x, and the fold kernel for int4 at 2 to 8 rows), when :func:`supports` says it
+can; elsewhere the Triton kernels run.
+
+Two kernels: the ring kernel (any group size, int8/int4/int2, swiglu) dequantizes each
+pair to ``(q - z) * s`` before the MMA; the fold kernel (``fold=True``: int4, groups of
+128+) feeds the MMA the raw magic-number values and applies ``s`` and ``z`` once per
+group in fp32, about half the instructions per weight.
 ``SLIMLM_QUANT_CUDA=0`` turns it off. Built on first use
 with ``nvcc`` (see :mod:`slimlm.kernels._cuda_build`), about 20 s, then cached.
 
@@ -36,7 +42,7 @@ import torch
 from slimlm.kernels import _cuda_build
 
 __all__ = ["MAX_M", "SOURCE", "build", "chunk_codes", "fold_reason", "format_reason",
-           "plan_warps", "qgemv", "supports"]
+           "plan_fold", "plan_warps", "qgemv", "supports"]
 
 SOURCE = Path(__file__).with_name("csrc") / "quant_gemv.cu"
 #: Rows of x the kernel takes (two MMA column tiles of 8).
@@ -185,6 +191,21 @@ def plan_warps(n_chunks: int) -> int:
         raise ValueError(f"quant_cuda.plan_warps: n_chunks={n_chunks!r}: expected an integer "
                          ">= 1")
     return min(MAX_WARPS, -(-n_chunks // _U))
+
+
+#: Tiles (16 output rows) from which :func:`plan_fold` puts 4 warps, 4 splitting K, on one
+#: tile instead of 8: measured on the H200 (benchmarks/probes/qgemv_fold_probe-h200.json),
+#: 4096 rows ran fastest with 8 warps per tile, 6144 and 28672 rows with 4.
+FOLD_WIDE_TILES = 384
+
+
+def plan_fold(n_rows: int) -> tuple[int, int]:
+    """(warps per block, warps splitting one tile's K) of the fold kernel for ``n_rows``
+    output rows (all weights of a launch together): with few tiles, 8 warps share each
+    tile's K, so that enough loads are in flight; with many, 4 do."""
+    if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 1:
+        raise ValueError(f"quant_cuda.plan_fold: n_rows={n_rows!r}: expected an integer >= 1")
+    return (4, 4) if n_rows // 16 >= FOLD_WIDE_TILES else (8, 8)
 
 
 def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],

@@ -1257,40 +1257,61 @@ def _pick_config(x2: torch.Tensor, n: int, scales: torch.Tensor, bits: int, grou
     return cfg
 
 
-#: Where the CUDA C++ tensor-core GEMV (:mod:`slimlm.kernels.quant_cuda`) replaces the
-#: Triton kernels: int2 weights times 4 to 16 rows of x. Measured on the H200 at the
-#: Llama-3-8B shapes it is 1.1-1.6x faster than them there, and slower at M = 1 and
-#: for most int4/int8 cases (benchmarks/probes/qgemv_probe-h200.json).
-CUDA_GEMV_BITS = (2,)
-CUDA_GEMV_MIN_M = 4
+#: Where the CUDA C++ tensor-core GEMVs (:mod:`slimlm.kernels.quant_cuda`) replace the
+#: Triton kernels, as (bits, fewest rows, most rows, kernel). Measured on the H200 at the
+#: Llama-3-8B shapes, CUDA-graph replays with L2 flushed, in the same run as Triton:
+#: the ring kernel is 1.1-1.6x faster than Triton for int2 at 4-16 rows
+#: (benchmarks/probes/qgemv_probe-h200.json); the fold kernel 1.0-1.7x faster for int4
+#: at 2-8 rows, where one MMA column tile holds all of x (the fold probe,
+#: benchmarks/probes/qgemv_fold_probe-h200.json). At one row Triton's CUDA-core GEMV
+#: stays faster (up to 1.25x), and at 9-16 rows for int4 the two are within a few
+#: percent either way.
+CUDA_GEMV_RULES = ((2, 4, 16, "ring"), (4, 2, 8, "fold"))
+
+
+def cuda_gemv_plan(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
+                   zeros: torch.Tensor | None, bits: int,
+                   group_size: int) -> dict[str, Any] | None:
+    """The keyword arguments of :func:`slimlm.kernels.quant_cuda.qgemv` when quant_matmul
+    runs a CUDA GEMV on these operands (:data:`CUDA_GEMV_RULES` say it is the faster
+    kernel and :func:`slimlm.kernels.quant_cuda.supports` says it can run), else None."""
+    m = x2.shape[0]
+    kind = next((k for b, lo, hi, k in CUDA_GEMV_RULES if b == bits and lo <= m <= hi), None)
+    if kind is None:
+        return None
+    from slimlm.kernels import quant_cuda
+
+    if kind == "fold" and quant_cuda.fold_reason(bits, group_size) is not None:
+        return None
+    zs = [] if zeros is None else [zeros]
+    if quant_cuda.supports(x2, [w32], [scales], zs, bits, group_size) is not None:
+        return None
+    if kind == "ring":
+        return {"stages": 4}
+    warps, ksplit = quant_cuda.plan_fold(w32.shape[0])
+    return {"fold": True, "warps": warps, "ksplit": ksplit, "prefetch": 4}
 
 
 def cuda_gemv_applies(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
                       zeros: torch.Tensor | None, bits: int, group_size: int) -> bool:
-    """Whether quant_matmul runs the CUDA GEMV on these operands: :data:`CUDA_GEMV_BITS`
-    and the row range say it is the faster kernel, and
-    :func:`slimlm.kernels.quant_cuda.supports` says it can run."""
-    if bits not in CUDA_GEMV_BITS or not CUDA_GEMV_MIN_M <= x2.shape[0] <= 16:
-        return False
-    from slimlm.kernels import quant_cuda
-
-    zs = [] if zeros is None else [zeros]
-    return quant_cuda.supports(x2, [w32], [scales], zs, bits, group_size) is None
+    """Whether quant_matmul runs a CUDA GEMV on these operands (:func:`cuda_gemv_plan`)."""
+    return cuda_gemv_plan(x2, w32, scales, zeros, bits, group_size) is not None
 
 
 def _cuda_gemv(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor | None, bits: int, group_size: int,
                bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The CUDA GEMV's (M, N) result where :func:`cuda_gemv_applies`; None otherwise (the
-    caller runs the Triton kernels)."""
-    if not cuda_gemv_applies(x2, w32, scales, zeros, bits, group_size):
+    """The CUDA GEMV's (M, N) result where :func:`cuda_gemv_plan` gives a plan; None
+    otherwise (the caller runs the Triton kernels)."""
+    plan = cuda_gemv_plan(x2, w32, scales, zeros, bits, group_size)
+    if plan is None:
         return None
     from slimlm.kernels import quant_cuda
 
     zs = [] if zeros is None else [zeros]
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.float().contiguous()  # the kernel adds an fp32 bias
-    return quant_cuda.qgemv(x2, [w32], [scales], zs, bits, group_size, bias=bias, stages=4)
+    return quant_cuda.qgemv(x2, [w32], [scales], zs, bits, group_size, bias=bias, **plan)
 
 
 def _quant_matmul_triton(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
