@@ -1,7 +1,7 @@
 """Probe the fold kernel of slimlm/kernels/csrc/quant_gemv.cu (``quant_cuda.qgemv(...,
 fold=True)``) on a GPU: error against the fp32 reference, then device time (CUDA-graph
 replays, L2 flushed) against bf16 F.linear (cuBLAS), the Triton kernel and the ring kernel
-at the Llama-3-8B layer shapes, over warps per block and loads in flight.
+at the Llama-3-8B layer shapes, over warps per block and warps per tile.
 
     python scripts/qgemv_fold_probe.py --out $OUT/fold_probe.json [--check-only] [--time-only]
 """
@@ -54,10 +54,9 @@ def check(dev, emit) -> None:
                     ref = quant_gemv_ref(x, [ql.qweight], [s], zs, bits, gs).float()
                     row["ring_err"] = _rel(quant_cuda.qgemv(x, [w32], [s], zs, bits, gs), ref)
                     for wp, ksp in ((1, 1), (3, 3), (8, 8), (8, 2), (4, 1), (3, 1), (6, 3)):
-                        for pf in (2, 4):
-                            y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, fold=True, warps=wp,
-                                                 prefetch=pf, ksplit=ksp)
-                            row[f"err_w{wp}k{ksp}p{pf}"] = _rel(y, ref)
+                        y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, fold=True, warps=wp,
+                                             ksplit=ksp)
+                        row[f"err_w{wp}k{ksp}"] = _rel(y, ref)
                     b = torch.randn(n, device=dev)
                     y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, bias=b, fold=True, warps=4)
                     row["bias_err"] = _rel(y, (ref + b))
@@ -100,15 +99,14 @@ def timing(dev, emit, ms, shapes, rep, formats) -> None:
                         row["triton_us"] = t(lambda: quant_matmul_packed(x, w32, s, z, bits, gs))
                         row["ring_us"] = t(lambda: quant_cuda.qgemv(x, [w32], [s], zs, bits, gs))
                         best = None
-                        for wp, ksp in ((8, 8), (8, 4), (8, 2), (8, 1), (4, 4), (4, 1)):
-                            for pf in (2, 4):
-                                us = t(lambda: quant_cuda.qgemv(
-                                    x, [w32], [s], zs, bits, gs, fold=True, warps=wp,
-                                    prefetch=pf, ksplit=ksp))
-                                key = f"fold_w{wp}k{ksp}p{pf}"
-                                row[key + "_us"] = us
-                                if best is None or us < best[1]:
-                                    best = (key, us)
+                        for wp, ksp in ((8, 8), (8, 4), (8, 2), (8, 1), (4, 4), (4, 2), (4, 1),
+                                        (2, 2), (2, 1)):
+                            us = t(lambda: quant_cuda.qgemv(x, [w32], [s], zs, bits, gs,
+                                                            fold=True, warps=wp, ksplit=ksp))
+                            key = f"fold_w{wp}k{ksp}"
+                            row[key + "_us"] = us
+                            if best is None or us < best[1]:
+                                best = (key, us)
                         nbytes = ql.storage_bytes() + (x.numel() + m * n) * 2
                         row.update(best=best[0], best_us=best[1],
                                    best_speedup=row["bf16_us"] / best[1],

@@ -1,6 +1,6 @@
 """One shape of the CUDA quantized GEMV for Nsight Compute:
 ncu -k regex:qgemv --launch-skip 3 --launch-count 1 python scripts/qgemv_ncu_target.py
-    [N K BITS M WARPS STAGES [FOLD]]   (FOLD=1: the fold kernel, STAGES = its prefetch)"""
+    [N K BITS M WARPS STAGES [FOLD]]   (FOLD=1: the fold kernel, STAGES = its ksplit)"""
 
 import os
 import sys
@@ -24,7 +24,7 @@ x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
 for _ in range(5):
     if fold:
         quant_cuda.qgemv(x, [w32], [s], [z], bits, ql.group_size, warps=warps, fold=True,
-                         prefetch=stages)
+                         ksplit=stages)
     else:
         quant_cuda.qgemv(x, [w32], [s], [z], bits, ql.group_size, warps=warps, stages=stages)
 torch.cuda.synchronize()

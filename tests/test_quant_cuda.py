@@ -55,8 +55,8 @@ def test_plan_warps_and_qgemv_reject_bad_arguments():
 def test_fold_reason_and_plan_fold():
     assert quant_cuda.fold_reason(4, 128) is None
     assert "bits=8" in quant_cuda.fold_reason(8, 128)
+    assert "bits=2" in quant_cuda.fold_reason(2, 128)
     assert "group_size=64" in quant_cuda.fold_reason(4, 64)  # a chunk is 128 int4 codes
-    assert "group_size=64" in quant_cuda.fold_reason(2, 64)  # 256 int2 codes
     assert quant_cuda.plan_fold(4096) == (8, 8)  # 256 tiles: every warp on one tile's K
     assert quant_cuda.plan_fold(6144) == (4, 4)
     assert quant_cuda.plan_fold(28672) == (4, 4)
@@ -74,8 +74,6 @@ def test_qgemv_fold_rejects_bad_arguments_before_any_launch():
         quant_cuda.qgemv(x, [w], [s], [], 4, 64, fold=True)
     with pytest.raises(ValueError, match="swiglu"):
         quant_cuda.qgemv(x, [w, w], [s, s], [], 4, 128, fold=True, swiglu=True)
-    with pytest.raises(ValueError, match="prefetch=3"):
-        quant_cuda.qgemv(x, [w], [s], [], 4, 128, fold=True, prefetch=3)
     with pytest.raises(ValueError, match="ksplit=3"):
         quant_cuda.qgemv(x, [w], [s], [], 4, 128, fold=True, warps=8, ksplit=3)
     with pytest.raises(ValueError, match="ksplit=2"):
@@ -95,8 +93,7 @@ def test_cuda_gemv_plan_follows_the_rules(monkeypatch):
     for m, want in ((1, None), (2, "fold"), (8, "fold"), (9, None), (16, None)):
         plan = qm.cuda_gemv_plan(torch.randn(m, 4096), w, s, None, 4, 128)
         assert (plan and ("fold" if plan.get("fold") else "ring")) == want, (m, plan)
-    assert qm.cuda_gemv_plan(x, w, s, None, 4, 128) == {"fold": True, "warps": 4, "ksplit": 4,
-                                                        "prefetch": 4}
+    assert qm.cuda_gemv_plan(x, w, s, None, 4, 128) == {"fold": True, "warps": 4, "ksplit": 4}
     assert qm.cuda_gemv_plan(x, w, s, None, 4, 64) is None  # groups too small for the fold
     w2 = torch.zeros(6144, 256, dtype=torch.int32)  # int2
     for m, want in ((1, None), (3, None), (4, {"stages": 4}), (16, {"stages": 4})):
@@ -180,21 +177,21 @@ def test_qgemv_matches_the_reference(bits, gs, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [1024, 6144])  # x in shared memory (<= 16 KB) or read from L1
 def test_qgemv_fold_matches_the_reference_and_the_ring_kernel(dtype, k):
-    """int4, groups of 128 and 256 codes (256: two chunks per group), rows 1 to 16,
-    symmetric and with zero points, warps / ksplit / prefetch varied (a block holding
-    several tiles, a last block with fewer tiles than warps), a bias and three weights."""
+    """int4-g128, rows 1 to 16, symmetric and with zero points, warps and ksplit varied (a
+    block holding several tiles, a last block with fewer tiles than warps), a bias and
+    three weights in one launch."""
     dev = torch.device("cuda")
     bound = 1e-2 if dtype == torch.bfloat16 else 2e-3
-    for gs, sym in ((128, False), (128, True), (256, False)):
+    for gs, sym in ((128, False), (128, True)):
         qw, w32, s, z = _weight(272, k, 4, gs, sym, dev, seed=gs + sym)  # 17 tiles
         zs = [] if z is None else [z]
         for m in (1, 2, 5, 8, 9, 16):
             x = torch.randn(m, k, device=dev, dtype=dtype)
             ref = quant_gemv_ref(x, [qw], [s], zs, 4, gs).float()
             ring = quant_cuda.qgemv(x, [w32], [s], zs, 4, gs)
-            for warps, ksplit, pf in ((8, 8, 4), (4, 4, 2), (8, 1, 4), (6, 3, 2), (1, 1, 4)):
+            for warps, ksplit in ((8, 8), (4, 4), (8, 1), (6, 3), (1, 1)):
                 y = quant_cuda.qgemv(x, [w32], [s], zs, 4, gs, fold=True, warps=warps,
-                                     ksplit=ksplit, prefetch=pf)
+                                     ksplit=ksplit)
                 assert y.shape == (m, 272) and y.dtype == dtype
                 assert _rel(y, ref) < bound, (gs, sym, m, warps, ksplit, _rel(y, ref))
                 assert _rel(y, ring) < bound

@@ -115,8 +115,7 @@ def _config_name(ql: QuantLinear, x: torch.Tensor) -> str | None:
     w32, s, z = ql._operands()
     plan = cuda_gemv_plan(x, w32, s, z, ql.bits, ql.group_size)
     if plan is not None and plan.get("fold"):
-        return (f"cuda-fold,warps={plan['warps']},ksplit={plan['ksplit']},"
-                f"prefetch={plan['prefetch']}")
+        return f"cuda-fold,warps={plan['warps']},ksplit={plan['ksplit']}"
     if plan is not None:
         warps = quant_cuda.plan_warps(x.shape[1] // quant_cuda.chunk_codes(ql.bits))
         return f"cuda,warps={warps},stages=4"

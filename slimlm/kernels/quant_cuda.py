@@ -95,13 +95,12 @@ def format_reason(bits: int, k: int, group_size: int, n_rows: Sequence[int],
 
 def fold_reason(bits: int, group_size: int) -> str | None:
     """None when the fold kernel (``qgemv(..., fold=True)``) takes this format, else why
-    not: int4 or int2 with groups of at least one chunk (:func:`chunk_codes` channels),
-    so that every MMA's 16 input channels share one scale."""
-    if bits not in (2, 4):
-        return f"bits={bits} (the fold kernel takes 2 or 4)"
-    if group_size < chunk_codes(bits):
-        return (f"group_size={group_size} (the fold kernel takes groups of >= "
-                f"{chunk_codes(bits)} channels at {bits} bits)")
+    not: int4 with groups of 128 codes, one chunk (:func:`chunk_codes`), so that every
+    MMA's 16 input channels share one scale."""
+    if bits != 4:
+        return f"bits={bits} (the fold kernel takes 4)"
+    if group_size != chunk_codes(bits):
+        return f"group_size={group_size} (the fold kernel takes {chunk_codes(bits)} at 4 bits)"
     return None
 
 
@@ -117,8 +116,8 @@ def _configure(lib: ctypes.CDLL) -> None:
                                  ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     lib.slimlm_qgemv.restype = ctypes.c_int
     lib.slimlm_qgemv_fold.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int,
-                                      ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                      ctypes.c_void_p, ctypes.c_int]
+                                      ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                      ctypes.c_int]
     lib.slimlm_qgemv_fold.restype = ctypes.c_int
 
 
@@ -212,16 +211,16 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
           zeros: Sequence[torch.Tensor], bits: int, group_size: int, *,
           bias: torch.Tensor | None = None, swiglu: bool = False,
           warps: int | None = None, stages: int = 4, fold: bool = False,
-          prefetch: int = 4, ksplit: int | None = None) -> torch.Tensor:
+          ksplit: int | None = None) -> torch.Tensor:
     """``cat([x @ dequant(W_i)^T (+ bias)])`` (M, sum N_i) in x's dtype, or with ``swiglu``
     (two weights: gate, up) ``silu(x W0^T) * (x W1^T)`` (M, N). Call :func:`supports`
     first (this checks only what it cannot: the combination of arguments). ``bias``: fp32
     (N,), one weight only. ``warps`` overrides :func:`plan_warps`.
 
     ``fold=True`` runs the fold kernel instead (:func:`fold_reason` must be None; no
-    swiglu): scales and zero points applied once per group in fp32, ``prefetch`` (2 or 4)
-    chunks in flight per warp; a block's ``warps`` work on ``warps // ksplit`` 16-row tiles,
-    ``ksplit`` warps splitting each tile's K (default: all of them on one tile)."""
+    swiglu): scales and zero points applied once per group in fp32; a block's ``warps``
+    work on ``warps // ksplit`` 16-row tiles, ``ksplit`` warps splitting each tile's K
+    (default: all of them on one tile)."""
     if swiglu and (len(w32s) != 2 or w32s[0].shape != w32s[1].shape):
         raise ValueError(f"quant_cuda.qgemv: swiglu=True with weights "
                          f"{[tuple(w.shape) for w in w32s]}: expected two of equal shape")
@@ -235,8 +234,6 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
         why = fold_reason(bits, group_size)
         if why is not None or swiglu:
             raise ValueError(f"quant_cuda.qgemv: fold=True: {why or 'swiglu is not supported'}")
-        if prefetch not in (2, 4):
-            raise ValueError(f"quant_cuda.qgemv: prefetch={prefetch}: expected 2 or 4")
         if ksplit is not None and (warps is None or ksplit < 1 or warps % ksplit):
             raise ValueError(f"quant_cuda.qgemv: ksplit={ksplit}: expected a divisor of "
                              f"warps={warps}")
@@ -264,8 +261,7 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
     lib = load(x2.device)
     if fold:
         err = lib.slimlm_qgemv_fold(ctypes.byref(p), bits, int(x2.dtype == torch.bfloat16),
-                                    warps, ksplit or warps, prefetch, ctypes.c_void_p(stream),
-                                    index)
+                                    warps, ksplit or warps, ctypes.c_void_p(stream), index)
     else:
         err = lib.slimlm_qgemv(ctypes.byref(p), bits, int(x2.dtype == torch.bfloat16),
                                warps, stages, ctypes.c_void_p(stream), index)

@@ -1289,7 +1289,7 @@ def cuda_gemv_plan(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
     if kind == "ring":
         return {"stages": 4}
     warps, ksplit = quant_cuda.plan_fold(w32.shape[0])
-    return {"fold": True, "warps": warps, "ksplit": ksplit, "prefetch": 4}
+    return {"fold": True, "warps": warps, "ksplit": ksplit}
 
 
 def cuda_gemv_applies(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,

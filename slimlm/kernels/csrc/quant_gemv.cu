@@ -468,16 +468,18 @@ int dispatch(const QGemvParams* p, int warps, int stages, int sms, cudaStream_t 
 
 
 // ---------------------------------------------------------------------------------------
-// Fold kernel (int4 and int2, groups spanning whole chunks): the group's scale and zero
-// point leave the inner loop. The A operand is the magic-number value itself, v = MAGIC + q
-// (one lop3 per pair, plus a shift per field), so the tensor core sums v * x over a group:
+// Fold kernel (int4, groups of 128 codes: one chunk, the quad's four 16-byte vectors of a
+// row, is one group): the group's scale and zero point leave the inner loop. The A
+// operand is the magic-number value itself, v = MAGIC + q (one lop3 per pair, plus a
+// shift per field), so the tensor core sums v * x over the group:
 //   sum (q - z) x = sum v x - (MAGIC + z) sum x,   y += s * (that)   (fp32, per group)
-// sum x over the group comes from a second MMA with an all-ones A on the same B fragment.
-// All 16 k slots of one MMA must then lie in one group: a chunk (the quad's four 16-byte
-// vectors of a row) is 128 int4 or 256 int2 codes, so the group size must be a multiple.
-// No shared-memory ring: each warp keeps P chunks of loads in flight in registers, owns a
-// K slice of one 16-row tile (blocks are tiles, non-persistent) and the warps of a block
-// meet once, at the end, to sum.
+// sum x over the group comes from a second MMA with an all-ones A on the same B fragment
+// (computing it per block in shared memory measured slower). No shared-memory ring: each
+// warp keeps FOLD_P chunks of loads in flight in registers, pointers advance by a fixed
+// stride, and a block's warps are (tiles per block) x ksplit: ksplit warps split one
+// 16-row tile's K and meet once, at the end, to sum.
+constexpr int FOLD_P = 4;
+
 __device__ __forceinline__ uint4 ldg_stream(const uint32_t* ptr) {  // read once: no L1
   uint4 v;
   asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -485,13 +487,29 @@ __device__ __forceinline__ uint4 ldg_stream(const uint32_t* ptr) {  // read once
   return v;
 }
 
-// Pair i of word w as MAGIC + code: (code i, code i + PER/2), field moved to bit 0.
-template <int BITS, bool BF>
-__device__ __forceinline__ void unpack_raw(uint32_t w, uint32_t (&a)[G<BITS>::PAIRS]) {
+// d = A B (C = 0): the first MMA of a group starts its sum without zeroing registers.
+template <bool BF>
+__device__ __forceinline__ void mma_z(float* d, uint32_t a0, uint32_t a1, uint32_t a2,
+                                      uint32_t a3, uint32_t b0, uint32_t b1) {
+  const float z = 0.f;
+  if constexpr (BF)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%10,%10,%10,%10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(z));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%10,%10,%10,%10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(z));
+}
+
+// Pair i of an int4 word as MAGIC + code: (code i, code i + 4), field moved to bit 0.
+template <bool BF> __device__ __forceinline__ void unpack_raw4(uint32_t w, uint32_t (&a)[4]) {
   const uint32_t magic = BF ? 0x43004300u : 0x64006400u;
-  const uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
+  const uint32_t mask = 0x000F000Fu;
 #pragma unroll
-  for (int i = 0; i < G<BITS>::PAIRS; ++i) a[i] = lop_or(w >> (BITS * i), mask, magic);
+  for (int i = 0; i < 4; ++i) a[i] = lop_or(w >> (4 * i), mask, magic);
 }
 
 // x goes through shared memory, in the pair order of x_pairs (one 16-byte read per word
@@ -502,109 +520,94 @@ __host__ __device__ inline int fold_x_bytes(int m, int k) {
   return b <= FOLD_XS_MAX ? b : 0;
 }
 
-template <int BITS, bool BF, int NT, int P, bool XS>
+template <bool BF, int NT, bool XS>
 __global__ void __launch_bounds__(32 * MAX_WARPS)
 qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
-  using Geo = G<BITS>;
+  using Geo = G<4>;
+  constexpr int P = FOLD_P;
   constexpr float MAGIC = BF ? 128.f : 1024.f;
   constexpr uint32_t ONE = BF ? 0x3F803F80u : 0x3C003C00u;
-  constexpr int CSHIFT = BITS == 4 ? 7 : 8;  // log2(Geo::CHUNK)
   __shared__ float red[MAX_WARPS * 16 * 8 * NT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
-  // warps = (tiles per block) x ksplit: warp w works on tile w / ksplit of the block, on
-  // the K slice w % ksplit (group blocks ks, ks + ksplit, ...)
+  // warp w works on tile w / ksplit of the block and on the K slice w % ksplit: chunks
+  // (= groups) ks, ks + ksplit, ...
   const int tpb = nwarps / ksplit, ks = warp % ksplit;
   const int tile = blockIdx.x * tpb + warp / ksplit;
   const int tiles = (p.n[0] + (p.nw > 1 ? p.n[1] : 0) + (p.nw > 2 ? p.n[2] : 0)) / 16;
   const int kw = p.k / Geo::PER;
-  const int cshift = p.gshift - CSHIFT;         // log2(chunks per group)
-  const int ngb = (p.k / Geo::CHUNK) >> cshift;  // groups per row
-  const int gbs = (tile < tiles && ks < ngb) ? (ngb - ks + ksplit - 1) / ksplit : 0;
-  const int items = gbs << cshift;              // chunks of this warp
+  const int nch = p.k / Geo::CHUNK;
+  const int items = (tile < tiles && ks < nch) ? (nch - ks + ksplit - 1) / ksplit : 0;
   const bool has_z = p.z[0] != nullptr;
 
   int t = tile < tiles ? tile : 0, wi = 0, col0 = 0;
   while (wi + 1 < p.nw && t >= p.n[wi] / 16) { t -= p.n[wi] / 16; col0 += p.n[wi]; ++wi; }
   const int row0 = t * 16;
-  const uint32_t* wpa = p.w[wi] + (size_t)(row0 + gid) * kw + 4 * tig;
-  const uint32_t* wpb = wpa + (size_t)8 * kw;
-  const unsigned short* spa = p.s[wi] + (size_t)(row0 + gid) * p.groups;
-  const unsigned short* spb = spa + (size_t)8 * p.groups;
-  const unsigned short* zpa = has_z ? p.z[wi] + (size_t)(row0 + gid) * p.groups : nullptr;
-  const unsigned short* zpb = has_z ? zpa + (size_t)8 * p.groups : nullptr;
-  const unsigned short* xb = static_cast<const unsigned short*>(p.x);
-  const bool live0 = gid < p.m, live1 = gid + 8 < p.m;
-  const unsigned short* xr0 = xb + (size_t)(live0 ? gid : 0) * p.sx;
-  const unsigned short* xr1 = xb + (size_t)(live1 ? gid + 8 : 0) * p.sx;
-
-  // item i -> chunk: group blocks ks, ks + ksplit, ..., each 2^cshift chunks
-  auto chunk_of = [&](int i) {
-    return ((ks + (i >> cshift) * ksplit) << cshift) + (i & ((1 << cshift) - 1));
-  };
+  // load pointers (row gid; row gid + 8 is 8 rows further), advanced per load
+  const uint32_t* lw = p.w[wi] + (size_t)(row0 + gid) * kw + 4 * tig + ks * 16;
+  const size_t w8 = (size_t)8 * kw;
+  const unsigned short* ls = p.s[wi] + (size_t)(row0 + gid) * p.groups + ks;
+  const unsigned short* lz = has_z ? p.z[wi] + (size_t)(row0 + gid) * p.groups + ks : nullptr;
+  const size_t g8 = (size_t)8 * p.groups;
+  const int wstep = ksplit * 16;  // words per item
 
   uint4 ba[P], bb[P];
   unsigned short sa[P], sb[P], za[P], zb[P];
   auto load = [&](int s, int i) {
     if (i < items) {
-      const int ch = chunk_of(i);
-      ba[s] = ldg_stream(wpa + ch * 16);
-      bb[s] = ldg_stream(wpb + ch * 16);
-      const int grp = ch >> cshift;
-      sa[s] = __ldg(spa + grp);
-      sb[s] = __ldg(spb + grp);
-      if (has_z) { za[s] = __ldg(zpa + grp); zb[s] = __ldg(zpb + grp); }
+      ba[s] = ldg_stream(lw);
+      bb[s] = ldg_stream(lw + w8);
+      sa[s] = __ldg(ls);
+      sb[s] = __ldg(ls + g8);
+      if (has_z) { za[s] = __ldg(lz); zb[s] = __ldg(lz + g8); lz += ksplit; }
+      lw += wstep;
+      ls += ksplit;
     }
   };
 #pragma unroll
   for (int s = 0; s < P; ++s) load(s, s);
 
   // XS: x into shared memory in pair order while the first weight loads are in flight.
-  // (Group sums of x computed here instead of the all-ones MMA measured slower: the
-  // per-block reduction costs more than the MMAs it saves.)
   extern __shared__ __align__(16) unsigned char fold_smem[];
   uint32_t* xs = reinterpret_cast<uint32_t*>(fold_smem);
   const int xstride = (2 * p.k + 16) / 4;  // 32-bit words per x row
+  const unsigned short* xb = static_cast<const unsigned short*>(p.x);
   if constexpr (XS) {
     for (int i = threadIdx.x; i < p.m * kw; i += blockDim.x) {
       const int r = i / kw, wd = i % kw;
-      uint32_t xr[Geo::PER / 2], b[Geo::PAIRS];
-      load_x_word<BITS, false>(xb + (size_t)r * p.sx, wd * Geo::PER, true, xr);
-      x_pairs<BITS>(xr, b);
-      uint32_t* dst = xs + r * xstride + wd * Geo::PAIRS;
-#pragma unroll
-      for (int j = 0; j < Geo::PAIRS; j += 4)
-        *reinterpret_cast<uint4*>(dst + j) = make_uint4(b[j], b[j + 1], b[j + 2], b[j + 3]);
+      uint32_t xr[4], b[4];
+      load_x_word<4, false>(xb + (size_t)r * p.sx, wd * Geo::PER, true, xr);
+      x_pairs<4>(xr, b);
+      *reinterpret_cast<uint4*>(xs + r * xstride + wd * 4) = make_uint4(b[0], b[1], b[2], b[3]);
     }
     __syncthreads();
   }
-  const uint32_t* xs0 = xs + (live0 ? gid : 0) * xstride;
-  const uint32_t* xs1 = xs + (live1 ? gid + 8 : 0) * xstride;
-  // B fragments of word wd for one x row (pair order), zeros for rows >= M
-  auto x_frag = [&](const unsigned short* xrow, const uint32_t* xsrow, bool live, int wd,
-                    uint32_t (&b)[Geo::PAIRS]) {
+  const bool live0 = gid < p.m, live1 = gid + 8 < p.m;
+  // compute pointers to x of this thread's first word: shared (pair order, 4 words of
+  // 32 bits per weight word) or global (natural order, 8 elements per weight word)
+  const int wd0 = ks * 16 + 4 * tig;
+  const uint32_t* xsp0 = xs + (live0 ? gid : 0) * xstride + wd0 * 4;
+  const uint32_t* xsp1 = xs + (live1 ? gid + 8 : 0) * xstride + wd0 * 4;
+  const unsigned short* xgp0 = xb + (size_t)(live0 ? gid : 0) * p.sx + wd0 * 8;
+  const unsigned short* xgp1 = xb + (size_t)(live1 ? gid + 8 : 0) * p.sx + wd0 * 8;
+  auto x_frag = [&](const unsigned short* xg, const uint32_t* xsp, bool live, int q,
+                    uint32_t (&b)[4]) {
     if constexpr (XS) {
-#pragma unroll
-      for (int j = 0; j < Geo::PAIRS; j += 4) {
-        const uint4 v = live ? *reinterpret_cast<const uint4*>(xsrow + wd * Geo::PAIRS + j)
-                             : make_uint4(0u, 0u, 0u, 0u);
-        b[j] = v.x; b[j + 1] = v.y; b[j + 2] = v.z; b[j + 3] = v.w;
-      }
+      const uint4 v = live ? *reinterpret_cast<const uint4*>(xsp + 4 * q)
+                           : make_uint4(0u, 0u, 0u, 0u);
+      b[0] = v.x; b[1] = v.y; b[2] = v.z; b[3] = v.w;
     } else {
-      uint32_t xr[Geo::PER / 2];
-      load_x_word<BITS, false>(xrow, wd * Geo::PER, live, xr);
-      x_pairs<BITS>(xr, b);
+      uint32_t xr[4];
+      load_x_word<4, false>(xg, 8 * q, live, xr);
+      x_pairs<4>(xr, b);
     }
   };
 
-  float acc[NT][4], cr[2][NT][4], co[2][NT][4];
+  float acc[NT][4], cr[NT][4], co[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      acc[n][e] = 0.f;
-      cr[0][n][e] = cr[1][n][e] = co[0][n][e] = co[1][n][e] = 0.f;
-    }
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
 
 #pragma unroll 1
   for (int i0 = 0; i0 < items; i0 += P) {
@@ -612,49 +615,46 @@ qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
     for (int s = 0; s < P; ++s) {
       const int i = i0 + s;
       if (i < items) {
-        const uint4 wa = ba[s], wb = bb[s];
-        const unsigned short csa = sa[s], csb = sb[s];
-        const unsigned short cza = has_z ? za[s] : 0, czb = has_z ? zb[s] : 0;
-        const int ch = chunk_of(i);
-        const int wd0 = ch * 16 + 4 * tig;  // the thread's first word of the row
-        load(s, i + P);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          uint32_t b0[Geo::PAIRS], b1[Geo::PAIRS];
-          x_frag(xr0, xs0, live0, wd0 + q, b0);
-          if constexpr (NT == 2) x_frag(xr1, xs1, live1, wd0 + q, b1);
-          const uint32_t wqa = q == 0 ? wa.x : q == 1 ? wa.y : q == 2 ? wa.z : wa.w;
-          const uint32_t wqb = q == 0 ? wb.x : q == 1 ? wb.y : q == 2 ? wb.z : wb.w;
-          uint32_t aa[Geo::PAIRS], ab[Geo::PAIRS];
-          unpack_raw<BITS, BF>(wqa, aa);
-          unpack_raw<BITS, BF>(wqb, ab);
+          uint32_t b0[4], b1[4];
+          x_frag(xgp0, xsp0, live0, q, b0);
+          if constexpr (NT == 2) x_frag(xgp1, xsp1, live1, q, b1);
+          const uint32_t wqa = q == 0 ? ba[s].x : q == 1 ? ba[s].y : q == 2 ? ba[s].z : ba[s].w;
+          const uint32_t wqb = q == 0 ? bb[s].x : q == 1 ? bb[s].y : q == 2 ? bb[s].z : bb[s].w;
+          uint32_t aa[4], ab[4];
+          unpack_raw4<BF>(wqa, aa);
+          unpack_raw4<BF>(wqb, ab);
 #pragma unroll
-          for (int j = 0; j < Geo::PAIRS / 2; ++j) {
-            mma<BF>(cr[q & 1][0], aa[2 * j], ab[2 * j], aa[2 * j + 1], ab[2 * j + 1],
-                    b0[2 * j], b0[2 * j + 1]);
-            mma<BF>(co[q & 1][0], ONE, ONE, ONE, ONE, b0[2 * j], b0[2 * j + 1]);
-            if constexpr (NT == 2) {
-              mma<BF>(cr[q & 1][1], aa[2 * j], ab[2 * j], aa[2 * j + 1], ab[2 * j + 1],
-                      b1[2 * j], b1[2 * j + 1]);
-              mma<BF>(co[q & 1][1], ONE, ONE, ONE, ONE, b1[2 * j], b1[2 * j + 1]);
+          for (int j = 0; j < 2; ++j) {
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+              const uint32_t* bn = n == 0 ? b0 : b1;
+              if (q == 0 && j == 0) {
+                mma_z<BF>(cr[n], aa[0], ab[0], aa[1], ab[1], bn[0], bn[1]);
+                mma_z<BF>(co[n], ONE, ONE, ONE, ONE, bn[0], bn[1]);
+              } else {
+                mma<BF>(cr[n], aa[2 * j], ab[2 * j], aa[2 * j + 1], ab[2 * j + 1],
+                        bn[2 * j], bn[2 * j + 1]);
+                mma<BF>(co[n], ONE, ONE, ONE, ONE, bn[2 * j], bn[2 * j + 1]);
+              }
             }
           }
         }
-        if (((i + 1) & ((1 << cshift) - 1)) == 0) {  // the group ends with this chunk
-          const float s_a = h2f(csa), s_b = h2f(csb);
-          const float off_a = MAGIC + (has_z ? h2f(cza) : (float)Geo::CEN);
-          const float off_b = MAGIC + (has_z ? h2f(czb) : (float)Geo::CEN);
+        // the group ends with this chunk
+        const float s_a = h2f(sa[s]), s_b = h2f(sb[s]);
+        const float off_a = MAGIC + (has_z ? h2f(za[s]) : (float)Geo::CEN);
+        const float off_b = MAGIC + (has_z ? h2f(zb[s]) : (float)Geo::CEN);
 #pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            const float x0 = co[0][n][0] + co[1][n][0], x1 = co[0][n][1] + co[1][n][1];
-            acc[n][0] = fmaf(s_a, fmaf(-off_a, x0, cr[0][n][0] + cr[1][n][0]), acc[n][0]);
-            acc[n][1] = fmaf(s_a, fmaf(-off_a, x1, cr[0][n][1] + cr[1][n][1]), acc[n][1]);
-            acc[n][2] = fmaf(s_b, fmaf(-off_b, x0, cr[0][n][2] + cr[1][n][2]), acc[n][2]);
-            acc[n][3] = fmaf(s_b, fmaf(-off_b, x1, cr[0][n][3] + cr[1][n][3]), acc[n][3]);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) cr[0][n][e] = cr[1][n][e] = co[0][n][e] = co[1][n][e] = 0.f;
-          }
+        for (int n = 0; n < NT; ++n) {
+          acc[n][0] = fmaf(s_a, fmaf(-off_a, co[n][0], cr[n][0]), acc[n][0]);
+          acc[n][1] = fmaf(s_a, fmaf(-off_a, co[n][1], cr[n][1]), acc[n][1]);
+          acc[n][2] = fmaf(s_b, fmaf(-off_b, co[n][0], cr[n][2]), acc[n][2]);
+          acc[n][3] = fmaf(s_b, fmaf(-off_b, co[n][1], cr[n][3]), acc[n][3]);
         }
+        xsp0 += ksplit * 64; xsp1 += ksplit * 64;
+        xgp0 += ksplit * 128; xgp1 += ksplit * 128;
+        load(s, i + P);  // after the compute: the slot's registers are free again
       }
     }
   }
@@ -706,30 +706,17 @@ qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
   }
 }
 
-template <int BITS, bool BF, int NT, int P>
+template <bool BF, int NT>
 int launch_fold(const QGemvParams* p, int warps, int ksplit, cudaStream_t stream) {
   const int tiles = (p->n[0] + (p->nw > 1 ? p->n[1] : 0) + (p->nw > 2 ? p->n[2] : 0)) / 16;
   const int tpb = warps / ksplit;
   const int grid = (tiles + tpb - 1) / tpb;
   const int xs = fold_x_bytes(p->m, p->k);
-  if (xs) {
-    qgemv_fold_kernel<BITS, BF, NT, P, true><<<grid, 32 * warps, xs, stream>>>(*p, ksplit);
-  } else {
-    qgemv_fold_kernel<BITS, BF, NT, P, false><<<grid, 32 * warps, 0, stream>>>(*p, ksplit);
-  }
+  if (xs)
+    qgemv_fold_kernel<BF, NT, true><<<grid, 32 * warps, xs, stream>>>(*p, ksplit);
+  else
+    qgemv_fold_kernel<BF, NT, false><<<grid, 32 * warps, 0, stream>>>(*p, ksplit);
   return (int)cudaGetLastError();
-}
-
-template <int BITS, bool BF>
-int dispatch_fold(const QGemvParams* p, int warps, int ksplit, int prefetch, cudaStream_t s) {
-  const bool two = p->m > 8;
-  if (prefetch == 2)
-    return two ? launch_fold<BITS, BF, 2, 2>(p, warps, ksplit, s)
-               : launch_fold<BITS, BF, 1, 2>(p, warps, ksplit, s);
-  if (prefetch == 4)
-    return two ? launch_fold<BITS, BF, 2, 4>(p, warps, ksplit, s)
-               : launch_fold<BITS, BF, 1, 4>(p, warps, ksplit, s);
-  return -1;
 }
 
 }  // namespace
@@ -765,20 +752,18 @@ int slimlm_qgemv(const QGemvParams* p, int bits, int bf16, int warps, int stages
   return -1;
 }
 
-// The fold kernel (int4 with groups of >= 128 codes, int2 with >= 256; no swiglu).
-// warps per block = (16-row tiles per block) x ksplit (warps splitting one tile's K);
-// prefetch: chunks in flight per warp (2 or 4).
+// The fold kernel (int4, groups of 128 codes; no swiglu). warps per block = (16-row tiles
+// per block) x ksplit (warps splitting one tile's K).
 int slimlm_qgemv_fold(const QGemvParams* p, int bits, int bf16, int warps, int ksplit,
-                      int prefetch, void* stream, int device) {
+                      void* stream, int device) {
   if (warps < 1 || warps > MAX_WARPS || p->m < 1 || p->m > 16 || p->swiglu) return -1;
-  if (ksplit < 1 || warps % ksplit) return -1;
-  if (!((bits == 4 && p->gshift >= 7) || (bits == 2 && p->gshift >= 8))) return -1;
+  if (ksplit < 1 || warps % ksplit || bits != 4 || p->gshift != 7) return -1;
   if (use_device(device) != 0) return -2;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (bits == 4) return bf16 ? dispatch_fold<4, true>(p, warps, ksplit, prefetch, s)
-                   : dispatch_fold<4, false>(p, warps, ksplit, prefetch, s);
-  return bf16 ? dispatch_fold<2, true>(p, warps, ksplit, prefetch, s)
-              : dispatch_fold<2, false>(p, warps, ksplit, prefetch, s);
+  const bool two = p->m > 8;
+  if (bf16) return two ? launch_fold<true, 2>(p, warps, ksplit, s)
+                       : launch_fold<true, 1>(p, warps, ksplit, s);
+  return two ? launch_fold<false, 2>(p, warps, ksplit, s) : launch_fold<false, 1>(p, warps, ksplit, s);
 }
 
 }  // extern "C"
