@@ -58,11 +58,15 @@ def test_fold_reason_and_plan_fold():
     assert "bits=2" in quant_cuda.fold_reason(2, 128)
     assert "group_size=64" in quant_cuda.fold_reason(4, 64)  # a chunk is 128 int4 codes
     assert quant_cuda.plan_fold(4096) == (8, 8)  # 256 tiles: every warp on one tile's K
-    assert quant_cuda.plan_fold(6144) == (4, 4)
-    assert quant_cuda.plan_fold(28672) == (4, 4)
+    assert quant_cuda.plan_fold(6144, 16) == (4, 4)
+    assert quant_cuda.plan_fold(28672, 8) == (8, 8)
+    assert quant_cuda.plan_fold(28672, 9) == (2, 1)  # a warp per tile
     for bad in (0, -16, 16.0, True):
         with pytest.raises(ValueError, match="n_rows"):
             quant_cuda.plan_fold(bad)
+    for bad in (0, 17, 2.0):
+        with pytest.raises(ValueError, match="m="):
+            quant_cuda.plan_fold(4096, bad)
 
 
 def test_qgemv_fold_rejects_bad_arguments_before_any_launch():
@@ -90,7 +94,7 @@ def test_cuda_gemv_plan_follows_the_rules(monkeypatch):
     x = torch.randn(4, 4096, dtype=torch.bfloat16)
     assert qm.cuda_gemv_plan(x, w, s, None, 4, 128) is None  # CPU tensors
     monkeypatch.setattr(quant_cuda, "supports", lambda *a, **k: None)
-    for m, want in ((1, None), (2, "fold"), (8, "fold"), (9, None), (16, None)):
+    for m, want in ((1, None), (2, "fold"), (8, "fold"), (9, "fold"), (16, "fold")):
         plan = qm.cuda_gemv_plan(torch.randn(m, 4096), w, s, None, 4, 128)
         assert (plan and ("fold" if plan.get("fold") else "ring")) == want, (m, plan)
     assert qm.cuda_gemv_plan(x, w, s, None, 4, 128) == {"fold": True, "warps": 4, "ksplit": 4}
@@ -230,7 +234,7 @@ def test_qgemv_fold_replays_from_a_cuda_graph():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_quant_linear_takes_the_fold_kernel_for_int4_at_2_to_8_rows(monkeypatch):
+def test_quant_linear_takes_the_fold_kernel_for_int4_at_2_to_16_rows(monkeypatch):
     from torch import nn
 
     from slimlm.kernels import quant_matmul as qm
@@ -249,7 +253,7 @@ def test_quant_linear_takes_the_fold_kernel_for_int4_at_2_to_8_rows(monkeypatch)
             x = torch.randn(m, 1024, device=dev, dtype=torch.bfloat16)
             ref = qm.quant_matmul_ref(x, ql.qweight, ql.scales, ql.zeros, 4, 128, ql.bias)
             assert _rel(ql(x), ref) < 1e-2
-    assert calls == [(2, True), (8, True)]
+    assert calls == [(2, True), (8, True), (9, True)]
 
 
 @pytest.mark.gpu

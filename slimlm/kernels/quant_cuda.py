@@ -10,7 +10,7 @@ that share x (q, k, v) run as one launch, and gate/up with the SwiGLU product as
 
 :class:`slimlm.quant.QuantLinear` runs it on the GPU where it measured faster than the
 Triton kernels (:data:`slimlm.kernels.quant_matmul.CUDA_GEMV_RULES`: int2 weights at 4 to
-16 rows of x, and the fold kernel for int4 at 2 to 8 rows), when :func:`supports` says it
+16 rows of x, and the fold kernel for int4 at 2 to 16 rows), when :func:`supports` says it
 can; elsewhere the Triton kernels run.
 
 Two kernels: the ring kernel (any group size, int8/int4/int2, swiglu) dequantizes each
@@ -192,19 +192,27 @@ def plan_warps(n_chunks: int) -> int:
     return min(MAX_WARPS, -(-n_chunks // _U))
 
 
-#: Tiles (16 output rows) from which :func:`plan_fold` puts 4 warps, 4 splitting K, on one
-#: tile instead of 8: measured on the H200 (benchmarks/probes/qgemv_fold_probe-h200.json),
-#: 4096 rows ran fastest with 8 warps per tile, 6144 and 28672 rows with 4.
-FOLD_WIDE_TILES = 384
+#: Tile counts (16 output rows each) where :func:`plan_fold` changes its layout (measured
+#: on the H200 at the Llama-3-8B shapes, benchmarks/probes/qgemv_fold_probe-h200.json).
+FOLD_MID_TILES = 384
+FOLD_MANY_TILES = 1024
 
 
-def plan_fold(n_rows: int) -> tuple[int, int]:
+def plan_fold(n_rows: int, m: int = 1) -> tuple[int, int]:
     """(warps per block, warps splitting one tile's K) of the fold kernel for ``n_rows``
-    output rows (all weights of a launch together): with few tiles, 8 warps share each
-    tile's K, so that enough loads are in flight; with many, 4 do."""
+    output rows (all weights of a launch together) and ``m`` rows of x. With few tiles, 8
+    warps share each tile's K so that enough loads are in flight (4096 rows); at 384+
+    tiles 4 do (6144 rows); at 1024+ tiles (28672 rows) 8 still do for up to 8 rows of x,
+    while at 9-16 rows (two MMA column tiles, more registers) a warp takes a whole tile,
+    two warps a block."""
     if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 1:
         raise ValueError(f"quant_cuda.plan_fold: n_rows={n_rows!r}: expected an integer >= 1")
-    return (4, 4) if n_rows // 16 >= FOLD_WIDE_TILES else (8, 8)
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= MAX_M:
+        raise ValueError(f"quant_cuda.plan_fold: m={m!r}: expected an integer in 1..{MAX_M}")
+    tiles = n_rows // 16
+    if tiles >= FOLD_MANY_TILES:
+        return (8, 8) if m <= 8 else (2, 1)
+    return (4, 4) if tiles >= FOLD_MID_TILES else (8, 8)
 
 
 def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],

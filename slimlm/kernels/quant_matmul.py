@@ -1259,14 +1259,13 @@ def _pick_config(x2: torch.Tensor, n: int, scales: torch.Tensor, bits: int, grou
 
 #: Where the CUDA C++ tensor-core GEMVs (:mod:`slimlm.kernels.quant_cuda`) replace the
 #: Triton kernels, as (bits, fewest rows, most rows, kernel). Measured on the H200 at the
-#: Llama-3-8B shapes, CUDA-graph replays with L2 flushed, in the same run as Triton:
-#: the ring kernel is 1.1-1.6x faster than Triton for int2 at 4-16 rows
-#: (benchmarks/probes/qgemv_probe-h200.json); the fold kernel 1.0-1.7x faster for int4
-#: at 2-8 rows, where one MMA column tile holds all of x (the fold probe,
-#: benchmarks/probes/qgemv_fold_probe-h200.json). At one row Triton's CUDA-core GEMV
-#: stays faster (up to 1.25x), and at 9-16 rows for int4 the two are within a few
-#: percent either way.
-CUDA_GEMV_RULES = ((2, 4, 16, "ring"), (4, 2, 8, "fold"))
+#: Llama-3-8B shapes, CUDA-graph replays with L2 flushed, in the same run as Triton: the
+#: ring kernel is 1.1-1.6x faster than Triton for int2 at 4-16 rows
+#: (benchmarks/probes/qgemv_probe-h200.json); the fold kernel (int4, groups of 128) is
+#: 1.25-1.45x faster at 9-16 rows and 1.0-1.6x at 2-8 (the fold probe,
+#: benchmarks/probes/qgemv_fold_probe-h200.json). At one row Triton's CUDA-core GEMV stays
+#: (the fold kernel: 0.89x of it at 28672x4096, 1.13x at 4096x4096, even elsewhere).
+CUDA_GEMV_RULES = ((2, 4, 16, "ring"), (4, 2, 16, "fold"))
 
 
 def cuda_gemv_plan(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
@@ -1288,7 +1287,7 @@ def cuda_gemv_plan(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
         return None
     if kind == "ring":
         return {"stages": 4}
-    warps, ksplit = quant_cuda.plan_fold(w32.shape[0])
+    warps, ksplit = quant_cuda.plan_fold(w32.shape[0], m)
     return {"fold": True, "warps": warps, "ksplit": ksplit}
 
 
