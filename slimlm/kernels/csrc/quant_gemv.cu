@@ -520,8 +520,13 @@ __host__ __device__ inline int fold_x_bytes(int m, int k) {
   return b <= FOLD_XS_MAX ? b : 0;
 }
 
+// Blocks of MAX_WARPS warps per SM that the register allocation must allow.
+#ifndef SLIMLM_FOLD_MIN_BLOCKS
+#define SLIMLM_FOLD_MIN_BLOCKS 1
+#endif
+
 template <bool BF, int NT, bool XS>
-__global__ void __launch_bounds__(32 * MAX_WARPS)
+__global__ void __launch_bounds__(32 * MAX_WARPS, SLIMLM_FOLD_MIN_BLOCKS)
 qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
   using Geo = G<4>;
   constexpr int P = FOLD_P;
