@@ -33,6 +33,9 @@ VARIANTS = {
     "base": "",
     "minb3": "#define SLIMLM_FOLD_MIN_BLOCKS 3\n",
     "minb4": "#define SLIMLM_FOLD_MIN_BLOCKS 4\n",
+    "p6": "#define SLIMLM_FOLD_P 6\n",
+    "p8": "#define SLIMLM_FOLD_P 8\n",
+    "p3": "#define SLIMLM_FOLD_P 3\n",
 }
 ORIG = quant_cuda.SOURCE
 

@@ -478,7 +478,10 @@ int dispatch(const QGemvParams* p, int warps, int stages, int sms, cudaStream_t 
 // warp keeps FOLD_P chunks of loads in flight in registers, pointers advance by a fixed
 // stride, and a block's warps are (tiles per block) x ksplit: ksplit warps split one
 // 16-row tile's K and meet once, at the end, to sum.
-constexpr int FOLD_P = 4;
+#ifndef SLIMLM_FOLD_P
+#define SLIMLM_FOLD_P 4
+#endif
+constexpr int FOLD_P = SLIMLM_FOLD_P;
 
 __device__ __forceinline__ uint4 ldg_stream(const uint32_t* ptr) {  // read once: no L1
   uint4 v;
