@@ -15,7 +15,7 @@ can; elsewhere the Triton kernels run.
 
 Two kernels: the ring kernel (any group size, int8/int4/int2, swiglu) dequantizes each
 pair to ``(q - z) * s`` before the MMA; the fold kernel (``fold=True``: int4, groups of
-128+) feeds the MMA the raw magic-number values and applies ``s`` and ``z`` once per
+128) feeds the MMA the raw magic-number values and applies ``s`` and ``z`` once per
 group in fp32, about half the instructions per weight.
 ``SLIMLM_QUANT_CUDA=0`` turns it off. Built on first use
 with ``nvcc`` (see :mod:`slimlm.kernels._cuda_build`), about 20 s, then cached.
