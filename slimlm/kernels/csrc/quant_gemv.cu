@@ -482,6 +482,10 @@ int dispatch(const QGemvParams* p, int warps, int stages, int sms, cudaStream_t 
 #define SLIMLM_FOLD_P 4
 #endif
 constexpr int FOLD_P = SLIMLM_FOLD_P;
+#ifndef SLIMLM_FOLD_SETS
+#define SLIMLM_FOLD_SETS 1
+#endif
+constexpr int FOLD_SETS = SLIMLM_FOLD_SETS;
 
 __device__ __forceinline__ uint4 ldg_stream(const uint32_t* ptr) {  // read once: no L1
   uint4 v;
@@ -611,7 +615,8 @@ qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
     }
   };
 
-  float acc[NT][4], cr[NT][4], co[NT][4];
+  // FOLD_SETS accumulator sets (words q % FOLD_SETS): 2 halves the dependent MMA chains
+  float acc[NT][4], cr[FOLD_SETS][NT][4], co[FOLD_SETS][NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -638,13 +643,14 @@ qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
 #pragma unroll
             for (int n = 0; n < NT; ++n) {
               const uint32_t* bn = n == 0 ? b0 : b1;
-              if (q == 0 && j == 0) {
-                mma_z<BF>(cr[n], aa[0], ab[0], aa[1], ab[1], bn[0], bn[1]);
-                mma_z<BF>(co[n], ONE, ONE, ONE, ONE, bn[0], bn[1]);
+              constexpr int S = FOLD_SETS;
+              if (q < S && j == 0) {  // the set's first MMA of the group
+                mma_z<BF>(cr[q % S][n], aa[0], ab[0], aa[1], ab[1], bn[0], bn[1]);
+                mma_z<BF>(co[q % S][n], ONE, ONE, ONE, ONE, bn[0], bn[1]);
               } else {
-                mma<BF>(cr[n], aa[2 * j], ab[2 * j], aa[2 * j + 1], ab[2 * j + 1],
+                mma<BF>(cr[q % S][n], aa[2 * j], ab[2 * j], aa[2 * j + 1], ab[2 * j + 1],
                         bn[2 * j], bn[2 * j + 1]);
-                mma<BF>(co[n], ONE, ONE, ONE, ONE, bn[2 * j], bn[2 * j + 1]);
+                mma<BF>(co[q % S][n], ONE, ONE, ONE, ONE, bn[2 * j], bn[2 * j + 1]);
               }
             }
           }
@@ -655,10 +661,19 @@ qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
         const float off_b = MAGIC + (has_z ? h2f(zb[s]) : (float)Geo::CEN);
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          acc[n][0] = fmaf(s_a, fmaf(-off_a, co[n][0], cr[n][0]), acc[n][0]);
-          acc[n][1] = fmaf(s_a, fmaf(-off_a, co[n][1], cr[n][1]), acc[n][1]);
-          acc[n][2] = fmaf(s_b, fmaf(-off_b, co[n][0], cr[n][2]), acc[n][2]);
-          acc[n][3] = fmaf(s_b, fmaf(-off_b, co[n][1], cr[n][3]), acc[n][3]);
+          float r[4], x0 = co[0][n][0], x1 = co[0][n][1];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) r[e] = cr[0][n][e];
+          if constexpr (FOLD_SETS == 2) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) r[e] += cr[1][n][e];
+            x0 += co[1][n][0];
+            x1 += co[1][n][1];
+          }
+          acc[n][0] = fmaf(s_a, fmaf(-off_a, x0, r[0]), acc[n][0]);
+          acc[n][1] = fmaf(s_a, fmaf(-off_a, x1, r[1]), acc[n][1]);
+          acc[n][2] = fmaf(s_b, fmaf(-off_b, x0, r[2]), acc[n][2]);
+          acc[n][3] = fmaf(s_b, fmaf(-off_b, x1, r[3]), acc[n][3]);
         }
         xsp0 += ksplit * 64; xsp1 += ksplit * 64;
         xgp0 += ksplit * 128; xgp1 += ksplit * 128;
