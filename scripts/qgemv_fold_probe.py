@@ -20,24 +20,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from scripts.qgemv_probe import _ops, _rel  # noqa: E402  (same weights and error)
 from slimlm.bench.harness import time_fn  # noqa: E402
 from slimlm.bench.quant import _quantized  # noqa: E402
 from slimlm.kernels import quant_cuda  # noqa: E402
 from slimlm.kernels.quant_gemv import quant_gemv_ref  # noqa: E402
 from slimlm.kernels.quant_matmul import quant_matmul_packed  # noqa: E402
 from slimlm.quant import QuantConfig  # noqa: E402
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
-
-
-def _ops(n, k, bits, gs, sym, dev, seed):
-    g = torch.Generator(device=dev).manual_seed(seed)
-    w = torch.randn(n, k, device=dev, generator=g, dtype=torch.float32) * 0.02
-    ql = _quantized(w.to(torch.bfloat16), QuantConfig(bits=bits, group_size=gs, symmetric=sym))
-    w32, s, z = ql._operands()
-    return ql, w32, s, z
 
 
 def check(dev, emit) -> None:

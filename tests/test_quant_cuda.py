@@ -217,23 +217,6 @@ def test_qgemv_fold_matches_the_reference_and_the_ring_kernel(dtype, k):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_qgemv_fold_replays_from_a_cuda_graph():
-    dev = torch.device("cuda")
-    qw, w32, s, z = _weight(4096, 4096, 4, 128, False, dev, seed=0)
-    x = torch.randn(4, 4096, device=dev, dtype=torch.bfloat16)
-    y0 = quant_cuda.qgemv(x, [w32], [s], [z], 4, 128, fold=True, warps=8)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = quant_cuda.qgemv(x, [w32], [s], [z], 4, 128, fold=True, warps=8)
-    x.copy_(torch.randn_like(x))
-    g.replay()
-    torch.cuda.synchronize()
-    assert _rel(y, quant_gemv_ref(x, [qw], [s], [z], 4, 128)) < 1e-2
-    assert not torch.equal(y, y0)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_quant_linear_takes_the_fold_kernel_for_int4_at_2_to_16_rows(monkeypatch):
     from torch import nn
 
@@ -258,14 +241,15 @@ def test_quant_linear_takes_the_fold_kernel_for_int4_at_2_to_16_rows(monkeypatch
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_qgemv_replays_from_a_cuda_graph():
+@pytest.mark.parametrize("m,kw", [(1, {}), (4, {"fold": True, "warps": 8})])  # ring, fold
+def test_qgemv_replays_from_a_cuda_graph(m, kw):
     dev = torch.device("cuda")
     qw, w32, s, z = _weight(4096, 4096, 4, 128, False, dev, seed=0)
-    x = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16)
-    y0 = quant_cuda.qgemv(x, [w32], [s], [z], 4, 128)
+    x = torch.randn(m, 4096, device=dev, dtype=torch.bfloat16)
+    y0 = quant_cuda.qgemv(x, [w32], [s], [z], 4, 128, **kw)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        y = quant_cuda.qgemv(x, [w32], [s], [z], 4, 128)
+        y = quant_cuda.qgemv(x, [w32], [s], [z], 4, 128, **kw)
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()

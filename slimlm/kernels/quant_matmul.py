@@ -1293,12 +1293,6 @@ def cuda_gemv_plan(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
     return {"fold": True, "warps": warps, "ksplit": ksplit}
 
 
-def cuda_gemv_applies(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
-                      zeros: torch.Tensor | None, bits: int, group_size: int) -> bool:
-    """Whether quant_matmul runs a CUDA GEMV on these operands (:func:`cuda_gemv_plan`)."""
-    return cuda_gemv_plan(x2, w32, scales, zeros, bits, group_size) is not None
-
-
 def _cuda_gemv(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor | None, bits: int, group_size: int,
                bias: torch.Tensor | None) -> torch.Tensor | None:

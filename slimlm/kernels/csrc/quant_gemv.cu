@@ -214,9 +214,26 @@ __host__ __device__ inline int smem_bytes(int nwt, int stages, int warps, int nt
   return ring + red + x_smem_bytes(m, k);
 }
 
-__device__ __forceinline__ int n_tiles(const QGemvParams& p) {
+// 16-row tiles of a launch (host and device): gate/up share their tiles under swiglu.
+__host__ __device__ __forceinline__ int n_tiles(const QGemvParams& p) {
   return p.swiglu ? p.n[0] / 16
                   : (p.n[0] + (p.nw > 1 ? p.n[1] : 0) + (p.nw > 2 ? p.n[2] : 0)) / 16;
+}
+
+// tile t of the launch -> its weight wi, first row in that weight, first output column
+__device__ __forceinline__ void locate_tile(const QGemvParams& p, int t, int& wi, int& row0,
+                                            int& col0) {
+  wi = 0; col0 = 0;
+  while (wi + 1 < p.nw && t >= p.n[wi] / 16) { t -= p.n[wi] / 16; col0 += p.n[wi]; ++wi; }
+  row0 = t * 16;
+}
+
+template <bool BF> __device__ __forceinline__ void store_out(const QGemvParams& p, size_t o,
+                                                             float v) {
+  if constexpr (BF)
+    static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
+  else
+    static_cast<__half*>(p.out)[o] = __float2half_rn(v);
 }
 
 // Persistent: block b owns the 16-row tiles b, b + gridDim.x, ...; its warps split each
@@ -245,11 +262,7 @@ qgemv_kernel(const QGemvParams p) {
 
   // tile -> (weight, first row, first output column)
   auto locate = [&](int t, int& wi, int& row0, int& col0) {
-    wi = 0; col0 = 0;
-    if (!SWIGLU) {
-      while (wi + 1 < p.nw && t >= p.n[wi] / 16) { t -= p.n[wi] / 16; col0 += p.n[wi]; ++wi; }
-    }
-    row0 = t * 16;
+    if (SWIGLU) { wi = 0; col0 = 0; row0 = t * 16; } else { locate_tile(p, t, wi, row0, col0); }
   };
 
   auto issue = [&](int slot, int item) {  // stage `slot` <- the warp's item-th work item
@@ -413,11 +426,7 @@ qgemv_kernel(const QGemvParams p) {
       } else if (p.bias) {
         v += p.bias[col0 + row0 + row];
       }
-      const size_t o = (size_t)mrow * p.so + col0 + row0 + row;
-      if constexpr (BF)
-        static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
-      else
-        static_cast<__half*>(p.out)[o] = __float2half_rn(v);
+      store_out<BF>(p, (size_t)mrow * p.so + col0 + row0 + row, v);
     }
     __syncthreads();
   }
@@ -426,8 +435,7 @@ qgemv_kernel(const QGemvParams p) {
 
 template <int BITS, bool BF, int NT, bool SWIGLU>
 int launch(const QGemvParams* p, int warps, int stages, int sms, cudaStream_t stream) {
-  const int tiles = SWIGLU ? p->n[0] / 16 : (p->n[0] + (p->nw > 1 ? p->n[1] : 0) +
-                                            (p->nw > 2 ? p->n[2] : 0)) / 16;
+  const int tiles = n_tiles(*p);
   const size_t smem = smem_bytes(SWIGLU ? 2 : 1, stages, warps, NT, p->m, p->k);
 #define SLIMLM_QG_STAGES(S)                                                              \
   if (stages == S) {                                                                     \
@@ -546,15 +554,14 @@ qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
   // (= groups) ks, ks + ksplit, ...
   const int tpb = nwarps / ksplit, ks = warp % ksplit;
   const int tile = blockIdx.x * tpb + warp / ksplit;
-  const int tiles = (p.n[0] + (p.nw > 1 ? p.n[1] : 0) + (p.nw > 2 ? p.n[2] : 0)) / 16;
+  const int tiles = n_tiles(p);  // no swiglu here
   const int kw = p.k / Geo::PER;
   const int nch = p.k / Geo::CHUNK;
   const int items = (tile < tiles && ks < nch) ? (nch - ks + ksplit - 1) / ksplit : 0;
   const bool has_z = p.z[0] != nullptr;
 
-  int t = tile < tiles ? tile : 0, wi = 0, col0 = 0;
-  while (wi + 1 < p.nw && t >= p.n[wi] / 16) { t -= p.n[wi] / 16; col0 += p.n[wi]; ++wi; }
-  const int row0 = t * 16;
+  int wi, row0, col0;
+  locate_tile(p, tile < tiles ? tile : 0, wi, row0, col0);
   // load pointers (row gid; row gid + 8 is 8 rows further), advanced per load
   const uint32_t* lw = p.w[wi] + (size_t)(row0 + gid) * kw + 4 * tig + ks * 16;
   const size_t w8 = (size_t)8 * kw;
@@ -693,11 +700,7 @@ qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
           if (mrow < p.m) {
             float v = acc[n][e];
             if (p.bias) v += p.bias[col0 + row0 + row];
-            const size_t o = (size_t)mrow * p.so + col0 + row0 + row;
-            if constexpr (BF)
-              static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
-            else
-              static_cast<__half*>(p.out)[o] = __float2half_rn(v);
+            store_out<BF>(p, (size_t)mrow * p.so + col0 + row0 + row, v);
           }
         }
     }
@@ -718,20 +721,16 @@ qgemv_fold_kernel(const QGemvParams p, const int ksplit) {
     if (tl >= tiles) continue;
     float v = 0.f;
     for (int w = 0; w < ksplit; ++w) v += red[((tb * ksplit + w) * 16 + row) * COLS + mrow];
-    int tt = tl, wj = 0, c0 = 0;
-    while (wj + 1 < p.nw && tt >= p.n[wj] / 16) { tt -= p.n[wj] / 16; c0 += p.n[wj]; ++wj; }
-    if (p.bias) v += p.bias[c0 + tt * 16 + row];
-    const size_t o = (size_t)mrow * p.so + c0 + tt * 16 + row;
-    if constexpr (BF)
-      static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
-    else
-      static_cast<__half*>(p.out)[o] = __float2half_rn(v);
+    int wj, r0, c0;
+    locate_tile(p, tl, wj, r0, c0);
+    if (p.bias) v += p.bias[c0 + r0 + row];
+    store_out<BF>(p, (size_t)mrow * p.so + c0 + r0 + row, v);
   }
 }
 
 template <bool BF, int NT>
 int launch_fold(const QGemvParams* p, int warps, int ksplit, cudaStream_t stream) {
-  const int tiles = (p->n[0] + (p->nw > 1 ? p->n[1] : 0) + (p->nw > 2 ? p->n[2] : 0)) / 16;
+  const int tiles = n_tiles(*p);
   const int tpb = warps / ksplit;
   const int grid = (tiles + tpb - 1) / tpb;
   const int xs = fold_x_bytes(p->m, p->k);
