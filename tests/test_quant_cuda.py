@@ -84,6 +84,47 @@ def test_qgemv_fold_rejects_bad_arguments_before_any_launch():
         quant_cuda.qgemv(x, [w], [s], [], 4, 128, fold=True, ksplit=2)  # warps not given
 
 
+def test_tma_reason_and_plan_tma():
+    assert quant_cuda.tma_reason(4, 128, 4096, 1) is None
+    assert quant_cuda.tma_reason(2, 64, 14336, 3) is None
+    assert "x of 4 x 14336" in quant_cuda.tma_reason(2, 64, 14336, 4)  # > 100 KB of x
+    assert quant_cuda.tma_reason(8, 128, 14336, 1) is None  # 14 units of 1024
+    assert "bits=3" in quant_cuda.tma_reason(3, 128, 4096, 1)
+    assert "group_size=32" in quant_cuda.tma_reason(2, 32, 4096, 1)  # a lane's 64 codes
+    assert "K=3072" in quant_cuda.tma_reason(2, 64, 3072, 1)  # int2 needs 2048s
+    assert "K=1536" in quant_cuda.tma_reason(4, 128, 1536, 1)
+    assert "9 rows" in quant_cuda.tma_reason(4, 128, 4096, 9)
+    # 16 chunks (1 KB of codes per row) a stage by default: 17,408 bytes at int4-g128
+    assert quant_cuda.plan_tma(4, 128, 1, 4096, smem_bytes=232448) == (8, 16, 12)
+    assert quant_cuda.plan_tma(8, 128, 1, 4096, smem_bytes=232448)[1] == 16
+    assert quant_cuda.plan_tma(4, 128, 1, 4096, smem_bytes=232448, consumers=4,
+                               slice_chunks=32) == (4, 32, 6)
+    for kw, match in (({"consumers": 17}, "consumers=17"), ({"slice_chunks": 12}, "slice_chunks=12"),
+                      ({"smem_bytes": 40000}, "expected 2\\+")):
+        args = {"smem_bytes": 232448, **kw}
+        with pytest.raises(ValueError, match=match):
+            quant_cuda.plan_tma(4, 128, 1, 4096, **args)
+    with pytest.raises(ValueError, match="K=1000"):
+        quant_cuda.plan_tma(4, 128, 1, 1000, smem_bytes=232448)
+
+
+def test_qgemv_tma_rejects_bad_arguments_before_any_launch():
+    x = torch.randn(1, 4096, dtype=torch.bfloat16)
+    w = torch.zeros(16, 512, dtype=torch.int32)
+    s = torch.ones(16, 32, dtype=torch.float16)
+    with pytest.raises(ValueError, match="K=1536"):  # not a multiple of 1024 codes
+        quant_cuda.qgemv(torch.randn(1, 1536, dtype=torch.bfloat16), [w[:, :192]], [s[:, :12]],
+                         [], 4, 128, tma=True)
+    with pytest.raises(ValueError, match="K=3072"):  # int2: multiples of 2048 codes
+        quant_cuda.qgemv(torch.randn(1, 3072, dtype=torch.bfloat16), [w[:, :192]],
+                         [torch.ones(16, 48, dtype=torch.float16)], [], 2, 64, tma=True)
+    with pytest.raises(ValueError, match="swiglu"):
+        quant_cuda.qgemv(x, [w, w], [s, s], [], 4, 128, tma=True, swiglu=True)
+    with pytest.raises(ValueError, match="9 rows"):
+        quant_cuda.qgemv(torch.randn(9, 4096, dtype=torch.bfloat16), [w], [s], [], 4, 128,
+                         tma=True)
+
+
 def test_cuda_gemv_plan_follows_the_rules(monkeypatch):
     """Which kernel quant_matmul picks by bits and rows, with the device checks stubbed
     (they pass on a GPU; on the CPU the plan is always None)."""
@@ -215,6 +256,48 @@ def test_qgemv_fold_matches_the_reference_and_the_ring_kernel(dtype, k):
             assert _rel(y, ref3) < bound, (warps, ksplit)
 
 
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("bits,gs,fold", [(4, 128, True), (4, 128, False), (4, 32, False),
+                                          (2, 64, False), (8, 128, False), (8, 32, False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qgemv_tma_matches_the_reference(bits, gs, fold, dtype):
+    """The TMA kernel: rows 1 to 8, symmetric and with zero points, compute warps and
+    stage sizes varied (one slice of K per tile or several, a last slice shorter than the
+    others, 17 tiles over the blocks), a bias and three weights in one launch."""
+    dev = torch.device("cuda")
+    bound = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    k = 4096 if bits != 2 else 6144  # 2 or 4 slices of K at the default stage; int2: 2, the
+    # last one short
+    unit = quant_cuda._tma_unit(bits, gs)
+    for sym in (False, True):
+        qw, w32, s, z = _weight(272, k, bits, gs, sym, dev, seed=bits + gs)
+        zs = [] if z is None else [z]
+        for m in (1, 2, 5, 8):
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            ref = quant_gemv_ref(x, [qw], [s], zs, bits, gs).float()
+            for cons, ks in ((8, None), (16, None), (3, 2 * unit), (1, unit), (8, 4 * unit)):
+                y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, tma=True, fold=fold,
+                                     consumers=cons, slice_chunks=ks)
+                assert y.shape == (m, 272) and y.dtype == dtype
+                assert _rel(y, ref) < bound, (sym, m, cons, ks, _rel(y, ref))
+        x = torch.randn(5, k, device=dev, dtype=dtype)
+        b = torch.randn(272, device=dev)
+        y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, bias=b, tma=True, fold=fold)
+        assert _rel(y, quant_gemv_ref(x, [qw], [s], zs, bits, gs).float() + b) < bound
+        q2, w2, s2, z2 = _weight(128, k, bits, gs, sym, dev, seed=7)
+        q3, w3, s3, z3 = _weight(48, k, bits, gs, sym, dev, seed=8)
+        zz = [] if z is None else [z, z2, z3]
+        ref3 = quant_gemv_ref(x, [qw, q2, q3], [s, s2, s3], zz, bits, gs)
+        y = quant_cuda.qgemv(x, [w32, w2, w3], [s, s2, s3], zz, bits, gs, tma=True, fold=fold,
+                             consumers=4)
+        assert _rel(y, ref3) < bound
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_quant_linear_takes_the_fold_kernel_for_int4_at_2_to_16_rows(monkeypatch):
@@ -241,9 +324,12 @@ def test_quant_linear_takes_the_fold_kernel_for_int4_at_2_to_16_rows(monkeypatch
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("m,kw", [(1, {}), (4, {"fold": True, "warps": 8})])  # ring, fold
+@pytest.mark.parametrize("m,kw", [(1, {}), (4, {"fold": True, "warps": 8}),  # ring, fold
+                                  (1, {"fold": True, "tma": True})])  # TMA
 def test_qgemv_replays_from_a_cuda_graph(m, kw):
     dev = torch.device("cuda")
+    if kw.get("tma") and not _sm90():
+        pytest.skip("the TMA kernel needs an sm_90 GPU")
     qw, w32, s, z = _weight(4096, 4096, 4, 128, False, dev, seed=0)
     x = torch.randn(m, 4096, device=dev, dtype=torch.bfloat16)
     y0 = quant_cuda.qgemv(x, [w32], [s], [z], 4, 128, **kw)

@@ -41,8 +41,9 @@ import torch
 
 from slimlm.kernels import _cuda_build
 
-__all__ = ["MAX_M", "SOURCE", "build", "chunk_codes", "fold_reason", "format_reason",
-           "plan_fold", "plan_warps", "qgemv", "supports"]
+__all__ = ["MAX_M", "SOURCE", "TMA_MAX_M", "build", "chunk_codes", "fold_reason",
+           "format_reason", "plan_fold", "plan_tma", "plan_warps", "qgemv", "supports",
+           "tma_reason"]
 
 SOURCE = Path(__file__).with_name("csrc") / "quant_gemv.cu"
 #: Rows of x the kernel takes (two MMA column tiles of 8).
@@ -52,6 +53,12 @@ MAX_WARPS = 8
 _U = 2  # chunks per pipeline stage (quant_gemv.cu: U)
 #: Pipeline depths the library is built with (quant_gemv.cu: SLIMLM_QG_STAGES).
 STAGES = (2, 4)
+#: Rows of x, compute warps and stages the TMA kernel takes (quant_gemv.cu: TMA_MAX_*).
+TMA_MAX_M = 8
+TMA_MAX_CONSUMERS = 16
+TMA_MAX_STAGES = 16
+#: Bytes of shared memory x may take in the TMA kernel (the rest holds the stages).
+TMA_XS_MAX = 100 * 1024
 
 
 class _Params(ctypes.Structure):
@@ -104,6 +111,63 @@ def fold_reason(bits: int, group_size: int) -> str | None:
     return None
 
 
+def _tma_unit(bits: int, group_size: int) -> int:
+    """Chunks a TMA stage's slice of K is a multiple of: 8 chunks, or 8 groups when a
+    group is longer than a chunk (each row's scale copy is then a multiple of 16 bytes)."""
+    return 8 * max(1, group_size // chunk_codes(bits))
+
+
+def tma_reason(bits: int, group_size: int, k: int, m: int) -> str | None:
+    """None when the TMA kernel (``qgemv(..., tma=True)``, sm_90) takes this format and
+    shape, else why not: int2/int4/int8, a thread's 16 bytes of codes within one group,
+    K a multiple of the stage unit (1024 channels at int4/int8 with groups <= 128, 2048 at
+    int2), 1 to :data:`TMA_MAX_M` rows of x (staged in shared memory)."""
+    if bits not in (2, 4, 8):
+        return f"bits={bits} (the TMA kernel takes 2, 4 or 8)"
+    if group_size < 4 * (32 // bits):
+        return f"group_size={group_size} (the TMA kernel takes >= {4 * (32 // bits)} at {bits} bits)"
+    unit = _tma_unit(bits, group_size) * chunk_codes(bits)
+    if k % unit:
+        return f"K={k} (the TMA kernel takes multiples of {unit} at {bits} bits, group {group_size})"
+    if not 1 <= m <= TMA_MAX_M:
+        return f"{m} rows of x (the TMA kernel takes 1 to {TMA_MAX_M})"
+    if m * (2 * k + 16) > TMA_XS_MAX:
+        return (f"x of {m} x {k} (the TMA kernel stages x in shared memory: at most "
+                f"{TMA_XS_MAX} bytes)")
+    return None
+
+
+def plan_tma(bits: int, group_size: int, m: int, k: int, *, smem_bytes: int,
+             consumers: int = 8, slice_chunks: int | None = None) -> tuple[int, int, int]:
+    """(consumers, slice_chunks, stages) of a TMA-kernel launch: stages of 16 rows x
+    ``slice_chunks`` chunks (default: 16 chunks, 1 KB of codes per row, or the stage
+    unit if larger; at most the row's chunks), as many as fit in ``smem_bytes`` of shared
+    memory (at most 16) beside x, the per-group sums of x and the consumers' partial
+    sums."""
+    why = tma_reason(bits, group_size, k, m)
+    if why is not None:
+        raise ValueError(f"quant_cuda.plan_tma: {why}")
+    if isinstance(consumers, bool) or not 1 <= consumers <= TMA_MAX_CONSUMERS:
+        raise ValueError(f"quant_cuda.plan_tma: consumers={consumers!r}: expected 1 to "
+                         f"{TMA_MAX_CONSUMERS}")
+    unit = _tma_unit(bits, group_size)
+    ks = max(unit, 16) if slice_chunks is None else slice_chunks
+    if isinstance(ks, bool) or not isinstance(ks, int) or ks < unit or ks % unit or ks > 64:
+        raise ValueError(f"quant_cuda.plan_tma: slice_chunks={slice_chunks!r}: expected a "
+                         f"multiple of {unit} up to 64")
+    ks = min(ks, k // chunk_codes(bits))  # a slice is at most a whole row
+    groups = k // group_size
+    fixed = (-(-2 * TMA_MAX_STAGES * 8 // 128) * 128 + 16 * (16 * 8 * 4 + 16)
+             + -(-m * groups * 4 // 16) * 16 + m * (2 * k + 16))
+    slice_groups = ks * chunk_codes(bits) // group_size
+    stage = ks * 1024 + 2 * (-(-16 * slice_groups * 2 // 128) * 128)
+    stages = min(TMA_MAX_STAGES, (smem_bytes - fixed) // stage)
+    if stages < 2:
+        raise ValueError(f"quant_cuda.plan_tma: {smem_bytes} bytes of shared memory hold "
+                         f"{max(stages, 0)} stages of {stage} bytes beside {fixed}: expected 2+")
+    return consumers, ks, stages
+
+
 def build(arch: str, nvcc: str | None = None, out_dir: Path | None = None) -> Path:
     """Compile the kernel library for ``sm_<arch>`` (e.g. "90") unless a build of this
     source is cached; returns its path (see :mod:`slimlm.kernels._cuda_build`)."""
@@ -119,6 +183,9 @@ def _configure(lib: ctypes.CDLL) -> None:
                                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                       ctypes.c_int]
     lib.slimlm_qgemv_fold.restype = ctypes.c_int
+    lib.slimlm_qgemv_tma.argtypes = [ctypes.POINTER(_Params)] + [ctypes.c_int] * 6 + [
+        ctypes.c_void_p, ctypes.c_int]
+    lib.slimlm_qgemv_tma.restype = ctypes.c_int
 
 
 def load(device: torch.device) -> ctypes.CDLL:
@@ -219,7 +286,8 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
           zeros: Sequence[torch.Tensor], bits: int, group_size: int, *,
           bias: torch.Tensor | None = None, swiglu: bool = False,
           warps: int | None = None, stages: int = 4, fold: bool = False,
-          ksplit: int | None = None) -> torch.Tensor:
+          ksplit: int | None = None, tma: bool = False, consumers: int = 8,
+          slice_chunks: int | None = None) -> torch.Tensor:
     """``cat([x @ dequant(W_i)^T (+ bias)])`` (M, sum N_i) in x's dtype, or with ``swiglu``
     (two weights: gate, up) ``silu(x W0^T) * (x W1^T)`` (M, N). Call :func:`supports`
     first (this checks only what it cannot: the combination of arguments). ``bias``: fp32
@@ -228,7 +296,12 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
     ``fold=True`` runs the fold kernel instead (:func:`fold_reason` must be None; no
     swiglu): scales and zero points applied once per group in fp32; a block's ``warps``
     work on ``warps // ksplit`` 16-row tiles, ``ksplit`` warps splitting each tile's K
-    (default: all of them on one tile)."""
+    (default: all of them on one tile).
+
+    ``tma=True`` runs the TMA kernel (sm_90; :func:`tma_reason` must be None; no swiglu;
+    with ``fold`` the fold compute, int4 groups of 128): the copy engine streams the
+    weights into shared memory, ``consumers`` warps compute, stages of ``slice_chunks``
+    chunks (:func:`plan_tma`)."""
     if swiglu and (len(w32s) != 2 or w32s[0].shape != w32s[1].shape):
         raise ValueError(f"quant_cuda.qgemv: swiglu=True with weights "
                          f"{[tuple(w.shape) for w in w32s]}: expected two of equal shape")
@@ -245,6 +318,20 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
         if ksplit is not None and (warps is None or ksplit < 1 or warps % ksplit):
             raise ValueError(f"quant_cuda.qgemv: ksplit={ksplit}: expected a divisor of "
                              f"warps={warps}")
+    if tma:
+        why = tma_reason(bits, group_size, x2.shape[1], x2.shape[0])
+        if why is not None or swiglu:
+            raise ValueError(f"quant_cuda.qgemv: tma=True: {why or 'swiglu is not supported'}")
+        if torch.cuda.get_device_capability(x2.device) < (9, 0):
+            raise ValueError("quant_cuda.qgemv: tma=True needs an sm_90 GPU (cp.async.bulk)")
+        for t in list(w32s) + list(scales) + list(zeros):
+            if t.data_ptr() % 16:
+                raise ValueError("quant_cuda.qgemv: tma=True: weights, scales and zeros must "
+                                 "be 16-byte aligned")
+        smem = torch.cuda.get_device_properties(x2.device).shared_memory_per_block_optin
+        consumers, slice_chunks, tma_stages = plan_tma(
+            bits, group_size, x2.shape[0], x2.shape[1], smem_bytes=smem, consumers=consumers,
+            slice_chunks=slice_chunks)
     if stages not in STAGES:
         raise ValueError(f"quant_cuda.qgemv: stages={stages}: expected one of {STAGES}")
     m, k = x2.shape
@@ -267,7 +354,11 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
         len(w32s), m, k, k // group_size, group_size.bit_length() - 1, int(swiglu))
     stream = torch.cuda.current_stream(x2.device).cuda_stream
     lib = load(x2.device)
-    if fold:
+    if tma:
+        err = lib.slimlm_qgemv_tma(ctypes.byref(p), bits, int(x2.dtype == torch.bfloat16),
+                                   int(fold), consumers, slice_chunks, tma_stages,
+                                   ctypes.c_void_p(stream), index)
+    elif fold:
         err = lib.slimlm_qgemv_fold(ctypes.byref(p), bits, int(x2.dtype == torch.bfloat16),
                                     warps, ksplit or warps, ctypes.c_void_p(stream), index)
     else:

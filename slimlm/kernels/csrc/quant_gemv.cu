@@ -28,9 +28,12 @@
 // The warps' partial sums meet in shared memory at the end; x rows >= M read as zeros.
 // With swiglu the block reads the same rows of two weights (gate, up) and writes
 // silu(gate) * up. Several weights (q, k, v) share a launch: each 16-row tile belongs to one.
+#include <cuda.h>  // CUtensorMap (types only: the encoder comes from the runtime)
+#include <cudaTypedefs.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "common.cuh"
 
@@ -741,6 +744,414 @@ int launch_fold(const QGemvParams* p, int warps, int ksplit, cudaStream_t stream
   return (int)cudaGetLastError();
 }
 
+
+// ---------------------------------------------------------------------------------------
+// TMA kernel (sm_90, x with 1 to 8 rows): the weights stream into shared memory through
+// the tensor memory accelerator (one cp.async.bulk.tensor per box of 16 rows x up to 1 KB
+// of codes, completion counted on an mbarrier) instead of through the threads' registers,
+// so a block keeps ~200 KB of loads in flight at no cost in registers or instructions (the
+// register-prefetch fold kernel stalls on memory latency at one row of x). Per-row bulk
+// copies measured far slower: the copy instructions take uniform operands, so 16 rows x 3
+// copies a stage were issued one lane at a time and the producer became the bottleneck
+// (1.2 TB/s with no compute at all). Streamed weights carry an L2 evict-first hint.
+//
+// A block is one producer warp (one lane issues a stage's 2 to 6 tensor copies) and
+// `consumers` warps. A stage is one 16-row tile x `ks` chunks of every row (a slice of K,
+// 64 bytes of codes per row and chunk), as boxes of 16 rows x bc chunks (bc = 16, or 8 at
+// short slices) one after another, then the slice's scales and zero points (16 rows x sg
+// groups each). The consumers split a stage's chunks (chunk c to warp c % consumers, two
+// chunks at a time with independent MMA chains), keep their sums across the tile's slices
+// and meet once per tile, to sum. Rows of a box lie bc * 64 bytes apart: the reads of rows
+// gid and gid + 1 hit the same banks (2 wavefronts a quarter warp; shared memory is not
+// the limit here). x sits in shared memory in the pair order of x_pairs. The compute per
+// chunk is the ring kernel's (dequantize, then MMA) or, for int4 with groups of 128
+// (FOLD), the fold kernel's with sum x per group taken once per block.
+constexpr int TMA_MAX_CONSUMERS = 16;
+constexpr int TMA_SLOTS = 16;  // tile sums in flight (>= stages: see the tile epilogue)
+constexpr int TMA_MAX_M = 8;
+constexpr int TMA_MAX_STAGES = 16;
+
+struct TmaMaps { CUtensorMap w[3], s[3], z[3]; };
+
+__host__ __device__ constexpr int tma_unit_chunks(int bits, int gshift) {  // see tma_reason
+  return 8 * (((1 << gshift) > 4 * 4 * (32 / bits)) ? (1 << gshift) / (4 * 4 * (32 / bits)) : 1);
+}
+__host__ __device__ inline int tma_slice_groups(int bits, int ks, int gshift) {
+  return (ks * 4 * 4 * (32 / bits)) >> gshift;
+}
+__host__ __device__ inline int tma_scale_bytes(int bits, int ks, int gshift) {
+  return (16 * tma_slice_groups(bits, ks, gshift) * 2 + 127) / 128 * 128;
+}
+__host__ __device__ inline int tma_stage_bytes(int bits, int ks, int gshift) {
+  return ks * 1024 + 2 * tma_scale_bytes(bits, ks, gshift);
+}
+__host__ __device__ inline int tma_fixed_bytes(int stages, int consumers, int m, int k,
+                                               int groups) {
+  const int bars = (2 * stages * 8 + 127) / 128 * 128;
+  const int red = TMA_SLOTS * (16 * 8 * 4 + 16);  // tile sums and their arrival counts
+  (void)consumers;
+  const int xsum = (m * groups * 4 + 15) / 16 * 16;
+  return bars + red + xsum + m * (2 * k + 16);
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
+               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+  } while (!done);
+}
+// A box of a 2-D tensor map (inner coordinate c0, row c1) -> shared memory; its bytes count
+// towards the mbarrier's transaction count (the whole box, parts outside the tensor zeros).
+__device__ __forceinline__ void tma_box(void* dst, const CUtensorMap* map, int c0, int c1,
+                                        uint64_t* bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".L2::cache_hint [%0], [%1, {%2, %3}], [%4], %5;\n"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1),
+        "r"(smem_addr(bar)), "l"(policy)
+      : "memory");
+}
+
+// Sums of one chunk (16 rows x CHUNK codes of the stage) into d: the fold kernel's
+// raw-value MMAs (FOLD; d is then the group's sum v * x, folded by the caller) or the
+// dequantized MMAs of the ring kernel (added to d).
+template <int BITS, bool BF, bool FOLD>
+__device__ __forceinline__ void tma_chunk(const unsigned char* wrow, int rstride,
+                                          const uint32_t* xw, bool live,
+                                          const RowScale<BITS, BF>& ra,
+                                          const RowScale<BITS, BF>& rb, float (&d)[2][4]) {
+  using Geo = G<BITS>;
+  const uint4 wa = *reinterpret_cast<const uint4*>(wrow);
+  const uint4 wb = *reinterpret_cast<const uint4*>(wrow + 8 * rstride);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    uint32_t b[Geo::PAIRS];
+    if (live) {
+#pragma unroll
+      for (int h = 0; h < Geo::PAIRS; h += 2) {
+        const uint2 v = *reinterpret_cast<const uint2*>(xw + q * Geo::PAIRS + h);
+        b[h] = v.x; b[h + 1] = v.y;
+      }
+    } else {
+#pragma unroll
+      for (int h = 0; h < Geo::PAIRS; ++h) b[h] = 0u;
+    }
+    const uint32_t wqa = q == 0 ? wa.x : q == 1 ? wa.y : q == 2 ? wa.z : wa.w;
+    const uint32_t wqb = q == 0 ? wb.x : q == 1 ? wb.y : q == 2 ? wb.z : wb.w;
+    uint32_t aa[Geo::PAIRS], ab[Geo::PAIRS];
+    if constexpr (FOLD) {
+      unpack_raw4<BF>(wqa, aa);
+      unpack_raw4<BF>(wqb, ab);
+    } else {
+      unpack<BITS, BF>(wqa, ra, aa);
+      unpack<BITS, BF>(wqb, rb, ab);
+    }
+#pragma unroll
+    for (int s = 0; s < Geo::PAIRS / 2; ++s) {
+      if (FOLD && q < 2 && s == 0)  // words q and q + 2 share a chain: two chains a chunk
+        mma_z<BF>(d[q & 1], aa[0], ab[0], aa[1], ab[1], b[0], b[1]);
+      else
+        mma<BF>(d[q & 1], aa[2 * s], ab[2 * s], aa[2 * s + 1], ab[2 * s + 1], b[2 * s],
+                b[2 * s + 1]);
+    }
+  }
+}
+
+template <int BITS, bool BF, bool FOLD>
+__global__ void __launch_bounds__(32 * (TMA_MAX_CONSUMERS + 1), 1)
+qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, const int ks,
+                 const int bshift, const int stages, const int experiment) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Geo = G<BITS>;
+  constexpr float MAGIC = BF ? 128.f : 1024.f;
+  constexpr int COLS = 8;
+  extern __shared__ __align__(128) unsigned char tsm[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nc_warps = (blockDim.x >> 5) - 1;  // consumers; the last warp produces
+  const int gid = lane >> 2, tig = lane & 3;
+  const int kw = p.k / Geo::PER, nch = p.k / Geo::CHUNK;
+  const int nsl = (nch + ks - 1) / ks;  // slices per tile
+  const int sg = tma_slice_groups(BITS, ks, p.gshift);
+  const int bc = 1 << bshift;           // chunks per box (of 16 rows)
+  const int box_bytes = bc * 64 * 16;
+  const int sc_bytes = tma_scale_bytes(BITS, ks, p.gshift);
+  const int sbytes = ks * 1024 + 2 * sc_bytes;
+  const int tiles = n_tiles(p);
+  const bool has_z = p.z[0] != nullptr;
+
+  uint64_t* full = reinterpret_cast<uint64_t*>(tsm);
+  uint64_t* empty = full + stages;
+  unsigned char* ring = tsm + (2 * stages * 8 + 127) / 128 * 128;
+  float* tsum = reinterpret_cast<float*>(ring + stages * sbytes);  // [slot][16][COLS]
+  int* tcnt = reinterpret_cast<int*>(tsum + TMA_SLOTS * 16 * COLS);  // [slot] (16-byte pitch)
+  float* xsum = reinterpret_cast<float*>(tcnt + TMA_SLOTS * 4);
+  uint32_t* xs = reinterpret_cast<uint32_t*>(
+      reinterpret_cast<unsigned char*>(xsum) + (p.m * p.groups * 4 + 15) / 16 * 16);
+  const int xstride = (2 * p.k + 16) / 4;  // 32-bit words per x row
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) { mbar_init(full + s, 1); mbar_init(empty + s, nc_warps); }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  for (int i = threadIdx.x; i < TMA_SLOTS * (16 * COLS + 4); i += blockDim.x) tsum[i] = 0.f;
+  __syncthreads();
+
+  if (warp == nc_warps) {  // producer: one lane issues every copy
+    if (lane == 0) {
+      uint64_t policy;
+      asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+      int slot = 0, phase = 0;
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        int wi, row0, col0;
+        locate_tile(p, t, wi, row0, col0);
+        for (int j = 0; j < nsl; ++j) {
+          const int ch0 = j * ks;
+          const int nc = nch - ch0 < ks ? nch - ch0 : ks;
+          const int nbox = (nc + bc - 1) >> bshift;
+          mbar_wait(empty + slot, phase ^ 1);  // the consumers freed the slot (first use: at once)
+          if (experiment & 8) {  // no copies: what the rest costs
+            mbar_arrive(full + slot);
+            if (++slot == stages) { slot = 0; phase ^= 1; }
+            continue;
+          }
+          mbar_expect_tx(full + slot, nbox * box_bytes + (has_z ? 2 : 1) * 16 * sg * 2);
+          unsigned char* st = ring + slot * sbytes;
+          for (int b = 0; b < nbox; ++b)
+            tma_box(st + b * box_bytes, &maps.w[wi], ch0 * 16 + b * bc * 16, row0, full + slot,
+                    policy);
+          const int g0 = (ch0 * Geo::CHUNK) >> p.gshift;
+          tma_box(st + ks * 1024, &maps.s[wi], g0, row0, full + slot, policy);
+          if (has_z)
+            tma_box(st + ks * 1024 + sc_bytes, &maps.z[wi], g0, row0, full + slot, policy);
+          if (++slot == stages) { slot = 0; phase ^= 1; }
+        }
+      }
+    }
+    return;
+  }
+
+  // consumers: x into shared memory in pair order (and sum x per group for FOLD)
+  const int nthr = nc_warps * 32;
+  const unsigned short* xb = static_cast<const unsigned short*>(p.x);
+  for (int i = threadIdx.x; i < p.m * kw; i += nthr) {
+    const int r = i / kw, wd = i % kw;
+    uint32_t xr[Geo::PER / 2], b[Geo::PAIRS];
+    load_x_word<BITS, false>(xb + (size_t)r * p.sx, wd * Geo::PER, true, xr);
+    x_pairs<BITS>(xr, b);
+#pragma unroll
+    for (int j = 0; j < Geo::PAIRS; ++j) xs[r * xstride + wd * Geo::PAIRS + j] = b[j];
+  }
+  asm volatile("bar.sync 1, %0;\n" ::"r"(nthr) : "memory");
+  if constexpr (FOLD) {
+    for (int i = threadIdx.x; i < p.m * p.groups; i += nthr) {
+      const int r = i / p.groups, g = i % p.groups;
+      const uint4* v = reinterpret_cast<const uint4*>(xs + r * xstride + g * 64);
+      float sum = 0.f;
+#pragma unroll 4
+      for (int j = 0; j < 16; ++j) {
+        const uint4 q = v[j];
+        const uint32_t e[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          if constexpr (BF) {
+            sum += __uint_as_float(e[h] << 16) + __uint_as_float(e[h] & 0xFFFF0000u);
+          } else {
+            sum += h2f((unsigned short)(e[h] & 0xFFFFu)) + h2f((unsigned short)(e[h] >> 16));
+          }
+        }
+      }
+      xsum[r * p.groups + g] = sum;
+    }
+    asm volatile("bar.sync 1, %0;\n" ::"r"(nthr) : "memory");
+  }
+
+  const bool live = gid < p.m;
+  const uint32_t* xrow = xs + (live ? gid : 0) * xstride;
+  const int rstride = bc * 64;  // bytes between rows of a box
+  const int c0 = 2 * tig, c1 = 2 * tig + 1;  // x rows of this thread's sums (FOLD)
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int tslot = 0, slot = 0, phase = 0, last_slot = 0;
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    for (int j = 0; j < nsl; ++j) {
+      const int ch0 = j * ks;
+      const int nc = nch - ch0 < ks ? nch - ch0 : ks;
+      mbar_wait(full + slot, phase);
+      const unsigned char* st = ring + slot * sbytes;
+      const unsigned short* sc = reinterpret_cast<const unsigned short*>(st + ks * 1024);
+      const unsigned short* zc = reinterpret_cast<const unsigned short*>(st + ks * 1024 + sc_bytes);
+      // two chunks at a time (c, c + nc_warps: independent MMA chains); a missing second
+      // chunk repeats the first and is dropped
+      for (int c = (experiment & 4) ? nc : warp; c < nc; c += 2 * nc_warps) {  // 4: no compute
+        const bool two = c + nc_warps < nc;
+        const int cs[2] = {c, two ? c + nc_warps : c};
+        float d[2][2][4] = {};
+        RowScale<BITS, BF> ra[2], rb[2];
+        if constexpr (!FOLD) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int gl = (cs[h] * Geo::CHUNK + tig * Geo::TC) >> p.gshift;
+            ra[h].set(sc[gid * sg + gl], has_z ? zc[gid * sg + gl] : (unsigned short)0, has_z);
+            rb[h].set(sc[(gid + 8) * sg + gl],
+                      has_z ? zc[(gid + 8) * sg + gl] : (unsigned short)0, has_z);
+          }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int cc = cs[h];
+          const unsigned char* wrow = st + ((cc >> bshift) * 16 + gid) * rstride +
+                                      (cc & (bc - 1)) * 64 + tig * 16;
+          tma_chunk<BITS, BF, FOLD>(wrow, rstride, xrow + ((ch0 + cc) * 16 + 4 * tig) * Geo::PAIRS,
+                                    live, ra[h], rb[h], d[h]);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (h == 1 && !two) break;
+          if constexpr (FOLD) {
+            const int cc = cs[h], g = ch0 + cc;  // one chunk = one group
+            const float s_a = h2f(sc[gid * sg + cc]), s_b = h2f(sc[(gid + 8) * sg + cc]);
+            const float off_a = MAGIC + (has_z ? h2f(zc[gid * sg + cc]) : (float)Geo::CEN);
+            const float off_b = MAGIC + (has_z ? h2f(zc[(gid + 8) * sg + cc]) : (float)Geo::CEN);
+            const float x0 = c0 < p.m ? xsum[c0 * p.groups + g] : 0.f;
+            const float x1 = c1 < p.m ? xsum[c1 * p.groups + g] : 0.f;
+            acc[0] = fmaf(s_a, fmaf(-off_a, x0, d[h][0][0] + d[h][1][0]), acc[0]);
+            acc[1] = fmaf(s_a, fmaf(-off_a, x1, d[h][0][1] + d[h][1][1]), acc[1]);
+            acc[2] = fmaf(s_b, fmaf(-off_b, x0, d[h][0][2] + d[h][1][2]), acc[2]);
+            acc[3] = fmaf(s_b, fmaf(-off_b, x1, d[h][0][3] + d[h][1][3]), acc[3]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[e] += d[h][0][e] + d[h][1][e];
+          }
+        }
+      }
+      __syncwarp();
+      if (j + 1 < nsl && lane == 0) mbar_arrive(empty + slot);  // the last one after the sums
+      last_slot = slot;
+      if (++slot == stages) { slot = 0; phase ^= 1; }
+    }
+    // the tile is done: each consumer adds its partial sums into the tile's slot of sums
+    // (shared-memory atomics: no barrier, the warps need not wait for each other) and the
+    // last one to arrive writes the output and clears the slot. The epilogue runs before
+    // the tile's last stage is released, so no warp gets more than `stages` tiles ahead
+    // and TMA_SLOTS >= stages slots never collide.
+    {
+      float* ts = tsum + tslot * 16 * COLS;
+      if (c0 < p.m) { atomicAdd(ts + gid * COLS + c0, acc[0]); atomicAdd(ts + (gid + 8) * COLS + c0, acc[2]); }
+      if (c1 < p.m) { atomicAdd(ts + gid * COLS + c1, acc[1]); atomicAdd(ts + (gid + 8) * COLS + c1, acc[3]); }
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+      __threadfence_block();
+      __syncwarp();
+      int last = 0;
+      if (lane == 0) last = atomicAdd(tcnt + 4 * tslot, 1) == nc_warps - 1;
+      last = __shfl_sync(0xffffffffu, last, 0);
+      if (last) {
+        __threadfence_block();
+        int wi, row0, col0;
+        locate_tile(p, t, wi, row0, col0);
+        for (int idx = lane; idx < 16 * p.m; idx += 32) {
+          const int row = idx & 15, mrow = idx >> 4;
+          float v = ts[row * COLS + mrow];
+          ts[row * COLS + mrow] = 0.f;
+          if (p.bias) v += p.bias[col0 + row0 + row];
+          store_out<BF>(p, (size_t)mrow * p.so + col0 + row0 + row, v);
+        }
+        __syncwarp();
+        if (lane == 0) tcnt[4 * tslot] = 0;
+        __threadfence_block();
+      }
+      if (++tslot == TMA_SLOTS) tslot = 0;
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty + last_slot);
+  }
+#else
+  __trap();  // sm_90 only: the host refuses other devices
+#endif
+}
+
+// cuTensorMapEncodeTiled from the driver, found once through the runtime (no -lcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  static bool tried = false;
+  if (!tried) {
+    tried = true;
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &q) == cudaSuccess && q == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }
+  return fn;
+}
+
+// A 2-D map of a row-major (rows, inner) tensor with boxes of box_rows x box_inner.
+bool encode_2d(CUtensorMap* map, CUtensorMapDataType type, int esize, const void* ptr,
+               int inner, int rows, int box_inner, int box_rows) {
+  auto fn = tensor_map_encoder();
+  if (!fn) return false;
+  const cuuint64_t dims[2] = {(cuuint64_t)inner, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)inner * esize};
+  const cuuint32_t box[2] = {(cuuint32_t)box_inner, (cuuint32_t)box_rows};
+  const cuuint32_t estr[2] = {1, 1};
+  return fn(map, type, 2, const_cast<void*>(ptr), dims, strides, box, estr,
+            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int BITS, bool BF, bool FOLD>
+int launch_tma(const QGemvParams* p, int consumers, int ks, int stages, int sms,
+               cudaStream_t stream) {
+  using Geo = G<BITS>;
+  const int kw = p->k / Geo::PER, nch = p->k / Geo::CHUNK;
+  if (ks > nch) ks = nch;
+  const int bc = ks % 16 ? 8 : 16;  // chunks per box (1 KB of codes per row at most)
+  const int bshift = bc == 16 ? 4 : 3;
+  const int sg = tma_slice_groups(BITS, ks, p->gshift);
+  TmaMaps maps;
+  for (int i = 0; i < p->nw; ++i) {
+    if (!encode_2d(&maps.w[i], CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p->w[i], kw, p->n[i], bc * 16, 16) ||
+        !encode_2d(&maps.s[i], CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p->s[i], p->groups, p->n[i], sg, 16) ||
+        (p->z[0] && !encode_2d(&maps.z[i], CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p->z[i], p->groups,
+                               p->n[i], sg, 16)))
+      return -3;
+  }
+  auto* kern = qgemv_tma_kernel<BITS, BF, FOLD>;
+  const size_t smem = tma_fixed_bytes(stages, consumers, p->m, p->k, p->groups) +
+                      (size_t)stages * tma_stage_bytes(BITS, ks, p->gshift);
+  static size_t granted = 48 * 1024;  // raised once per size, never inside a capture
+  if (smem > granted) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)smem);
+    if (e != cudaSuccess) return (int)e;
+    granted = smem;
+  }
+  const int tiles = n_tiles(*p);
+  const int grid = tiles < sms ? tiles : sms;
+  // SLIMLM_QGEMV_TMA_EXPERIMENT (read once): 4 skips the compute, 8 the copies (timing
+  // experiments only: the results are then wrong)
+  static const int experiment = [] {
+    const char* e = getenv("SLIMLM_QGEMV_TMA_EXPERIMENT");
+    return e ? atoi(e) : 0;
+  }();
+  kern<<<grid, 32 * (consumers + 1), smem, stream>>>(*p, maps, ks, bshift, stages, experiment);
+  return (int)cudaGetLastError();
+}
+
 }  // namespace
 
 extern "C" {
@@ -786,6 +1197,51 @@ int slimlm_qgemv_fold(const QGemvParams* p, int bits, int bf16, int warps, int k
   if (bf16) return two ? launch_fold<true, 2>(p, warps, ksplit, s)
                        : launch_fold<true, 1>(p, warps, ksplit, s);
   return two ? launch_fold<false, 2>(p, warps, ksplit, s) : launch_fold<false, 1>(p, warps, ksplit, s);
+}
+
+// Bytes of dynamic shared memory of a TMA-kernel launch (the host picks `stages` with it).
+int slimlm_qgemv_tma_smem(int bits, int ks, int gshift, int stages, int consumers, int m,
+                          int k, int groups) {
+  return tma_fixed_bytes(stages, consumers, m, k, groups) +
+         stages * tma_stage_bytes(bits, ks, gshift);
+}
+
+// The TMA kernel (sm_90; int2/int4/int8, x with 1 to TMA_MAX_M rows; no swiglu): blocks of
+// `consumers` compute warps and one copy warp, stages of 16 rows x `ks` chunks (at most the
+// row's chunks). FOLD (int4, groups of 128) when fold != 0. -1 for arguments it does not
+// take, -3 when the tensor maps cannot be made (no driver entry point, misaligned tensors).
+int slimlm_qgemv_tma(const QGemvParams* p, int bits, int bf16, int fold, int consumers,
+                     int ks, int stages, void* stream, int device) {
+  if (p->m < 1 || p->m > TMA_MAX_M || p->swiglu || consumers < 1 ||
+      consumers > TMA_MAX_CONSUMERS || stages < 2 || stages > TMA_MAX_STAGES)
+    return -1;
+  if (bits != 2 && bits != 4 && bits != 8) return -1;
+  const int chunk = 4 * 4 * (32 / bits);
+  const int unit = tma_unit_chunks(bits, p->gshift);
+  if (ks < unit || ks % unit || (p->k / chunk) % unit || p->k % chunk) return -1;
+  if ((1 << p->gshift) < 4 * (32 / bits)) return -1;  // a thread's 16 bytes in one group
+  if (fold && (bits != 4 || p->gshift != 7)) return -1;
+  if (use_device(device) != 0) return -2;
+  static int sms_of[64] = {}, major_of[64] = {};
+  if (device < 0 || device >= 64) return -1;
+  if (sms_of[device] == 0) {
+    if (cudaDeviceGetAttribute(&sms_of[device], cudaDevAttrMultiProcessorCount, device) !=
+            cudaSuccess ||
+        cudaDeviceGetAttribute(&major_of[device], cudaDevAttrComputeCapabilityMajor, device) !=
+            cudaSuccess)
+      return -2;
+  }
+  if (major_of[device] < 9) return -1;
+  const int sms = sms_of[device];
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (fold) return bf16 ? launch_tma<4, true, true>(p, consumers, ks, stages, sms, s)
+                        : launch_tma<4, false, true>(p, consumers, ks, stages, sms, s);
+  if (bits == 4) return bf16 ? launch_tma<4, true, false>(p, consumers, ks, stages, sms, s)
+                             : launch_tma<4, false, false>(p, consumers, ks, stages, sms, s);
+  if (bits == 2) return bf16 ? launch_tma<2, true, false>(p, consumers, ks, stages, sms, s)
+                             : launch_tma<2, false, false>(p, consumers, ks, stages, sms, s);
+  return bf16 ? launch_tma<8, true, false>(p, consumers, ks, stages, sms, s)
+              : launch_tma<8, false, false>(p, consumers, ks, stages, sms, s);
 }
 
 }  // extern "C"
