@@ -157,7 +157,7 @@ def plan_tma(bits: int, group_size: int, m: int, k: int, *, smem_bytes: int,
                          f"multiple of {unit} up to 64")
     ks = min(ks, k // chunk_codes(bits))  # a slice is at most a whole row
     groups = k // group_size
-    fixed = (-(-2 * TMA_MAX_STAGES * 8 // 128) * 128 + 16 * (16 * 8 * 4 + 16)
+    fixed = (-(-2 * TMA_MAX_STAGES * 8 // 128) * 128
              + -(-m * groups * 4 // 16) * 16 + m * (2 * k + 16))
     slice_groups = ks * chunk_codes(bits) // group_size
     stage = ks * 1024 + 2 * (-(-16 * slice_groups * 2 // 128) * 128)

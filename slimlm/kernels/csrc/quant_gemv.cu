@@ -767,7 +767,6 @@ int launch_fold(const QGemvParams* p, int warps, int ksplit, cudaStream_t stream
 // chunk is the ring kernel's (dequantize, then MMA) or, for int4 with groups of 128
 // (FOLD), the fold kernel's with sum x per group taken once per block.
 constexpr int TMA_MAX_CONSUMERS = 16;
-constexpr int TMA_SLOTS = 16;  // tile sums in flight (>= stages: see the tile epilogue)
 constexpr int TMA_MAX_M = 8;
 constexpr int TMA_MAX_STAGES = 16;
 
@@ -788,10 +787,9 @@ __host__ __device__ inline int tma_stage_bytes(int bits, int ks, int gshift) {
 __host__ __device__ inline int tma_fixed_bytes(int stages, int consumers, int m, int k,
                                                int groups) {
   const int bars = (2 * stages * 8 + 127) / 128 * 128;
-  const int red = TMA_SLOTS * (16 * 8 * 4 + 16);  // tile sums and their arrival counts
   (void)consumers;
   const int xsum = (m * groups * 4 + 15) / 16 * 16;
-  return bars + red + xsum + m * (2 * k + 16);
+  return bars + xsum + m * (2 * k + 16);
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
@@ -880,7 +878,6 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using Geo = G<BITS>;
   constexpr float MAGIC = BF ? 128.f : 1024.f;
-  constexpr int COLS = 8;
   extern __shared__ __align__(128) unsigned char tsm[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nc_warps = (blockDim.x >> 5) - 1;  // consumers; the last warp produces
@@ -893,23 +890,21 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
   const int sc_bytes = tma_scale_bytes(BITS, ks, p.gshift);
   const int sbytes = ks * 1024 + 2 * sc_bytes;
   const int tiles = n_tiles(p);
+  const int my_tiles = ((int)blockIdx.x < tiles) ? (tiles - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
   const bool has_z = p.z[0] != nullptr;
 
   uint64_t* full = reinterpret_cast<uint64_t*>(tsm);
   uint64_t* empty = full + stages;
   unsigned char* ring = tsm + (2 * stages * 8 + 127) / 128 * 128;
-  float* tsum = reinterpret_cast<float*>(ring + stages * sbytes);  // [slot][16][COLS]
-  int* tcnt = reinterpret_cast<int*>(tsum + TMA_SLOTS * 16 * COLS);  // [slot] (16-byte pitch)
-  float* xsum = reinterpret_cast<float*>(tcnt + TMA_SLOTS * 4);
+  float* xsum = reinterpret_cast<float*>(ring + stages * sbytes);
   uint32_t* xs = reinterpret_cast<uint32_t*>(
       reinterpret_cast<unsigned char*>(xsum) + (p.m * p.groups * 4 + 15) / 16 * 16);
   const int xstride = (2 * p.k + 16) / 4;  // 32-bit words per x row
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < stages; ++s) { mbar_init(full + s, 1); mbar_init(empty + s, nc_warps); }
+    for (int s = 0; s < stages; ++s) { mbar_init(full + s, 1); mbar_init(empty + s, 1); }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  for (int i = threadIdx.x; i < TMA_SLOTS * (16 * COLS + 4); i += blockDim.x) tsum[i] = 0.f;
   __syncthreads();
 
   if (warp == nc_warps) {  // producer: one lane issues every copy
@@ -917,29 +912,34 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
       uint64_t policy;
       asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
       int slot = 0, phase = 0;
-      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-        int wi, row0, col0;
-        locate_tile(p, t, wi, row0, col0);
+      // tile groups of nc_warps tiles (local tile k goes to consumer k % nc_warps); within
+      // a group slice j of every tile, then slice j + 1: consecutive stages feed different
+      // consumers
+      for (int k0 = 0; k0 < my_tiles; k0 += nc_warps) {
+        const int ng = my_tiles - k0 < nc_warps ? my_tiles - k0 : nc_warps;
         for (int j = 0; j < nsl; ++j) {
           const int ch0 = j * ks;
           const int nc = nch - ch0 < ks ? nch - ch0 : ks;
           const int nbox = (nc + bc - 1) >> bshift;
-          mbar_wait(empty + slot, phase ^ 1);  // the consumers freed the slot (first use: at once)
-          if (experiment & 8) {  // no copies: what the rest costs
-            mbar_arrive(full + slot);
-            if (++slot == stages) { slot = 0; phase ^= 1; }
-            continue;
-          }
-          mbar_expect_tx(full + slot, nbox * box_bytes + (has_z ? 2 : 1) * 16 * sg * 2);
-          unsigned char* st = ring + slot * sbytes;
-          for (int b = 0; b < nbox; ++b)
-            tma_box(st + b * box_bytes, &maps.w[wi], ch0 * 16 + b * bc * 16, row0, full + slot,
-                    policy);
           const int g0 = (ch0 * Geo::CHUNK) >> p.gshift;
-          tma_box(st + ks * 1024, &maps.s[wi], g0, row0, full + slot, policy);
-          if (has_z)
-            tma_box(st + ks * 1024 + sc_bytes, &maps.z[wi], g0, row0, full + slot, policy);
-          if (++slot == stages) { slot = 0; phase ^= 1; }
+          for (int w = 0; w < ng; ++w) {
+            int wi, row0, col0;
+            locate_tile(p, (int)blockIdx.x + (k0 + w) * (int)gridDim.x, wi, row0, col0);
+            mbar_wait(empty + slot, phase ^ 1);  // the slot is free (first use: at once)
+            if (experiment & 8) {  // no copies: what the rest costs
+              mbar_arrive(full + slot);
+            } else {
+              mbar_expect_tx(full + slot, nbox * box_bytes + (has_z ? 2 : 1) * 16 * sg * 2);
+              unsigned char* st = ring + slot * sbytes;
+              for (int b = 0; b < nbox; ++b)
+                tma_box(st + b * box_bytes, &maps.w[wi], ch0 * 16 + b * bc * 16, row0,
+                        full + slot, policy);
+              tma_box(st + ks * 1024, &maps.s[wi], g0, row0, full + slot, policy);
+              if (has_z)
+                tma_box(st + ks * 1024 + sc_bytes, &maps.z[wi], g0, row0, full + slot, policy);
+            }
+            if (++slot == stages) { slot = 0; phase ^= 1; }
+          }
         }
       }
     }
@@ -985,21 +985,28 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
   const uint32_t* xrow = xs + (live ? gid : 0) * xstride;
   const int rstride = bc * 64;  // bytes between rows of a box
   const int c0 = 2 * tig, c1 = 2 * tig + 1;  // x rows of this thread's sums (FOLD)
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  int tslot = 0, slot = 0, phase = 0, last_slot = 0;
-  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+  // this warp's tiles: local tiles k = warp, warp + nc_warps, ...; its stage for slice j of
+  // tile k is number k0 * nsl + j * ng + (k - k0) of the producer's order (k0 = the
+  // group's first tile, ng = tiles in the group)
+  for (int k = warp; k < my_tiles; k += nc_warps) {
+    const int k0 = k - warp;
+    const int ng = my_tiles - k0 < nc_warps ? my_tiles - k0 : nc_warps;
+    const int t = (int)blockIdx.x + k * (int)gridDim.x;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int j = 0; j < nsl; ++j) {
+      const int u = k0 * nsl + j * ng + warp;
+      const int slot = u % stages;
       const int ch0 = j * ks;
       const int nc = nch - ch0 < ks ? nch - ch0 : ks;
-      mbar_wait(full + slot, phase);
+      mbar_wait(full + slot, (u / stages) & 1);
       const unsigned char* st = ring + slot * sbytes;
       const unsigned short* sc = reinterpret_cast<const unsigned short*>(st + ks * 1024);
       const unsigned short* zc = reinterpret_cast<const unsigned short*>(st + ks * 1024 + sc_bytes);
-      // two chunks at a time (c, c + nc_warps: independent MMA chains); a missing second
-      // chunk repeats the first and is dropped
-      for (int c = (experiment & 4) ? nc : warp; c < nc; c += 2 * nc_warps) {  // 4: no compute
-        const bool two = c + nc_warps < nc;
-        const int cs[2] = {c, two ? c + nc_warps : c};
+      // two chunks at a time (independent MMA chains); a missing second chunk repeats the
+      // first and is dropped
+      for (int c = (experiment & 4) ? nc : 0; c < nc; c += 2) {  // experiment 4: no compute
+        const bool two = c + 1 < nc;
+        const int cs[2] = {c, two ? c + 1 : c};
         float d[2][2][4] = {};
         RowScale<BITS, BF> ra[2], rb[2];
         if constexpr (!FOLD) {
@@ -1040,44 +1047,20 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
         }
       }
       __syncwarp();
-      if (j + 1 < nsl && lane == 0) mbar_arrive(empty + slot);  // the last one after the sums
-      last_slot = slot;
-      if (++slot == stages) { slot = 0; phase ^= 1; }
+      if (lane == 0) mbar_arrive(empty + slot);
     }
-    // the tile is done: each consumer adds its partial sums into the tile's slot of sums
-    // (shared-memory atomics: no barrier, the warps need not wait for each other) and the
-    // last one to arrive writes the output and clears the slot. The epilogue runs before
-    // the tile's last stage is released, so no warp gets more than `stages` tiles ahead
-    // and TMA_SLOTS >= stages slots never collide.
-    {
-      float* ts = tsum + tslot * 16 * COLS;
-      if (c0 < p.m) { atomicAdd(ts + gid * COLS + c0, acc[0]); atomicAdd(ts + (gid + 8) * COLS + c0, acc[2]); }
-      if (c1 < p.m) { atomicAdd(ts + gid * COLS + c1, acc[1]); atomicAdd(ts + (gid + 8) * COLS + c1, acc[3]); }
-      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-      __threadfence_block();
-      __syncwarp();
-      int last = 0;
-      if (lane == 0) last = atomicAdd(tcnt + 4 * tslot, 1) == nc_warps - 1;
-      last = __shfl_sync(0xffffffffu, last, 0);
-      if (last) {
-        __threadfence_block();
-        int wi, row0, col0;
-        locate_tile(p, t, wi, row0, col0);
-        for (int idx = lane; idx < 16 * p.m; idx += 32) {
-          const int row = idx & 15, mrow = idx >> 4;
-          float v = ts[row * COLS + mrow];
-          ts[row * COLS + mrow] = 0.f;
-          if (p.bias) v += p.bias[col0 + row0 + row];
-          store_out<BF>(p, (size_t)mrow * p.so + col0 + row0 + row, v);
-        }
-        __syncwarp();
-        if (lane == 0) tcnt[4 * tslot] = 0;
-        __threadfence_block();
+    // the warp holds the tile's whole sums: straight out
+    int wi, row0, col0;
+    locate_tile(p, t, wi, row0, col0);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int mrow = 2 * tig + (e & 1), row = gid + 8 * (e >> 1);
+      if (mrow < p.m) {
+        float v = acc[e];
+        if (p.bias) v += p.bias[col0 + row0 + row];
+        store_out<BF>(p, (size_t)mrow * p.so + col0 + row0 + row, v);
       }
-      if (++tslot == TMA_SLOTS) tslot = 0;
     }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty + last_slot);
   }
 #else
   __trap();  // sm_90 only: the host refuses other devices
