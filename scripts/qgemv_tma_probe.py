@@ -43,7 +43,7 @@ def check(dev, emit) -> None:
                            dtype=str(dtype), m=m, sym=sym)
                 try:
                     ref = quant_gemv_ref(x, [ql.qweight], [s], zs, bits, gs).float()
-                    for cons, ksl in ((8, None), (16, None), (1, None), (3, 32), (16, 8), (2, 24)):
+                    for cons, ksl in ((4, None), (8, 16), (1, None), (3, 32), (8, 8), (2, 24)):
                         if ksl is not None and ksl % quant_cuda._tma_unit(bits, gs):
                             continue
                         y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, tma=True, fold=fold,
@@ -88,6 +88,7 @@ def timing(dev, emit, ms, shapes, rep, formats, configs) -> None:
                     with torch.no_grad():
                         row["bf16_us"] = t(lambda: F.linear(x, wb))
                         row["triton_us"] = t(lambda: quant_matmul_packed(x, w32, s, z, bits, gs))
+                        row["ring_us"] = t(lambda: quant_cuda.qgemv(x, [w32], [s], zs, bits, gs))
                         if fold and m > 1:
                             wp, ksp = quant_cuda.plan_fold(n, m)
                             row["fold_us"] = t(lambda: quant_cuda.qgemv(
@@ -126,7 +127,8 @@ def main() -> None:
     ap.add_argument("--ms", default="1,4,8")
     ap.add_argument("--rep", type=int, default=20)
     ap.add_argument("--formats", default="4:128,2:64,8:128")
-    ap.add_argument("--configs", default="16:16,16:32,8:32,12:32,16:64",
+    ap.add_argument("--shapes", default="4096x4096,6144x4096,28672x4096,4096x14336")
+    ap.add_argument("--configs", default="4:16,8:8,6:16,4:32,8:16,12:8",
                     help="consumers:slice_chunks pairs")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -142,7 +144,7 @@ def main() -> None:
     if not args.time_only:
         check(dev, emit)
     if not args.check_only:
-        shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
         formats = [tuple(int(v) for v in f.split(":")) for f in args.formats.split(",")]
         configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
         timing(dev, emit, [int(v) for v in args.ms.split(",")], shapes, args.rep, formats,

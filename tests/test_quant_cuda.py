@@ -95,10 +95,10 @@ def test_tma_reason_and_plan_tma():
     assert "K=1536" in quant_cuda.tma_reason(4, 128, 1536, 1)
     assert "9 rows" in quant_cuda.tma_reason(4, 128, 4096, 9)
     # 16 chunks (1 KB of codes per row) a stage by default: 17,408 bytes at int4-g128
-    assert quant_cuda.plan_tma(4, 128, 1, 4096, smem_bytes=232448) == (8, 16, 12)
+    assert quant_cuda.plan_tma(4, 128, 1, 4096, smem_bytes=232448) == (4, 16, 12)
     assert quant_cuda.plan_tma(8, 128, 1, 4096, smem_bytes=232448)[1] == 16
     assert quant_cuda.plan_tma(4, 128, 1, 4096, smem_bytes=232448, consumers=4,
-                               slice_chunks=32) == (4, 32, 6)
+                               slice_chunks=32) == (4, 32, 4)
     for kw, match in (({"consumers": 17}, "consumers=17"), ({"slice_chunks": 12}, "slice_chunks=12"),
                       ({"smem_bytes": 40000}, "expected 2\\+")):
         args = {"smem_bytes": 232448, **kw}
@@ -141,8 +141,18 @@ def test_cuda_gemv_plan_follows_the_rules(monkeypatch):
     assert qm.cuda_gemv_plan(x, w, s, None, 4, 128) == {"fold": True, "warps": 4, "ksplit": 4}
     assert qm.cuda_gemv_plan(x, w, s, None, 4, 64) is None  # groups too small for the fold
     w2 = torch.zeros(6144, 256, dtype=torch.int32)  # int2
+    s2 = torch.ones(6144, 64, dtype=torch.float16)
     for m, want in ((1, None), (3, None), (4, {"stages": 4}), (16, {"stages": 4})):
-        assert qm.cuda_gemv_plan(torch.randn(m, 4096), w2, s, None, 2, 64) == want
+        assert qm.cuda_gemv_plan(torch.randn(m, 4096), w2, s2, None, 2, 64) == want
+    # on an sm_90 GPU the TMA kernel takes int2 at 4-8 rows on layers of 6144+ rows
+    monkeypatch.setattr(quant_cuda, "tma_device_ok", lambda dev: True)
+    tma = {"tma": True, "consumers": 8, "slice_chunks": 8}
+    for m, want in ((3, None), (4, tma), (8, tma), (9, {"stages": 4})):
+        assert qm.cuda_gemv_plan(torch.randn(m, 4096), w2, s2, None, 2, 64) == want, m
+    assert qm.cuda_gemv_plan(torch.randn(4, 4096), w2[:4096], s2[:4096], None, 2,
+                             64) == {"stages": 4}  # too few rows
+    assert qm.cuda_gemv_plan(torch.randn(4, 3072), w2[:, :192], s2[:, :48], None, 2,
+                             64) == {"stages": 4}  # K not a multiple of 2048
     assert qm.cuda_gemv_plan(x, w, s, None, 8, 128) is None
 
 
@@ -280,7 +290,7 @@ def test_qgemv_tma_matches_the_reference(bits, gs, fold, dtype):
         for m in (1, 2, 5, 8):
             x = torch.randn(m, k, device=dev, dtype=dtype)
             ref = quant_gemv_ref(x, [qw], [s], zs, bits, gs).float()
-            for cons, ks in ((8, None), (16, None), (3, 2 * unit), (1, unit), (8, 4 * unit)):
+            for cons, ks in ((4, None), (8, unit), (3, 2 * unit), (1, unit), (2, 4 * unit)):
                 y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, tma=True, fold=fold,
                                      consumers=cons, slice_chunks=ks)
                 assert y.shape == (m, 272) and y.dtype == dtype
@@ -434,3 +444,31 @@ def test_load_checks_the_parameter_struct(cuda_lib_dir, monkeypatch):
     with pytest.raises(RuntimeError, match="Short does not match"):
         _cuda_build.load_library(quant_cuda.SOURCE, dev, who="t", configure=lambda lib: None,
                                  params=("slimlm_qgemv_params_size", Short))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU")
+def test_quant_linear_takes_the_tma_kernel_for_int2_at_4_to_8_rows_on_wide_layers(monkeypatch):
+    """A 6144-row int2 layer (CUDA_GEMV_RULES: the TMA kernel at 4-8 rows of x from
+    TMA_MIN_ROWS rows on), with a bias: the TMA kernel at 4 and 8 rows, the ring kernel at
+    16, both within bounds of the reference."""
+    from torch import nn
+
+    from slimlm.kernels import quant_matmul as qm
+    from slimlm.quant import QuantConfig, quantize_
+
+    dev = torch.device("cuda")
+    lin = nn.Sequential(nn.Linear(4096, qm.TMA_MIN_ROWS, bias=True, device=dev,
+                                  dtype=torch.bfloat16))
+    quantize_(lin, QuantConfig(bits=2, group_size=64))
+    ql = lin[0]
+    calls = []
+    real = quant_cuda.qgemv
+    monkeypatch.setattr(quant_cuda, "qgemv", lambda *a, **k: calls.append(
+        (a[0].shape[0], k.get("tma", False))) or real(*a, **k))
+    with torch.no_grad():
+        for m in (4, 8, 16):
+            x = torch.randn(m, 4096, device=dev, dtype=torch.bfloat16)
+            ref = qm.quant_matmul_ref(x, ql.qweight, ql.scales, ql.zeros, 2, 64, ql.bias)
+            assert _rel(ql(x), ref) < 1e-2
+    assert calls == [(4, True), (8, True), (16, False)]

@@ -10,13 +10,18 @@ that share x (q, k, v) run as one launch, and gate/up with the SwiGLU product as
 
 :class:`slimlm.quant.QuantLinear` runs it on the GPU where it measured faster than the
 Triton kernels (:data:`slimlm.kernels.quant_matmul.CUDA_GEMV_RULES`: int2 weights at 4 to
-16 rows of x, and the fold kernel for int4 at 2 to 16 rows), when :func:`supports` says it
-can; elsewhere the Triton kernels run.
+16 rows of x, the TMA kernel for int2 at 4 to 8 rows on wide layers, and the fold kernel
+for int4 at 2 to 16 rows), when :func:`supports` says it can; elsewhere the Triton
+kernels run.
 
-Two kernels: the ring kernel (any group size, int8/int4/int2, swiglu) dequantizes each
+Three kernels: the ring kernel (any group size, int8/int4/int2, swiglu) dequantizes each
 pair to ``(q - z) * s`` before the MMA; the fold kernel (``fold=True``: int4, groups of
 128) feeds the MMA the raw magic-number values and applies ``s`` and ``z`` once per
-group in fp32, about half the instructions per weight.
+group in fp32, about half the instructions per weight; the TMA kernel (``tma=True``,
+sm_90, 1 to 8 rows of x) streams the weights into shared memory with the tensor memory
+accelerator, one producer warp feeding consumer warps that each own whole 16-row tiles
+(:data:`slimlm.kernels.quant_matmul.CUDA_GEMV_RULES`: int2 at 4 to 8 rows on layers of
+6144+ rows, where it measured 1.13-1.6x faster than the ring kernel).
 ``SLIMLM_QUANT_CUDA=0`` turns it off. Built on first use
 with ``nvcc`` (see :mod:`slimlm.kernels._cuda_build`), about 20 s, then cached.
 
@@ -43,7 +48,7 @@ from slimlm.kernels import _cuda_build
 
 __all__ = ["MAX_M", "SOURCE", "TMA_MAX_M", "build", "chunk_codes", "fold_reason",
            "format_reason", "plan_fold", "plan_tma", "plan_warps", "qgemv", "supports",
-           "tma_reason"]
+           "tma_device_ok", "tma_reason"]
 
 SOURCE = Path(__file__).with_name("csrc") / "quant_gemv.cu"
 #: Rows of x the kernel takes (two MMA column tiles of 8).
@@ -56,7 +61,7 @@ STAGES = (2, 4)
 #: Rows of x, compute warps and stages the TMA kernel takes (quant_gemv.cu: TMA_MAX_*).
 TMA_MAX_M = 8
 TMA_MAX_CONSUMERS = 16
-TMA_MAX_STAGES = 16
+TMA_MAX_STAGES = 32
 #: Bytes of shared memory x may take in the TMA kernel (the rest holds the stages).
 TMA_XS_MAX = 100 * 1024
 
@@ -137,13 +142,27 @@ def tma_reason(bits: int, group_size: int, k: int, m: int) -> str | None:
     return None
 
 
+@functools.cache
+def _tma_device(index: int) -> tuple[bool, int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major >= 9, props.shared_memory_per_block_optin)
+
+
+def tma_device_ok(device: torch.device) -> bool:
+    """Whether ``device`` runs the TMA kernel (an sm_90 or newer GPU)."""
+    if device.type != "cuda":
+        return False
+    return _tma_device(device.index if device.index is not None
+                       else torch.cuda.current_device())[0]
+
+
 def plan_tma(bits: int, group_size: int, m: int, k: int, *, smem_bytes: int,
-             consumers: int = 8, slice_chunks: int | None = None) -> tuple[int, int, int]:
+             consumers: int = 4, slice_chunks: int | None = None) -> tuple[int, int, int]:
     """(consumers, slice_chunks, stages) of a TMA-kernel launch: stages of 16 rows x
     ``slice_chunks`` chunks (default: 16 chunks, 1 KB of codes per row, or the stage
     unit if larger; at most the row's chunks), as many as fit in ``smem_bytes`` of shared
-    memory (at most 16) beside x, the per-group sums of x and the consumers' partial
-    sums."""
+    memory (at most 32, a multiple of ``consumers``: each consumer warp owns whole tiles
+    and its own ring of stages) beside x and the per-group sums of x."""
     why = tma_reason(bits, group_size, k, m)
     if why is not None:
         raise ValueError(f"quant_cuda.plan_tma: {why}")
@@ -162,6 +181,7 @@ def plan_tma(bits: int, group_size: int, m: int, k: int, *, smem_bytes: int,
     slice_groups = ks * chunk_codes(bits) // group_size
     stage = ks * 1024 + 2 * (-(-16 * slice_groups * 2 // 128) * 128)
     stages = min(TMA_MAX_STAGES, (smem_bytes - fixed) // stage)
+    stages -= stages % consumers  # every consumer warp has its own ring of stages
     if stages < 2:
         raise ValueError(f"quant_cuda.plan_tma: {smem_bytes} bytes of shared memory hold "
                          f"{max(stages, 0)} stages of {stage} bytes beside {fixed}: expected 2+")
@@ -286,7 +306,7 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
           zeros: Sequence[torch.Tensor], bits: int, group_size: int, *,
           bias: torch.Tensor | None = None, swiglu: bool = False,
           warps: int | None = None, stages: int = 4, fold: bool = False,
-          ksplit: int | None = None, tma: bool = False, consumers: int = 8,
+          ksplit: int | None = None, tma: bool = False, consumers: int = 4,
           slice_chunks: int | None = None) -> torch.Tensor:
     """``cat([x @ dequant(W_i)^T (+ bias)])`` (M, sum N_i) in x's dtype, or with ``swiglu``
     (two weights: gate, up) ``silu(x W0^T) * (x W1^T)`` (M, N). Call :func:`supports`
@@ -322,13 +342,14 @@ def qgemv(x2: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch
         why = tma_reason(bits, group_size, x2.shape[1], x2.shape[0])
         if why is not None or swiglu:
             raise ValueError(f"quant_cuda.qgemv: tma=True: {why or 'swiglu is not supported'}")
-        if torch.cuda.get_device_capability(x2.device) < (9, 0):
+        if not tma_device_ok(x2.device):
             raise ValueError("quant_cuda.qgemv: tma=True needs an sm_90 GPU (cp.async.bulk)")
         for t in list(w32s) + list(scales) + list(zeros):
             if t.data_ptr() % 16:
                 raise ValueError("quant_cuda.qgemv: tma=True: weights, scales and zeros must "
                                  "be 16-byte aligned")
-        smem = torch.cuda.get_device_properties(x2.device).shared_memory_per_block_optin
+        smem = _tma_device(x2.device.index if x2.device.index is not None
+                           else torch.cuda.current_device())[1]
         consumers, slice_chunks, tma_stages = plan_tma(
             bits, group_size, x2.shape[0], x2.shape[1], smem_bytes=smem, consumers=consumers,
             slice_chunks=slice_chunks)

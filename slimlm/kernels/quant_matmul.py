@@ -1267,7 +1267,13 @@ def _pick_config(x2: torch.Tensor, n: int, scales: torch.Tensor, bits: int, grou
 #: (the fold kernel: 0.89x of it at 28672x4096, 1.13x at 4096x4096, even elsewhere).
 #: Layers narrower than 4096 rows were measured only end to end: llama-1b decode at
 #: batch 16 (hidden 2048, k/v 512 rows) went from 0.916x to 0.967x bf16 with the fold.
-CUDA_GEMV_RULES = ((2, 4, 16, "ring"), (4, 2, 16, "fold"))
+#: The TMA kernel (sm_90; 8 consumer warps, stages of 8 chunks) takes int2 at 4-8 rows on
+#: layers of at least :data:`TMA_MIN_ROWS` rows: 1.55-1.6x faster than the ring kernel and
+#: Triton at 28672x4096, 1.13-1.2x at 6144x4096, but 0.82x at 4096x4096 with 8 rows
+#: (benchmarks/probes/qgemv_tma_probe-h200.json). Rules apply in order; one whose kernel
+#: cannot take the operands passes to the next.
+CUDA_GEMV_RULES = ((2, 4, 8, "tma"), (2, 4, 16, "ring"), (4, 2, 16, "fold"))
+TMA_MIN_ROWS = 6144
 
 
 def cuda_gemv_plan(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
@@ -1277,20 +1283,28 @@ def cuda_gemv_plan(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,
     runs a CUDA GEMV on these operands (:data:`CUDA_GEMV_RULES` say it is the faster
     kernel and :func:`slimlm.kernels.quant_cuda.supports` says it can run), else None."""
     m = x2.shape[0]
-    kind = next((k for b, lo, hi, k in CUDA_GEMV_RULES if b == bits and lo <= m <= hi), None)
-    if kind is None:
+    kinds = [k for b, lo, hi, k in CUDA_GEMV_RULES if b == bits and lo <= m <= hi]
+    if not kinds:
         return None
     from slimlm.kernels import quant_cuda
 
-    if kind == "fold" and quant_cuda.fold_reason(bits, group_size) is not None:
-        return None
     zs = [] if zeros is None else [zeros]
     if quant_cuda.supports(x2, [w32], [scales], zs, bits, group_size) is not None:
         return None
-    if kind == "ring":
-        return {"stages": 4}
-    warps, ksplit = quant_cuda.plan_fold(w32.shape[0], m)
-    return {"fold": True, "warps": warps, "ksplit": ksplit}
+    for kind in kinds:
+        if kind == "tma":
+            if (w32.shape[0] >= TMA_MIN_ROWS
+                    and quant_cuda.tma_reason(bits, group_size, x2.shape[1], m) is None
+                    and quant_cuda.tma_device_ok(x2.device)
+                    and all(t.data_ptr() % 16 == 0 for t in [w32, scales] + zs)):
+                return {"tma": True, "consumers": 8, "slice_chunks": 8}
+        elif kind == "fold":
+            if quant_cuda.fold_reason(bits, group_size) is None:
+                warps, ksplit = quant_cuda.plan_fold(w32.shape[0], m)
+                return {"fold": True, "warps": warps, "ksplit": ksplit}
+        else:
+            return {"stages": 4}
+    return None
 
 
 def _cuda_gemv(x2: torch.Tensor, w32: torch.Tensor, scales: torch.Tensor,

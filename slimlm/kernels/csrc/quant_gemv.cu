@@ -749,26 +749,37 @@ int launch_fold(const QGemvParams* p, int warps, int ksplit, cudaStream_t stream
 // TMA kernel (sm_90, x with 1 to 8 rows): the weights stream into shared memory through
 // the tensor memory accelerator (one cp.async.bulk.tensor per box of 16 rows x up to 1 KB
 // of codes, completion counted on an mbarrier) instead of through the threads' registers,
-// so a block keeps ~200 KB of loads in flight at no cost in registers or instructions (the
-// register-prefetch fold kernel stalls on memory latency at one row of x). Per-row bulk
-// copies measured far slower: the copy instructions take uniform operands, so 16 rows x 3
-// copies a stage were issued one lane at a time and the producer became the bottleneck
-// (1.2 TB/s with no compute at all). Streamed weights carry an L2 evict-first hint.
+// so a block keeps ~200 KB of loads in flight at no cost in registers or instructions.
+// Per-row 1-D bulk copies measured far slower: the copy instruction takes uniform
+// operands, so 16 rows x 3 copies a stage went out one lane at a time and the producer
+// became the bottleneck (1.2 TB/s with no compute at all). Streamed weights carry an L2
+// evict-first hint.
 //
-// A block is one producer warp (one lane issues a stage's 2 to 6 tensor copies) and
-// `consumers` warps. A stage is one 16-row tile x `ks` chunks of every row (a slice of K,
-// 64 bytes of codes per row and chunk), as boxes of 16 rows x bc chunks (bc = 16, or 8 at
-// short slices) one after another, then the slice's scales and zero points (16 rows x sg
-// groups each). The consumers split a stage's chunks (chunk c to warp c % consumers, two
-// chunks at a time with independent MMA chains), keep their sums across the tile's slices
-// and meet once per tile, to sum. Rows of a box lie bc * 64 bytes apart: the reads of rows
-// gid and gid + 1 hit the same banks (2 wavefronts a quarter warp; shared memory is not
-// the limit here). x sits in shared memory in the pair order of x_pairs. The compute per
-// chunk is the ring kernel's (dequantize, then MMA) or, for int4 with groups of 128
-// (FOLD), the fold kernel's with sum x per group taken once per block.
+// A block is one producer warp (one lane issues every copy) and `consumers` warps. Local
+// tile k (16 rows) belongs to consumer k % consumers, which keeps the tile's sums in
+// registers across its slices of K and writes them out itself: no barrier or atomic
+// between consumers. A stage is one tile x `ks` chunks of every row (64 bytes of codes
+// per row and chunk) as boxes of 16 rows x bc chunks, then the slice's scales and zero
+// points (16 rows x sg groups each). Every consumer has its own ring of stages/consumers
+// slots (a ring shared by warps that consume different stages lets a warp wait on a slot
+// a whole phase ahead: mbarrier parity tells only two phases apart); the producer fills
+// them in the order slice j of each tile of a group of `consumers` tiles, then slice j+1,
+// so consecutive stages feed different consumers. Rows of a box lie bc * 64 bytes apart:
+// the reads of rows gid and gid + 1 hit the same banks (2 wavefronts a quarter warp;
+// shared memory is not the limit). x sits in shared memory in the pair order of x_pairs.
+// The compute per chunk is the ring kernel's (dequantize, then MMA) or, for int4 with
+// groups of 128 (FOLD), the fold kernel's with sum x per group taken once per block; two
+// chunks at a time, two MMA chains each.
+//
+// Measured (H200; benchmarks/probes/qgemv_tma_probe-h200.json): 1.55-1.6x faster than the
+// ring kernel and Triton for int2 at 4-8 rows of x on 28672x4096, but at one row no faster
+// than Triton (int4 28672x4096: 30 us against 31-32), and slower where a block has few
+// tiles (4096x14336: 2 tiles a block, so 2 busy consumers). At one row the consumers'
+// compute is latency-bound (an earlier layout, consumers splitting each stage, took 28 us
+// there with no copies at all, 12 us with neither copies nor compute).
 constexpr int TMA_MAX_CONSUMERS = 16;
 constexpr int TMA_MAX_M = 8;
-constexpr int TMA_MAX_STAGES = 16;
+constexpr int TMA_MAX_STAGES = 32;
 
 struct TmaMaps { CUtensorMap w[3], s[3], z[3]; };
 
@@ -892,6 +903,7 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
   const int tiles = n_tiles(p);
   const int my_tiles = ((int)blockIdx.x < tiles) ? (tiles - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
   const bool has_z = p.z[0] != nullptr;
+  const int spw = stages / nc_warps;  // slots per consumer (the host makes stages a multiple)
 
   uint64_t* full = reinterpret_cast<uint64_t*>(tsm);
   uint64_t* empty = full + stages;
@@ -911,7 +923,6 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
     if (lane == 0) {
       uint64_t policy;
       asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-      int slot = 0, phase = 0;
       // tile groups of nc_warps tiles (local tile k goes to consumer k % nc_warps); within
       // a group slice j of every tile, then slice j + 1: consecutive stages feed different
       // consumers
@@ -922,9 +933,14 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
           const int nc = nch - ch0 < ks ? nch - ch0 : ks;
           const int nbox = (nc + bc - 1) >> bshift;
           const int g0 = (ch0 * Geo::CHUNK) >> p.gshift;
+          // every consumer has its own ring of spw slots: its i-th stage goes to slot
+          // i % spw of it (a shared ring would let a warp run a whole phase ahead)
+          const int i = (k0 / nc_warps) * nsl + j;
+          const int phase = (i / spw) & 1;
           for (int w = 0; w < ng; ++w) {
             int wi, row0, col0;
             locate_tile(p, (int)blockIdx.x + (k0 + w) * (int)gridDim.x, wi, row0, col0);
+            const int slot = w * spw + i % spw;
             mbar_wait(empty + slot, phase ^ 1);  // the slot is free (first use: at once)
             if (experiment & 8) {  // no copies: what the rest costs
               mbar_arrive(full + slot);
@@ -938,7 +954,6 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
               if (has_z)
                 tma_box(st + ks * 1024 + sc_bytes, &maps.z[wi], g0, row0, full + slot, policy);
             }
-            if (++slot == stages) { slot = 0; phase ^= 1; }
           }
         }
       }
@@ -990,15 +1005,14 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
   // group's first tile, ng = tiles in the group)
   for (int k = warp; k < my_tiles; k += nc_warps) {
     const int k0 = k - warp;
-    const int ng = my_tiles - k0 < nc_warps ? my_tiles - k0 : nc_warps;
     const int t = (int)blockIdx.x + k * (int)gridDim.x;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int j = 0; j < nsl; ++j) {
-      const int u = k0 * nsl + j * ng + warp;
-      const int slot = u % stages;
+      const int i = (k0 / nc_warps) * nsl + j;  // the warp's i-th stage (as the producer)
+      const int slot = warp * spw + i % spw;
       const int ch0 = j * ks;
       const int nc = nch - ch0 < ks ? nch - ch0 : ks;
-      mbar_wait(full + slot, (u / stages) & 1);
+      mbar_wait(full + slot, (i / spw) & 1);
       const unsigned char* st = ring + slot * sbytes;
       const unsigned short* sc = reinterpret_cast<const unsigned short*>(st + ks * 1024);
       const unsigned short* zc = reinterpret_cast<const unsigned short*>(st + ks * 1024 + sc_bytes);
@@ -1196,7 +1210,8 @@ int slimlm_qgemv_tma_smem(int bits, int ks, int gshift, int stages, int consumer
 int slimlm_qgemv_tma(const QGemvParams* p, int bits, int bf16, int fold, int consumers,
                      int ks, int stages, void* stream, int device) {
   if (p->m < 1 || p->m > TMA_MAX_M || p->swiglu || consumers < 1 ||
-      consumers > TMA_MAX_CONSUMERS || stages < 2 || stages > TMA_MAX_STAGES)
+      consumers > TMA_MAX_CONSUMERS || stages < 2 || stages > TMA_MAX_STAGES ||
+      stages % consumers)
     return -1;
   if (bits != 2 && bits != 4 && bits != 8) return -1;
   const int chunk = 4 * 4 * (32 / bits);
