@@ -9,8 +9,6 @@ at the Llama-3-8B layer shapes, over warps per block and warps per tile.
 # ruff: noqa: B023
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import traceback
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.qgemv_probe import _ops, _rel  # noqa: E402  (same weights and error)
+from scripts.qgemv_probe import _ops, _rel, best_of, emitter, probe_parser  # noqa: E402  (same weights, error, options and output)
 from slimlm.bench.harness import time_fn  # noqa: E402
 from slimlm.bench.quant import _quantized  # noqa: E402
 from slimlm.kernels import quant_cuda  # noqa: E402
@@ -97,10 +95,7 @@ def timing(dev, emit, ms, shapes, rep, formats) -> None:
                             if best is None or us < best[1]:
                                 best = (key, us)
                         nbytes = ql.storage_bytes() + (x.numel() + m * n) * 2
-                        row.update(best=best[0], best_us=best[1],
-                                   best_speedup=row["bf16_us"] / best[1],
-                                   triton_speedup=row["bf16_us"] / row["triton_us"],
-                                   best_tb_s=nbytes / (best[1] * 1e-6) / 1e12)
+                        best_of(row, best, nbytes)
                 except Exception as e:  # noqa: BLE001
                     row["error"] = f"{type(e).__name__}: {e}"[:400]
                     traceback.print_exc()
@@ -108,23 +103,11 @@ def timing(dev, emit, ms, shapes, rep, formats) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--check-only", action="store_true")
-    ap.add_argument("--time-only", action="store_true")
-    ap.add_argument("--ms", default="1,4,16")
-    ap.add_argument("--rep", type=int, default=20)
+    ap = probe_parser(__doc__, "1,4,16")
     ap.add_argument("--formats", default="4:128")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    rows: list[dict] = []
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                          for k, v in row.items()}), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit = emitter(args.out)
 
     if not args.time_only:
         check(dev, emit)

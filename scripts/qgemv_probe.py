@@ -126,22 +126,43 @@ def timing(dev: torch.device, emit, ms: list[int], shapes, rep: int) -> None:
                 emit(row)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def probe_parser(doc: str, ms: str) -> argparse.ArgumentParser:
+    """The options every GEMV probe takes (this one and the fold and TMA probes)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--time-only", action="store_true")
-    ap.add_argument("--ms", default="1,4,16")
+    ap.add_argument("--ms", default=ms)
     ap.add_argument("--rep", type=int, default=20)
-    args = ap.parse_args()
-    dev = torch.device("cuda")
+    return ap
+
+
+def emitter(path: str):
+    """emit(row): print the row and rewrite ``path`` with every row so far (a probe cut
+    short by its time limit keeps what it measured)."""
     rows: list[dict] = []
 
     def emit(row: dict) -> None:
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        with open(args.out, "w") as f:
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                          for k, v in row.items()}), flush=True)
+        with open(path, "w") as f:
             json.dump(rows, f, indent=1)
+
+    return emit
+
+
+def best_of(row: dict, best: tuple[str, float], nbytes: int) -> None:
+    """The fastest config's name, time, speedup over bf16 and TB/s, and Triton's speedup."""
+    row.update(best=best[0], best_us=best[1], best_speedup=row["bf16_us"] / best[1],
+               triton_speedup=row["bf16_us"] / row["triton_us"],
+               best_tb_s=nbytes / (best[1] * 1e-6) / 1e12)
+
+
+def main() -> None:
+    args = probe_parser(__doc__, "1,4,16").parse_args()
+    dev = torch.device("cuda")
+    emit = emitter(args.out)
 
     if not args.time_only:
         check(dev, emit)

@@ -10,8 +10,6 @@ warps and stage sizes.
 # ruff: noqa: B023
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import traceback
@@ -21,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.qgemv_probe import _ops, _rel  # noqa: E402  (same weights and error)
+from scripts.qgemv_probe import _ops, _rel, best_of, emitter, probe_parser  # noqa: E402  (same weights, error, options and output)
 from slimlm.bench.harness import time_fn  # noqa: E402
 from slimlm.bench.quant import _quantized  # noqa: E402
 from slimlm.kernels import quant_cuda  # noqa: E402
@@ -68,7 +66,7 @@ def check(dev, emit) -> None:
                 emit(row)
 
 
-def timing(dev, emit, ms, shapes, rep, formats, configs) -> None:
+def timing(dev, emit, ms, shapes, rep, formats, configs, flush="write") -> None:
     for n, k in shapes:
         g = torch.Generator(device=dev).manual_seed(0)
         wb = (torch.randn(n, k, device=dev, generator=g) * 0.02).to(torch.bfloat16)
@@ -79,10 +77,10 @@ def timing(dev, emit, ms, shapes, rep, formats, configs) -> None:
             fold = bits == 4 and gs == 128
             for m in ms:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-                row = dict(kind="time", n=n, k=k, bits=bits, group_size=gs, m=m)
+                row = dict(kind="time", n=n, k=k, bits=bits, group_size=gs, m=m, flush=flush)
 
                 def t(fn):
-                    return time_fn(fn, dev, flush_l2=True, graph=True, rep=rep)["median_ms"] * 1e3
+                    return time_fn(fn, dev, flush_l2=flush, graph=True, rep=rep)["median_ms"] * 1e3
 
                 try:
                     with torch.no_grad():
@@ -109,10 +107,7 @@ def timing(dev, emit, ms, shapes, rep, formats, configs) -> None:
                         if best is None:
                             emit(row)
                             continue
-                        row.update(best=best[0], best_us=best[1],
-                                   best_speedup=row["bf16_us"] / best[1],
-                                   triton_speedup=row["bf16_us"] / row["triton_us"],
-                                   best_tb_s=nbytes / (best[1] * 1e-6) / 1e12)
+                        best_of(row, best, nbytes)
                 except Exception as e:  # noqa: BLE001
                     row["error"] = f"{type(e).__name__}: {e}"[:400]
                     traceback.print_exc()
@@ -120,26 +115,16 @@ def timing(dev, emit, ms, shapes, rep, formats, configs) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--check-only", action="store_true")
-    ap.add_argument("--time-only", action="store_true")
-    ap.add_argument("--ms", default="1,4,8")
-    ap.add_argument("--rep", type=int, default=20)
+    ap = probe_parser(__doc__, "1,4,8")
     ap.add_argument("--formats", default="4:128,2:64,8:128")
+    ap.add_argument("--flush", choices=("write", "read"), default="write",
+                    help="how the L2 is flushed before each timed call (harness.time_cuda)")
     ap.add_argument("--shapes", default="4096x4096,6144x4096,28672x4096,4096x14336")
     ap.add_argument("--configs", default="4:16,8:8,6:16,4:32,8:16,12:8",
                     help="consumers:slice_chunks pairs")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    rows: list[dict] = []
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                          for k, v in row.items()}), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit = emitter(args.out)
 
     if not args.time_only:
         check(dev, emit)
@@ -148,7 +133,7 @@ def main() -> None:
         formats = [tuple(int(v) for v in f.split(":")) for f in args.formats.split(",")]
         configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
         timing(dev, emit, [int(v) for v in args.ms.split(",")], shapes, args.rep, formats,
-               configs)
+               configs, args.flush)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,8 @@ def test_cpu_timer_medians_are_sane():
         harness.time_fn(lambda: None, "cpu", warmup=-1)
     with pytest.raises(ValueError, match="spin_s=-1"):
         harness.time_cuda(lambda: None, device="cpu", spin_s=-1)
+    with pytest.raises(ValueError, match="flush_l2='clean'"):
+        harness.time_cuda(lambda: None, device="cpu", flush_l2="clean")
 
 
 def test_units_and_slugs():
@@ -304,6 +306,8 @@ def test_ceiling_and_timer_on_gpu():
     # graph replays time the same kernel: a 4096^3 GEMM is device-bound, so both agree
     tg = harness.time_cuda(lambda: x @ x, warmup=3, rep=10, graph=True, flush_l2=True)
     assert tg["n"] == 10 and 0.5 < tg["median_ms"] / t["median_ms"] < 2.0
+    tr = harness.time_cuda(lambda: x @ x, warmup=3, rep=10, graph=True, flush_l2="read")
+    assert 0.5 < tr["median_ms"] / t["median_ms"] < 2.0
     # ... and a host-bound call of tiny kernels gets faster under a graph
     y = torch.randn(16, device="cuda")
 
