@@ -99,7 +99,7 @@ def test_tma_reason_and_plan_tma():
     assert quant_cuda.plan_tma(8, 128, 1, 4096, smem_bytes=232448)[1] == 16
     assert quant_cuda.plan_tma(4, 128, 1, 4096, smem_bytes=232448, consumers=4,
                                slice_chunks=32) == (4, 32, 4)
-    for kw, match in (({"consumers": 17}, "consumers=17"), ({"slice_chunks": 12}, "slice_chunks=12"),
+    for kw, match in (({"consumers": 9}, "consumers=9"), ({"slice_chunks": 12}, "slice_chunks=12"),
                       ({"smem_bytes": 40000}, "expected 2\\+")):
         args = {"smem_bytes": 232448, **kw}
         with pytest.raises(ValueError, match=match):

@@ -60,7 +60,7 @@ _U = 2  # chunks per pipeline stage (quant_gemv.cu: U)
 STAGES = (2, 4)
 #: Rows of x, compute warps and stages the TMA kernel takes (quant_gemv.cu: TMA_MAX_*).
 TMA_MAX_M = 8
-TMA_MAX_CONSUMERS = 16
+TMA_MAX_CONSUMERS = 8
 TMA_MAX_STAGES = 32
 #: Bytes of shared memory x may take in the TMA kernel (the rest holds the stages).
 TMA_XS_MAX = 100 * 1024

@@ -777,7 +777,18 @@ int launch_fold(const QGemvParams* p, int warps, int ksplit, cudaStream_t stream
 // tiles (4096x14336: 2 tiles a block, so 2 busy consumers). At one row the consumers'
 // compute is latency-bound (an earlier layout, consumers splitting each stage, took 28 us
 // there with no copies at all, 12 us with neither copies nor compute).
-constexpr int TMA_MAX_CONSUMERS = 16;
+constexpr int TMA_MAX_CONSUMERS = 8;  // 16 measured no faster (and caps registers at 96)
+// Chunks a consumer works on at once and MMA accumulator chains per chunk (compile-time
+// experiments, scripts/qgemv_tma_variants.py; 2 and 2 are what was measured).
+#ifndef SLIMLM_TMA_ILP
+#define SLIMLM_TMA_ILP 2
+#endif
+#ifndef SLIMLM_TMA_CHAINS
+#define SLIMLM_TMA_CHAINS 2
+#endif
+constexpr int TMA_ILP = SLIMLM_TMA_ILP;
+constexpr int TMA_CHAINS = SLIMLM_TMA_CHAINS;
+static_assert(TMA_CHAINS == 1 || TMA_CHAINS == 2 || TMA_CHAINS == 4, "chains: 1, 2 or 4");
 constexpr int TMA_MAX_M = 8;
 constexpr int TMA_MAX_STAGES = 32;
 
@@ -844,7 +855,8 @@ template <int BITS, bool BF, bool FOLD>
 __device__ __forceinline__ void tma_chunk(const unsigned char* wrow, int rstride,
                                           const uint32_t* xw, bool live,
                                           const RowScale<BITS, BF>& ra,
-                                          const RowScale<BITS, BF>& rb, float (&d)[2][4]) {
+                                          const RowScale<BITS, BF>& rb,
+                                          float (&d)[TMA_CHAINS][4]) {
   using Geo = G<BITS>;
   const uint4 wa = *reinterpret_cast<const uint4*>(wrow);
   const uint4 wb = *reinterpret_cast<const uint4*>(wrow + 8 * rstride);
@@ -873,11 +885,11 @@ __device__ __forceinline__ void tma_chunk(const unsigned char* wrow, int rstride
     }
 #pragma unroll
     for (int s = 0; s < Geo::PAIRS / 2; ++s) {
-      if (FOLD && q < 2 && s == 0)  // words q and q + 2 share a chain: two chains a chunk
-        mma_z<BF>(d[q & 1], aa[0], ab[0], aa[1], ab[1], b[0], b[1]);
+      if (FOLD && q < TMA_CHAINS && s == 0)  // word q feeds chain q % TMA_CHAINS
+        mma_z<BF>(d[q % TMA_CHAINS], aa[0], ab[0], aa[1], ab[1], b[0], b[1]);
       else
-        mma<BF>(d[q & 1], aa[2 * s], ab[2 * s], aa[2 * s + 1], ab[2 * s + 1], b[2 * s],
-                b[2 * s + 1]);
+        mma<BF>(d[q % TMA_CHAINS], aa[2 * s], ab[2 * s], aa[2 * s + 1], ab[2 * s + 1],
+                b[2 * s], b[2 * s + 1]);
     }
   }
 }
@@ -1016,16 +1028,18 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
       const unsigned char* st = ring + slot * sbytes;
       const unsigned short* sc = reinterpret_cast<const unsigned short*>(st + ks * 1024);
       const unsigned short* zc = reinterpret_cast<const unsigned short*>(st + ks * 1024 + sc_bytes);
-      // two chunks at a time (independent MMA chains); a missing second chunk repeats the
+      // TMA_ILP chunks at a time (independent MMA chains); a missing chunk repeats the
       // first and is dropped
-      for (int c = (experiment & 4) ? nc : 0; c < nc; c += 2) {  // experiment 4: no compute
-        const bool two = c + 1 < nc;
-        const int cs[2] = {c, two ? c + 1 : c};
-        float d[2][2][4] = {};
-        RowScale<BITS, BF> ra[2], rb[2];
+      for (int c = (experiment & 4) ? nc : 0; c < nc; c += TMA_ILP) {  // experiment 4: none
+        int cs[TMA_ILP];
+        bool ok[TMA_ILP];
+#pragma unroll
+        for (int h = 0; h < TMA_ILP; ++h) { ok[h] = c + h < nc; cs[h] = ok[h] ? c + h : c; }
+        float d[TMA_ILP][TMA_CHAINS][4] = {};
+        RowScale<BITS, BF> ra[TMA_ILP], rb[TMA_ILP];
         if constexpr (!FOLD) {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
+          for (int h = 0; h < TMA_ILP; ++h) {
             const int gl = (cs[h] * Geo::CHUNK + tig * Geo::TC) >> p.gshift;
             ra[h].set(sc[gid * sg + gl], has_z ? zc[gid * sg + gl] : (unsigned short)0, has_z);
             rb[h].set(sc[(gid + 8) * sg + gl],
@@ -1033,7 +1047,7 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
           }
         }
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < TMA_ILP; ++h) {
           const int cc = cs[h];
           const unsigned char* wrow = st + ((cc >> bshift) * 16 + gid) * rstride +
                                       (cc & (bc - 1)) * 64 + tig * 16;
@@ -1041,8 +1055,15 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
                                     live, ra[h], rb[h], d[h]);
         }
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (h == 1 && !two) break;
+        for (int h = 0; h < TMA_ILP; ++h) {
+          if (!ok[h]) continue;
+          float r[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            r[e] = d[h][0][e];
+#pragma unroll
+            for (int q = 1; q < TMA_CHAINS; ++q) r[e] += d[h][q][e];
+          }
           if constexpr (FOLD) {
             const int cc = cs[h], g = ch0 + cc;  // one chunk = one group
             const float s_a = h2f(sc[gid * sg + cc]), s_b = h2f(sc[(gid + 8) * sg + cc]);
@@ -1050,13 +1071,13 @@ qgemv_tma_kernel(const QGemvParams p, const __grid_constant__ TmaMaps maps, cons
             const float off_b = MAGIC + (has_z ? h2f(zc[(gid + 8) * sg + cc]) : (float)Geo::CEN);
             const float x0 = c0 < p.m ? xsum[c0 * p.groups + g] : 0.f;
             const float x1 = c1 < p.m ? xsum[c1 * p.groups + g] : 0.f;
-            acc[0] = fmaf(s_a, fmaf(-off_a, x0, d[h][0][0] + d[h][1][0]), acc[0]);
-            acc[1] = fmaf(s_a, fmaf(-off_a, x1, d[h][0][1] + d[h][1][1]), acc[1]);
-            acc[2] = fmaf(s_b, fmaf(-off_b, x0, d[h][0][2] + d[h][1][2]), acc[2]);
-            acc[3] = fmaf(s_b, fmaf(-off_b, x1, d[h][0][3] + d[h][1][3]), acc[3]);
+            acc[0] = fmaf(s_a, fmaf(-off_a, x0, r[0]), acc[0]);
+            acc[1] = fmaf(s_a, fmaf(-off_a, x1, r[1]), acc[1]);
+            acc[2] = fmaf(s_b, fmaf(-off_b, x0, r[2]), acc[2]);
+            acc[3] = fmaf(s_b, fmaf(-off_b, x1, r[3]), acc[3]);
           } else {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[e] += d[h][0][e] + d[h][1][e];
+            for (int e = 0; e < 4; ++e) acc[e] += r[e];
           }
         }
       }
