@@ -180,11 +180,12 @@ def plan_tma(bits: int, group_size: int, m: int, k: int, *, smem_bytes: int,
              + -(-m * groups * 4 // 16) * 16 + m * (2 * k + 16))
     slice_groups = ks * chunk_codes(bits) // group_size
     stage = ks * 1024 + 2 * (-(-16 * slice_groups * 2 // 128) * 128)
-    stages = min(TMA_MAX_STAGES, (smem_bytes - fixed) // stage)
-    stages -= stages % consumers  # every consumer warp has its own ring of stages
-    if stages < 2:
+    fit = min(TMA_MAX_STAGES, (smem_bytes - fixed) // stage)
+    stages = fit - fit % consumers  # every consumer warp has its own ring of stages
+    if stages < max(2, consumers):
         raise ValueError(f"quant_cuda.plan_tma: {smem_bytes} bytes of shared memory hold "
-                         f"{max(stages, 0)} stages of {stage} bytes beside {fixed}: expected 2+")
+                         f"{max(fit, 0)} stages of {stage} bytes beside {fixed}: expected 2+ "
+                         f"and at least one per consumer (consumers={consumers})")
     return consumers, ks, stages
 
 
