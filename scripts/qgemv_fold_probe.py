@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.qgemv_probe import _ops, _rel, best_of, emitter, probe_parser  # noqa: E402  (same weights, error, options and output)
+from scripts.qgemv_probe import SHAPES, _ops, _rel, best_of, emitter, probe_parser, recorded  # noqa: E402  (same weights, error, options and output)
 from slimlm.bench.harness import time_fn  # noqa: E402
 from slimlm.bench.quant import _quantized  # noqa: E402
 from slimlm.kernels import quant_cuda  # noqa: E402
@@ -37,7 +36,7 @@ def check(dev, emit) -> None:
                 x = torch.randn(m, k, device=dev, dtype=dtype)
                 zs = [] if z is None else [z]
                 row = dict(kind="check", bits=bits, group_size=gs, dtype=str(dtype), m=m, sym=sym)
-                try:
+                with recorded(row, emit):
                     ref = quant_gemv_ref(x, [ql.qweight], [s], zs, bits, gs).float()
                     row["ring_err"] = _rel(quant_cuda.qgemv(x, [w32], [s], zs, bits, gs), ref)
                     for wp, ksp in ((1, 1), (3, 3), (8, 8), (8, 2), (4, 1), (3, 1), (6, 3)):
@@ -59,10 +58,6 @@ def check(dev, emit) -> None:
                     y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, bias=b, fold=True, warps=4,
                                          ksplit=1)
                     row["bias_k1_err"] = _rel(y, (ref + b))
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {e}"[:400]
-                    traceback.print_exc()
-                emit(row)
 
 
 def timing(dev, emit, ms, shapes, rep, formats) -> None:
@@ -80,7 +75,7 @@ def timing(dev, emit, ms, shapes, rep, formats) -> None:
                 def t(fn):
                     return time_fn(fn, dev, flush_l2=True, graph=True, rep=rep)["median_ms"] * 1e3
 
-                try:
+                with recorded(row, emit):
                     with torch.no_grad():
                         row["bf16_us"] = t(lambda: F.linear(x, wb))
                         row["triton_us"] = t(lambda: quant_matmul_packed(x, w32, s, z, bits, gs))
@@ -96,10 +91,6 @@ def timing(dev, emit, ms, shapes, rep, formats) -> None:
                                 best = (key, us)
                         nbytes = ql.storage_bytes() + (x.numel() + m * n) * 2
                         best_of(row, best, nbytes)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {e}"[:400]
-                    traceback.print_exc()
-                emit(row)
 
 
 def main() -> None:
@@ -112,9 +103,8 @@ def main() -> None:
     if not args.time_only:
         check(dev, emit)
     if not args.check_only:
-        shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
         formats = [tuple(int(v) for v in f.split(":")) for f in args.formats.split(",")]
-        timing(dev, emit, [int(v) for v in args.ms.split(",")], shapes, args.rep, formats)
+        timing(dev, emit, [int(v) for v in args.ms.split(",")], SHAPES, args.rep, formats)
 
 
 if __name__ == "__main__":

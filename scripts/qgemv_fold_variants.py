@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from scripts.qgemv_probe import emitter  # noqa: E402
 from slimlm.bench.harness import time_fn  # noqa: E402
 from slimlm.bench.quant import _quantized  # noqa: E402
 from slimlm.kernels import _cuda_build, quant_cuda  # noqa: E402
@@ -52,6 +52,17 @@ def _source(defines: str, tmp: Path) -> Path:
     return src
 
 
+def build_variants(variants: dict[str, str], names: list[str], dev: torch.device,
+                   who: str) -> dict[str, Path]:
+    """Each named variant's source (defines prepended to a copy), all built in parallel."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{who}_"))
+    srcs = {n: _source(variants[n], tmp) for n in names}
+    arch = _cuda_build.arch_of(dev)
+    with concurrent.futures.ThreadPoolExecutor(len(srcs)) as ex:  # nvcc runs in parallel
+        list(ex.map(lambda s: _cuda_build.build_library(s, arch, who=who), srcs.values()))
+    return srcs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -59,14 +70,9 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
     dev = torch.device("cuda")
-    tmp = Path(tempfile.mkdtemp(prefix="fold_variants_"))
     names = args.variants.split(",")
-    srcs = {n: _source(VARIANTS[n], tmp) for n in names}
-    arch = _cuda_build.arch_of(dev)
-    with concurrent.futures.ThreadPoolExecutor(len(srcs)) as ex:  # nvcc runs in parallel
-        list(ex.map(lambda s: _cuda_build.build_library(s, arch, who="fold_variants"),
-                    srcs.values()))
-    rows: list[dict] = []
+    srcs = build_variants(VARIANTS, names, dev, "fold_variants")
+    emit = emitter(args.out)
     sms = _sm_count(0)
     for n, k in [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]:
         wb = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
@@ -96,10 +102,7 @@ def main() -> None:
                                                     warps=warps, ksplit=ksplit))
                     row[f"{name}_us"] = min(us, row.get(f"{name}_us", us))
             quant_cuda.SOURCE = ORIG
-            rows.append(row)
-            print(json.dumps({a: (round(b, 4) if isinstance(b, float) else b)
-                              for a, b in row.items()}), flush=True)
-            Path(args.out).write_text(json.dumps(rows, indent=1))
+            emit(row)
 
 
 if __name__ == "__main__":

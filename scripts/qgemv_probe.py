@@ -10,6 +10,7 @@ Llama-3-8B layer shapes, over warps per block.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -54,7 +55,7 @@ def check(dev: torch.device, emit) -> None:
         x = torch.randn(m, k, device=dev, dtype=dtype)
         zs = [] if z is None else [z]
         row = dict(kind="check", bits=bits, group_size=gs, dtype=str(dtype), m=m, sym=sym)
-        try:
+        with recorded(row, emit):
             why = quant_cuda.supports(x, [w32], [s], zs, bits, gs)
             row["supports"] = why
             ref = quant_gemv_ref(x, [ql.qweight], [s], zs, bits, gs).float()
@@ -84,10 +85,6 @@ def check(dev: torch.device, emit) -> None:
                 for wp, st in ((1, 4), (2, 2), (4, 4), (8, 2)):
                     y = quant_cuda.qgemv(x, [w32], [s], zs, bits, gs, warps=wp, stages=st)
                     row[f"err_w{wp}s{st}"] = _rel(y, ref)
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {e}"[:400]
-            traceback.print_exc()
-        emit(row)
 
 
 def timing(dev: torch.device, emit, ms: list[int], shapes, rep: int) -> None:
@@ -100,7 +97,7 @@ def timing(dev: torch.device, emit, ms: list[int], shapes, rep: int) -> None:
             for m in ms:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 row = dict(kind="time", n=n, k=k, bits=bits, group_size=gs, m=m)
-                try:
+                with recorded(row, emit):
                     with torch.no_grad():
                         tb = time_fn(lambda: F.linear(x, wb), dev, flush_l2=True, graph=True,
                                      rep=rep)["median_ms"]
@@ -120,10 +117,10 @@ def timing(dev: torch.device, emit, ms: list[int], shapes, rep: int) -> None:
                         row.update(speedup_vs_bf16=tb / t_auto, best_speedup=tb / best,
                                    triton_speedup=tb / tt,
                                    tb_s=nbytes / (t_auto * 1e-3) / 1e12)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {e}"[:400]
-                    traceback.print_exc()
-                emit(row)
+
+
+#: The Llama-3-8B layer shapes (N, K) the GEMV probes time.
+SHAPES = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
 
 
 def probe_parser(doc: str, ms: str) -> argparse.ArgumentParser:
@@ -152,6 +149,19 @@ def emitter(path: str):
     return emit
 
 
+@contextlib.contextmanager
+def recorded(row: dict, emit):
+    """Emit ``row`` when the block ends; an exception in it goes into row["error"] (with
+    its traceback printed) and the probe moves on to the next row."""
+    try:
+        yield row
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"[:400]
+        traceback.print_exc()
+    finally:
+        emit(row)
+
+
 def best_of(row: dict, best: tuple[str, float], nbytes: int) -> None:
     """The fastest config's name, time, speedup over bf16 and TB/s, and Triton's speedup."""
     row.update(best=best[0], best_us=best[1], best_speedup=row["bf16_us"] / best[1],
@@ -167,8 +177,7 @@ def main() -> None:
     if not args.time_only:
         check(dev, emit)
     if not args.check_only:
-        shapes = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
-        timing(dev, emit, [int(v) for v in args.ms.split(",")], shapes, args.rep)
+        timing(dev, emit, [int(v) for v in args.ms.split(",")], SHAPES, args.rep)
 
 
 if __name__ == "__main__":

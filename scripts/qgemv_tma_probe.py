@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.qgemv_probe import _ops, _rel, best_of, emitter, probe_parser  # noqa: E402  (same weights, error, options and output)
+from scripts.qgemv_probe import _ops, _rel, best_of, emitter, probe_parser, recorded  # noqa: E402  (same weights, error, options and output)
 from slimlm.bench.harness import time_fn  # noqa: E402
 from slimlm.bench.quant import _quantized  # noqa: E402
 from slimlm.kernels import quant_cuda  # noqa: E402
@@ -39,7 +38,7 @@ def check(dev, emit) -> None:
                 zs = [] if z is None else [z]
                 row = dict(kind="check", bits=bits, group_size=gs, fold=fold,
                            dtype=str(dtype), m=m, sym=sym)
-                try:
+                with recorded(row, emit):
                     ref = quant_gemv_ref(x, [ql.qweight], [s], zs, bits, gs).float()
                     for cons, ksl in ((4, None), (8, 16), (1, None), (3, 32), (8, 8), (2, 24)):
                         if ksl is not None and ksl % quant_cuda._tma_unit(bits, gs):
@@ -60,10 +59,6 @@ def check(dev, emit) -> None:
                     row["three_err"] = _rel(y, r3)
                     # the ring kernel's own error, for scale
                     row["ring_err"] = _rel(quant_cuda.qgemv(x, [w32], [s], zs, bits, gs), ref)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {e}"[:400]
-                    traceback.print_exc()
-                emit(row)
 
 
 def timing(dev, emit, ms, shapes, rep, formats, configs, flush="write") -> None:
@@ -82,7 +77,7 @@ def timing(dev, emit, ms, shapes, rep, formats, configs, flush="write") -> None:
                 def t(fn):
                     return time_fn(fn, dev, flush_l2=flush, graph=True, rep=rep)["median_ms"] * 1e3
 
-                try:
+                with recorded(row, emit):
                     with torch.no_grad():
                         row["bf16_us"] = t(lambda: F.linear(x, wb))
                         row["triton_us"] = t(lambda: quant_matmul_packed(x, w32, s, z, bits, gs))
@@ -105,13 +100,8 @@ def timing(dev, emit, ms, shapes, rep, formats, configs, flush="write") -> None:
                                 best = (key, us)
                         nbytes = ql.storage_bytes() + (x.numel() + m * n) * 2
                         if best is None:
-                            emit(row)
                             continue
                         best_of(row, best, nbytes)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {e}"[:400]
-                    traceback.print_exc()
-                emit(row)
 
 
 def main() -> None:

@@ -10,22 +10,19 @@ F.linear and the Triton kernels, each variant's error against the reference besi
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import json
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.qgemv_fold_variants import ORIG, _source  # noqa: E402  (defines + source copy)
+from scripts.qgemv_fold_variants import ORIG, build_variants  # noqa: E402
+from scripts.qgemv_probe import emitter  # noqa: E402
 from slimlm.bench.harness import time_fn  # noqa: E402
 from slimlm.bench.quant import _quantized  # noqa: E402
-from slimlm.kernels import _cuda_build, quant_cuda  # noqa: E402
+from slimlm.kernels import quant_cuda  # noqa: E402
 from slimlm.kernels.quant_gemv import quant_gemv_ref  # noqa: E402
 from slimlm.kernels.quant_matmul import quant_matmul_packed  # noqa: E402
 from slimlm.quant import QuantConfig  # noqa: E402
@@ -50,15 +47,10 @@ def main() -> None:
     ap.add_argument("--flush", choices=("write", "read"), default="write")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    tmp = Path(tempfile.mkdtemp(prefix="tma_variants_"))
     names = args.variants.split(",")
-    srcs = {n: _source(VARIANTS[n], tmp) for n in names}
-    arch = _cuda_build.arch_of(dev)
-    with concurrent.futures.ThreadPoolExecutor(len(srcs)) as ex:  # nvcc runs in parallel
-        list(ex.map(lambda s: _cuda_build.build_library(s, arch, who="tma_variants"),
-                    srcs.values()))
+    srcs = build_variants(VARIANTS, names, dev, "tma_variants")
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
-    rows: list[dict] = []
+    emit = emitter(args.out)
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         wb = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
@@ -100,10 +92,7 @@ def main() -> None:
                             except (RuntimeError, ValueError) as e:
                                 row[f"{key}_error"] = str(e)[:200]
                 quant_cuda.SOURCE = ORIG
-                rows.append(row)
-                print(json.dumps({a: (round(b, 4) if isinstance(b, float) else b)
-                                  for a, b in row.items()}), flush=True)
-                Path(args.out).write_text(json.dumps(rows, indent=1))
+                emit(row)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ def test_tma_reason_and_plan_tma():
             quant_cuda.plan_tma(4, 128, 1, 4096, **args)
     with pytest.raises(ValueError, match="K=1000"):
         quant_cuda.plan_tma(4, 128, 1, 1000, smem_bytes=232448)
+    assert not quant_cuda.tma_device_ok("cpu") and not quant_cuda.tma_device_ok(
+        torch.device("cpu"))
 
 
 def test_qgemv_tma_rejects_bad_arguments_before_any_launch():
@@ -172,6 +174,13 @@ def test_library_builds_and_matches_the_python_mirror(cuda_lib_dir):
     lib.slimlm_qgemv_smem.argtypes = [ctypes.c_int] * 5
     assert lib.slimlm_qgemv_smem(0, 4, 8, 1, 4096) > lib.slimlm_qgemv_smem(0, 2, 8, 1, 4096)
     assert lib.slimlm_qgemv_smem(1, 2, 8, 1, 4096) > lib.slimlm_qgemv_smem(0, 2, 8, 1, 4096)
+    # the TMA kernel's shared memory, mirrored by plan_tma
+    lib.slimlm_qgemv_tma_smem.argtypes = [ctypes.c_int] * 7
+    for bits, gs, ks, stages, m, k in ((4, 128, 16, 12, 1, 4096), (2, 64, 8, 24, 8, 6144),
+                                       (8, 32, 64, 3, 3, 14336), (4, 32, 24, 5, 1, 3072)):
+        assert lib.slimlm_qgemv_tma_smem(bits, ks, gs.bit_length() - 1, stages, m, k,
+                                         k // gs) == quant_cuda._tma_smem(bits, gs, ks, stages,
+                                                                          m, k)
 
 
 # ----------------------------------------------------------------------------- GPU

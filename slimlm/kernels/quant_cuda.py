@@ -148,12 +148,23 @@ def _tma_device(index: int) -> tuple[bool, int]:
     return (props.major >= 9, props.shared_memory_per_block_optin)
 
 
-def tma_device_ok(device: torch.device) -> bool:
+def tma_device_ok(device: torch.device | str) -> bool:
     """Whether ``device`` runs the TMA kernel (an sm_90 or newer GPU)."""
+    device = torch.device(device)
     if device.type != "cuda":
         return False
     return _tma_device(device.index if device.index is not None
                        else torch.cuda.current_device())[0]
+
+
+def _tma_smem(bits: int, group_size: int, ks: int, stages: int, m: int, k: int) -> int:
+    """Mirror of quant_gemv.cu's slimlm_qgemv_tma_smem: barriers, sums of x per group, x,
+    then ``stages`` stages of 16 rows x ``ks`` chunks with their scales and zero points
+    (checked against the library where nvcc is installed)."""
+    bars = -(-2 * stages * 8 // 128) * 128
+    xsum = -(-m * (k // group_size) * 4 // 16) * 16
+    scales = -(-16 * (ks * chunk_codes(bits) // group_size) * 2 // 128) * 128
+    return bars + xsum + m * (2 * k + 16) + stages * (ks * 1024 + 2 * scales)
 
 
 def plan_tma(bits: int, group_size: int, m: int, k: int, *, smem_bytes: int,
@@ -175,11 +186,9 @@ def plan_tma(bits: int, group_size: int, m: int, k: int, *, smem_bytes: int,
         raise ValueError(f"quant_cuda.plan_tma: slice_chunks={slice_chunks!r}: expected a "
                          f"multiple of {unit} up to 64")
     ks = min(ks, k // chunk_codes(bits))  # a slice is at most a whole row
-    groups = k // group_size
-    fixed = (-(-2 * TMA_MAX_STAGES * 8 // 128) * 128
-             + -(-m * groups * 4 // 16) * 16 + m * (2 * k + 16))
-    slice_groups = ks * chunk_codes(bits) // group_size
-    stage = ks * 1024 + 2 * (-(-16 * slice_groups * 2 // 128) * 128)
+    # the library's slimlm_qgemv_tma_smem, with room for the most stages' barriers
+    stage = _tma_smem(bits, group_size, ks, 1, m, k) - _tma_smem(bits, group_size, ks, 0, m, k)
+    fixed = _tma_smem(bits, group_size, ks, TMA_MAX_STAGES, m, k) - TMA_MAX_STAGES * stage
     fit = min(TMA_MAX_STAGES, (smem_bytes - fixed) // stage)
     stages = fit - fit % consumers  # every consumer warp has its own ring of stages
     if stages < max(2, consumers):

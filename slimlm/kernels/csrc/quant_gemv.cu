@@ -806,10 +806,8 @@ __host__ __device__ inline int tma_scale_bytes(int bits, int ks, int gshift) {
 __host__ __device__ inline int tma_stage_bytes(int bits, int ks, int gshift) {
   return ks * 1024 + 2 * tma_scale_bytes(bits, ks, gshift);
 }
-__host__ __device__ inline int tma_fixed_bytes(int stages, int consumers, int m, int k,
-                                               int groups) {
+__host__ __device__ inline int tma_fixed_bytes(int stages, int m, int k, int groups) {
   const int bars = (2 * stages * 8 + 127) / 128 * 128;
-  (void)consumers;
   const int xsum = (m * groups * 4 + 15) / 16 * 16;
   return bars + xsum + m * (2 * k + 16);
 }
@@ -1149,7 +1147,7 @@ int launch_tma(const QGemvParams* p, int consumers, int ks, int stages, int sms,
       return -3;
   }
   auto* kern = qgemv_tma_kernel<BITS, BF, FOLD>;
-  const size_t smem = tma_fixed_bytes(stages, consumers, p->m, p->k, p->groups) +
+  const size_t smem = tma_fixed_bytes(stages, p->m, p->k, p->groups) +
                       (size_t)stages * tma_stage_bytes(BITS, ks, p->gshift);
   static size_t granted = 48 * 1024;  // raised once per size, never inside a capture
   if (smem > granted) {
@@ -1217,10 +1215,10 @@ int slimlm_qgemv_fold(const QGemvParams* p, int bits, int bf16, int warps, int k
   return two ? launch_fold<false, 2>(p, warps, ksplit, s) : launch_fold<false, 1>(p, warps, ksplit, s);
 }
 
-// Bytes of dynamic shared memory of a TMA-kernel launch (the host picks `stages` with it).
-int slimlm_qgemv_tma_smem(int bits, int ks, int gshift, int stages, int consumers, int m,
-                          int k, int groups) {
-  return tma_fixed_bytes(stages, consumers, m, k, groups) +
+// Bytes of dynamic shared memory of a TMA-kernel launch (quant_cuda.plan_tma mirrors it).
+int slimlm_qgemv_tma_smem(int bits, int ks, int gshift, int stages, int m, int k,
+                          int groups) {
+  return tma_fixed_bytes(stages, m, k, groups) +
          stages * tma_stage_bytes(bits, ks, gshift);
 }
 
