@@ -84,9 +84,23 @@ def _save_ops() -> frozenset:
 
 SAVE_OPS = _save_ops()
 
+#: slimlm's own matmuls, by op name: each runs as one opaque custom op (always, or under
+#: torch.compile, as the fp8 linear does), which selective checkpointing must keep like
+#: an aten matmul rather than run again in backward.
+SAVE_OP_NAMES = frozenset({"slimlm::fp8_matmul", "slimlm::quant_linear", "slimlm::quant_gemv",
+                           "slimlm::gemv", "slimlm::gemv_swiglu"})
+
+
+def is_save_op(op: Any) -> bool:
+    """Whether selective checkpointing keeps ``op``'s outputs (a matmul or attention)."""
+    if op in SAVE_OPS:
+        return True
+    schema = getattr(op, "_schema", None)
+    return schema is not None and schema.name in SAVE_OP_NAMES
+
 
 def _sac_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> tuc.CheckpointPolicy:
-    return (tuc.CheckpointPolicy.MUST_SAVE if op in SAVE_OPS
+    return (tuc.CheckpointPolicy.MUST_SAVE if is_save_op(op)
             else tuc.CheckpointPolicy.PREFER_RECOMPUTE)
 
 
@@ -303,7 +317,7 @@ class _Recorder(TorchDispatchMode):
         if self.timed:
             if sync is not None:
                 sync()
-            key = (self.block, func in SAVE_OPS)
+            key = (self.block, is_save_op(func))
             self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - t0
         inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor) and t.layout == torch.strided}

@@ -143,6 +143,49 @@ def test_selective_keeps_less_than_save():
         assert p.save_op_s > 0 and p.other_op_s > 0
 
 
+class _Fp8Block(torch.nn.Module):
+    """A block whose matmul is slimlm's opaque fp8 op (what Float8Linear runs under
+    torch.compile), emulated on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(32, 32) / 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.slimlm.fp8_matmul(x, self.w, torch.float32, False, True)[0].relu()
+
+
+@pytest.mark.parametrize("policy,runs", [("selective", 0), ("full", 1)])
+def test_selective_keeps_slimlm_custom_matmuls_instead_of_rerunning_them(policy, runs):
+    """slimlm's own matmul ops (fp8, quantized) count as matmuls: selective checkpointing
+    keeps their outputs; full checkpointing runs them again in backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import slimlm.precision  # noqa: F401  (registers slimlm::fp8_matmul)
+
+    assert ck.is_save_op(torch.ops.slimlm.fp8_matmul.default)
+    assert ck.is_save_op(torch.ops.aten.mm.default)
+    assert not ck.is_save_op(torch.ops.aten.relu.default)
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name == "slimlm::fp8_matmul":
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([_Fp8Block(), _Fp8Block()])
+    ck.apply_(blocks, policy)
+    x = torch.randn(16, 32, requires_grad=True)
+    y = blocks[1](blocks[0](x)).sum()
+    with Count():
+        y.backward()
+    assert Count.n == runs * len(blocks)
+    assert all(b.w.grad is not None and b.w.grad.abs().sum() > 0 for b in blocks)
+
+
 def test_profile_calibrates_costs_with_timed_steps_and_leaves_grads_alone():
     model = _model(dropout=0.0)
     x, y = _batch()

@@ -99,6 +99,16 @@ def test_tma_reason_and_plan_tma():
     assert quant_cuda.plan_tma(8, 128, 1, 4096, smem_bytes=232448)[1] == 16
     assert quant_cuda.plan_tma(4, 128, 1, 4096, smem_bytes=232448, consumers=4,
                                slice_chunks=32) == (4, 32, 4)
+    # the plan fits the shared memory and takes the most stages that do (int4-g32 at 8 rows
+    # once planned 233,728 bytes of 232,448: the launch failed on the GPU)
+    for bits, gs, m, k, cons, ks in ((4, 32, 8, 4096, 4, None), (4, 32, 2, 4096, 1, 8),
+                                     (4, 128, 8, 4096, 3, 16), (2, 64, 5, 6144, 8, 8),
+                                     (8, 128, 1, 4096, 1, 16), (4, 32, 8, 4096, 2, 32)):
+        c, s_ks, stages = quant_cuda.plan_tma(bits, gs, m, k, smem_bytes=232448,
+                                              consumers=cons, slice_chunks=ks)
+        assert quant_cuda._tma_smem(bits, gs, s_ks, stages, m, k) <= 232448
+        assert (stages + c > quant_cuda.TMA_MAX_STAGES
+                or quant_cuda._tma_smem(bits, gs, s_ks, stages + c, m, k) > 232448)
     for kw, match in (({"consumers": 9}, "consumers=9"), ({"slice_chunks": 12}, "slice_chunks=12"),
                       ({"smem_bytes": 40000}, "expected 2\\+")):
         args = {"smem_bytes": 232448, **kw}
@@ -315,6 +325,24 @@ def test_qgemv_tma_matches_the_reference(bits, gs, fold, dtype):
         y = quant_cuda.qgemv(x, [w32, w2, w3], [s, s2, s3], zz, bits, gs, tma=True, fold=fold,
                              consumers=4)
         assert _rel(y, ref3) < bound
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU")
+def test_a_refused_shared_memory_grant_does_not_fail_the_next_launch(monkeypatch):
+    """A launch whose shared memory the GPU refuses reports that error and clears it: left
+    set, the next (valid) launch reported it as its own (every int4 TMA test once failed
+    after one over-planned launch)."""
+    dev = torch.device("cuda")
+    qw, w32, s, z = _weight(272, 4096, 4, 128, False, dev, seed=3)
+    x = torch.randn(8, 4096, device=dev, dtype=torch.bfloat16)
+    real = quant_cuda.plan_tma
+    monkeypatch.setattr(quant_cuda, "plan_tma", lambda *a, **kw: (4, 64, 32))  # ~2 MB
+    with pytest.raises(RuntimeError, match="launch failed"):
+        quant_cuda.qgemv(x, [w32], [s], [z], 4, 128, tma=True)
+    monkeypatch.setattr(quant_cuda, "plan_tma", real)
+    y = quant_cuda.qgemv(x, [w32], [s], [z], 4, 128, tma=True)
+    assert _rel(y, quant_gemv_ref(x, [qw], [s], [z], 4, 128).float()) < 1e-2
 
 
 @pytest.mark.gpu

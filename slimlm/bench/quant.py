@@ -114,6 +114,8 @@ def _config_name(ql: QuantLinear, x: torch.Tensor) -> str | None:
 
     w32, s, z = ql._operands()
     plan = cuda_gemv_plan(x, w32, s, z, ql.bits, ql.group_size)
+    if plan is not None and plan.get("tma"):
+        return f"cuda-tma,consumers={plan['consumers']},slice_chunks={plan['slice_chunks']}"
     if plan is not None and plan.get("fold"):
         return f"cuda-fold,warps={plan['warps']},ksplit={plan['ksplit']}"
     if plan is not None:

@@ -186,15 +186,17 @@ def plan_tma(bits: int, group_size: int, m: int, k: int, *, smem_bytes: int,
         raise ValueError(f"quant_cuda.plan_tma: slice_chunks={slice_chunks!r}: expected a "
                          f"multiple of {unit} up to 64")
     ks = min(ks, k // chunk_codes(bits))  # a slice is at most a whole row
-    # the library's slimlm_qgemv_tma_smem, with room for the most stages' barriers
-    stage = _tma_smem(bits, group_size, ks, 1, m, k) - _tma_smem(bits, group_size, ks, 0, m, k)
-    fixed = _tma_smem(bits, group_size, ks, TMA_MAX_STAGES, m, k) - TMA_MAX_STAGES * stage
-    fit = min(TMA_MAX_STAGES, (smem_bytes - fixed) // stage)
+    # the most stages whose launch (the library's slimlm_qgemv_tma_smem, mirrored exactly:
+    # barriers round up per 8 stages) fits in smem_bytes
+    fit = max((s for s in range(TMA_MAX_STAGES, 0, -1)
+               if _tma_smem(bits, group_size, ks, s, m, k) <= smem_bytes), default=0)
     stages = fit - fit % consumers  # every consumer warp has its own ring of stages
     if stages < max(2, consumers):
+        stage = _tma_smem(bits, group_size, ks, 1, m, k) - _tma_smem(bits, group_size, ks, 0,
+                                                                       m, k)
         raise ValueError(f"quant_cuda.plan_tma: {smem_bytes} bytes of shared memory hold "
-                         f"{max(fit, 0)} stages of {stage} bytes beside {fixed}: expected 2+ "
-                         f"and at least one per consumer (consumers={consumers})")
+                         f"{fit} stages of about {stage} bytes beside x: expected 2+ and at "
+                         f"least one per consumer (consumers={consumers})")
     return consumers, ks, stages
 
 

@@ -477,7 +477,7 @@ cudaError_t grant_smem(size_t smem) {
   if (smem > granted) {
     cudaError_t e = cudaFuncSetAttribute(kivi_decode_split<BITS, STAGES>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) return e;
+    if (e != cudaSuccess) { cudaGetLastError(); return e; }  // cleared for later calls
     granted = smem;
   }
   return cudaSuccess;

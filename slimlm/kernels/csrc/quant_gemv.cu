@@ -448,7 +448,7 @@ int launch(const QGemvParams* p, int warps, int stages, int sms, cudaStream_t st
     if (smem > granted) {                                                                \
       cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, \
                                            (int)smem);                                   \
-      if (e != cudaSuccess) return (int)e;                                               \
+      if (e != cudaSuccess) { cudaGetLastError(); return (int)e; } /* cleared for later */ \
       granted = smem;                                                                    \
     }                                                                                    \
     if (occ[warps][0] != (int)smem) {                                                    \
@@ -1153,7 +1153,8 @@ int launch_tma(const QGemvParams* p, int consumers, int ks, int stages, int sms,
   if (smem > granted) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          (int)smem);
-    if (e != cudaSuccess) return (int)e;
+    // cleared: left set, the next launch of any kernel would report it as its own
+    if (e != cudaSuccess) { cudaGetLastError(); return (int)e; }
     granted = smem;
   }
   const int tiles = n_tiles(*p);
