@@ -84,7 +84,10 @@ def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
                         "offload, optionally +offload")
     p.add_argument("--attention", default=None, choices=("eager", "sdpa", "flash"),
                    help="attention implementation (default: sdpa)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="torch.compile the model (GPU); optionally a mode: default | "
+                        "reduce-overhead (CUDA graphs: for host-bound steps, e.g. fp8 at "
+                        "small batches) | max-autotune | max-autotune-no-cudagraphs")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each step's forward+backward as a CUDA graph (GPU; see "
                         "slimlm.CapturedStep)")

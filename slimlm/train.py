@@ -71,6 +71,10 @@ from slimlm.model import ModelConfig, Transformer
 
 PRECISIONS = _precision.POLICIES
 CHECKPOINT_POLICIES = _checkpointing.POLICIES
+#: torch.compile modes TrainConfig.compile takes besides True/False ("reduce-overhead":
+#: the compiled forward and backward replay as CUDA graphs, which a host-bound step, e.g.
+#: fp8 at small batches, needs: see the README).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -100,7 +104,8 @@ class TrainConfig:
     reaches ``lr``). ``weight_decay`` applies to matrices
     (dim >= 2: projections and the embedding) only, never to norms. ``grad_clip`` = 0
     disables clipping; ``eval_every`` = 0 evaluates only at the end; ``save_every`` = 0
-    saves only at the end (when ``out_dir`` is set). ``cuda_graph``: on a GPU, each step's
+    saves only at the end (when ``out_dir`` is set). ``compile``: torch.compile the model on
+    a GPU (True, or a mode of :data:`COMPILE_MODES`). ``cuda_graph``: on a GPU, each step's
     forward and backward run as a replayed CUDA graph (:class:`CapturedStep`, captured on
     the first batch; the optimizer stays eager), which removes the host's launch cost from
     small-kernel steps such as LoRA fine-tuning; not with ``compile``, ``fp16-mixed`` (its
@@ -127,7 +132,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     checkpointing: str = "none"
-    compile: bool = False
+    compile: bool | str = False
     cuda_graph: bool = False
     out_dir: str | None = None
 
@@ -186,8 +191,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.checkpointing={self.checkpointing!r}: expected one "
                              f"of {CHECKPOINT_POLICIES} (e.g. 'every:2', 'budget:0.5', "
                              "'selective+offload')") from None
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"TrainConfig.compile={self.compile!r}: expected True or False")
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
+            raise ValueError(f"TrainConfig.compile={self.compile!r}: expected True, False or a "
+                             f"torch.compile mode, one of {COMPILE_MODES}")
         if not isinstance(self.cuda_graph, bool):
             raise ValueError(f"TrainConfig.cuda_graph={self.cuda_graph!r}: expected True or "
                              "False")
@@ -971,7 +977,8 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
 
     run_model: nn.Module = model
     if cfg.compile and device.type == "cuda":
-        run_model = torch.compile(model)
+        run_model = torch.compile(model, mode=None if cfg.compile in (True, "default")
+                                  else cfg.compile)
     captured: CapturedStep | None = None
 
     tokenizer = getattr(data, "tokenizer", None)
@@ -1012,6 +1019,9 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
                         precision=cfg.precision, policy=policy, autocast_cache=False), x, y)
                 loss = captured(x, y)  # overwritten by the next step: read it before
             else:
+                if run_model is not model and cfg.compile == "reduce-overhead":
+                    # a new step of the CUDA-graph trees: last step's outputs may be reused
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss = forward_backward(run_model, x, y, grad_accum=cfg.grad_accum,
                                         precision=cfg.precision, policy=policy)
             grad_norm = None

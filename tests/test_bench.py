@@ -395,3 +395,12 @@ def test_captured_step_rows_quick(tmp_path, one_thread):
                            options={"methods": ["slimlm-lora-graph"]})
     (row,) = json.loads(path.read_text())["rows"]
     assert row["baseline"] == "peft-lora-graph" and row["step_ms"] > 0 and row["loss_finite"]
+
+
+def test_compile_option_takes_modes_and_labels_rows():
+    assert harness.check_compile(True) is True and harness.check_compile(False) is False
+    assert harness.check_compile("reduce-overhead") == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile='fast'"):
+        harness.check_compile("fast")
+    assert [harness.compile_label(c) for c in (False, True, "default", "reduce-overhead")] == [
+        "", "-compiled", "-compiled", "-compiled-reduce-overhead"]

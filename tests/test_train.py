@@ -502,6 +502,11 @@ def test_train_config_validation(kwargs, field):
         TrainConfig(**kwargs)
 
 
+def test_train_config_takes_a_compile_mode():
+    assert TrainConfig(compile="reduce-overhead").compile == "reduce-overhead"
+    assert TrainConfig(compile=True).compile is True
+
+
 def test_train_config_json_roundtrip():
     cfg = TrainConfig(batch_size=4, grad_accum=2, betas=[0.8, 0.9], out_dir=Path("/tmp/x"),
                       precision="bf16-mixed", checkpointing="full")

@@ -41,7 +41,15 @@ import torch
 
 from slimlm import checkpointing as ckpt
 from slimlm import precision as prec
-from slimlm.bench.harness import free_memory, guarded, register, time_steps
+from slimlm.bench.harness import (
+    check_compile,
+    compile_label,
+    compile_model,
+    free_memory,
+    guarded,
+    register,
+    time_steps,
+)
 from slimlm.model import ModelConfig, Transformer
 
 PARTS = ("grid", "max_seq", "planner")
@@ -94,7 +102,7 @@ def _measure(build: Callable[[], tuple[Callable[[], torch.Tensor], Any]],
 
 
 def _slimlm_step(cfg: ModelConfig, precision: str, policy: str, x: torch.Tensor,
-                 y: torch.Tensor, device: torch.device, compile: bool, seed: int,
+                 y: torch.Tensor, device: torch.device, compile: bool | str, seed: int,
                  info: dict[str, Any]) -> Callable[[], tuple[Callable[[], torch.Tensor], Any]]:
     def build() -> tuple[Callable[[], torch.Tensor], Any]:
         torch.manual_seed(seed)
@@ -104,13 +112,13 @@ def _slimlm_step(cfg: ModelConfig, precision: str, policy: str, x: torch.Tensor,
         pol = prec.get_policy(precision)
         pol.prepare_(model)
         if precision == "fp8":
-            prec.calibrate_fp8_(model, tokens=x.numel(), compiled=compile)
+            prec.calibrate_fp8_(model, tokens=x.numel(), compiled=bool(compile))
 
         def probe() -> torch.Tensor:
             with pol.autocast(device.type):
                 return model(x, y)[1]
 
-        plan = ckpt.apply_(model.layers, policy, probe=probe, compiled=compile)
+        plan = ckpt.apply_(model.layers, policy, probe=probe, compiled=bool(compile))
         info["modes"] = ",".join({"save": "S", "selective": "sel", "full": "F"}.get(m, m)
                                  for m in plan.modes)
         if plan.predicted_bytes is not None:
@@ -119,9 +127,11 @@ def _slimlm_step(cfg: ModelConfig, precision: str, policy: str, x: torch.Tensor,
             info["budget_gib"] = plan.budget_bytes / 2 ** 30
         opt = pol.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-4,
                                                    fused=device.type == "cuda"))
-        fwd = torch.compile(model) if compile else model
+        fwd = compile_model(model, compile) if compile else model
 
         def step() -> torch.Tensor:
+            if compile == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
             with pol.autocast(device.type):
                 _, loss = fwd(x, y)
             pol.backward(loss)
@@ -183,7 +193,7 @@ def _ratios(rows: list[dict[str, Any]], key: tuple[str, ...]) -> None:
 
 
 def _grid(device: torch.device, model: str, precisions: Sequence[str], policies: Sequence[str],
-          seq_lens: Sequence[int], batch: int, warmup: int, steps: int, compile: bool,
+          seq_lens: Sequence[int], batch: int, warmup: int, steps: int, compile: bool | str,
           hf: bool, seed: int, overrides: dict[str, Any]) -> Iterator[dict[str, Any]]:
     for seq in seq_lens:
         yield from _grid_seq(device, model, precisions, policies, seq, batch, warmup,
@@ -192,7 +202,7 @@ def _grid(device: torch.device, model: str, precisions: Sequence[str], policies:
 
 def _grid_seq(device: torch.device, model: str, precisions: Sequence[str],
               policies: Sequence[str], seq: int, batch: int, warmup: int, steps: int,
-              compile: bool, hf: bool, seed: int, overrides: dict[str, Any]
+              compile: bool | str, hf: bool, seed: int, overrides: dict[str, Any]
               ) -> Iterator[dict[str, Any]]:
     errors = device.type == "cuda"
     cfg = _model_cfg(model, seq, overrides)
@@ -214,7 +224,7 @@ def _grid_seq(device: torch.device, model: str, precisions: Sequence[str],
     for precision in precisions:
         for policy in policies:
             info: dict[str, Any] = {}
-            base = {"part": "grid", "impl": "slimlm" + ("-compiled" if compile else ""),
+            base = {"part": "grid", "impl": "slimlm" + compile_label(compile),
                     "precision": precision, "policy": policy, "batch": batch,
                     "seq_len": seq, "model": model}
             if compile:
@@ -236,7 +246,7 @@ def _grid_seq(device: torch.device, model: str, precisions: Sequence[str],
     free_memory(device)
 
 
-def _fits(cfg: ModelConfig, policy: str, seq: int, device: torch.device, compile: bool,
+def _fits(cfg: ModelConfig, policy: str, seq: int, device: torch.device, compile: bool | str,
           seed: int) -> tuple[bool, float]:
     """Whether one bf16-mixed training step at batch 1 x ``seq`` runs; and its seconds."""
     x, y = _tokens(cfg, 1, seq, device, seed)
@@ -255,7 +265,7 @@ def _fits(cfg: ModelConfig, policy: str, seq: int, device: torch.device, compile
 
 
 def _max_seq(device: torch.device, model: str, policies: Sequence[str], start: int, cap: int,
-             time_s: float, compile: bool, seed: int, overrides: dict[str, Any]
+             time_s: float, compile: bool | str, seed: int, overrides: dict[str, Any]
              ) -> Iterator[dict[str, Any]]:
     cfg = _model_cfg(model, cap, overrides)
     rows = []
@@ -278,7 +288,7 @@ def _max_seq(device: torch.device, model: str, policies: Sequence[str], start: i
                 tried.append((mid, ok))
                 if ok:
                     best = mid
-        rows.append({"part": "max_seq", "impl": "slimlm" + ("-compiled" if compile else ""),
+        rows.append({"part": "max_seq", "impl": "slimlm" + compile_label(compile),
                      "precision": "bf16-mixed", "policy": policy, "batch": 1, "model": model,
                      "max_seq_len": best or None,
                      "limited_by": "oom" if fail else ("cap" if seq > cap else "time"),
@@ -290,14 +300,14 @@ def _max_seq(device: torch.device, model: str, policies: Sequence[str], start: i
 
 
 def _planner(device: torch.device, model: str, budgets: Sequence[float], seq: int, batch: int,
-             warmup: int, steps: int, compile: bool, seed: int, overrides: dict[str, Any]
+             warmup: int, steps: int, compile: bool | str, seed: int, overrides: dict[str, Any]
              ) -> Iterator[dict[str, Any]]:
     cfg = _model_cfg(model, seq, overrides)
     x, y = _tokens(cfg, batch, seq, device, seed)
     rows = []
     for policy in ("none", "full", *(f"budget:{b:g}" for b in budgets)):
         info: dict[str, Any] = {}
-        base = {"part": "planner", "impl": "slimlm" + ("-compiled" if compile else ""),
+        base = {"part": "planner", "impl": "slimlm" + compile_label(compile),
                 "precision": "bf16-mixed", "policy": policy, "batch": batch, "seq_len": seq,
                 "model": model, "baseline": "none; full = torch.utils.checkpoint per block"}
         if compile:
@@ -337,7 +347,7 @@ def checkpointing_suite(quick: bool, device: torch.device, *,
                         policies: Sequence[str] | str | None = None,
                         seq_lens: Sequence[int] | int | None = None, batch: int | None = None,
                         warmup: int | None = None, steps: int | None = None,
-                        compile: bool | None = None, hf: bool = True,
+                        compile: bool | str | None = None, hf: bool = True,
                         max_seq_policies: Sequence[str] | str | None = None,
                         max_seq_start: int | None = None, max_seq_cap: int | None = None,
                         max_seq_time_s: float | None = None, max_seq_compile: bool = False,
@@ -368,7 +378,7 @@ bf16-mixed, 1 + 2 steps."""
     warmup = warmup if warmup is not None else (1 if small else 2)
     steps = steps if steps is not None else (2 if small else 10)
     overrides = QUICK_OVERRIDES if small and model == "tiny" else {}
-    compile = (not small) if compile is None else bool(compile)
+    compile = (not small) if compile is None else check_compile(compile)
     budgets_t = tuple(float(b) for b in _tuple(budgets, PLANNER_BUDGETS))
     if "grid" in parts_t:
         yield from _grid(device, model, precisions_t, policies_t, seq_t, batch, warmup, steps,

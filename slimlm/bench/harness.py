@@ -299,6 +299,30 @@ def time_steps(step: Callable[[], Any], device: torch.device, *, warmup: int,
             "steps_timed": t["n"], "peak_bytes": peak, "base_bytes": base, "last": last[0]}
 
 
+#: torch.compile modes a suite's ``compile`` option takes besides True/False ("default"
+#: is True); "reduce-overhead" replays the compiled forward and backward as CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile(value: Any, name: str = "compile") -> bool | str:
+    """A suite's ``compile`` option: True/False or one of :data:`COMPILE_MODES`."""
+    if isinstance(value, bool) or value in COMPILE_MODES:
+        return value
+    raise ValueError(f"{name}={value!r}: expected True, False or one of {COMPILE_MODES}")
+
+
+def compile_model(model: torch.nn.Module, compile: bool | str) -> Any:
+    """``model`` under torch.compile in the mode ``compile`` names (True: the default)."""
+    return torch.compile(model, mode=None if compile in (True, "default") else compile)
+
+
+def compile_label(compile: bool | str) -> str:
+    """The suffix a row's ``impl`` carries: "", "-compiled" or "-compiled-<mode>"."""
+    if not compile:
+        return ""
+    return "-compiled" if compile in (True, "default") else f"-compiled-{compile}"
+
+
 def tflops(flops: float, ms: float) -> float:
     """FLOP count and milliseconds -> TFLOP/s."""
     return flops / (ms * 1e-3) / 1e12

@@ -46,7 +46,15 @@ import torch
 import torch.nn.functional as F
 
 from slimlm import precision as prec
-from slimlm.bench.harness import free_memory, guarded, register, time_fn, time_steps
+from slimlm.bench.harness import (
+    check_compile,
+    compile_model,
+    free_memory,
+    guarded,
+    register,
+    time_fn,
+    time_steps,
+)
 from slimlm.model import ModelConfig, Transformer
 from slimlm.train import CapturedStep, forward_backward
 
@@ -178,7 +186,7 @@ def _linear_shape_rows(device: torch.device, m: int, k: int, n: int, warmup: int
 
 
 def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
-               policies: Sequence[str], warmup: int, steps: int, compile: bool, graph: bool,
+               policies: Sequence[str], warmup: int, steps: int, compile: bool | str, graph: bool,
                seed: int) -> Iterator[dict[str, Any]]:
     cfg = ModelConfig.from_preset(model_name, max_seq_len=max(seq_len,
                                                               ModelConfig.from_preset(
@@ -211,7 +219,7 @@ def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
                             "fp8_calibration_ms": timings or None}
             opt = policy.wrap_optimizer(torch.optim.AdamW(
                 model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda"))
-            fwd = torch.compile(model) if compile else model
+            fwd = compile_model(model, compile) if compile else model
 
             # (no autocast weight-cast cache inside a CUDA graph capture)
             fb = partial(forward_backward, fwd, grad_accum=1, policy=policy,
@@ -220,6 +228,8 @@ def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
             run_fb = CapturedStep(model, fb, x, y) if graph else fb
 
             def step() -> torch.Tensor:
+                if compile == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss = run_fb(x, y)
                 policy.step(opt)
                 opt.zero_grad(set_to_none=True)
@@ -314,7 +324,7 @@ def precision_suite(quick: bool, device: torch.device, *,
                     step_seq_len: int | None = None,
                     step_policies: Sequence[str] | str | None = None,
                     warmup: int | None = None, steps: int | None = None,
-                    compile: bool | None = None, graph: bool = False,
+                    compile: bool | str | None = None, graph: bool = False,
                     run_model: str | None = None, run_steps: int | None = None,
                     run_batch: int | None = None, run_seq_len: int | None = None,
                     run_policies: Sequence[str] | str | None = None,
@@ -344,7 +354,7 @@ def precision_suite(quick: bool, device: torch.device, *,
     steps = steps if steps is not None else (3 if small else 10)
     if not isinstance(graph, bool):
         raise ValueError(f"graph={graph!r}: expected True or False")
-    compile = (not small and not graph) if compile is None else bool(compile)
+    compile = (not small and not graph) if compile is None else check_compile(compile)
     if graph and compile:
         raise ValueError("graph=True with compile=True: choose one (graph captures the "
                          "eager step with slimlm.train.CapturedStep)")
