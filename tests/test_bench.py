@@ -281,6 +281,17 @@ def test_render_report_tables_and_plot(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_render_report_plots_curve_points_instead_of_tabling_them(tmp_path):
+    results = tmp_path / "results"
+    rows = [{"suite": "precision", "part": "run", "policy": "fp32", "val_bpb": 1.68}]
+    rows += [{"suite": "precision", "part": "run", "kind": "curve", "policy": "fp32",
+              "step": s, "loss": 8.0 - s / 10} for s in range(0, 50, 10)]
+    _synthetic(results, "precision", "NVIDIA H200", rows)
+    md = bench.render_report(results, tmp_path / "RESULTS.md").read_text()
+    assert "| run | fp32 |" in md and md.count("| run |") == 1  # the summary row only
+    assert "5 curve points (kind `curve`) are in the JSON and the plot below." in md
+
+
 def test_render_report_rejects_missing_folder(tmp_path):
     with pytest.raises(ValueError, match="results_dir"):
         bench.render_report(tmp_path / "none", tmp_path / "R.md")

@@ -213,11 +213,18 @@ def render_report(results_dir: str | os.PathLike = "benchmarks/results",
                              f"{run.get('date', '?')}: {run.get('note') or run.get('command', '')}")
             lines.append("")
         columns = getattr(_suite_module(suite), "REPORT_COLUMNS", None)
-        for title, group in _sections(rows):
+        # curve points (kind="curve": a loss per logged step) are the plot's data, not table
+        # rows: hundreds of one-number lines would bury the table
+        table_rows = [r for r in rows if r.get("kind") != "curve"]
+        n_curve = len(rows) - len(table_rows)
+        for title, group in _sections(table_rows):
             if title:
                 lines += [f"**{title}**", ""]
             lines.append(markdown_table(group, columns).rstrip("\n"))
             lines.append("")
+        if n_curve:
+            lines += [f"{n_curve} curve points (kind `curve`) are in the JSON and the plot below.",
+                      ""]
         lines += ["", f"All fields: `{path.name}`.", ""]
         png = out.parent / f"{stem}.png"
         if rows and _plot(suite, rows, png):
