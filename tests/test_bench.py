@@ -415,3 +415,12 @@ def test_compile_option_takes_modes_and_labels_rows():
         harness.check_compile("fast")
     assert [harness.compile_label(c) for c in (False, True, "default", "reduce-overhead")] == [
         "", "-compiled", "-compiled", "-compiled-reduce-overhead"]
+
+
+def test_time_steps_counts_memory_from_a_chosen_warmup_step():
+    calls = []
+    t = harness.time_steps(lambda: calls.append(1) or len(calls), torch.device("cpu"),
+                           warmup=2, steps=3, mem_after=1)
+    assert len(calls) == 5 and t["last"] == 5 and t["peak_bytes"] is None
+    with pytest.raises(ValueError, match="mem_after=3"):
+        harness.time_steps(lambda: None, torch.device("cpu"), warmup=2, steps=1, mem_after=3)

@@ -87,11 +87,13 @@ def _hf_llama(cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
 
 
 def _measure(build: Callable[[], tuple[Callable[[], torch.Tensor], Any]],
-             device: torch.device, *, warmup: int, steps: int) -> dict[str, Any]:
+             device: torch.device, *, warmup: int, steps: int,
+             mem_after: int | None = None) -> dict[str, Any]:
     """Build a step, warm it up, time ``steps`` steps; peak and activation memory (peak
-    minus what was allocated before the timed steps) on the GPU."""
+    minus what was allocated before the timed steps, or from the ``mem_after``-th warm-up
+    step on) on the GPU."""
     step, keep = build()
-    t = time_steps(step, device, warmup=warmup, steps=steps)
+    t = time_steps(step, device, warmup=warmup, steps=steps, mem_after=mem_after)
     out: dict[str, Any] = {"step_ms": t["step_ms"], "step_p10_ms": t["step_p10_ms"],
                            "step_p90_ms": t["step_p90_ms"], "loss": float(t["last"].float())}
     if t["peak_bytes"] is not None:
@@ -200,13 +202,22 @@ def _grid(device: torch.device, model: str, precisions: Sequence[str], policies:
                              steps, compile, hf, seed, overrides)
 
 
-def _graph_memory(row: dict[str, Any], compile: bool | str) -> dict[str, Any]:
-    """Under compile="reduce-overhead" the CUDA-graph trees allocate their memory pool in
-    the warm-up steps, before the timed ones: peak minus base then shows nothing of the
-    step's activations. Such rows carry no memory figures rather than wrong ones."""
+def _mem_after(compile: bool | str, warmup: int) -> int | None:
+    """Under compile="reduce-overhead" the CUDA-graph trees allocate their memory pool while
+    recording, in the second call: memory is counted from after the first (the optimizer
+    state then exists, the graphs do not), which needs 2+ warm-up steps."""
+    return 1 if compile == "reduce-overhead" and warmup >= 2 else None
+
+
+def _graph_memory(row: dict[str, Any], compile: bool | str, warmup: int) -> dict[str, Any]:
+    """A reduce-overhead row whose memory could not be counted from the recording step on
+    (fewer than 2 warm-up steps) carries no memory figures rather than wrong ones."""
     if compile == "reduce-overhead" and row.get("step_ms"):
-        row.update(peak_mem_gib=None, act_mem_gib=None,
-                   mem_note="not measured: the CUDA-graph pool is allocated in warm-up")
+        if _mem_after(compile, warmup) is None:
+            row.update(peak_mem_gib=None, act_mem_gib=None,
+                       mem_note="not measured: the CUDA-graph pool is allocated in warm-up")
+        else:
+            row["mem_note"] = "counted from the second warm-up step (CUDA-graph recording) on"
     return row
 
 
@@ -241,11 +252,12 @@ def _grid_seq(device: torch.device, model: str, precisions: Sequence[str],
                 torch.compiler.reset()
             r = guarded(base, lambda p=precision, q=policy, i=info: _measure(
                 _slimlm_step(cfg, p, q, x, y, device, compile, seed, i), device,
-                warmup=warmup, steps=steps), device, errors=errors)
+                warmup=warmup, steps=steps, mem_after=_mem_after(compile, warmup)),
+                device, errors=errors)
             r.update(info)
             if r.get("step_ms"):
                 r["tokens_per_s"] = batch * seq / (r["step_ms"] * 1e-3)
-            rows.append(_graph_memory(r, compile))
+            rows.append(_graph_memory(r, compile, warmup))
     for r in rows:
         if r.get("step_ms") and "tokens_per_s" not in r:
             r["tokens_per_s"] = batch * seq / (r["step_ms"] * 1e-3)

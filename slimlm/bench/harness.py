@@ -275,24 +275,30 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None)
 
 
 def time_steps(step: Callable[[], Any], device: torch.device, *, warmup: int,
-               steps: int) -> dict[str, Any]:
+               steps: int, mem_after: int | None = None) -> dict[str, Any]:
     """Time a training step: ``warmup`` untimed calls (compilation happens there), then the
-    median of ``steps`` timed calls. Peak memory covers the timed calls only. Returns
-    ``step_ms``, ``step_p10_ms``, ``step_p90_ms``, ``steps_timed``, ``peak_bytes`` and
-    ``base_bytes`` (allocated before the timed calls; both None on the CPU) and ``last``
-    (what the last call returned, e.g. its loss)."""
+    median of ``steps`` timed calls. Peak memory covers the calls after the first
+    ``mem_after`` (default: the timed calls only; 1 for CUDA-graph trees, which allocate
+    their pool while recording, in the second call). Returns ``step_ms``, ``step_p10_ms``,
+    ``step_p90_ms``, ``steps_timed``, ``peak_bytes`` and ``base_bytes`` (allocated before
+    those calls; both None on the CPU) and ``last`` (what the last call returned, e.g. its
+    loss)."""
+    mem_after = warmup if mem_after is None else mem_after
+    if not 0 <= mem_after <= warmup:
+        raise ValueError(f"mem_after={mem_after!r}: expected 0 to warmup={warmup}")
     last: list[Any] = [None]
+    base = None
 
     def run() -> None:
         last[0] = step()
 
-    for _ in range(warmup):
-        run()
-    base = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + 1):
+        if i == mem_after and device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        if i < warmup:
+            run()
     t = time_fn(run, device, warmup=0, rep=steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"step_ms": t["median_ms"], "step_p10_ms": t["p10"], "step_p90_ms": t["p90"],
