@@ -49,14 +49,18 @@ for x, block in cases:
         for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
             q0, s0 = quantize_fp8(xd, f8)
             for mode in (None, "trans", "torch", "load"):  # every way of forming q_t
-                q, q_t, s = quantize_fp8_both(xd, f8, block=block, transpose=mode)
-                assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (dt, f8)
-                assert torch.equal(q_t.view(torch.uint8),
-                                   q0.t().contiguous().view(torch.uint8)), (dt, f8, mode)
-                assert torch.equal(s, s0), (s, s0)
+                # the factor from PyTorch, or derived in the kernel from the amax
+                for fused in ((False, True) if mode in (None, "load") else (False,)):
+                    q, q_t, s = quantize_fp8_both(xd, f8, block=block, transpose=mode,
+                                                  fused_scale=fused)
+                    assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (dt, f8)
+                    assert torch.equal(q_t.view(torch.uint8),
+                                       q0.t().contiguous().view(torch.uint8)), (dt, f8, mode)
+                    assert torch.equal(s, s0), (s, s0, fused)
 z = torch.zeros(3, 5, dtype=torch.bfloat16)
-q, q_t, s = quantize_fp8_both(z, torch.float8_e4m3fn, block=16)
-assert float(s) == 1.0 and not q.float().any() and q_t.shape == (5, 3)
+for fused in (False, True):
+    q, q_t, s = quantize_fp8_both(z, torch.float8_e4m3fn, block=16, fused_scale=fused)
+    assert float(s) == 1.0 and not q.float().any() and q_t.shape == (5, 3)
 print("ok")
 """
 
@@ -82,12 +86,15 @@ def test_kernel_on_gpu_matches_quantize_fp8_bit_for_bit():
             x = x * 1e-4  # fp16 with a factor beyond fp16's range
         for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
             q0, q0_t, s0 = quantize_fp8_both_ref(x, f8)
-            for mode in (None, "load", "torch"):  # the default (load for fp32/fp16) and torch
-                q, q_t, s = quantize_fp8_both(x, f8, transpose=mode)
+            for mode, fused in ((None, False), ("load", False), ("torch", False),
+                                (None, True), ("load", True)):
+                # the default transpose (load for fp32/fp16), torch's; the factor from
+                # PyTorch or derived in the kernel (SLIMLM_FP8_FUSED_SCALE)
+                q, q_t, s = quantize_fp8_both(x, f8, transpose=mode, fused_scale=fused)
                 assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (r, c, dt, f8)
                 assert torch.equal(q_t.view(torch.uint8), q0_t.view(torch.uint8)), (
-                    r, c, dt, f8, mode)
-                assert torch.equal(s, s0)
+                    r, c, dt, f8, mode, fused)
+                assert torch.equal(s, s0), (s, s0, fused)
                 again = quantize_fp8_both(x, f8, transpose=mode)[1]  # no unwritten bytes
                 assert torch.equal(again.view(torch.uint8), q_t.view(torch.uint8))
 

@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from slimlm.kernels import triton_available, triton_runs_on
@@ -83,14 +85,30 @@ if triton_available():
         return b.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _fp8_both_kernel(x_ptr, q_ptr, qt_ptr, inv_ptr, R, C, stride_x,
+    def _factor(amax, FMAX: tl.constexpr, ROUND_BF16: tl.constexpr):
+        """:func:`fp8_factor`'s arithmetic on the amax (any float dtype), fp32 divisions
+        rounded to nearest as PyTorch's are: (inv, scale)."""
+        a = amax.to(tl.float32)
+        one = tl.full((), 1.0, tl.float32)
+        scale = tl.where(a > 0, tl.math.div_rn(a, tl.full((), FMAX, tl.float32)), one)
+        scale = tl.maximum(scale, 1e-30)
+        inv = tl.math.div_rn(one, scale)
+        if ROUND_BF16:
+            inv = _round_to_bf16(inv)
+            scale = tl.math.div_rn(one, inv)
+        return inv, scale
+
+    @triton.jit
+    def _fp8_both_kernel(x_ptr, q_ptr, qt_ptr, inv_ptr, scale_ptr, R, C, stride_x,
                          FP8: tl.constexpr, ROUND_BF16: tl.constexpr, FMAX: tl.constexpr,
                          EMIN: tl.constexpr, MBITS: tl.constexpr, T_MODE: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                         FUSED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """One (BLOCK_R, BLOCK_C) tile: q[r, c] = fp8(x[r, c] * inv), q_t[c, r] = q[r, c].
         ``T_MODE`` 0: q_t from tl.trans of the fp8 tile; 1: q_t not written (the caller
         transposes); 2: q_t from a second, transposed load of x, quantized again (no
-        transpose of a register tile)."""
+        transpose of a register tile). ``FUSED``: ``inv_ptr`` holds the amax (x's dtype)
+        and every program derives the factor from it; program (0, 0) stores the scale (the
+        seven small PyTorch kernels of :func:`fp8_factor` fold into this one)."""
         pid_r = tl.program_id(0)
         pid_c = tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -98,7 +116,12 @@ if triton_available():
         ok = (rows < R)[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok,
                     other=0.0)
-        inv = tl.load(inv_ptr)
+        if FUSED:
+            inv, scale = _factor(tl.load(inv_ptr), FMAX, ROUND_BF16)
+            if (pid_r == 0) & (pid_c == 0):
+                tl.store(scale_ptr, scale)
+        else:
+            inv = tl.load(inv_ptr)
         q = _quantize_tile(x, inv, FP8, ROUND_BF16, FMAX, EMIN, MBITS)
         tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], q, mask=ok)
         ok_t = (cols < C)[:, None] & (rows < R)[None, :]
@@ -141,12 +164,24 @@ _TRANSPOSE = {torch.bfloat16: "trans", torch.float16: "load", torch.float32: "lo
 _T_MODES = {"trans": 0, "torch": 1, "load": 2}
 
 
+#: Whether the cast kernel derives the factor from the amax itself (one amax reduction and
+#: one kernel per cast, instead of ~9 launches): ``SLIMLM_FP8_FUSED_SCALE=1``. Off by
+#: default until it has run on a GPU (bit-exact against the reference under the Triton
+#: interpreter).
+FUSED_SCALE = os.environ.get("SLIMLM_FP8_FUSED_SCALE", "0") == "1"
+
+
 def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype, *, block: int = 64,
-                      transpose: str | None = None
+                      transpose: str | None = None, fused_scale: bool | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (R, C) float -> (q (R, C), q_t (C, R), scale) in ``dtype`` (float8_e4m3fn or
     float8_e5m2) with ``x ~= q.float() * scale`` (per-tensor, 0-d fp32). ``transpose``:
-    how q_t is formed (see ``_TRANSPOSE``; None: the default for x's dtype)."""
+    how q_t is formed (see ``_TRANSPOSE``; None: the default for x's dtype).
+    ``fused_scale``: the kernel computes the factor from the amax (None:
+    :data:`FUSED_SCALE`); the same bits either way."""
+    if fused_scale is not None and not isinstance(fused_scale, bool):
+        raise ValueError(f"quantize_fp8_both: fused_scale={fused_scale!r}: expected a bool or "
+                         "None")
     if dtype not in _FP8:
         raise ValueError(f"quantize_fp8_both: dtype={dtype}: expected one of {_FP8}")
     if x.dim() != 2:
@@ -163,18 +198,23 @@ def quantize_fp8_both(x: torch.Tensor, dtype: torch.dtype, *, block: int = 64,
     if x.stride(1) != 1:
         x = x.contiguous()
     r, c = x.shape
-    inv, scale = fp8_factor(x, dtype)
+    fused = FUSED_SCALE if fused_scale is None else fused_scale
+    if fused:  # the amax only (x's dtype, exact); the kernel does the rest
+        inv = torch.linalg.vector_norm(x, float("inf"))
+        scale = torch.empty((), device=x.device, dtype=torch.float32)
+    else:
+        inv, scale = fp8_factor(x, dtype)
     mode = transpose or _TRANSPOSE.get(x.dtype, "torch")
     q = torch.empty(r, c, device=x.device, dtype=dtype)
     q_t = torch.empty(c, r, device=x.device, dtype=dtype)
     fp8 = tl.float8e4nv if dtype == torch.float8_e4m3fn else tl.float8e5
     grid = (triton.cdiv(r, block), triton.cdiv(c, block))
-    _fp8_both_kernel[grid](x, q, q_t, inv.reshape(1), r, c, x.stride(0), FP8=fp8,
-                           ROUND_BF16=x.dtype == torch.bfloat16,
+    _fp8_both_kernel[grid](x, q, q_t, inv.reshape(1), scale.reshape(1), r, c, x.stride(0),
+                           FP8=fp8, ROUND_BF16=x.dtype == torch.bfloat16,
                            FMAX=float(torch.finfo(dtype).max),
                            EMIN=-6 if dtype == torch.float8_e4m3fn else -14,
                            MBITS=3 if dtype == torch.float8_e4m3fn else 2,
-                           T_MODE=_T_MODES[mode], BLOCK_R=block, BLOCK_C=block,
+                           T_MODE=_T_MODES[mode], FUSED=fused, BLOCK_R=block, BLOCK_C=block,
                            num_warps=4)
     if mode == "torch":
         q_t.copy_(q.t())
