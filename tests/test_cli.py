@@ -132,6 +132,7 @@ def test_bench_list_and_quick(tmp_path, capsys):
     (["eval", "/nonexistent/run"], "no checkpoint found"),
     (["compress", "/nonexistent/run", "--quant", "int5", "--out", "x"], "--quant 'int5'"),
     (["bench", "nope"], "suite='nope'"),
+    (["train", "--preset", "tiny", "--compile", "fastest"], "compile='fastest'"),
 ])
 def test_bad_input_is_refused(argv, msg, capsys):
     if "cuda" in argv and torch.cuda.is_available():
@@ -159,3 +160,12 @@ def test_demo_quick(tmp_path, monkeypatch):
     names = [r["name"] for r in figures["rows"]]
     assert names[0] == "base" and len(names) > 1
     assert all(r["bpb"] > 0 for r in figures["rows"])
+
+
+def test_train_compile_takes_an_optional_mode():
+    from slimlm.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["train", "--compile"]).compile is True
+    assert p.parse_args(["train", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert p.parse_args(["train"]).compile is False
