@@ -1,6 +1,7 @@
 """Why a compiled training step under a precision policy takes the time it does: each
-step's time one by one (synchronised), dynamo's recompiles and graph breaks, the fp8
-layers' calibrated decisions and timings, and the top kernels of a profiled step.
+step's time one by one (synchronised) and pipelined (host time per step), Python GC
+collections per step, dynamo's recompiles and graph breaks, the fp8 layers' calibrated
+decisions and timings, and the top kernels and host ops of a profiled step.
 
     python scripts/fp8_step_probe.py --policies bf16-mixed,fp8 --batch 1 --seq 4096 \
         [--ckpt none] [--mode default|reduce-overhead] [--out $OUT/fp8_step_probe.json]
@@ -9,6 +10,7 @@ layers' calibrated decisions and timings, and the top kernels of a profiled step
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -73,6 +75,7 @@ def probe(policy: str, model_name: str, batch: int, seq: int, ckpt_policy: str,
     torch.cuda.synchronize()
     row["warmup_s"] = time.perf_counter() - t0
     times = []
+    gc0 = [g["collections"] for g in gc.get_stats()]
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -80,6 +83,16 @@ def probe(policy: str, model_name: str, batch: int, seq: int, ckpt_policy: str,
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     row["step_ms"] = [round(t, 2) for t in times]
+    gc_stats = [round((g["collections"] - c) / steps, 2) for g, c in zip(gc.get_stats(), gc0)]
+    # the same steps without waiting on the GPU between them: host time per step (a host-
+    # bound step takes as long; a device-bound one returns early and the final sync waits)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    row["host_ms_per_step"] = round((time.perf_counter() - t0) * 1e3 / steps, 2)
+    torch.cuda.synchronize()
+    row["pipelined_ms_per_step"] = round((time.perf_counter() - t0) * 1e3 / steps, 2)
     row["recompiles"] = dict(counters["recompiles"]) if "recompiles" in counters else {}
     row["graph_breaks"] = {k: v for k, v in counters["graph_break"].items()}
     row["unique_graphs"] = counters["stats"].get("unique_graphs")
@@ -91,10 +104,22 @@ def probe(policy: str, model_name: str, batch: int, seq: int, ckpt_policy: str,
     total = sum(e.self_device_time_total for e in evs)
     top = sorted(evs, key=lambda e: -e.self_device_time_total)[:30]
     row["kernel_ms_per_step"] = total / 2e3
+    # the host's side: ops by their own CPU time (Python-side costs such as the opaque fp8
+    # ops' bodies show up as their aten calls and the custom op's own row)
+    cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
+    row["top_cpu_ops"] = [[e.key[:90], e.count // 2, round(e.self_cpu_time_total / 2e3, 3)]
+                          for e in cpu]
+    row["cpu_ms_per_step"] = sum(e.self_cpu_time_total for e in prof.key_averages()) / 2e3
+    if gc_stats:
+        row["gc_collections_per_step"] = gc_stats
     row["top_kernels"] = [[e.key[:90], e.count // 2, round(e.self_device_time_total / 2e3, 3)]
                           for e in top]
-    print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
+    print(json.dumps({k: v for k, v in row.items() if k not in ("top_kernels", "top_cpu_ops")}),
+          flush=True)
     for k in row["top_kernels"][:20]:
+        print("   ", k, flush=True)
+    print("  host:", flush=True)
+    for k in row["top_cpu_ops"][:20]:
         print("   ", k, flush=True)
 
     torch.cuda.empty_cache()
