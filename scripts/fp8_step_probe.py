@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from slimlm import checkpointing as ckpt  # noqa: E402
 from slimlm import precision as prec  # noqa: E402
+from slimlm.bench.harness import check_compile, uses_cudagraphs  # noqa: E402
 from slimlm.model import ModelConfig, Transformer  # noqa: E402
 
 
@@ -57,11 +58,13 @@ def probe(policy: str, model_name: str, batch: int, seq: int, ckpt_policy: str,
             for key, (t8, t16) in (getattr(mod, "fp8_timings", None) or {}).items():
                 timings[str(key)] = [round(t8, 4), round(t16, 4)]
         row["fp8_timings_ms"] = timings
-    ckpt.apply_(model.layers, ckpt_policy)
+    ckpt.apply_(model.layers, ckpt_policy, compiled=True)
     opt = pol.wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
     fwd = torch.compile(model, mode=None if mode == "default" else mode)
 
     def step() -> torch.Tensor:
+        if uses_cudagraphs(mode):  # a new step of the CUDA-graph trees, as train() marks it
+            torch.compiler.cudagraph_mark_step_begin()
         with pol.autocast("cuda"):
             _, loss = fwd(x, y)
         pol.backward(loss)
@@ -137,6 +140,7 @@ def main() -> None:
     ap.add_argument("--mode", default="default", help="torch.compile mode, e.g. reduce-overhead")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    check_compile(a.mode, "--mode")
     rows = [probe(p, a.model, a.batch, a.seq, a.ckpt, a.steps, a.mode) for p in a.policies.split(",")]
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))

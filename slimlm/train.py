@@ -75,6 +75,8 @@ CHECKPOINT_POLICIES = _checkpointing.POLICIES
 #: the compiled forward and backward replay as CUDA graphs, which a host-bound step, e.g.
 #: fp8 at small batches, needs: see the README).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: The modes among them that replay CUDA-graph trees (torch._inductor.list_mode_options).
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -198,7 +200,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.cuda_graph={self.cuda_graph!r}: expected True or "
                              "False")
         if self.cuda_graph:
-            for bad, why in ((self.compile, "compile=True (choose one)"),
+            for bad, why in ((self.compile, f"compile={self.compile!r} (choose one)"),
                              (self.precision == "fp16-mixed", "precision='fp16-mixed' (its "
                               "loss scale is a host float a graph would freeze)"),
                              (self.checkpointing != "none", f"checkpointing="
@@ -1019,7 +1021,7 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
                         precision=cfg.precision, policy=policy, autocast_cache=False), x, y)
                 loss = captured(x, y)  # overwritten by the next step: read it before
             else:
-                if run_model is not model and cfg.compile == "reduce-overhead":
+                if run_model is not model and cfg.compile in CUDAGRAPH_MODES:
                     # a new step of the CUDA-graph trees: last step's outputs may be reused
                     torch.compiler.cudagraph_mark_step_begin()
                 loss = forward_backward(run_model, x, y, grad_accum=cfg.grad_accum,

@@ -413,6 +413,9 @@ def test_compile_option_takes_modes_and_labels_rows():
     assert harness.check_compile("reduce-overhead") == "reduce-overhead"
     with pytest.raises(ValueError, match="compile='fast'"):
         harness.check_compile("fast")
+    assert harness.uses_cudagraphs("reduce-overhead") and harness.uses_cudagraphs("max-autotune")
+    assert not harness.uses_cudagraphs(True) and not harness.uses_cudagraphs(
+        "max-autotune-no-cudagraphs")
     assert [harness.compile_label(c) for c in (False, True, "default", "reduce-overhead")] == [
         "", "-compiled", "-compiled", "-compiled-reduce-overhead"]
 
@@ -422,5 +425,7 @@ def test_time_steps_counts_memory_from_a_chosen_warmup_step():
     t = harness.time_steps(lambda: calls.append(1) or len(calls), torch.device("cpu"),
                            warmup=2, steps=3, mem_after=1)
     assert len(calls) == 5 and t["last"] == 5 and t["peak_bytes"] is None
-    with pytest.raises(ValueError, match="mem_after=3"):
-        harness.time_steps(lambda: None, torch.device("cpu"), warmup=2, steps=1, mem_after=3)
+    for bad in (3, True, -1):
+        with pytest.raises(ValueError, match=f"time_steps: mem_after={bad!r}"):
+            harness.time_steps(lambda: None, torch.device("cpu"), warmup=2, steps=1,
+                               mem_after=bad)

@@ -505,6 +505,8 @@ def test_train_config_validation(kwargs, field):
 def test_train_config_takes_a_compile_mode():
     assert TrainConfig(compile="reduce-overhead").compile == "reduce-overhead"
     assert TrainConfig(compile=True).compile is True
+    with pytest.raises(ValueError, match="compile='reduce-overhead' \\(choose one\\)"):
+        TrainConfig(compile="reduce-overhead", cuda_graph=True)
 
 
 def test_train_config_json_roundtrip():

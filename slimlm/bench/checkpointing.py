@@ -49,6 +49,7 @@ from slimlm.bench.harness import (
     guarded,
     register,
     time_steps,
+    uses_cudagraphs,
 )
 from slimlm.model import ModelConfig, Transformer
 
@@ -132,7 +133,7 @@ def _slimlm_step(cfg: ModelConfig, precision: str, policy: str, x: torch.Tensor,
         fwd = compile_model(model, compile) if compile else model
 
         def step() -> torch.Tensor:
-            if compile == "reduce-overhead":
+            if uses_cudagraphs(compile):
                 torch.compiler.cudagraph_mark_step_begin()
             with pol.autocast(device.type):
                 _, loss = fwd(x, y)
@@ -203,16 +204,16 @@ def _grid(device: torch.device, model: str, precisions: Sequence[str], policies:
 
 
 def _mem_after(compile: bool | str, warmup: int) -> int | None:
-    """Under compile="reduce-overhead" the CUDA-graph trees allocate their memory pool while
-    recording, in the second call: memory is counted from after the first (the optimizer
-    state then exists, the graphs do not), which needs 2+ warm-up steps."""
-    return 1 if compile == "reduce-overhead" and warmup >= 2 else None
+    """Under a CUDA-graph mode (reduce-overhead, max-autotune) the graph trees allocate their
+    memory pool while recording, in the second call: memory is counted from after the first
+    (the optimizer state then exists, the graphs do not), which needs 2+ warm-up steps."""
+    return 1 if uses_cudagraphs(compile) and warmup >= 2 else None
 
 
 def _graph_memory(row: dict[str, Any], compile: bool | str, warmup: int) -> dict[str, Any]:
-    """A reduce-overhead row whose memory could not be counted from the recording step on
+    """A CUDA-graph-mode row whose memory could not be counted from the recording step on
     (fewer than 2 warm-up steps) carries no memory figures rather than wrong ones."""
-    if compile == "reduce-overhead" and row.get("step_ms"):
+    if uses_cudagraphs(compile) and row.get("step_ms"):
         if _mem_after(compile, warmup) is None:
             row.update(peak_mem_gib=None, act_mem_gib=None,
                        mem_note="not measured: the CUDA-graph pool is allocated in warm-up")
@@ -336,8 +337,10 @@ def _planner(device: torch.device, model: str, budgets: Sequence[float], seq: in
             torch.compiler.reset()
         r = guarded(base, lambda q=policy, i=info: _measure(
             _slimlm_step(cfg, "bf16-mixed", q, x, y, device, compile, seed, i), device,
-            warmup=warmup, steps=steps), device, errors=device.type == "cuda")
+            warmup=warmup, steps=steps, mem_after=_mem_after(compile, warmup)), device,
+            errors=device.type == "cuda")
         r.update(info)
+        _graph_memory(r, compile, warmup)
         if r.get("step_ms"):
             r["tokens_per_s"] = batch * seq / (r["step_ms"] * 1e-3)
         if device.type != "cuda":
@@ -372,7 +375,7 @@ def checkpointing_suite(quick: bool, device: torch.device, *,
                         compile: bool | str | None = None, hf: bool = True,
                         max_seq_policies: Sequence[str] | str | None = None,
                         max_seq_start: int | None = None, max_seq_cap: int | None = None,
-                        max_seq_time_s: float | None = None, max_seq_compile: bool = False,
+                        max_seq_time_s: float | None = None, max_seq_compile: bool | str = False,
                         budgets: Sequence[float] | float | None = None,
                         planner_seq_len: int | None = None, seed: int = 0
                         ) -> Iterator[dict[str, Any]]:
@@ -401,6 +404,7 @@ bf16-mixed, 1 + 2 steps."""
     steps = steps if steps is not None else (2 if small else 10)
     overrides = QUICK_OVERRIDES if small and model == "tiny" else {}
     compile = (not small) if compile is None else check_compile(compile)
+    max_seq_compile = check_compile(max_seq_compile, "max_seq_compile")
     budgets_t = tuple(float(b) for b in _tuple(budgets, PLANNER_BUDGETS))
     if "grid" in parts_t:
         yield from _grid(device, model, precisions_t, policies_t, seq_t, batch, warmup, steps,

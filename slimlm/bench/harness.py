@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from slimlm.train import COMPILE_MODES, CUDAGRAPH_MODES
+
 SuiteFn = Callable[..., Iterator[dict[str, Any]]]
 
 # Suites register here when their module is imported (see slimlm.bench.SUITE_MODULES).
@@ -284,8 +286,10 @@ def time_steps(step: Callable[[], Any], device: torch.device, *, warmup: int,
     those calls; both None on the CPU) and ``last`` (what the last call returned, e.g. its
     loss)."""
     mem_after = warmup if mem_after is None else mem_after
-    if not 0 <= mem_after <= warmup:
-        raise ValueError(f"mem_after={mem_after!r}: expected 0 to warmup={warmup}")
+    if isinstance(mem_after, bool) or not isinstance(mem_after, int) or not (
+            0 <= mem_after <= warmup):
+        raise ValueError(f"time_steps: mem_after={mem_after!r}: expected an integer from 0 "
+                         f"to warmup={warmup}")
     last: list[Any] = [None]
     base = None
 
@@ -305,14 +309,15 @@ def time_steps(step: Callable[[], Any], device: torch.device, *, warmup: int,
             "steps_timed": t["n"], "peak_bytes": peak, "base_bytes": base, "last": last[0]}
 
 
-#: torch.compile modes a suite's ``compile`` option takes besides True/False ("default"
-#: is True); "reduce-overhead" replays the compiled forward and backward as CUDA graphs.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+def uses_cudagraphs(compile: bool | str) -> bool:
+    """Whether a ``compile`` option's mode replays CUDA-graph trees (reduce-overhead,
+    max-autotune): steps must be marked, and the graph pool is allocated while recording."""
+    return compile in CUDAGRAPH_MODES
 
 
 def check_compile(value: Any, name: str = "compile") -> bool | str:
     """A suite's ``compile`` option: True/False or one of :data:`COMPILE_MODES`."""
-    if isinstance(value, bool) or value in COMPILE_MODES:
+    if isinstance(value, bool) or (isinstance(value, str) and value in COMPILE_MODES):
         return value
     raise ValueError(f"{name}={value!r}: expected True, False or one of {COMPILE_MODES}")
 

@@ -222,12 +222,13 @@ def render_report(results_dir: str | os.PathLike = "benchmarks/results",
                 lines += [f"**{title}**", ""]
             lines.append(markdown_table(group, columns).rstrip("\n"))
             lines.append("")
-        if n_curve:
-            lines += [f"{n_curve} curve points (kind `curve`) are in the JSON and the plot below.",
-                      ""]
-        lines += ["", f"All fields: `{path.name}`.", ""]
         png = out.parent / f"{stem}.png"
-        if rows and _plot(suite, rows, png):
+        plotted = bool(rows) and _plot(suite, rows, png)
+        if n_curve:
+            where = "the JSON and the plot below" if plotted else "the JSON"
+            lines += [f"{n_curve} curve points (kind `curve`) are in {where}.", ""]
+        lines += ["", f"All fields: `{path.name}`.", ""]
+        if plotted:
             rel = os.path.relpath(png, out.parent)
             lines += [f"![{suite} on {env.get('gpu') or 'CPU'}]({Path(rel).as_posix()})", ""]
     _atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
