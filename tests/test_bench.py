@@ -429,3 +429,20 @@ def test_time_steps_counts_memory_from_a_chosen_warmup_step():
         with pytest.raises(ValueError, match=f"time_steps: mem_after={bad!r}"):
             harness.time_steps(lambda: None, torch.device("cpu"), warmup=2, steps=1,
                                mem_after=bad)
+
+
+def test_checkpointing_steps_offer_a_forward_for_the_saved_bytes():
+    """The grid's steps carry ``forward_only`` (its result keeps the saved activations
+    alive, which the GPU run measures as saved_act_gib)."""
+    from slimlm.bench import checkpointing as bc
+    from slimlm.model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_dim=64,
+                      max_seq_len=16)
+    x, y = bc._tokens(cfg, 2, 16, torch.device("cpu"), 0)
+    step, keep = bc._slimlm_step(cfg, "bf16-mixed", "full", x, y, torch.device("cpu"), False,
+                                 0, {})()
+    loss = step.forward_only()
+    assert loss.requires_grad and loss.dim() == 0
+    out = bc._measure(lambda: (step, keep), torch.device("cpu"), warmup=1, steps=1)
+    assert "saved_act_gib" not in out and out["step_ms"] > 0  # no allocator stats on a CPU

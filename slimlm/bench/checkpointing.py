@@ -8,7 +8,9 @@ Three parts (``parts`` option):
     precision x checkpointing on the "llama-1b" preset (slimlm's Transformer, compiled as
     ``train.py`` compiles it on the GPU) at sequence 4096 and 8192, batch 1: step time,
     tokens/s, peak memory and activation memory (peak minus what is allocated before the
-    step: weights and optimizer state), with ratios against no checkpointing of the same
+    step: weights and optimizer state; the peak also holds the gradients), the bytes one
+    forward keeps for backward (``saved_act_gib``: what checkpointing trades, and what the
+    budget planner predicts), with ratios against no checkpointing of the same
     precision. Hugging Face ``LlamaForCausalLM`` without and with
     ``gradient_checkpointing_enable()`` are the baseline rows.
 ``max_seq``
@@ -60,7 +62,8 @@ MAX_SEQ_POLICIES = ("none", "full", "selective", "every:2")
 PLANNER_BUDGETS = (0.25, 0.5, 0.75)
 REPORT_COLUMNS = ("part", "impl", "precision", "policy", "batch", "seq_len", "step_ms",
                   "tokens_per_s", "peak_mem_gib", "act_mem_gib", "time_vs_none", "act_mem_vs_none",
-                  "max_seq_len", "predicted_act_gib", "modes")
+                  "saved_act_gib", "saved_act_vs_none", "max_seq_len", "predicted_act_gib",
+                  "modes")
 
 
 def _tuple(value: Any, default: Sequence[Any]) -> tuple:
@@ -89,10 +92,13 @@ def _hf_llama(cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
 
 def _measure(build: Callable[[], tuple[Callable[[], torch.Tensor], Any]],
              device: torch.device, *, warmup: int, steps: int,
-             mem_after: int | None = None) -> dict[str, Any]:
+             mem_after: int | None = None, saved: bool = True) -> dict[str, Any]:
     """Build a step, warm it up, time ``steps`` steps; peak and activation memory (peak
     minus what was allocated before the timed steps, or from the ``mem_after``-th warm-up
-    step on) on the GPU."""
+    step on) on the GPU. ``saved`` (and a step with a ``forward_only``): also the bytes a
+    forward leaves allocated for its backward, ``saved_act_gib`` (what checkpointing
+    saves and the planner predicts; the peak also holds the gradients and the backward's
+    temporaries)."""
     step, keep = build()
     t = time_steps(step, device, warmup=warmup, steps=steps, mem_after=mem_after)
     out: dict[str, Any] = {"step_ms": t["step_ms"], "step_p10_ms": t["step_p10_ms"],
@@ -100,8 +106,23 @@ def _measure(build: Callable[[], tuple[Callable[[], torch.Tensor], Any]],
     if t["peak_bytes"] is not None:
         peak, base = t["peak_bytes"], t["base_bytes"]
         out.update(peak_mem_gib=peak / 2 ** 30, act_mem_gib=(peak - base) / 2 ** 30)
+    forward_only = getattr(step, "forward_only", None)
+    if saved and forward_only is not None and device.type == "cuda":
+        out["saved_act_gib"] = _saved_bytes(forward_only, device) / 2 ** 30
     del keep
     return out
+
+
+def _saved_bytes(forward_only: Callable[[], torch.Tensor], device: torch.device) -> int:
+    """Bytes allocated by one forward (autograd on) and still held while its result lives:
+    the tensors saved for backward, plus the result and the forward's cached buffers."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    loss = forward_only()
+    torch.cuda.synchronize(device)
+    used = torch.cuda.memory_allocated(device) - base
+    del loss
+    return used
 
 
 def _slimlm_step(cfg: ModelConfig, precision: str, policy: str, x: torch.Tensor,
@@ -142,6 +163,11 @@ def _slimlm_step(cfg: ModelConfig, precision: str, policy: str, x: torch.Tensor,
             opt.zero_grad(set_to_none=True)
             return loss.detach()
 
+        def forward_only() -> torch.Tensor:
+            with pol.autocast(device.type):
+                return fwd(x, y)[1]
+
+        step.forward_only = forward_only  # type: ignore[attr-defined]
         return step, (model, opt, fwd)
 
     return build
@@ -167,6 +193,11 @@ def _hf_step(cfg: ModelConfig, gradient_checkpointing: bool, x: torch.Tensor,
             opt.zero_grad(set_to_none=True)
             return loss.detach()
 
+        def forward_only() -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return model(input_ids=x, labels=x).loss
+
+        step.forward_only = forward_only  # type: ignore[attr-defined]
         return step, (model, opt)
 
     return build
@@ -190,6 +221,8 @@ def _ratios(rows: list[dict[str, Any]], key: tuple[str, ...]) -> None:
             r["time_vs_none"] = r["step_ms"] / b["step_ms"]
         if r.get("act_mem_gib") and b.get("act_mem_gib"):
             r["act_mem_vs_none"] = r["act_mem_gib"] / b["act_mem_gib"]
+        if r.get("saved_act_gib") and b.get("saved_act_gib"):
+            r["saved_act_vs_none"] = r["saved_act_gib"] / b["saved_act_gib"]
 
 
 # ---------------------------------------------------------------------------- parts
@@ -253,8 +286,8 @@ def _grid_seq(device: torch.device, model: str, precisions: Sequence[str],
                 torch.compiler.reset()
             r = guarded(base, lambda p=precision, q=policy, i=info: _measure(
                 _slimlm_step(cfg, p, q, x, y, device, compile, seed, i), device,
-                warmup=warmup, steps=steps, mem_after=_mem_after(compile, warmup)),
-                device, errors=errors)
+                warmup=warmup, steps=steps, mem_after=_mem_after(compile, warmup),
+                saved=not uses_cudagraphs(compile)), device, errors=errors)
             r.update(info)
             if r.get("step_ms"):
                 r["tokens_per_s"] = batch * seq / (r["step_ms"] * 1e-3)
@@ -337,8 +370,8 @@ def _planner(device: torch.device, model: str, budgets: Sequence[float], seq: in
             torch.compiler.reset()
         r = guarded(base, lambda q=policy, i=info: _measure(
             _slimlm_step(cfg, "bf16-mixed", q, x, y, device, compile, seed, i), device,
-            warmup=warmup, steps=steps, mem_after=_mem_after(compile, warmup)), device,
-            errors=device.type == "cuda")
+            warmup=warmup, steps=steps, mem_after=_mem_after(compile, warmup),
+            saved=not uses_cudagraphs(compile)), device, errors=device.type == "cuda")
         r.update(info)
         _graph_memory(r, compile, warmup)
         if r.get("step_ms"):
