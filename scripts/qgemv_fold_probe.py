@@ -13,16 +13,23 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.qgemv_probe import SHAPES, _ops, _rel, best_of, emitter, probe_parser, recorded  # noqa: E402  (same weights, error, options and output)
+from scripts.qgemv_probe import (  # noqa: E402  (same weights, error, options and output)
+    SHAPES,
+    _ops,
+    _rel,
+    baseline_us,
+    best_of,
+    emitter,
+    probe_parser,
+    recorded,
+)
 from slimlm.bench.harness import time_fn  # noqa: E402
 from slimlm.bench.quant import _quantized  # noqa: E402
 from slimlm.kernels import quant_cuda  # noqa: E402
 from slimlm.kernels.quant_gemv import quant_gemv_ref  # noqa: E402
-from slimlm.kernels.quant_matmul import quant_matmul_packed  # noqa: E402
 from slimlm.quant import QuantConfig  # noqa: E402
 
 
@@ -77,9 +84,7 @@ def timing(dev, emit, ms, shapes, rep, formats) -> None:
 
                 with recorded(row, emit):
                     with torch.no_grad():
-                        row["bf16_us"] = t(lambda: F.linear(x, wb))
-                        row["triton_us"] = t(lambda: quant_matmul_packed(x, w32, s, z, bits, gs))
-                        row["ring_us"] = t(lambda: quant_cuda.qgemv(x, [w32], [s], zs, bits, gs))
+                        baseline_us(row, t, x, wb, w32, s, z, bits, gs)
                         best = None
                         for wp, ksp in ((8, 8), (8, 4), (8, 2), (8, 1), (4, 4), (4, 2), (4, 1),
                                         (2, 2), (2, 1)):

@@ -119,6 +119,15 @@ def timing(dev: torch.device, emit, ms: list[int], shapes, rep: int) -> None:
                                    tb_s=nbytes / (t_auto * 1e-3) / 1e12)
 
 
+def baseline_us(row: dict, t, x, wb, w32, s, z, bits: int, gs: int) -> None:
+    """The baselines every GEMV probe row carries, timed with ``t`` (fn -> us): bf16
+    cuBLAS, the Triton kernels and the CUDA ring kernel."""
+    zs = [] if z is None else [z]
+    row["bf16_us"] = t(lambda: F.linear(x, wb))
+    row["triton_us"] = t(lambda: quant_matmul_packed(x, w32, s, z, bits, gs))
+    row["ring_us"] = t(lambda: quant_cuda.qgemv(x, [w32], [s], zs, bits, gs))
+
+
 #: The Llama-3-8B layer shapes (N, K) the GEMV probes time.
 SHAPES = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]
 

@@ -14,16 +14,14 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.qgemv_probe import _ops, _rel, best_of, emitter, probe_parser, recorded  # noqa: E402  (same weights, error, options and output)
+from scripts.qgemv_probe import _ops, _rel, baseline_us, best_of, emitter, probe_parser, recorded  # noqa: E402  (same weights, error, options and output)
 from slimlm.bench.harness import time_fn  # noqa: E402
 from slimlm.bench.quant import _quantized  # noqa: E402
 from slimlm.kernels import quant_cuda  # noqa: E402
 from slimlm.kernels.quant_gemv import quant_gemv_ref  # noqa: E402
-from slimlm.kernels.quant_matmul import quant_matmul_packed  # noqa: E402
 from slimlm.quant import QuantConfig  # noqa: E402
 
 
@@ -79,9 +77,7 @@ def timing(dev, emit, ms, shapes, rep, formats, configs, flush="write") -> None:
 
                 with recorded(row, emit):
                     with torch.no_grad():
-                        row["bf16_us"] = t(lambda: F.linear(x, wb))
-                        row["triton_us"] = t(lambda: quant_matmul_packed(x, w32, s, z, bits, gs))
-                        row["ring_us"] = t(lambda: quant_cuda.qgemv(x, [w32], [s], zs, bits, gs))
+                        baseline_us(row, t, x, wb, w32, s, z, bits, gs)
                         if fold and m > 1:
                             wp, ksp = quant_cuda.plan_fold(n, m)
                             row["fold_us"] = t(lambda: quant_cuda.qgemv(

@@ -345,27 +345,36 @@ def test_a_refused_shared_memory_grant_does_not_fail_the_next_launch(monkeypatch
     assert _rel(y, quant_gemv_ref(x, [qw], [s], [z], 4, 128).float()) < 1e-2
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_quant_linear_takes_the_fold_kernel_for_int4_at_2_to_16_rows(monkeypatch):
+def _kernel_calls(monkeypatch, k: int, n: int, bits: int, gs: int, flag: str,
+                  rows: tuple[int, ...]) -> list[tuple[int, bool]]:
+    """Run a quantized (k -> n, bias) bf16 layer at each number of ``rows`` of x, each result
+    within bounds of the reference; returns (rows, qgemv's ``flag`` keyword) per CUDA GEMV
+    call QuantLinear made."""
     from torch import nn
 
     from slimlm.kernels import quant_matmul as qm
     from slimlm.quant import QuantConfig, quantize_
 
     dev = torch.device("cuda")
-    lin = nn.Sequential(nn.Linear(1024, 512, bias=True, device=dev, dtype=torch.bfloat16))
-    quantize_(lin, QuantConfig(bits=4, group_size=128))
+    lin = nn.Sequential(nn.Linear(k, n, bias=True, device=dev, dtype=torch.bfloat16))
+    quantize_(lin, QuantConfig(bits=bits, group_size=gs))
     ql = lin[0]
-    calls = []
+    calls: list[tuple[int, bool]] = []
     real = quant_cuda.qgemv
-    monkeypatch.setattr(quant_cuda, "qgemv", lambda *a, **k: calls.append(
-        (a[0].shape[0], k.get("fold", False))) or real(*a, **k))
+    monkeypatch.setattr(quant_cuda, "qgemv", lambda *a, **kw: calls.append(
+        (a[0].shape[0], kw.get(flag, False))) or real(*a, **kw))
     with torch.no_grad():
-        for m in (1, 2, 8, 9):
-            x = torch.randn(m, 1024, device=dev, dtype=torch.bfloat16)
-            ref = qm.quant_matmul_ref(x, ql.qweight, ql.scales, ql.zeros, 4, 128, ql.bias)
+        for m in rows:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            ref = qm.quant_matmul_ref(x, ql.qweight, ql.scales, ql.zeros, bits, gs, ql.bias)
             assert _rel(ql(x), ref) < 1e-2
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quant_linear_takes_the_fold_kernel_for_int4_at_2_to_16_rows(monkeypatch):
+    calls = _kernel_calls(monkeypatch, 1024, 512, 4, 128, "fold", (1, 2, 8, 9))
     assert calls == [(2, True), (8, True), (9, True)]
 
 
@@ -489,23 +498,7 @@ def test_quant_linear_takes_the_tma_kernel_for_int2_at_4_to_8_rows_on_wide_layer
     """A 6144-row int2 layer (CUDA_GEMV_RULES: the TMA kernel at 4-8 rows of x from
     TMA_MIN_ROWS rows on), with a bias: the TMA kernel at 4 and 8 rows, the ring kernel at
     16, both within bounds of the reference."""
-    from torch import nn
-
     from slimlm.kernels import quant_matmul as qm
-    from slimlm.quant import QuantConfig, quantize_
 
-    dev = torch.device("cuda")
-    lin = nn.Sequential(nn.Linear(4096, qm.TMA_MIN_ROWS, bias=True, device=dev,
-                                  dtype=torch.bfloat16))
-    quantize_(lin, QuantConfig(bits=2, group_size=64))
-    ql = lin[0]
-    calls = []
-    real = quant_cuda.qgemv
-    monkeypatch.setattr(quant_cuda, "qgemv", lambda *a, **k: calls.append(
-        (a[0].shape[0], k.get("tma", False))) or real(*a, **k))
-    with torch.no_grad():
-        for m in (4, 8, 16):
-            x = torch.randn(m, 4096, device=dev, dtype=torch.bfloat16)
-            ref = qm.quant_matmul_ref(x, ql.qweight, ql.scales, ql.zeros, 2, 64, ql.bias)
-            assert _rel(ql(x), ref) < 1e-2
+    calls = _kernel_calls(monkeypatch, 4096, qm.TMA_MIN_ROWS, 2, 64, "tma", (4, 8, 16))
     assert calls == [(4, True), (8, True), (16, False)]

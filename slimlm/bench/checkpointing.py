@@ -48,6 +48,7 @@ from slimlm.bench.harness import (
     compile_label,
     compile_model,
     free_memory,
+    graph_mem_after,
     guarded,
     register,
     time_steps,
@@ -236,18 +237,11 @@ def _grid(device: torch.device, model: str, precisions: Sequence[str], policies:
                              steps, compile, hf, seed, overrides)
 
 
-def _mem_after(compile: bool | str, warmup: int) -> int | None:
-    """Under a CUDA-graph mode (reduce-overhead, max-autotune) the graph trees allocate their
-    memory pool while recording, in the second call: memory is counted from after the first
-    (the optimizer state then exists, the graphs do not), which needs 2+ warm-up steps."""
-    return 1 if uses_cudagraphs(compile) and warmup >= 2 else None
-
-
 def _graph_memory(row: dict[str, Any], compile: bool | str, warmup: int) -> dict[str, Any]:
     """A CUDA-graph-mode row whose memory could not be counted from the recording step on
     (fewer than 2 warm-up steps) carries no memory figures rather than wrong ones."""
     if uses_cudagraphs(compile) and row.get("step_ms"):
-        if _mem_after(compile, warmup) is None:
+        if graph_mem_after(compile, warmup) is None:
             row.update(peak_mem_gib=None, act_mem_gib=None,
                        mem_note="not measured: the CUDA-graph pool is allocated in warm-up")
         else:
@@ -286,7 +280,7 @@ def _grid_seq(device: torch.device, model: str, precisions: Sequence[str],
                 torch.compiler.reset()
             r = guarded(base, lambda p=precision, q=policy, i=info: _measure(
                 _slimlm_step(cfg, p, q, x, y, device, compile, seed, i), device,
-                warmup=warmup, steps=steps, mem_after=_mem_after(compile, warmup),
+                warmup=warmup, steps=steps, mem_after=graph_mem_after(compile, warmup),
                 saved=not uses_cudagraphs(compile)), device, errors=errors)
             r.update(info)
             if r.get("step_ms"):
@@ -370,7 +364,7 @@ def _planner(device: torch.device, model: str, budgets: Sequence[float], seq: in
             torch.compiler.reset()
         r = guarded(base, lambda q=policy, i=info: _measure(
             _slimlm_step(cfg, "bf16-mixed", q, x, y, device, compile, seed, i), device,
-            warmup=warmup, steps=steps, mem_after=_mem_after(compile, warmup),
+            warmup=warmup, steps=steps, mem_after=graph_mem_after(compile, warmup),
             saved=not uses_cudagraphs(compile)), device, errors=device.type == "cuda")
         r.update(info)
         _graph_memory(r, compile, warmup)

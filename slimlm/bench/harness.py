@@ -322,6 +322,15 @@ def check_compile(value: Any, name: str = "compile") -> bool | str:
     raise ValueError(f"{name}={value!r}: expected True, False or one of {COMPILE_MODES}")
 
 
+def graph_mem_after(compile: bool | str, warmup: int) -> int | None:
+    """``time_steps``' ``mem_after`` for a ``compile`` option: under a CUDA-graph mode the
+    graph trees allocate their pool while recording, in the second call, so memory is
+    counted from after the first (the optimizer state then exists, the graphs do not);
+    None (the timed steps only) otherwise, or when there are fewer than 2 warm-up steps
+    (then the memory cannot be counted at all)."""
+    return 1 if uses_cudagraphs(compile) and warmup >= 2 else None
+
+
 def compile_model(model: torch.nn.Module, compile: bool | str) -> Any:
     """``model`` under torch.compile in the mode ``compile`` names (True: the default)."""
     return torch.compile(model, mode=None if compile in (True, "default") else compile)

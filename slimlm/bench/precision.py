@@ -50,6 +50,7 @@ from slimlm.bench.harness import (
     check_compile,
     compile_model,
     free_memory,
+    graph_mem_after,
     guarded,
     register,
     time_fn,
@@ -240,7 +241,7 @@ def _step_rows(device: torch.device, model_name: str, batch: int, seq_len: int,
             # memory from there on, or (one warm-up) not at all
             graphs = uses_cudagraphs(compile)
             t = time_steps(step, device, warmup=warmup, steps=steps,
-                           mem_after=1 if graphs and warmup >= 2 else None)
+                           mem_after=graph_mem_after(compile, warmup))
             peak = None if graphs and warmup < 2 else t["peak_bytes"]
             tps = batch * seq_len / (t["step_ms"] * 1e-3)
             out = {"step_ms": t["step_ms"], "step_p10_ms": t["step_p10_ms"],
