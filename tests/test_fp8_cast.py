@@ -33,6 +33,8 @@ def test_errors_name_the_argument():
         quantize_fp8_both(torch.ones(2, 2, dtype=torch.int32), torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="transpose='rows'"):
         quantize_fp8_both(x, torch.float8_e4m3fn, transpose="rows")
+    with pytest.raises(ValueError, match="fused_scale='yes'"):
+        quantize_fp8_both(x, torch.float8_e4m3fn, fused_scale="yes")
 
 
 _SCRIPT = r"""
