@@ -521,7 +521,10 @@ def quantize_fp8(x: torch.Tensor, dtype: torch.dtype, dim: int | None = None
     else:
         amax = torch.linalg.vector_norm(x, float("inf"), dim=dim, keepdim=True).float()
     # An all-zero tensor gets scale 1 (any scale would do); the clamp keeps 1/scale finite.
-    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax)).clamp_min(1e-30)
+    # amax times fp32(1 / fmax), not amax / fmax: PyTorch divides by a scalar that way on
+    # CUDA but truly divides on the CPU, so this form gives the same bits on both (and the
+    # fused cast kernel, slimlm.kernels.fp8_cast, matches it).
+    scale = torch.where(amax > 0, amax * (1.0 / fmax), torch.ones_like(amax)).clamp_min(1e-30)
     inv = 1.0 / scale
     if x.dtype == torch.bfloat16:
         # multiply in bf16 (a row-wise fp32 factor would promote the product to fp32): the

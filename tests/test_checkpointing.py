@@ -273,3 +273,69 @@ def test_compiled_planner_prices_recompute_with_the_op_model():
                                                  for p in plan.profiles) + 1e-12
     with pytest.raises(ValueError, match="compiled="):
         ck.apply_(model.layers, "full", compiled="yes")
+
+
+def test_rescale_to_compiled_takes_block_zeros_ratio_per_mode():
+    profs = [BlockProfile(bytes={"save": 100, "selective": 60, "full": 10}, save_op_s=1.0,
+                          other_op_s=0.5),
+             BlockProfile(bytes={"save": 200, "selective": 120, "full": 0}, save_op_s=1.0,
+                          other_op_s=0.5)]
+    ck._rescale_to_compiled(profs, {"save": 80, "selective": 30, "full": 10})
+    assert profs[0].bytes == {"save": 80, "selective": 30, "full": 10}
+    # block 1 keeps its proportion to block 0 in each mode
+    assert profs[1].bytes == {"save": 160, "selective": 60, "full": 0}
+    zero = [BlockProfile(bytes={"save": 0, "selective": 0, "full": 0}, save_op_s=0.0,
+                         other_op_s=0.0)]
+    ck._rescale_to_compiled(zero, {"save": 5, "selective": 4, "full": 3})
+    assert zero[0].bytes == {"save": 5, "selective": 4, "full": 3}
+
+
+def test_compiled_profiling_on_the_cpu_keeps_eager_bytes_and_the_blocks_policy():
+    """compiled=True off CUDA: no compiled measurement (no allocator statistics), the eager
+    bytes stand, and a policy applied before profiling is back afterwards."""
+    model = _model(dropout=0.0)
+    x, y = _batch()
+    ck.apply_(model.layers, "full")
+    before = [b.__dict__.get("forward") for b in model.layers]
+    eager = ck.profile_blocks(model.layers, lambda: model(x, y)[1])
+    comp = ck.profile_blocks(model.layers, lambda: model(x, y)[1], compiled=True)
+    assert [p.bytes for p in comp] == [p.bytes for p in eager]
+    assert [b.__dict__.get("forward") for b in model.layers] == before
+    ck.remove_(model.layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_planner_measures_a_compiled_block_on_cuda(monkeypatch):
+    """compiled=True on CUDA: block 0's bytes per mode are those a compiled copy of it
+    leaves allocated (the partitioner keeps less than eager autograd in "save" mode), and
+    the blocks come back as they were."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, dim=256, n_layers=3, n_heads=4, n_kv_heads=2,
+                      mlp_dim=768, max_seq_len=512, dropout=0.0)
+    model = Transformer(cfg).cuda()
+    x = torch.randint(0, 512, (2, 512), device="cuda")
+
+    def probe() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x, x)[1]
+
+    eager = ck.profile_blocks(model.layers, probe)
+    grabbed: list = []
+    real = ck._compiled_live_bytes
+
+    def spy(*a, **k):
+        grabbed.append(real(*a, **k))
+        return grabbed[-1]
+
+    monkeypatch.setattr(ck, "_compiled_live_bytes", spy)
+    comp = ck.profile_blocks(model.layers, probe, compiled=True)
+    measured = grabbed[0]
+    assert measured is not None and comp[0].bytes == measured
+    assert 0 < measured["save"] < eager[0].bytes["save"]
+    assert measured["full"] <= measured["selective"] <= measured["save"]
+    assert all("forward" not in b.__dict__ for b in model.layers)
+    plan = ck.apply_(model.layers, "budget:0.5", probe=probe, compiled=True)
+    assert plan.feasible and plan.predicted_bytes <= plan.budget_bytes
+    assert plan.baseline_bytes == sum(p.bytes["save"] for p in plan.profiles)
+    ck.remove_(model.layers)
