@@ -453,20 +453,35 @@ def _calibrate(profiles: list[BlockProfile], steps: dict[str, float | None]) -> 
             p.mode_s[mode] = extra * (w / total if total > 0 else 1.0 / len(profiles))
 
 
-def _compiled_live_bytes(block: nn.Module, args: tuple, kwargs: dict,
-                         autocast: tuple[bool, torch.dtype]) -> dict[str, int] | None:
-    """Bytes a ``torch.compile``-d forward of ``block`` on ``args`` leaves allocated while
-    its output is alive, per mode (CUDA allocator statistics: the compiled kernels'
-    buffers are invisible to a dispatch mode). The compiler's partitioner keeps fewer
-    activations than eager autograd does (it recomputes fused elementwise ops in backward
-    anyway), so a planner working from eager bytes alone mis-sizes every mode under
-    compile. None where the block is not on CUDA or cannot be compiled here."""
+@dataclass
+class _CompiledStats:
+    """What a compiled copy of one block measured per mode: bytes left allocated while its
+    output lives, and the extra seconds of a forward + backward over mode "save" (None
+    where the backward could not be timed)."""
+
+    bytes: dict[str, int]
+    extra_s: dict[str, float] | None
+
+
+def _compiled_block_stats(block: nn.Module, args: tuple, kwargs: dict,
+                          autocast: tuple[bool, torch.dtype], reps: int = 5
+                          ) -> _CompiledStats | None:
+    """Measure a ``torch.compile``-d ``block`` on ``args`` in each mode: the bytes its
+    forward leaves allocated while the output is alive (CUDA allocator statistics: the
+    compiled kernels' buffers are invisible to a dispatch mode) and the best-of-``reps``
+    time of a forward + backward. The compiler's partitioner keeps fewer activations than
+    eager autograd does and fuses the elementwise ops that selective checkpointing
+    recomputes, so eager bytes and eager op times both misprice the modes under compile.
+    None where the block is not on CUDA or cannot be compiled here."""
     dev = next((p.device for p in block.parameters()), None)
     if dev is None or dev.type != "cuda":
         return None
     args = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
                  and a.is_floating_point() else a for a in args)
-    out: dict[str, int] = {}
+    wrt = [p for p in block.parameters() if p.requires_grad] + [
+        a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    nbytes: dict[str, int] = {}
+    secs: dict[str, float] = {}
     try:
         with torch.random.fork_rng(devices=[dev.index or 0]), torch.enable_grad(), \
                 torch.autocast("cuda", dtype=autocast[1], enabled=autocast[0]):
@@ -484,26 +499,49 @@ def _compiled_live_bytes(block: nn.Module, args: tuple, kwargs: dict,
                 base = torch.cuda.memory_allocated(dev)
                 y = fn(block, *args, **kwargs)
                 torch.cuda.synchronize(dev)
-                out[mode] = max(0, torch.cuda.memory_allocated(dev) - base)
-                del y, fn
-    except Exception as e:  # an uncompilable block: the eager bytes stand
+                nbytes[mode] = max(0, torch.cuda.memory_allocated(dev) - base)
+                del y
+                if wrt:
+                    best = float("inf")
+                    for i in range(reps + 2):  # the first compiles the backward
+                        torch.cuda.synchronize(dev)
+                        t0 = time.perf_counter()
+                        y = next(t for t in tree_leaves(fn(block, *args, **kwargs))
+                                 if isinstance(t, torch.Tensor) and t.requires_grad)
+                        torch.autograd.grad(y, wrt, torch.ones_like(y), allow_unused=True)
+                        torch.cuda.synchronize(dev)
+                        if i >= 2:
+                            best = min(best, time.perf_counter() - t0)
+                        del y
+                    secs[mode] = best
+                del fn
+    except Exception as e:  # an uncompilable block: the eager measurements stand
         warnings.warn(f"checkpointing planner: measuring a compiled block failed ({e!r}); "
-                      "planning with eager activation bytes", RuntimeWarning, stacklevel=3)
+                      "planning with eager activation bytes and op times", RuntimeWarning,
+                      stacklevel=3)
         return None
-    return out
+    extra = ({m: max(0.0, secs[m] - secs["save"]) for m in MODES}
+             if len(secs) == len(MODES) else None)
+    return _CompiledStats(nbytes, extra)
 
 
 def _call_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return block(*args, **kwargs)
 
 
-def _rescale_to_compiled(profiles: list[BlockProfile], compiled: dict[str, int]) -> None:
+def _rescale_to_compiled(profiles: list[BlockProfile], compiled: _CompiledStats) -> None:
     """Scale every block's per-mode bytes by block 0's compiled / eager ratio in that mode
-    (blocks of one model share a structure; a block that differs keeps its proportion)."""
+    (blocks of one model share a structure; a block that differs keeps its proportion),
+    and, where the compiled block was timed, price each block's recomputation by block 0's
+    measured extra time in proportion to the op-time model (evenly where it is zero)."""
     first = profiles[0].bytes
+    w0 = {m: profiles[0]._op_model(m) for m in MODES}
     for p in profiles:
-        p.bytes = {m: int(round(p.bytes[m] * compiled[m] / first[m])) if first[m] > 0
-                   else compiled[m] for m in MODES}
+        p.bytes = {m: int(round(p.bytes[m] * compiled.bytes[m] / first[m])) if first[m] > 0
+                   else compiled.bytes[m] for m in MODES}
+        if compiled.extra_s is not None:
+            p.mode_s = {m: compiled.extra_s[m] * (p._op_model(m) / w0[m] if w0[m] > 0
+                                                  else 1.0) for m in MODES}
 
 
 def profile_blocks(blocks: Sequence[nn.Module], probe: Callable[[], Any], *,
@@ -517,11 +555,13 @@ def profile_blocks(blocks: Sequence[nn.Module], probe: Callable[[], Any], *,
     (the compiler applies it once); the eager step timings would charge that overhead,
     so they are skipped and the op-time model prices the recomputation (H200, llama-1b,
     seq 4096, compiled: selective 1.06x / full 1.23x step time; the op model's ratio of
-    the two is of that order, the eager steps' was above 1). With ``compiled`` on CUDA the
-    bytes are also measured on a compiled copy of the first block per mode, and every
-    block's bytes rescaled to them (H200, llama-1b, seq 4096, bf16: the compiled step
-    keeps 7.7 GiB where eager autograd keeps 10.1, and selective keeps 49% of the compiled
-    step's, not the larger eager share). Leaves the blocks as it found them."""
+    the two is of that order, the eager steps' was above 1). With ``compiled`` on CUDA a
+    compiled copy of the first block is measured in each mode, bytes and forward +
+    backward time, and every block's bytes and recompute costs are scaled to it (H200,
+    llama-1b, seq 4096, bf16: the compiled step keeps 7.7 GiB where eager autograd keeps
+    10.1, and selective keeps 49% of the compiled step's, not the larger eager share; the
+    eager op times price selective's fused recomputation too high). Leaves the blocks as
+    it found them."""
     blocks = _check_blocks(blocks)
     before = [b.__dict__.get("forward") for b in blocks]
     saved_orig = [b.__dict__.get(_ORIG) for b in blocks]
@@ -566,7 +606,7 @@ def profile_blocks(blocks: Sequence[nn.Module], probe: Callable[[], Any], *,
         if first_call:
             args, kwargs, autocast = first_call.pop()
             remove_(blocks)
-            measured = _compiled_live_bytes(blocks[0], args, kwargs, autocast)
+            measured = _compiled_block_stats(blocks[0], args, kwargs, autocast)
             del args, kwargs
     finally:
         remove_(blocks)

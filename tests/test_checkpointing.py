@@ -278,16 +278,42 @@ def test_compiled_planner_prices_recompute_with_the_op_model():
 def test_rescale_to_compiled_takes_block_zeros_ratio_per_mode():
     profs = [BlockProfile(bytes={"save": 100, "selective": 60, "full": 10}, save_op_s=1.0,
                           other_op_s=0.5),
-             BlockProfile(bytes={"save": 200, "selective": 120, "full": 0}, save_op_s=1.0,
-                          other_op_s=0.5)]
-    ck._rescale_to_compiled(profs, {"save": 80, "selective": 30, "full": 10})
+             BlockProfile(bytes={"save": 200, "selective": 120, "full": 0}, save_op_s=2.0,
+                          other_op_s=1.0)]
+    stats = ck._CompiledStats({"save": 80, "selective": 30, "full": 10},
+                              {"save": 0.0, "selective": 0.1, "full": 0.4})
+    ck._rescale_to_compiled(profs, stats)
     assert profs[0].bytes == {"save": 80, "selective": 30, "full": 10}
-    # block 1 keeps its proportion to block 0 in each mode
+    # block 1 keeps its proportion to block 0 in each mode, bytes and op-model time
     assert profs[1].bytes == {"save": 160, "selective": 60, "full": 0}
+    assert profs[0].mode_s == pytest.approx({"save": 0.0, "selective": 0.1, "full": 0.4})
+    assert profs[1].mode_s == pytest.approx({"save": 0.0, "selective": 0.2, "full": 0.8})
+    assert profs[1].recompute_s("selective") == pytest.approx(0.2)
     zero = [BlockProfile(bytes={"save": 0, "selective": 0, "full": 0}, save_op_s=0.0,
                          other_op_s=0.0)]
-    ck._rescale_to_compiled(zero, {"save": 5, "selective": 4, "full": 3})
+    ck._rescale_to_compiled(zero, ck._CompiledStats({"save": 5, "selective": 4, "full": 3},
+                                                    None))
     assert zero[0].bytes == {"save": 5, "selective": 4, "full": 3}
+    assert zero[0].mode_s is None  # untimed: the op model stays
+
+
+def test_compiled_timings_let_the_planner_prefer_cheap_selective():
+    """Eager op times can make "full" look the better buy; the compiled block's measured
+    costs (selective a quarter of full, as on the H200) turn the plan to selective."""
+    # the H200 llama-1b shape of the problem: selective keeps 52% per block, so at a 50%
+    # budget all-selective does not fit and some blocks must go elsewhere
+    def profs():
+        return [BlockProfile(bytes={"save": 100, "selective": 52, "full": 11},
+                             save_op_s=1.0, other_op_s=1.5) for _ in range(8)]
+    eager = profs()
+    modes, ok = ck.plan_budget(eager, 400)
+    assert ok and modes.count("full") >= 4  # the op model: selective 1.5 of full's 2.5
+    timed = profs()
+    ck._rescale_to_compiled(timed, ck._CompiledStats(
+        {"save": 100, "selective": 52, "full": 11}, {"save": 0.0, "selective": 0.06,
+                                                     "full": 0.24}))
+    modes, ok = ck.plan_budget(timed, 400)
+    assert ok and modes.count("selective") >= 6 and modes.count("full") <= 2
 
 
 def test_compiled_profiling_on_the_cpu_keeps_eager_bytes_and_the_blocks_policy():
@@ -308,8 +334,9 @@ def test_compiled_profiling_on_the_cpu_keeps_eager_bytes_and_the_blocks_policy()
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_planner_measures_a_compiled_block_on_cuda(monkeypatch):
     """compiled=True on CUDA: block 0's bytes per mode are those a compiled copy of it
-    leaves allocated (the partitioner keeps less than eager autograd in "save" mode), and
-    the blocks come back as they were."""
+    leaves allocated (the partitioner keeps less than eager autograd in "save" mode), its
+    recompute costs those the compiled copy's forward + backward measured, and the blocks
+    come back as they were."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=512, dim=256, n_layers=3, n_heads=4, n_kv_heads=2,
                       mlp_dim=768, max_seq_len=512, dropout=0.0)
@@ -322,18 +349,21 @@ def test_compiled_planner_measures_a_compiled_block_on_cuda(monkeypatch):
 
     eager = ck.profile_blocks(model.layers, probe)
     grabbed: list = []
-    real = ck._compiled_live_bytes
+    real = ck._compiled_block_stats
 
     def spy(*a, **k):
         grabbed.append(real(*a, **k))
         return grabbed[-1]
 
-    monkeypatch.setattr(ck, "_compiled_live_bytes", spy)
+    monkeypatch.setattr(ck, "_compiled_block_stats", spy)
     comp = ck.profile_blocks(model.layers, probe, compiled=True)
     measured = grabbed[0]
-    assert measured is not None and comp[0].bytes == measured
-    assert 0 < measured["save"] < eager[0].bytes["save"]
-    assert measured["full"] <= measured["selective"] <= measured["save"]
+    assert measured is not None and comp[0].bytes == measured.bytes
+    assert 0 < measured.bytes["save"] < eager[0].bytes["save"]
+    assert measured.bytes["full"] <= measured.bytes["selective"] <= measured.bytes["save"]
+    # timed: recomputing everything costs more than recomputing the elementwise ops
+    assert measured.extra_s is not None and comp[0].mode_s == measured.extra_s
+    assert 0 <= measured.extra_s["selective"] < measured.extra_s["full"]
     assert all("forward" not in b.__dict__ for b in model.layers)
     plan = ck.apply_(model.layers, "budget:0.5", probe=probe, compiled=True)
     assert plan.feasible and plan.predicted_bytes <= plan.budget_bytes
