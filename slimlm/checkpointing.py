@@ -58,7 +58,7 @@ import torch
 import torch.utils.checkpoint as tuc
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 POLICIES = ("none", "full", "every:N", "selective", "budget:F", "offload")
 MODES = ("save", "selective", "full")
@@ -463,6 +463,12 @@ class _CompiledStats:
     extra_s: dict[str, float] | None
 
 
+def _block_device(block: nn.Module) -> torch.device | None:
+    """The CUDA device of ``block``'s parameters, or None (CPU, no parameters)."""
+    dev = next((p.device for p in block.parameters()), None)
+    return dev if dev is not None and dev.type == "cuda" else None
+
+
 def _compiled_block_stats(block: nn.Module, args: tuple, kwargs: dict,
                           autocast: tuple[bool, torch.dtype], reps: int = 5
                           ) -> _CompiledStats | None:
@@ -472,19 +478,28 @@ def _compiled_block_stats(block: nn.Module, args: tuple, kwargs: dict,
     time of a forward + backward. The compiler's partitioner keeps fewer activations than
     eager autograd does and fuses the elementwise ops that selective checkpointing
     recomputes, so eager bytes and eager op times both misprice the modes under compile.
-    None where the block is not on CUDA or cannot be compiled here."""
-    dev = next((p.device for p in block.parameters()), None)
-    if dev is None or dev.type != "cuda":
+    None where the block is not on CUDA or cannot be compiled here; bytes without times
+    where only the backward could not be timed."""
+    dev = _block_device(block)
+    if dev is None:
         return None
-    args = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
-                 and a.is_floating_point() else a for a in args)
+    args, kwargs = tree_map(lambda a: a.detach().requires_grad_(a.requires_grad)
+                            if isinstance(a, torch.Tensor) and a.is_floating_point() else a,
+                            (args, kwargs))
     wrt = [p for p in block.parameters() if p.requires_grad] + [
-        a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
+        and a.requires_grad]
+
+    def call(fn: Callable[..., Any]) -> Any:
+        # autocast per call, as a training step enters it: its cache of casted weights
+        # (eager segments around a graph break) does not outlive the call
+        with torch.autocast("cuda", dtype=autocast[1], enabled=autocast[0]):
+            return fn(block, *args, **kwargs)
+
     nbytes: dict[str, int] = {}
-    secs: dict[str, float] = {}
+    secs: dict[str, float] | None = {} if wrt else None
     try:
-        with torch.random.fork_rng(devices=[dev.index or 0]), torch.enable_grad(), \
-                torch.autocast("cuda", dtype=autocast[1], enabled=autocast[0]):
+        with torch.random.fork_rng(devices=[dev.index or 0]), torch.enable_grad():
             for mode in MODES:
                 _set_mode(block, _Spec(mode, False, True))
                 # A new code object per measurement: dynamo caches compiled code on the
@@ -493,55 +508,76 @@ def _compiled_block_stats(block: nn.Module, args: tuple, kwargs: dict,
                 code = _call_block.__code__.replace(co_name=f"_planner_{mode}")
                 fn = torch.compile(types.FunctionType(code, _call_block.__globals__,
                                                       code.co_name), fullgraph=False)
-                y = fn(block, *args, **kwargs)  # compile and autotune outside the count
+                y = call(fn)  # compile and autotune outside the count
                 del y
                 torch.cuda.synchronize(dev)
                 base = torch.cuda.memory_allocated(dev)
-                y = fn(block, *args, **kwargs)
+                y = call(fn)
                 torch.cuda.synchronize(dev)
                 nbytes[mode] = max(0, torch.cuda.memory_allocated(dev) - base)
                 del y
-                if wrt:
-                    best = float("inf")
-                    for i in range(reps + 2):  # the first compiles the backward
-                        torch.cuda.synchronize(dev)
-                        t0 = time.perf_counter()
-                        y = next(t for t in tree_leaves(fn(block, *args, **kwargs))
-                                 if isinstance(t, torch.Tensor) and t.requires_grad)
-                        torch.autograd.grad(y, wrt, torch.ones_like(y), allow_unused=True)
-                        torch.cuda.synchronize(dev)
-                        if i >= 2:
-                            best = min(best, time.perf_counter() - t0)
-                        del y
-                    secs[mode] = best
+                if secs is not None:
+                    try:
+                        secs[mode] = _best_step_seconds(call, fn, wrt, dev, reps)
+                    except Exception as e:  # e.g. no output requires grad: bytes only
+                        warnings.warn(f"checkpointing planner: timing a compiled block "
+                                      f"failed ({e!r}); pricing recomputation by eager op "
+                                      "times", RuntimeWarning, stacklevel=3)
+                        secs = None
                 del fn
     except Exception as e:  # an uncompilable block: the eager measurements stand
         warnings.warn(f"checkpointing planner: measuring a compiled block failed ({e!r}); "
                       "planning with eager activation bytes and op times", RuntimeWarning,
                       stacklevel=3)
         return None
+    finally:
+        _set_mode(block, None)
     extra = ({m: max(0.0, secs[m] - secs["save"]) for m in MODES}
-             if len(secs) == len(MODES) else None)
+             if secs is not None and len(secs) == len(MODES) else None)
     return _CompiledStats(nbytes, extra)
+
+
+def _best_step_seconds(call: Callable[[Callable[..., Any]], Any], fn: Callable[..., Any],
+                       wrt: list[torch.Tensor], dev: torch.device, reps: int) -> float:
+    """Best-of-``reps`` seconds of ``call(fn)`` and a backward to ``wrt`` (two warm-ups:
+    the first compiles the backward)."""
+    best = float("inf")
+    for i in range(reps + 2):
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        y = next(t for t in tree_leaves(call(fn))
+                 if isinstance(t, torch.Tensor) and t.requires_grad)
+        torch.autograd.grad(y, wrt, torch.ones_like(y), allow_unused=True)
+        torch.cuda.synchronize(dev)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t0)
+        del y
+    return best
 
 
 def _call_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return block(*args, **kwargs)
 
 
-def _rescale_to_compiled(profiles: list[BlockProfile], compiled: _CompiledStats) -> None:
+def _rescale_to_compiled(profiles: list[BlockProfile], compiled: _CompiledStats) -> bool:
     """Scale every block's per-mode bytes by block 0's compiled / eager ratio in that mode
-    (blocks of one model share a structure; a block that differs keeps its proportion),
-    and, where the compiled block was timed, price each block's recomputation by block 0's
-    measured extra time in proportion to the op-time model (evenly where it is zero)."""
+    (blocks of one model share a structure; a block that differs keeps its proportion;
+    where block 0 kept nothing eagerly, only block 0 takes the compiled figure), and,
+    where the compiled block was timed, price each block's recomputation by block 0's
+    measured extra time in proportion to the op-time model (evenly where it is zero).
+    A compiled measurement of 0 bytes where eager kept some is not believed (it would
+    make that mode look free): nothing changes and False is returned."""
     first = profiles[0].bytes
+    if any(compiled.bytes[m] == 0 < first[m] for m in MODES):
+        return False
     w0 = {m: profiles[0]._op_model(m) for m in MODES}
-    for p in profiles:
+    for i, p in enumerate(profiles):
         p.bytes = {m: int(round(p.bytes[m] * compiled.bytes[m] / first[m])) if first[m] > 0
-                   else compiled.bytes[m] for m in MODES}
+                   else (compiled.bytes[m] if i == 0 else p.bytes[m]) for m in MODES}
         if compiled.extra_s is not None:
             p.mode_s = {m: compiled.extra_s[m] * (p._op_model(m) / w0[m] if w0[m] > 0
                                                   else 1.0) for m in MODES}
+    return True
 
 
 def profile_blocks(blocks: Sequence[nn.Module], probe: Callable[[], Any], *,
@@ -620,8 +656,10 @@ def profile_blocks(blocks: Sequence[nn.Module], probe: Callable[[], Any], *,
                              other_op_s=times.get((i, False), 0.0))
                 for i in range(len(blocks))]
     _calibrate(profiles, steps)
-    if measured is not None:
-        _rescale_to_compiled(profiles, measured)
+    if measured is not None and not _rescale_to_compiled(profiles, measured):
+        warnings.warn(f"checkpointing planner: the compiled block measured 0 bytes in a "
+                      f"mode where eager autograd keeps some ({measured.bytes}); planning "
+                      "with eager activation bytes", RuntimeWarning, stacklevel=2)
     return profiles
 
 

@@ -512,7 +512,7 @@ def quantize_fp8(x: torch.Tensor, dtype: torch.dtype, dim: int | None = None
     # this one ~13): an inf-norm reduction (the amax, exact in x's dtype), one multiply in
     # x's dtype, one cast. No clamp is needed: amax * (fmax / amax) rounds to fmax (exactly
     # representable in bf16/fp16), smaller magnitudes stay below it, and an overshoot of
-    # an ulp (fp32) or of the bf16-rounded factor (< 2**-8) is below half an fp8 step
+    # an ulp (fp32) or of the bf16-rounded factor (< 2**-7) is below half an fp8 step
     # (1/16 of E4M3's top binade), which the cast rounds back to fmax. A bf16 product is
     # rounded twice (bf16, then fp8): only ties of the second rounding can land one fp8
     # step off (tested against the fp32 form).
@@ -529,7 +529,8 @@ def quantize_fp8(x: torch.Tensor, dtype: torch.dtype, dim: int | None = None
     if x.dtype == torch.bfloat16:
         # multiply in bf16 (a row-wise fp32 factor would promote the product to fp32): the
         # factor rounded to bf16, the returned scale its exact reciprocal, so q * scale
-        # still reconstructs x; amax * inv then exceeds fmax by < 2**-8, which rounds back
+        # still reconstructs x; amax * inv then exceeds fmax by < 2**-7 (at most 0.45%,
+        # checked over every bf16 amax), which the fp8 cast rounds back
         inv = inv.to(torch.bfloat16)
         scale = 1.0 / inv.float()
     elif x.dtype == torch.float16:
