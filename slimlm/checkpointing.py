@@ -143,6 +143,9 @@ class CheckpointConfig:
                                  "or a number of bytes > 1")
         if not isinstance(self.offload, bool):
             raise ValueError(f"CheckpointConfig.offload={self.offload!r}: expected a bool")
+        if not isinstance(self.preserve_rng_state, bool):
+            raise ValueError(f"CheckpointConfig.preserve_rng_state="
+                             f"{self.preserve_rng_state!r}: expected a bool")
 
     @classmethod
     def parse(cls, policy: str | CheckpointConfig) -> CheckpointConfig:
@@ -599,6 +602,11 @@ def profile_blocks(blocks: Sequence[nn.Module], probe: Callable[[], Any], *,
     eager op times price selective's fused recomputation too high). Leaves the blocks as
     it found them."""
     blocks = _check_blocks(blocks)
+    if not callable(probe):
+        raise ValueError(f"probe={probe!r}: expected a callable that runs a forward of the "
+                         "model (e.g. lambda: model(x, y)[1])")
+    if not isinstance(compiled, bool):
+        raise ValueError(f"compiled={compiled!r}: expected True or False")
     before = [b.__dict__.get("forward") for b in blocks]
     saved_orig = [b.__dict__.get(_ORIG) for b in blocks]
     remove_(blocks)
@@ -670,9 +678,14 @@ def plan_budget(profiles: Sequence[BlockProfile], budget_bytes: float, *,
     programming over the budget in ``resolution`` units; bytes are rounded up to units so
     the plan never exceeds the budget). Returns (modes, feasible); infeasible budgets get
     the least-memory mode of every block."""
-    if budget_bytes <= 0 or not profiles:
-        raise ValueError(f"budget_bytes={budget_bytes!r}: expected a positive number of bytes "
-                         "and at least one block")
+    if (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float))
+            or not math.isfinite(budget_bytes) or budget_bytes <= 0):
+        raise ValueError(f"budget_bytes={budget_bytes!r}: expected a positive, finite number "
+                         "of bytes")
+    if not profiles:
+        raise ValueError("profiles=[]: expected at least one block's profile")
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution={resolution!r}: expected a positive integer")
     unit = budget_bytes / resolution
     inf = float("inf")
     dp = [0.0] + [inf] * resolution  # dp[u]: least time with exactly u units used (<=)

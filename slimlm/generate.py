@@ -216,6 +216,16 @@ def _check_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, n_kv_heads: int,
                              f"{dtype}; build the cache with dtype={x.dtype}")
 
 
+def _check_shape_args(owner: str, n_kv_heads: Any, head_dim: Any, dtype: Any) -> None:
+    """A cache's head count, head size and dtype, checked before anything is allocated."""
+    for name, value in (("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{owner}: {name}={value!r}: expected a positive integer")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{owner}: dtype={dtype!r}: expected a floating torch.dtype, e.g. "
+                         "torch.bfloat16")
+
+
 class DenseCache(KVCache):
     """The simplest cache: per layer, ``torch.cat`` the new keys/values onto the old.
 
@@ -227,6 +237,7 @@ class DenseCache(KVCache):
                  device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__(n_layers, batch_size, max_len=None)
+        _check_shape_args(type(self).__name__, n_kv_heads, head_dim, dtype)
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.device, self.dtype = torch.device(device or "cpu"), dtype
         self._k: list[torch.Tensor | None] = [None] * n_layers
@@ -284,6 +295,7 @@ class StaticCache(KVCache):
                  max_len: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__(n_layers, batch_size, max_len=max_len)
+        _check_shape_args(type(self).__name__, n_kv_heads, head_dim, dtype)
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.device, self.dtype = torch.device(device or "cpu"), dtype
         shape = (batch_size, n_kv_heads, max_len, head_dim)  # (B, Hkv, max_len, D)
@@ -852,6 +864,8 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
                         "slimlm Transformer (with a ModelConfig at .cfg)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens!r}: expected an integer >= 0")
+    if not isinstance(return_logits, bool):
+        raise ValueError(f"generate: return_logits={return_logits!r}: expected True or False")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     rows = _prompt_rows(prompts)
     if isinstance(stop_tokens, (int, str, bytes)) or not isinstance(stop_tokens, Sequence):

@@ -512,6 +512,8 @@ class SinkCache(KVCache):
                  dtype: torch.dtype = torch.float32, use_kernel: bool = True) -> None:
         super().__init__(n_layers, batch_size, max_len=None)
         name = type(self).__name__
+        _int(name, "n_kv_heads", n_kv_heads, 1)
+        _int(name, "head_dim", head_dim, 1)
         self.n_sink = _int(name, "n_sink", n_sink, 0)
         self.window = _int(name, "window", window, 1)
         self.bits = _bits(name, bits, allow_none=True)
@@ -523,8 +525,11 @@ class SinkCache(KVCache):
             if residual > window:
                 raise ValueError(f"{name}: residual={residual}: expected <= window={window} "
                                  "(the full-precision tail is part of the window)")
-        if not isinstance(rope_theta, (int, float)) or rope_theta <= 0:
+        if (isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float))
+                or not math.isfinite(rope_theta) or rope_theta <= 0):
             raise ValueError(f"{name}: rope_theta={rope_theta!r}: expected a positive number")
+        if not isinstance(reposition, bool):
+            raise ValueError(f"{name}: reposition={reposition!r}: expected True or False")
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.group_size, self.v_group_size = group_size, v_group_size
         self.residual = residual or 0

@@ -330,6 +330,8 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
         found = [p for p, m in cands if p and _is_linear_like(m) and p not in heads]
     else:
         pats = [targets] if isinstance(targets, str) else list(targets)
+        for t in pats:
+            _check_pattern(t, "targets")
         found = []
         for p, m in cands:
             if p and any(_matches(t, p) for t in pats):
@@ -695,11 +697,20 @@ class LoRALinear(nn.Module):
                     use_rslora: bool = False, use_dora: bool = False,
                     init: str = "default") -> None:
         """Create adapter ``name`` (r, alpha, ...) and initialise it (see ``LoRAConfig``)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter_name={name!r}: expected a non-empty string without "
+                             "'.' (it becomes part of parameter names)")
         if name in self.lora_A:
             raise ValueError(f"adapter_name={name!r}: this layer already has an adapter of "
                              f"that name (existing: {self.adapter_names})")
         _check_rank("r", r)
         _check_alpha("alpha", alpha)
+        for flag, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag}={value!r}: expected True or False")
+        if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                or not 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout={dropout!r}: expected a probability in [0, 1)")
         if init not in INITS:
             raise ValueError(f"init={init!r}: unknown initialisation; expected one of {INITS}")
         w = _reference_tensor(self.base_layer)
@@ -985,6 +996,13 @@ class LoRALinear(nn.Module):
         """Fold adapters (default: the active, unmerged ones) into the base weight.
         W <- W + sum_i [ (f_i - 1) W + f_i s_i B_i A_i ], f_i = m_i/||W + s_i B_i A_i|| for
         DoRA (1 for LoRA), all relative to the same W, exactly what forward computes."""
+        if isinstance(names, str):  # one name, not its characters
+            names = [names]
+        if names is not None:
+            unknown = [n for n in names if n not in self.lora_A]
+            if unknown:
+                raise ValueError(f"merge: names={list(names)!r}: unknown adapter(s) "
+                                 f"{unknown}; this layer has {self.adapter_names}")
         names = [n for n in (self.active_adapters if names is None else names)
                  if n in self.lora_A and n not in self.merged_adapters]
         if not names:
@@ -1250,8 +1268,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def merge_(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
     """Fold the active adapters (or ``adapter_names``) into the base weights, in place;
     the model's output does not change, the adapter costs nothing afterwards."""
+    if isinstance(adapter_names, str):  # one name, not its characters
+        adapter_names = [adapter_names]
     if adapter_names is not None:
-        _check_known(model, list(adapter_names), "merge_")
+        adapter_names = list(adapter_names)
+        _check_known(model, adapter_names, "merge_")
     for _, layer in lora_layers(model):
         layer.merge(adapter_names)
     return model
@@ -1546,6 +1567,8 @@ def load(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "defau
     may be the model's own or, for slimlm's ``Transformer``, Hugging Face's. With
     ``trainable=False`` the adapter is frozen too (inference). Returns ``model``.
     """
+    if not isinstance(trainable, bool):
+        raise ValueError(f"load: trainable={trainable!r}: expected True or False")
     folder = Path(folder)
     cfg, tensors = _read_adapter(folder)
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -1589,9 +1612,24 @@ def load(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "defau
             file_to_model[fp] = mp
         else:
             raise ValueError(f"load: module {fp!r} of the adapter is not in the model")
+    modules = dict(model.named_modules())
     for fp, parts in per_module.items():
         if "A" not in parts or "B" not in parts:
             raise ValueError(f"load: module {fp!r} lacks lora_A or lora_B in the file")
+        # Every shape against its target before the model is touched: a mismatch found
+        # while copying would leave a half-loaded adapter behind.
+        mod = modules[file_to_model[fp]]
+        fi, fo = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
+        r = parts["A"].shape[0] if parts["A"].dim() == 2 else None
+        want = {"A": (r, fi), "B": (fo, r), "m": (fo,)}
+        for kind, t in parts.items():
+            got = tuple(t.shape)
+            if kind == "m" and got == (fo, 1):
+                continue
+            if r is None or got != want[kind]:
+                raise ValueError(f"load: {fp!r} {kind}: shape {got} in the file, expected "
+                                 f"{want[kind]} for {file_to_model[fp]!r} ({fi} -> {fo} "
+                                 "features); the model is unchanged")
     default_alpha = cfg.get("lora_alpha", 8)
     alpha_pattern = cfg.get("alpha_pattern") or {}
     exact = {fp: "re:" + re.escape(mp) for fp, mp in file_to_model.items()}

@@ -74,6 +74,15 @@ class ModelConfig:
                 f"ModelConfig.n_kv_heads={self.n_kv_heads}: expected a divisor of "
                 f"n_heads={self.n_heads} (grouped-query attention shares each K/V head "
                 "among n_heads/n_kv_heads query heads)")
+        ho = self.head_dim_override
+        if ho is not None and (isinstance(ho, bool) or not isinstance(ho, int) or ho <= 0):
+            raise ValueError(f"ModelConfig.head_dim_override={ho!r}: expected a positive "
+                             "integer or None")
+        for name in ("rope_theta", "norm_eps", "init_std", "dropout"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value)):
+                raise ValueError(f"ModelConfig.{name}={value!r}: expected a finite number")
         if self.head_dim_override is None and self.dim % self.n_heads != 0:
             raise ValueError(
                 f"ModelConfig.dim={self.dim}: expected a multiple of n_heads={self.n_heads}, "

@@ -361,10 +361,21 @@ class BF16AdamW(torch.optim.Optimizer):
                  seed: int = 0) -> None:
         if rounding not in BF16_ROUNDING:
             raise ValueError(f"rounding={rounding!r}: expected one of {BF16_ROUNDING}")
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"lr={lr!r}: expected a non-negative number")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not (number(lr) and lr >= 0):
+            raise ValueError(f"lr={lr!r}: expected a finite non-negative number")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(number(b) and 0 <= b < 1 for b in betas)):
             raise ValueError(f"betas={betas!r}: expected two numbers in [0, 1)")
+        if not (number(eps) and eps >= 0):
+            raise ValueError(f"eps={eps!r}: expected a finite non-negative number")
+        if not (number(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay={weight_decay!r}: expected a finite non-negative "
+                             "number")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed={seed!r}: expected an int")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
         self.rounding = rounding
@@ -506,6 +517,9 @@ def quantize_fp8(x: torch.Tensor, dtype: torch.dtype, dim: int | None = None
     per slice along ``dim`` reduced (``dim=1``: one per row, shape (R, 1); ``dim=0``: one per
     column, shape (1, C)). Returns ``(q, scale)`` with ``x ~= q.float() * scale`` (the
     dequantisation scale, as ``torch._scaled_mm`` takes it)."""
+    if dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError(f"quantize_fp8: dtype={dtype}: expected torch.float8_e4m3fn or "
+                         "torch.float8_e5m2")
     fmax = _fp8_max(dtype)
     # Three passes over x, none of them through an fp32 copy (the previous form, x.float()
     # -> abs -> amax -> divide -> clamp -> cast, moved ~40 bytes per element of a bf16 x;
@@ -799,6 +813,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """
     if scaling not in FP8_SCALING:
         raise ValueError(f"scaling={scaling!r}: expected one of {FP8_SCALING}")
+    if weight.dim() != 2 or x.dim() < 1:
+        raise ValueError(f"x.shape={tuple(x.shape)}, weight.shape={tuple(weight.shape)}: "
+                         "expected x (..., K) and a 2-D weight (N, K)")
+    if out_dtype is not None and out_dtype not in (torch.bfloat16, torch.float16,
+                                                   torch.float32):
+        raise ValueError(f"out_dtype={out_dtype}: expected torch.bfloat16, torch.float16, "
+                         "torch.float32 or None")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x.shape={tuple(x.shape)} and weight.shape={tuple(weight.shape)}: "
                          "expected x's last dim to equal weight's in_features")
@@ -886,6 +907,11 @@ class Float8Linear(nn.Linear):
         hooks and state-dict keys stay) and return it."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear={type(linear).__name__}: expected an nn.Linear")
+        for name, value, choices in (("scaling", scaling, FP8_SCALING),
+                                     ("backend", backend, FP8_BACKENDS),
+                                     ("fallback", fallback, FP8_FALLBACK)):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r}: expected one of {choices}")
         linear.__class__ = cls
         linear.scaling, linear.backend, linear.fallback = scaling, backend, fallback
         linear.fp8_decisions = {}
@@ -963,6 +989,10 @@ def convert_to_fp8_(model: nn.Module, *, scaling: str = "tensor", backend: str =
                                  ("fallback", fallback, FP8_FALLBACK)):
         if value not in choices:
             raise ValueError(f"{name}={value!r}: expected one of {choices}")
+    if not isinstance(skip, (tuple, list)) or not all(isinstance(n, str) for n in skip):
+        raise ValueError(f"skip={skip!r}: expected a tuple of module names, e.g. "
+                         "('lm_head',)")
+    skip = tuple(skip)
     done = []
     for fqn, mod in model.named_modules():
         if type(mod) is not nn.Linear or _skipped(fqn, skip):
@@ -993,7 +1023,7 @@ def calibrate_fp8_(model: nn.Module, tokens: int, *, compiled: bool = False
     step will run compiled (or CUDA-graphed), so compare device times (CUDA-graph replays)
     rather than eager calls, whose host time decides small shapes. Returns fqn -> uses
     fp8."""
-    if not isinstance(tokens, int) or tokens < 1:
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens={tokens!r}: expected a positive integer")
     if not isinstance(compiled, bool):
         raise ValueError(f"compiled={compiled!r}: expected a bool")

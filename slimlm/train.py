@@ -411,8 +411,11 @@ def save_checkpoint(folder: str | os.PathLike, model: nn.Module, *,
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"model={type(model).__name__}: expected a slimlm Transformer "
                         "(with a ModelConfig at .cfg)")
-    if not isinstance(step, int) or step < 0:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"step={step!r}: expected a non-negative integer")
+    if train_config is not None and not isinstance(train_config, (TrainConfig, dict)):
+        raise ValueError(f"train_config={train_config!r}: expected a TrainConfig, a dict or "
+                         "None")
     from safetensors.torch import save_model
 
     target = Path(folder)
@@ -598,6 +601,13 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int, seq_len: int,
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: no CUDA GPU is available on this machine")
+    mvocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    tokens = getattr(data, "tokens", None)
+    if isinstance(mvocab, int) and tokens is not None and len(tokens):
+        hi = int(tokens.max())
+        if hi >= mvocab:
+            raise ValueError(f"data: token id {hi} is outside the model's vocab_size={mvocab}: "
+                             "the data was tokenized for another model")
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0

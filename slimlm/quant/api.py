@@ -132,7 +132,18 @@ def _iter_calib(calib: Any, batch_size: int) -> Iterator[Any]:
         yield from calib
 
 
-def _check_calib(calib: Any, config: QuantConfig) -> None:
+def _vocab_size(model: nn.Module) -> int | None:
+    """The model's vocabulary size where it says (slimlm's cfg, a Hugging Face config, or
+    its first embedding), else None."""
+    for holder in (getattr(model, "cfg", None), getattr(model, "config", None)):
+        v = getattr(holder, "vocab_size", None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    return emb.num_embeddings if emb is not None else None
+
+
+def _check_calib(calib: Any, config: QuantConfig, model: nn.Module | None = None) -> None:
     if calib is None:
         if config.needs_calibration:
             raise ValueError(f"calib=None with method={config.method!r}, awq={config.awq}: "
@@ -143,6 +154,12 @@ def _check_calib(calib: Any, config: QuantConfig) -> None:
                 or calib.numel() == 0:
             raise ValueError(f"calib: expected token ids, an integer tensor (N, T), got "
                              f"{calib.dtype} {tuple(calib.shape)}")
+        vocab = _vocab_size(model) if model is not None else None
+        lo, hi = int(calib.min()), int(calib.max())
+        if lo < 0 or (vocab is not None and hi >= vocab):
+            raise ValueError(f"calib: token ids in [{lo}, {hi}]: expected ids in [0, "
+                             f"{vocab - 1 if vocab is not None else 'vocab_size - 1'}] (the "
+                             "model's vocabulary); was the data tokenized for another model?")
     elif isinstance(calib, (str, bytes)) or not isinstance(calib, Iterable):
         raise TypeError(f"calib={type(calib).__name__}: expected a tensor of token ids (N, T) "
                         "or an iterable of batches")
@@ -295,7 +312,7 @@ def quantize_(model: nn.Module, config: QuantConfig, calib: Any = None,
         raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
     targets = select_targets(model, config, filter_fn)
     _check_shapes(targets, config)
-    _check_calib(calib, config)
+    _check_calib(calib, config, model)
 
     if config.needs_calibration and config.sequential:
         stages: dict[str, list[tuple[str, nn.Linear]]] = {}

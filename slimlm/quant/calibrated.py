@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from slimlm.quant.formats import dequantize, qparams_minmax, rtn_quantize
+from slimlm.quant.formats import check_quant_args, dequantize, qparams_minmax, rtn_quantize
 
 __all__ = ["awq_search", "gptq_quantize"]
 
@@ -29,7 +29,15 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
                   act_order: bool = False, scale_dtype: torch.dtype = torch.float16
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ on w (N, K) with Hessian (K, K). Returns (q uint8 (N, K), scale (N, G), zero)."""
+    check_quant_args("gptq_quantize", w, bits, group_size)
     n, k = w.shape
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
+        shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else hessian
+        raise ValueError(f"gptq_quantize: hessian={shape}: expected a ({k}, {k}) tensor for "
+                         f"a weight of K={k}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"gptq_quantize: block_size={block_size!r}: expected a positive "
+                         "integer")
     maxq = (1 << bits) - 1
     W = w.detach().float().clone()
     H = hessian.detach().float().clone().to(W.device)

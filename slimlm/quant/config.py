@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,13 @@ class QuantConfig:
                 raise TypeError(f"QuantConfig.targets={self.targets!r}: expected a non-empty "
                                 "list of module names, globs or 're:' regexes")
             self.targets = list(self.targets)
+            for t in self.targets:
+                if t.startswith("re:"):
+                    try:
+                        re.compile(t[3:])
+                    except re.error as e:
+                        raise ValueError(f"QuantConfig.targets: bad regular expression "
+                                         f"{t!r}: {e}") from e
         if self.method == "hqq" and self.symmetric:
             raise ValueError("QuantConfig.method='hqq' with symmetric=True: HQQ optimises zero "
                              "points, so it needs symmetric=False")

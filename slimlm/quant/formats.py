@@ -18,6 +18,26 @@ __all__ = ["dequantize", "hqq_quantize", "pack_bits", "quantize_codes", "qparams
            "rtn_quantize", "unpack_bits", "dequantize_ref"]
 
 
+#: Code widths the quantizers produce (int3 packs through the same bit stream).
+QUANT_BITS = (2, 3, 4, 8)
+
+
+def check_quant_args(fn: str, w: torch.Tensor, bits: object, group_size: object) -> None:
+    """Reject what the quantizers cannot do, naming the argument: ``w`` a 2-D floating
+    tensor (N, K), ``bits`` one of :data:`QUANT_BITS`, ``group_size`` a positive divisor
+    of K."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"{fn}: w={shape}: expected a 2-D floating tensor (N, K)")
+    if isinstance(bits, bool) or bits not in QUANT_BITS:
+        raise ValueError(f"{fn}: bits={bits!r}: expected one of {QUANT_BITS}")
+    k = w.shape[1]
+    if (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+            or k % group_size):
+        raise ValueError(f"{fn}: group_size={group_size!r}: expected a positive divisor of "
+                         f"K={k} (the weight's in_features)")
+
+
 def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     n, k = w.shape
     return w.reshape(n, k // group_size, group_size)  # (N, G, gs)
@@ -77,6 +97,7 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                  scale_dtype: torch.dtype = torch.float16
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round to nearest with min/max scales. Returns (q uint8 (N, K), scale, zero)."""
+    check_quant_args("rtn_quantize", w, bits, group_size)
     scale, zero = qparams_minmax(w, bits, group_size, symmetric, scale_dtype)
     return quantize_codes(w, scale, zero, bits, group_size), scale, zero
 
@@ -102,6 +123,7 @@ def hqq_quantize(w: torch.Tensor, bits: int, group_size: int,
     beat RTN in L2 at every width (pure HQQ optimises an lp error with p < 1 and can lose
     to RTN in L2 at 2 bits). ``refit_iters=0`` gives plain HQQ. Returns (q, scale, zero).
     """
+    check_quant_args("hqq_quantize", w, bits, group_size)
     maxq = (1 << bits) - 1
     wg = _groups(w.float(), group_size)  # (N, G, gs)
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)  # (N, G, 1)

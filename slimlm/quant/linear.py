@@ -78,6 +78,19 @@ class QuantLinear(nn.Module):
                  compute_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"QuantLinear: {name}={value!r}: expected a positive integer")
+        if isinstance(bits, bool) or bits not in (2, 3, 4, 8):
+            raise ValueError(f"QuantLinear: bits={bits!r}: expected one of (2, 3, 4, 8)")
+        if group_size is not None and (isinstance(group_size, bool)
+                                       or not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"QuantLinear: group_size={group_size!r}: expected a positive "
+                             "divisor of in_features, or None (one group per row)")
+        for name, value in (("symmetric", symmetric), ("bias", bias),
+                            ("input_scale", input_scale), ("w8a8", w8a8)):
+            if not isinstance(value, bool):
+                raise ValueError(f"QuantLinear: {name}={value!r}: expected True or False")
         gs = group_size or in_features
         if in_features % gs != 0:
             raise ValueError(f"group_size={group_size}: expected a divisor of "
@@ -147,6 +160,9 @@ class QuantLinear(nn.Module):
                                       self.scales).dtype).removeprefix("torch.")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise ValueError(f"QuantLinear: x.dtype={x.dtype}: expected a floating input (token "
+                             "ids go through the embedding first)")
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
         if self.w8a8:

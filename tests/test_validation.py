@@ -1,0 +1,182 @@
+"""Bad input to the public API gets a ValueError naming the argument and the value, before
+any work is done (the cases an audit found slipping through: wrong types taken silently,
+strings iterated as sequences, deep torch errors, a model changed before the error)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from slimlm import lora as L
+from slimlm import precision as P
+from slimlm import quant as Q
+from slimlm.attention import attend_flash
+from slimlm.checkpointing import BlockProfile, CheckpointConfig, plan_budget, profile_blocks
+from slimlm.generate import DenseCache, StaticCache, generate
+from slimlm.kvcache import SinkCache
+from slimlm.model import ModelConfig, Transformer
+
+
+def _model(**kw) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**{**dict(vocab_size=64, dim=32, n_layers=1, n_heads=4,
+                                             mlp_dim=64), **kw}))
+
+
+def test_lora_load_checks_every_shape_before_touching_the_model(tmp_path):
+    m = _model()
+    L.apply_(m, L.LoRAConfig(r=4))
+    L.save(m, tmp_path)
+    other = _model(dim=64)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"shape .* in the file, expected .*model is unchanged"):
+        L.load(other, tmp_path)
+    assert L.adapter_names(other) == []
+    after = other.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="trainable='no'"):
+        L.load(_model(), tmp_path, trainable="no")
+
+
+def test_lora_names_and_flags():
+    m = _model()
+    L.apply_(m, L.LoRAConfig(r=4))
+    L.merge_(m, "default")  # one name, not its characters
+    with pytest.raises(ValueError, match="unknown adapter"):
+        L.merge_(_applied(), "nope")
+    layer = L.LoRALinear(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="use_dora='no'"):
+        layer.add_adapter("a", 2, 4, use_dora="no")
+    with pytest.raises(ValueError, match=r"dropout=-0.5"):
+        layer.add_adapter("a", 2, 4, dropout=-0.5)
+    with pytest.raises(ValueError, match=r"adapter_name='a.b'"):
+        layer.add_adapter("a.b", 2, 4)
+    layer.add_adapter("a", 2, 4)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['x'\]"):
+        layer.merge("x")
+    with pytest.raises(ValueError, match="bad regular expression"):
+        L.find_targets(_model(), "re:(")
+
+
+def _applied() -> Transformer:
+    m = _model()
+    L.apply_(m, L.LoRAConfig(r=4))
+    return m
+
+
+def test_fp8_arguments():
+    with pytest.raises(ValueError, match=r"skip='lm_head'"):
+        P.convert_to_fp8_(_model(), skip="lm_head")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        P.Float8Linear.from_linear(nn.Linear(16, 16), backend="cuda")
+    with pytest.raises(ValueError, match="fallback='sometimes'"):
+        P.Float8Linear.from_linear(nn.Linear(16, 16), fallback="sometimes")
+    with pytest.raises(ValueError, match="dtype=torch.float32"):
+        P.quantize_fp8(torch.randn(2, 2), torch.float32)
+    with pytest.raises(ValueError, match=r"weight.shape=\(16,\)"):
+        P.fp8_linear(torch.randn(2, 16), torch.randn(16))
+    with pytest.raises(ValueError, match="out_dtype=torch.int32"):
+        P.fp8_linear(torch.randn(2, 16), torch.randn(16, 16), out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="tokens=True"):
+        P.calibrate_fp8_(_model(), tokens=True)
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(betas=0.9), "betas=0.9"), (dict(eps=-1.0), "eps=-1.0"),
+    (dict(weight_decay=-0.1), "weight_decay=-0.1"), (dict(seed="a"), "seed='a'"),
+    (dict(lr=True), "lr=True"), (dict(lr=math.inf), "lr=inf")])
+def test_bf16_adamw_arguments(kw, name):
+    with pytest.raises(ValueError, match=re.escape(name)):
+        P.BF16AdamW([nn.Parameter(torch.zeros(2))], **kw)
+
+
+def test_checkpointing_arguments():
+    p = BlockProfile({"save": 100, "selective": 50, "full": 10}, 1.0, 1.0)
+    for kw, name in ((dict(resolution=0), "resolution=0"), (dict(resolution=-5), "resolution=-5")):
+        with pytest.raises(ValueError, match=name):
+            plan_budget([p], 100, **kw)
+    for bad in (math.nan, "100"):
+        with pytest.raises(ValueError, match="budget_bytes="):
+            plan_budget([p], bad)
+    with pytest.raises(ValueError, match="profiles=\\[\\]"):
+        plan_budget([], 100)
+    with pytest.raises(ValueError, match="probe=None"):
+        profile_blocks(_model().layers, None)
+    with pytest.raises(ValueError, match="preserve_rng_state='no'"):
+        CheckpointConfig("full", preserve_rng_state="no")
+
+
+def test_cache_arguments():
+    with pytest.raises(ValueError, match="n_kv_heads=0"):
+        DenseCache(2, 1, 0, 8)
+    with pytest.raises(ValueError, match="dtype='float32'"):
+        DenseCache(2, 1, 2, 8, dtype="float32")
+    with pytest.raises(ValueError, match="n_kv_heads=-2"):
+        StaticCache(2, 1, -2, 8, 16)
+    with pytest.raises(ValueError, match="rope_theta=True"):
+        SinkCache(2, 1, 2, 8, n_sink=2, window=8, rope_theta=True)
+    with pytest.raises(ValueError, match="rope_theta=nan"):
+        SinkCache(2, 1, 2, 8, n_sink=2, window=8, rope_theta=math.nan)
+    with pytest.raises(ValueError, match="head_dim=0"):
+        SinkCache(2, 1, 2, 0, n_sink=2, window=8)
+
+
+def test_quantizer_arguments():
+    w = torch.randn(4, 64)
+    with pytest.raises(ValueError, match="bits=16"):
+        Q.rtn_quantize(w, 16, 32, False)
+    with pytest.raises(ValueError, match="group_size=48"):
+        Q.rtn_quantize(w, 4, 48, False)
+    with pytest.raises(ValueError, match=r"hessian=\(32, 32\)"):
+        Q.gptq_quantize(w, torch.eye(32), 4, 32, False)
+    with pytest.raises(ValueError, match="block_size=0"):
+        Q.gptq_quantize(w, torch.eye(64), 4, 32, False, block_size=0)
+    with pytest.raises(ValueError, match=r"values in \[20, 20\]"):
+        Q.pack_bits(torch.full((1, 8), 20), 4)
+    with pytest.raises(ValueError, match="bad regular expression"):
+        Q.QuantConfig(targets="re:(", group_size=None)
+    for kw, name in ((dict(in_features=0, out_features=16), "in_features=0"),
+                     (dict(in_features=64, out_features=16, group_size=0), "group_size=0"),
+                     (dict(in_features=64, out_features=16, group_size=-32), "group_size=-32"),
+                     (dict(in_features=64, out_features=16, bits=5), "bits=5")):
+        with pytest.raises(ValueError, match=name):
+            Q.QuantLinear(**kw)
+    with pytest.raises(ValueError, match="x.dtype=torch.int64"):
+        Q.QuantLinear(64, 16)(torch.zeros(2, 64, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"token ids in \[999, 999\]"):
+        Q.quantize_(_model(), Q.QuantConfig(group_size=32, method="gptq"),
+                    calib=torch.full((2, 8), 999))
+
+
+def test_attention_model_and_generate_arguments():
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    with pytest.raises(ValueError, match=r"mask=torch.bool \(3, 3\)"):
+        attend_flash(q, k, k, causal=False, mask=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="causal='yes'"):
+        attend_flash(q, k, k, causal="yes")
+    for bad in ("0.1", -0.5):
+        with pytest.raises(ValueError, match="dropout_p="):
+            attend_flash(q, k, k, causal=True, dropout_p=bad)
+    with pytest.raises(ValueError, match="rope_theta='1e4'"):
+        _model(rope_theta="1e4")
+    with pytest.raises(ValueError, match="rope_theta=nan"):
+        _model(rope_theta=math.nan)
+    with pytest.raises(ValueError, match="head_dim_override=-2"):
+        _model(head_dim_override=-2)
+    with pytest.raises(ValueError, match="return_logits='yes'"):
+        generate(_model(), [[1, 2]], max_new_tokens=1, return_logits="yes")
+
+
+def test_save_checkpoint_refuses_a_train_config_it_cannot_write(tmp_path):
+    from slimlm.train import save_checkpoint
+
+    with pytest.raises(ValueError, match="train_config=5"):
+        save_checkpoint(tmp_path / "c", _model(), step=1, train_config=5)
+    with pytest.raises(ValueError, match="step=True"):
+        save_checkpoint(tmp_path / "c", _model(), step=True)
+    assert not (tmp_path / "c").exists()
