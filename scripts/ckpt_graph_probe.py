@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from slimlm import precision as prec  # noqa: E402
+from slimlm._io import atomic_write_text  # noqa: E402
 from slimlm.model import ModelConfig, Transformer  # noqa: E402
 from slimlm.train import CapturedStep, apply_checkpointing, forward_backward  # noqa: E402
 
@@ -91,7 +92,7 @@ def main() -> None:
             r["slowdown"] = r["step_ms"] / base["step_ms"]
             r["act_fraction"] = r["act_gib"] / base["act_gib"]
         print(r)
-    Path(a.out, f"ckpt-graph-probe-{a.seq}.json").write_text(json.dumps(rows, indent=1))
+    atomic_write_text(Path(a.out, f"ckpt-graph-probe-{a.seq}.json"), json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from slimlm._io import atomic_write_text  # noqa: E402
 from slimlm.bench.harness import time_cuda  # noqa: E402
 from slimlm.generate import StaticCache, _compiled_step, generate  # noqa: E402
 from slimlm.model import ModelConfig, Transformer  # noqa: E402
@@ -209,7 +210,7 @@ def main() -> None:
             del cache
             torch.cuda.empty_cache()
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "decode_probe.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(Path(a.out) / "decode_probe.json", json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from slimlm._io import atomic_write_text
 from slimlm.precision import benchmark_fp8_vs_bf16, fp8_linear
 
 SHAPES = [(8192, 2048, 2048), (8192, 2048, 512), (8192, 2048, 8192), (8192, 8192, 2048),
@@ -78,8 +79,8 @@ def main() -> None:
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
     print(buf.getvalue())
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "fp8_probe_host.txt").write_text(buf.getvalue())
-    (Path(args.out) / "fp8_probe.json").write_text(json.dumps(rows, indent=1) + "\n")
+    atomic_write_text(Path(args.out) / "fp8_probe_host.txt", buf.getvalue())
+    atomic_write_text(Path(args.out) / "fp8_probe.json", json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from slimlm import checkpointing as ckpt  # noqa: E402
 from slimlm import precision as prec  # noqa: E402
+from slimlm._io import atomic_write_text  # noqa: E402
 from slimlm.bench.harness import check_compile, uses_cudagraphs  # noqa: E402
 from slimlm.model import ModelConfig, Transformer  # noqa: E402
 
@@ -143,7 +144,7 @@ def main() -> None:
     check_compile(a.mode, "--mode")
     rows = [probe(p, a.model, a.batch, a.seq, a.ckpt, a.steps, a.mode) for p in a.policies.split(",")]
     if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=1))
+        atomic_write_text(a.out, json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from slimlm._io import atomic_write_text  # noqa: E402
 from slimlm.bench.lora import _build  # noqa: E402
 from slimlm.model import ModelConfig  # noqa: E402
 from slimlm.train import CapturedStep  # noqa: E402
@@ -106,8 +107,8 @@ def main() -> None:
               f"{res['eager-nocache']['calls'].get(n, 0) / 2:8.0f} "
               f"{res['graph']['calls'].get(n, 0) / 2:8.0f}  {n[:110]}")
     out = Path(a.out) / f"graph-probe-{a.method}-{a.sdpa}.json"
-    out.write_text(json.dumps({k: {kk: (dict(vv) if isinstance(vv, dict) else vv)
-                                   for kk, vv in v.items()} for k, v in res.items()}))
+    atomic_write_text(out, json.dumps({k: {kk: (dict(vv) if isinstance(vv, dict) else vv)
+                                           for kk, vv in v.items()} for k, v in res.items()}))
     print("wrote", out)
 
 

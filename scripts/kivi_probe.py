@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from slimlm._io import atomic_write_text  # noqa: E402
 from slimlm.bench.harness import time_cuda  # noqa: E402
 from slimlm.kernels import kivi_cuda  # noqa: E402
 from slimlm.kernels.decode_attention import (  # noqa: E402
@@ -50,8 +51,7 @@ def main() -> None:
     def emit(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_text(args.out, json.dumps(rows, indent=1))
 
     for B in [int(b) for b in args.batches.split(",")]:
         g = torch.Generator(device=dev).manual_seed(0)

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from slimlm._io import atomic_write_text  # noqa: E402
 from slimlm.bench.harness import time_cuda  # noqa: E402
 from slimlm.kernels import decode_attention as da  # noqa: E402
 from slimlm.kernels import kivi_cuda  # noqa: E402
@@ -64,8 +65,7 @@ def main() -> None:
     def emit(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_text(args.out, json.dumps(rows, indent=1))
 
     def t_us(fn) -> float:
         return time_cuda(fn, rep=args.rep, flush_l2=True, graph=True)["median_ms"] * 1e3

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from slimlm._io import atomic_write_text  # noqa: E402
 from slimlm.bench.harness import time_fn  # noqa: E402
 from slimlm.bench.quant import _quantized  # noqa: E402
 from slimlm.kernels import quant_cuda  # noqa: E402
@@ -152,8 +153,7 @@ def emitter(path: str):
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                           for k, v in row.items()}), flush=True)
-        with open(path, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_text(path, json.dumps(rows, indent=1))
 
     return emit
 

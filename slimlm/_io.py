@@ -47,3 +47,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move the finished folder ``staging`` onto ``target`` (same parent folder): an
+    existing ``target`` is first renamed aside, put back if the swap fails, and deleted
+    only once the new folder is in place, so a crash leaves the old or the new folder
+    whole (and at worst a stray ``.NAME.old-*``)."""
+    import shutil
+    import uuid
+
+    staging, target = Path(staging), Path(target)
+    if not target.exists():
+        os.replace(staging, target)
+        return target
+    old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(old, target)  # put the previous folder back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return target

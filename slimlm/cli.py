@@ -45,7 +45,7 @@ def _checkpoint_dir(run: str | os.PathLike) -> Path:
     if (p / "config.json").exists():
         return p
     raise SystemExit(f"error: RUN={str(run)!r}: no checkpoint found (expected {p}/checkpoint/"
-                     "config.json or {p}/config.json); train one with `slimlm train --out RUN`")
+                     f"config.json or {p}/config.json); train one with `slimlm train --out RUN`")
 
 
 # ---------------------------------------------------------------------------------------
@@ -97,6 +97,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
         p.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<time>)")
         p.add_argument("--resume", default=None,
                        help="resume from a run folder or checkpoint (same model config)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an --out that already holds a run (its history "
+                            "and checkpoint are replaced)")
 
 
 def _train_defaults(preset: str) -> dict[str, Any]:
@@ -123,16 +126,19 @@ def _run_training(args: argparse.Namespace, out: Path, *, progress: bool = True)
         model_cfg = ModelConfig.from_preset(args.preset, **overrides)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    seq_len = args.seq_len or min(defaults["seq_len"], model_cfg.max_seq_len)
+    def given(value: Any, default: Any) -> Any:  # 0 is a value to check, not "unset"
+        return default if value is None else value
+
+    seq_len = given(args.seq_len, min(defaults["seq_len"], model_cfg.max_seq_len))
     try:
         tcfg = strain.TrainConfig(
-            batch_size=args.batch_size or defaults["batch_size"], seq_len=seq_len,
+            batch_size=given(args.batch_size, defaults["batch_size"]), seq_len=seq_len,
             steps=args.steps if args.steps is not None else defaults["steps"],
-            lr=args.lr or defaults["lr"],
+            lr=given(args.lr, defaults["lr"]),
             warmup_steps=(args.warmup_steps if args.warmup_steps is not None
                           else defaults["warmup_steps"]),
             grad_accum=args.grad_accum,
-            eval_every=args.eval_every or defaults["eval_every"],
+            eval_every=given(args.eval_every, defaults["eval_every"]),
             precision=args.precision, checkpointing=args.checkpointing, device=device,
             compile=args.compile, cuda_graph=args.cuda_graph, seed=args.seed,
             out_dir=str(out))
@@ -156,6 +162,13 @@ def _run_training(args: argparse.Namespace, out: Path, *, progress: bool = True)
 
 def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    held = [n for n in ("checkpoint", "history.jsonl") if (out / n).exists()]
+    resuming_here = args.resume is not None and (
+        Path(args.resume).resolve() in (out.resolve(), (out / "checkpoint").resolve()))
+    if held and not args.overwrite and not resuming_here:
+        raise SystemExit(f"error: --out {str(out)!r} already holds a run ({', '.join(held)}); "
+                         f"continue it with --resume {str(out)!r}, pass --overwrite to start "
+                         "afresh there, or choose another folder")
     model, bundle, result = _run_training(args, out)
     print(json.dumps({"out": str(out), **{k: v for k, v in result.final_eval.items()}}, indent=2))
     return 0
@@ -203,7 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                                    Path(args.run) / "data-eval")
     bundle = sdata.prepare_data(args.data, folder, vocab_size=tokenizer.vocab_size,
                                 tokenizer_folder=ckpt, max_bytes=args.max_bytes)
-    seq_len = args.seq_len or min(256, model.cfg.max_seq_len)
+    seq_len = args.seq_len if args.seq_len is not None else min(256, model.cfg.max_seq_len)
     res = strain.evaluate(model, bundle.val, batch_size=args.batch_size, seq_len=seq_len,
                           max_batches=args.batches, device=device)
     print(json.dumps(res, indent=2))
@@ -288,7 +301,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import tempfile
 
     from slimlm import quant
-    from slimlm._io import atomic_write_text
+    from slimlm._io import atomic_write_text, replace_dir
 
     bits = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}.get(args.quant)
     if bits is None:
@@ -304,6 +317,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(args.out)
+    src = _checkpoint_dir(args.run).resolve()
+    if out.resolve() in (src, src.parent):
+        raise SystemExit(f"error: --out {str(out)!r} is the run being compressed; the "
+                         "quantized checkpoint would replace the trained one: choose another "
+                         "folder")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: --out {str(out)!r} exists and is not empty; "
                          "pass --overwrite or choose another folder")
@@ -329,9 +347,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         quant.save_quantized(model, staging)
         shutil.copy2(ckpt / "config.json", staging / "config.json")
         tokenizer.save(staging)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
+        replace_dir(staging, dest)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -426,7 +442,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --option {item!r}: expected KEY=VALUE")
         try:
             options[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
+            if value[:1] in "[{\"" or value.strip() in ("true", "false", "null"):
+                # meant as JSON but malformed: a plain string would be iterated char by char
+                raise SystemExit(f"error: --option {item!r}: the value is not valid JSON "
+                                 f"({e.msg} at column {e.pos + 1}); quote strings as "
+                                 "'\"text\"' and close lists") from e
             options[key] = value
     for name in names:
         path = bench.run_suite(name, quick=args.quick, out_dir=args.out, options=options or None)
@@ -579,7 +600,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, OSError) as e:
+        # The library's argument checks name the argument and the value: print that, not a
+        # traceback (SLIMLM_TRACEBACK=1 shows where it came from).
+        if os.environ.get("SLIMLM_TRACEBACK") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

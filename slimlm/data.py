@@ -310,6 +310,8 @@ def _check_vocab_size(vocab_size: int) -> None:
             f"vocab_size={vocab_size}: too small, expected at least {MIN_VOCAB_SIZE} "
             f"(256 bytes + the end-of-text token)"
         )
+    if vocab_size > 2 ** 32:  # ids are stored as uint32 at most
+        raise ValueError(f"vocab_size={vocab_size}: too large, expected at most 2**32")
 
 
 class ByteTokenizer:
@@ -448,13 +450,18 @@ def load_tokenizer(folder: str | os.PathLike) -> ByteTokenizer | BPETokenizer:
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"folder={str(folder)!r}: no tokenizer.json in it")
-    raw = path.read_text(encoding="utf-8")
-    obj = json.loads(raw)
-    if obj.get("type") == "byte":
-        return ByteTokenizer()
-    from tokenizers import Tokenizer
+    try:
+        raw = path.read_text(encoding="utf-8")
+        obj = json.loads(raw)
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        if obj.get("type") == "byte":
+            return ByteTokenizer()
+        from tokenizers import Tokenizer
 
-    return BPETokenizer(Tokenizer.from_str(raw))
+        return BPETokenizer(Tokenizer.from_str(raw))
+    except Exception as e:  # a damaged or foreign file: say which one
+        raise ValueError(f"{str(path)!r}: not a tokenizer slimlm can read ({e})") from e
 
 
 def train_tokenizer(
@@ -591,9 +598,14 @@ class TokenData:
                 f"path={str(path)!r}: expected a token file and its {meta_path.name} "
                 f"written by TokenData.build"
             )
-        meta = json.loads(meta_path.read_text())
-        dtype = np.dtype(meta["dtype"])
-        expected = meta["num_tokens"] * dtype.itemsize
+        try:
+            meta = json.loads(meta_path.read_text())
+            dtype = np.dtype(meta["dtype"])
+            expected = int(meta["num_tokens"]) * dtype.itemsize
+            int(meta["num_bytes"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{str(meta_path)!r}: damaged token metadata ({e!r}); rebuild it "
+                             "with TokenData.build") from e
         if path.stat().st_size != expected:
             raise ValueError(
                 f"path={str(path)!r}: {path.stat().st_size} bytes on disk, expected "

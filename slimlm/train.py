@@ -67,6 +67,7 @@ from torch import nn
 from slimlm import checkpointing as _checkpointing
 from slimlm import precision as _precision
 from slimlm._io import atomic_write_text as _atomic_write_text
+from slimlm._io import replace_dir
 from slimlm.model import ModelConfig, Transformer
 
 PRECISIONS = _precision.POLICIES
@@ -444,17 +445,7 @@ def save_checkpoint(folder: str | os.PathLike, model: nn.Module, *,
         if precision_state is not None:  # the fp16 loss scale: needed for an exact resume
             state["precision"] = precision_state
         torch.save(state, tmp / STATE_FILE)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{tag}")
-            os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old, target)  # put the previous checkpoint back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

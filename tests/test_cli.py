@@ -169,3 +169,44 @@ def test_train_compile_takes_an_optional_mode():
     assert p.parse_args(["train", "--compile"]).compile is True
     assert p.parse_args(["train", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
     assert p.parse_args(["train"]).compile is False
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["train", "--preset", "tiny", "--batch-size", "0", "--steps", "1"], "batch_size=0"),
+    (["bench", "ceiling", "--quick", "--option", "bits=[4"], "not valid JSON"),
+    (["bench", "ceiling", "--quick", "--option", "bogus=1"], "unknown option(s) ['bogus']"),
+])
+def test_library_errors_print_one_line_not_a_traceback(argv, msg, capsys, tmp_path):
+    """A ValueError from the library's checks ends the command with its message and exit
+    status 2 (an argparse-style error), not a traceback."""
+    try:
+        rc = main(argv + ["--out", str(tmp_path / "o")] if argv[0] == "bench" else argv)
+    except SystemExit as e:
+        text, rc = str(e), 2
+    else:
+        text = capsys.readouterr().err
+    assert rc == 2 and msg in text and "Traceback" not in text
+
+
+def test_train_refuses_to_wipe_an_existing_run(run, capsys):
+    before = (run / "history.jsonl").read_text()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(["train", "--preset", "tiny", "--steps", "1", "--device", "cpu", "--out", str(run)])
+    assert (run / "history.jsonl").read_text() == before
+
+
+def test_compress_refuses_to_replace_its_own_run(run):
+    with pytest.raises(SystemExit, match="is the run being compressed"):
+        main(["compress", str(run), "--quant", "int8", "--out", str(run), "--overwrite"])
+    assert (run / "checkpoint" / "config.json").exists()
+
+
+def test_a_failed_bench_start_keeps_the_earlier_results(tmp_path):
+    from slimlm import bench
+
+    good = tmp_path / "ceiling-cpu-quick.json"
+    good.write_text('{"suite": "ceiling", "rows": [{"x": 1}]}')
+    with pytest.raises(ValueError, match="unknown option"):
+        bench.run_suite("ceiling", quick=True, out_dir=tmp_path, options={"bogus": 1},
+                        echo=False)
+    assert good.read_text() == '{"suite": "ceiling", "rows": [{"x": 1}]}'

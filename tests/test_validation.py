@@ -180,3 +180,38 @@ def test_save_checkpoint_refuses_a_train_config_it_cannot_write(tmp_path):
     with pytest.raises(ValueError, match="step=True"):
         save_checkpoint(tmp_path / "c", _model(), step=True)
     assert not (tmp_path / "c").exists()
+
+
+def test_damaged_data_files_are_named(tmp_path):
+    from slimlm.data import ByteTokenizer, TokenData, load_tokenizer, train_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"tokenizer.json'.*not a tokenizer"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a tokenizer"):
+        load_tokenizer(tmp_path)
+    data = TokenData.build(["hello world"] * 4, ByteTokenizer(), tmp_path / "t.bin")
+    meta = next(p for p in tmp_path.iterdir() if p.name.startswith("t.bin") and p != data.path)
+    meta.write_text('{"dtype": "uint16"}')
+    with pytest.raises(ValueError, match="damaged token metadata"):
+        TokenData.open(data.path)
+    with pytest.raises(ValueError, match="too large"):
+        train_tokenizer(["a b c"], 10_000_000_000)
+
+
+def test_replace_dir_swaps_whole_folders(tmp_path):
+    from slimlm._io import replace_dir
+
+    target, new = tmp_path / "ckpt", tmp_path / ".ckpt.new"
+    target.mkdir()
+    (target / "a").write_text("old")
+    new.mkdir()
+    (new / "a").write_text("new")
+    replace_dir(new, target)
+    assert (target / "a").read_text() == "new" and not new.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # the old one is gone
+    fresh = tmp_path / ".fresh"
+    fresh.mkdir()
+    replace_dir(fresh, tmp_path / "other")  # no target yet: a plain rename
+    assert (tmp_path / "other").is_dir()

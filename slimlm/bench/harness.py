@@ -27,6 +27,7 @@ import datetime as _dt
 import gc
 import importlib
 import importlib.metadata
+import inspect
 import json
 import math
 import os
@@ -578,6 +579,7 @@ def run_suite(name: str, *, quick: bool = False, out_dir: str | os.PathLike | No
     fn = get_suite(name)  # ValueError for an unknown name, before any work
     if options is not None and not isinstance(options, dict):
         raise TypeError(f"options={options!r}: expected a dict of suite keyword arguments")
+    _check_options(name, fn, options or {})
     dev = _resolve_device(device, quick)
     out = Path(out_dir) if out_dir is not None else default_out_dir(quick)
     path = out / result_filename(name, dev, quick)
@@ -608,9 +610,25 @@ def run_suite(name: str, *, quick: bool = False, out_dir: str | os.PathLike | No
     finally:
         doc = {"suite": name, "gpu_slug": gpu_slug(dev), "status": status, "error": error,
                "elapsed_s": round(time.perf_counter() - t0, 3), "env": env, "rows": rows}
-        write_json_atomic(path, doc)
+        # A run that measured nothing leaves an earlier results file as it was (a failed
+        # start must not replace committed figures with an empty error record).
+        if rows or not path.exists():
+            write_json_atomic(path, doc)
         free_memory(dev)
     return path
+
+
+def _check_options(name: str, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Option names the suite does not take, refused before any work (a suite with
+    ``**options`` checks its own)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [p for p in list(params)[2:] if params[p].kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"bench {name}: unknown option(s) {unknown}; this suite takes "
+                         f"{known}")
 
 
 def run_all(*, quick: bool = False, out_dir: str | os.PathLike | None = None,
