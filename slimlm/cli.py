@@ -379,6 +379,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --data {args.data!r}: no such file or folder")
     device = _device(args.device)
     out = Path(args.out)
+
+    def train_config(seq_len: int) -> Any:
+        steps = args.steps if isinstance(args.steps, int) else 0
+        return strain.TrainConfig(
+            batch_size=args.batch_size, seq_len=seq_len, steps=args.steps, lr=args.lr,
+            warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 4),
+            eval_batches=args.eval_batches, precision=args.precision,
+            cuda_graph=args.cuda_graph, device=device, seed=args.seed,
+            out_dir=str(out / "train"))
+
+    try:  # every training option checked before the model loads and the data is tokenized
+        train_config(args.seq_len)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     model, tokenizer, ckpt = _load_run(args.run, device)
     bundle = sdata.prepare_data(args.data, out / "data", vocab_size=tokenizer.vocab_size,
                                 tokenizer_folder=ckpt, max_bytes=args.max_bytes)
@@ -394,12 +408,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}") from None
     trainable, total = lora.trainable_parameters(model)
     try:
-        tcfg = strain.TrainConfig(
-            batch_size=args.batch_size, seq_len=seq_len, steps=args.steps, lr=args.lr,
-            warmup_steps=max(1, args.steps // 10), eval_every=max(1, args.steps // 4),
-            eval_batches=args.eval_batches, precision=args.precision,
-            cuda_graph=args.cuda_graph, device=device, seed=args.seed,
-            out_dir=str(out / "train"))
+        tcfg = train_config(seq_len)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     torch.manual_seed(args.seed)

@@ -222,6 +222,14 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     field for anything slimlm's decoder cannot reproduce (RoPE scaling, biases, another
     activation, another model type)."""
     if isinstance(hf_config, dict):
+        # LlamaConfig fills what is missing with Llama-2-7B's values: a dict without the
+        # shape fields is more likely a mistake than a request for a 7B model
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads")
+                   if k not in hf_config]
+        if missing:
+            raise ValueError(f"hf_config: the dict lacks {missing}; expected a Llama "
+                             "config.json's fields")
         transformers = _require_transformers()
         hf_config = transformers.LlamaConfig.from_dict(hf_config)
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

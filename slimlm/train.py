@@ -259,7 +259,12 @@ def resolve_device(device: str) -> torch.device:
     """"auto" -> CUDA when present, else CPU. Asking for CUDA without a GPU is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r}: no CUDA GPU is available on this machine; "
@@ -511,9 +516,9 @@ def _weights_dtype(path: Path) -> torch.dtype | None:
 def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Transformer:
     """The model of a checkpoint folder (weights and config only), in the dtype it was
     saved in. The global RNG is left untouched."""
+    dev = resolve_device(str(device) if isinstance(device, torch.device) else device)
     folder = Path(folder)
     cfg = _read_model_config(folder)
-    dev = torch.device(device)
     # Building the model runs its random init; fork the RNG so loading has no side effect.
     forked = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=forked), dev:
@@ -585,8 +590,12 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int, seq_len: int,
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}={v!r}: expected a positive integer")
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+    if max_batches is not None and (isinstance(max_batches, bool)
+                                    or not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches={max_batches!r}: expected a positive integer or None")
+    if not hasattr(data, "iter_batches"):
+        hint = " (pass bundle.val, one split)" if hasattr(data, "val") else ""
+        raise ValueError(f"data={type(data).__name__}: expected a TokenData{hint}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -636,6 +645,8 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, grad
     holds the scale, and finish with ``policy.step``). Returns the batch's mean loss (a
     detached tensor, no host sync). ``autocast_cache=False`` turns off autocast's
     weight-cast cache (for CUDA-graph capture)."""
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum!r}: expected a positive integer")
     if x.shape[0] % grad_accum != 0:
         raise ValueError(f"batch of {x.shape[0]} does not split into grad_accum={grad_accum} "
                          "equal micro-batches")
@@ -911,6 +922,10 @@ def train(model: Transformer, data: Any, cfg: TrainConfig, *,
     as it is made (after that step's checkpoint, if any, is on disk).
     """
     _check_inputs(model, data, cfg)
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback={callback!r}: expected a callable taking each history row")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress={progress!r}: expected True or False")
     device = resolve_device(cfg.device)  # before any work: a missing GPU fails here
     resume_path = _resolve_resume(resume_from) if resume_from is not None else None
     state: dict[str, Any] | None = None

@@ -215,3 +215,48 @@ def test_replace_dir_swaps_whole_folders(tmp_path):
     fresh.mkdir()
     replace_dir(fresh, tmp_path / "other")  # no target yet: a plain rename
     assert (tmp_path / "other").is_dir()
+
+
+def test_training_helpers_arguments():
+    from slimlm.data import ByteTokenizer, DataBundle, TokenData
+    from slimlm.train import TrainConfig, evaluate, forward_backward, resolve_device, train
+
+    for bad in ("gpu", None, 1):
+        with pytest.raises(ValueError, match=re.escape(f"device={bad!r}")):
+            resolve_device(bad)
+    m = _model()
+    x = torch.randint(0, 64, (2, 8))
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match=f"grad_accum={bad!r}"):
+            forward_backward(m, x, x, grad_accum=bad)
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp())
+    split = TokenData.build(["hello world " * 20] * 4, ByteTokenizer(), folder / "t.bin")
+    with pytest.raises(ValueError, match="max_batches=True"):
+        evaluate(m, split, batch_size=1, seq_len=8, max_batches=True)
+    bundle = DataBundle(train=split, val=split, tokenizer=ByteTokenizer(), folder=folder)
+    with pytest.raises(ValueError, match=r"data=DataBundle: expected a TokenData \(pass "
+                                         r"bundle.val"):
+        evaluate(m, bundle, batch_size=1, seq_len=8)
+    big = _model(vocab_size=300)
+    with pytest.raises(ValueError, match="callback=1"):
+        train(big, bundle, TrainConfig(batch_size=1, seq_len=8, steps=1), callback=1)
+
+
+def test_hf_config_dict_without_shape_fields_is_refused():
+    pytest.importorskip("transformers")
+    from slimlm.hf import config_from_hf
+
+    with pytest.raises(ValueError, match=r"lacks \['vocab_size'"):
+        config_from_hf({})
+
+
+def test_finetune_checks_training_options_before_loading(tmp_path):
+    from slimlm.cli import main
+
+    with pytest.raises(SystemExit, match="TrainConfig.steps=-2"):
+        main(["finetune", str(tmp_path / "no-run"), "--lora", "r=4", "--steps", "-2",
+              "--out", str(tmp_path / "ft")])
+    assert not (tmp_path / "ft").exists()
