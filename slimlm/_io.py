@@ -41,6 +41,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def atomic_write_many(writers: dict[str | os.PathLike, Callable[[str], None]]) -> list[Path]:
+    """Several files that belong together (weights and their config): every one is
+    written to a temporary name first, and only then are all renamed into place, so an
+    interruption while writing leaves the old set whole (the renames themselves take
+    microseconds)."""
+    done: list[tuple[str, Path]] = []
+    try:
+        for path, write in writers.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                       dir=path.parent)
+            os.close(fd)
+            done.append((tmp, path))
+            write(tmp)
+            os.chmod(tmp, _target_mode(path))
+    except BaseException:
+        for tmp, _ in done:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    for tmp, path in done:
+        os.replace(tmp, path)
+    return [path for _, path in done]
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 

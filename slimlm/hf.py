@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from slimlm._io import atomic_write as _atomic_write
+from slimlm._io import atomic_write_many as _atomic_write_many
 from slimlm.model import ModelConfig, Transformer
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -394,9 +394,11 @@ def save_hf_checkpoint(model: Transformer, folder: str | os.PathLike[str]) -> No
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / _WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config_json = hf_config.to_json_string()
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(config_json))
+    # weights and config replace the old pair together (never new weights, old config)
+    _atomic_write_many({
+        path / _WEIGHTS: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        path / "config.json": lambda tmp: Path(tmp).write_text(config_json)})
 
 
 # ---------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimlm._io import atomic_write as _atomic_write
+from slimlm._io import atomic_write_many as _atomic_write_many
 
 INITS = ("default", "gaussian", "pissa", "random")
 ALL_LINEAR = "all-linear"
@@ -1527,15 +1527,15 @@ def save(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "defau
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME,
-                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
     def write_json(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
 
-    _atomic_write(folder / CONFIG_NAME, write_json)
+    # weights and config replace the old pair together (never new weights, old config)
+    _atomic_write_many({folder / WEIGHTS_NAME:
+                        lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+                        folder / CONFIG_NAME: write_json})
     return folder
 
 

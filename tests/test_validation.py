@@ -260,3 +260,20 @@ def test_finetune_checks_training_options_before_loading(tmp_path):
         main(["finetune", str(tmp_path / "no-run"), "--lora", "r=4", "--steps", "-2",
               "--out", str(tmp_path / "ft")])
     assert not (tmp_path / "ft").exists()
+
+
+def test_atomic_write_many_keeps_the_old_set_when_a_writer_fails(tmp_path):
+    from pathlib import Path
+
+    from slimlm._io import atomic_write_many
+
+    a, b = tmp_path / "w.bin", tmp_path / "c.json"
+    atomic_write_many({a: lambda t: Path(t).write_text("w1"), b: lambda t: Path(t).write_text("c1")})
+
+    def boom(tmp: str) -> None:
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write_many({a: lambda t: Path(t).write_text("w2"), b: boom})
+    assert (a.read_text(), b.read_text()) == ("w1", "c1")  # neither file moved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "w.bin"]  # no temps left

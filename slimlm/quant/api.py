@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimlm._io import atomic_write as _atomic_write
+from slimlm._io import atomic_write_many as _atomic_write_many
 from slimlm.kernels.quant_matmul import pack_bits
 from slimlm.quant.calibrated import awq_search, gptq_quantize, rtn_dequant_fn
 from slimlm.quant.config import QuantConfig
@@ -419,10 +419,10 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike) -> Path:
         "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") and
         type(cfg).__name__ == "ModelConfig" else None,
     }
-    _atomic_write(folder / WEIGHTS_FILE,
-                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_FILE,
-                  lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    # weights and config replace the old pair together (never new weights, old config)
+    _atomic_write_many({
+        folder / WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+        folder / CONFIG_FILE: lambda p: Path(p).write_text(json.dumps(meta, indent=2))})
     return folder
 
 
