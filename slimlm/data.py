@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import sys
 import sysconfig
@@ -474,6 +475,9 @@ def train_tokenizer(
     """
     if kind not in TOKENIZER_KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {TOKENIZER_KINDS}")
+    if isinstance(texts, (str, bytes)):  # iterating it would train on single characters
+        raise ValueError(f"texts={texts[:40]!r}...: expected an iterable of strings (e.g. "
+                         "[text]), not one string")
     _check_vocab_size(vocab_size)
     if kind == "byte":
         return ByteTokenizer()
@@ -655,6 +659,9 @@ class TokenData:
         batch sequence reproducible.
         """
         self._check_window(batch_size, seq_len)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator={generator!r}: expected a torch.Generator or None")
+        _check_device(device)
         gen_device = generator.device if generator is not None else "cpu"
         starts = torch.randint(
             0, len(self) - seq_len, (batch_size,), generator=generator, device=gen_device
@@ -677,8 +684,10 @@ class TokenData:
         not on the first ``next``.
         """
         self._check_window(batch_size, seq_len)
-        if max_batches is not None and (not isinstance(max_batches, int) or max_batches <= 0):
+        if max_batches is not None and (isinstance(max_batches, bool)
+                                        or not isinstance(max_batches, int) or max_batches <= 0):
             raise ValueError(f"max_batches={max_batches!r}: expected a positive int or None")
+        _check_device(device)
         n_windows = (len(self) - 1) // seq_len
         n_batches = math.ceil(n_windows / batch_size)
         if max_batches is not None:
@@ -695,6 +704,16 @@ class TokenData:
 # --------------------------------------------------------------------------- metrics
 
 
+def _check_device(device: object) -> None:
+    """A device batches can go to, checked on the call rather than at the first copy."""
+    try:
+        dev = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+
+
 def bits_per_byte(mean_loss_nats: float, num_tokens: int, num_bytes: int) -> float:
     """Bits per UTF-8 byte: ``mean_loss_nats * num_tokens / (ln 2 * num_bytes)``.
 
@@ -708,10 +727,12 @@ def bits_per_byte(mean_loss_nats: float, num_tokens: int, num_bytes: int) -> flo
 
         bits_per_byte(2.0, 1000, 3500)  # 2 nats/token at 3.5 bytes/token -> 0.824
     """
-    if num_tokens < 0:
-        raise ValueError(f"num_tokens={num_tokens!r}: expected >= 0")
-    if not num_bytes > 0:
-        raise ValueError(f"num_bytes={num_bytes!r}: expected > 0")
+    if (isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral)
+            or num_tokens < 0):
+        raise ValueError(f"num_tokens={num_tokens!r}: expected an integer >= 0")
+    if (isinstance(num_bytes, bool) or not isinstance(num_bytes, numbers.Real)
+            or not num_bytes > 0):
+        raise ValueError(f"num_bytes={num_bytes!r}: expected a number > 0")
     return float(mean_loss_nats) * num_tokens / (math.log(2) * num_bytes)
 
 

@@ -277,3 +277,23 @@ def test_atomic_write_many_keeps_the_old_set_when_a_writer_fails(tmp_path):
         atomic_write_many({a: lambda t: Path(t).write_text("w2"), b: boom})
     assert (a.read_text(), b.read_text()) == ("w1", "c1")  # neither file moved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "w.bin"]  # no temps left
+
+
+def test_data_arguments(tmp_path):
+    from slimlm.data import ByteTokenizer, TokenData, bits_per_byte, train_tokenizer
+
+    with pytest.raises(ValueError, match="not one string"):
+        train_tokenizer("hello world", 300)
+    split = TokenData.build(["hello world " * 20] * 4, ByteTokenizer(), tmp_path / "t.bin")
+    with pytest.raises(ValueError, match="generator=1"):
+        split.get_batch(2, 8, generator=1)
+    with pytest.raises(ValueError, match="device='gpu'"):
+        split.get_batch(2, 8, device="gpu")
+    with pytest.raises(ValueError, match="device='gpu'"):
+        split.iter_batches(2, 8, device="gpu")  # on the call, not at the first next()
+    with pytest.raises(ValueError, match="max_batches=True"):
+        split.iter_batches(2, 8, max_batches=True)
+    for kw, name in ((dict(num_tokens=1.5, num_bytes=10), "num_tokens=1.5"),
+                     (dict(num_tokens=1, num_bytes=None), "num_bytes=None")):
+        with pytest.raises(ValueError, match=name):
+            bits_per_byte(1.0, **kw)
