@@ -343,13 +343,25 @@ def load_hf_checkpoint(folder: str | os.PathLike[str], *, device: str | torch.de
         raise FileNotFoundError(f"folder={str(folder)!r}: expected an existing directory")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"folder={str(folder)!r}: no config.json in it")
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype={dtype!r}: expected a torch.dtype or None")
+    if dtype is not None and (not isinstance(dtype, torch.dtype)
+                              or not dtype.is_floating_point):
+        raise TypeError(f"dtype={dtype!r}: expected a floating torch.dtype or None")
+    from slimlm.train import resolve_device
+
+    device = resolve_device(str(device) if isinstance(device, torch.device) else device)
     if (path / _WEIGHTS).is_file():
         files = [path / _WEIGHTS]
     elif (path / _INDEX).is_file():
-        weight_map = json.loads((path / _INDEX).read_text())["weight_map"]
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads((path / _INDEX).read_text())["weight_map"]
+            files = [path / name for name in sorted(set(weight_map.values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{str(path / _INDEX)!r}: not a safetensors index with a "
+                             f"weight_map ({e!r})") from e
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{str(path / _INDEX)!r} names shards that are not "
+                                    f"there: {missing[:3]}")
     else:
         raise FileNotFoundError(f"folder={str(folder)!r}: expected {_WEIGHTS} or {_INDEX} "
                                 "(only safetensors checkpoints are read)")
@@ -361,11 +373,18 @@ def load_hf_checkpoint(folder: str | os.PathLike[str], *, device: str | torch.de
 
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        tensors.update(load_file(str(f), device=str(torch.device(device))))
+        try:
+            tensors.update(load_file(str(f), device=str(device)))
+        except Exception as e:  # a damaged or foreign file: say which one
+            raise ValueError(f"{str(f)!r}: cannot read it as safetensors ({e})") from e
     sd = state_dict_from_hf(tensors)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-    return _adopt(cfg, sd, training=False)
+    try:
+        return _adopt(cfg, sd, training=False)
+    except RuntimeError as e:  # load_state_dict: the weights do not fit config.json
+        raise ValueError(f"folder={str(folder)!r}: its weights do not match its config.json "
+                         f"({str(e).splitlines()[0]})") from e
 
 
 

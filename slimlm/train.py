@@ -399,6 +399,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def _unloadable(obj: Any, depth: int = 0) -> str | None:
+    """The type name of the first value in ``obj`` that ``torch.load(weights_only=True)``
+    would refuse, or None."""
+    if depth > 64:
+        return "structure nested over 64 levels"
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor, torch.dtype,
+                                       torch.device)):
+        return None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            bad = _unloadable(k, depth + 1) or _unloadable(v, depth + 1)
+            if bad:
+                return bad
+        return None
+    if isinstance(obj, (list, tuple)):
+        return next((b for v in obj if (b := _unloadable(v, depth + 1))), None)
+    return type(obj).__name__
+
+
 def save_checkpoint(folder: str | os.PathLike, model: nn.Module, *,
                     optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, step: int = 0,
@@ -422,6 +441,19 @@ def save_checkpoint(folder: str | os.PathLike, model: nn.Module, *,
     if train_config is not None and not isinstance(train_config, (TrainConfig, dict)):
         raise ValueError(f"train_config={train_config!r}: expected a TrainConfig, a dict or "
                          "None")
+    if extra is not None:
+        bad = _unloadable(extra)
+        if bad is not None or not isinstance(extra, dict):
+            raise ValueError(f"extra: holds a {bad or type(extra).__name__}; expected a dict "
+                             "of tensors, numbers, strings, lists and dicts (what a checkpoint "
+                             "can be loaded back with, safely)")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer={optimizer!r}: expected a torch.optim.Optimizer or None")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save", None)):
+        raise ValueError(f"tokenizer={tokenizer!r}: expected a slimlm tokenizer (with .save) "
+                         "or None")
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise ValueError(f"folder={str(folder)!r}: exists and is not a folder")
     from safetensors.torch import save_model
 
     target = Path(folder)

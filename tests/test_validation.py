@@ -297,3 +297,39 @@ def test_data_arguments(tmp_path):
                      (dict(num_tokens=1, num_bytes=None), "num_bytes=None")):
         with pytest.raises(ValueError, match=name):
             bits_per_byte(1.0, **kw)
+
+
+def test_hf_checkpoint_errors_name_the_file(tmp_path):
+    pytest.importorskip("transformers")
+    import json
+
+    from slimlm.hf import load_hf_checkpoint, save_hf_checkpoint
+
+    save_hf_checkpoint(_model(), tmp_path / "ok")
+    with pytest.raises(ValueError, match="device='gpu'"):
+        load_hf_checkpoint(tmp_path / "ok", device="gpu")
+    with pytest.raises(TypeError, match="dtype=torch.int8"):
+        load_hf_checkpoint(tmp_path / "ok", dtype=torch.int8)
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    with pytest.raises(ValueError, match="do not match its config.json"):
+        load_hf_checkpoint(tmp_path / "ok")
+    (tmp_path / "ok" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"model.safetensors'.*cannot read it"):
+        load_hf_checkpoint(tmp_path / "ok")
+
+
+def test_save_checkpoint_refuses_what_it_could_not_load_back(tmp_path):
+    from slimlm.train import save_checkpoint
+
+    with pytest.raises(ValueError, match="extra: holds a object"):
+        save_checkpoint(tmp_path / "c", _model(), extra={"a": object()})
+    with pytest.raises(ValueError, match="optimizer=1"):
+        save_checkpoint(tmp_path / "c", _model(), optimizer=1)
+    with pytest.raises(ValueError, match="tokenizer='x'"):
+        save_checkpoint(tmp_path / "c", _model(), tokenizer="x")
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(ValueError, match="is not a folder"):
+        save_checkpoint(tmp_path / "f", _model())
+    assert (tmp_path / "f").read_text() == "mine" and not (tmp_path / "c").exists()
+    save_checkpoint(tmp_path / "c", _model(), extra={"k": [1, 2.0, "s", torch.ones(2)]})
