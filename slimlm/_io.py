@@ -62,8 +62,13 @@ def atomic_write_many(writers: dict[str | os.PathLike, Callable[[str], None]]) -
             if os.path.exists(tmp):
                 os.unlink(tmp)
         raise
-    for tmp, path in done:
-        os.replace(tmp, path)
+    try:
+        for tmp, path in done:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in done:  # whatever a failed rename left behind
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return [path for _, path in done]
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slimlm._checks import is_bool, is_real
 from slimlm.kernels import warn_fallback
 
 __all__ = ["attend_flash", "flash_attention", "register_hf_flash_attention"]
@@ -239,21 +240,24 @@ def attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: b
     q (B, H, Tq, D), k/v (B, Hkv, Tk, D). A boolean ``mask`` that keeps everything or is
     exactly the causal pattern runs on the kernel; any other mask, and dropout, go to
     ``slimlm.model.sdpa_attention`` (with a one-time warning)."""
-    if not isinstance(causal, bool):
+    if not is_bool(causal):
         raise ValueError(f"attend_flash: causal={causal!r}: expected True or False")
-    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
-            or not 0.0 <= dropout_p < 1.0):
+    if not is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attend_flash: dropout_p={dropout_p!r}: expected a probability in "
                          "[0, 1)")
     if mask is not None:
         want = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        if (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() > 4
+        if (not isinstance(mask, torch.Tensor)
+                or not (mask.dtype == torch.bool or mask.is_floating_point()) or mask.dim() > 4
                 or any(m not in (1, w) for m, w in zip(mask.shape[::-1], want[::-1]))):
             got = (f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
                    else type(mask).__name__)
-            raise ValueError(f"attend_flash: mask={got}: expected a bool tensor that "
-                             f"broadcasts to (B, H, Tq, Tk) = (B, H, {want[2]}, {want[3]})")
-        plain = _mask_is_plain(mask, q.shape[-2], k.shape[-2])
+            raise ValueError(f"attend_flash: mask={got}: expected a bool (or additive float) "
+                             f"tensor that broadcasts to (B, H, Tq, Tk) = (B, H, {want[2]}, "
+                             f"{want[3]})")
+        # an additive float mask goes to SDPA as it is
+        plain = (_mask_is_plain(mask, q.shape[-2], k.shape[-2]) if mask.dtype == torch.bool
+                 else None)
         if plain == "causal":
             causal, mask = True, None
         elif plain == "all":

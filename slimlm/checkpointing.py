@@ -60,6 +60,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from slimlm._checks import is_bool
+
 POLICIES = ("none", "full", "every:N", "selective", "budget:F", "offload")
 MODES = ("save", "selective", "full")
 
@@ -143,7 +145,7 @@ class CheckpointConfig:
                                  "or a number of bytes > 1")
         if not isinstance(self.offload, bool):
             raise ValueError(f"CheckpointConfig.offload={self.offload!r}: expected a bool")
-        if not isinstance(self.preserve_rng_state, bool):
+        if not is_bool(self.preserve_rng_state):
             raise ValueError(f"CheckpointConfig.preserve_rng_state="
                              f"{self.preserve_rng_state!r}: expected a bool")
 

@@ -318,7 +318,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}") from None
     out = Path(args.out)
     src = _checkpoint_dir(args.run).resolve()
-    if out.resolve() in (src, src.parent):
+    if src in (out.resolve(), (out / "checkpoint").resolve()):
         raise SystemExit(f"error: --out {str(out)!r} is the run being compressed; the "
                          "quantized checkpoint would replace the trained one: choose another "
                          "folder")
@@ -452,7 +452,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError as e:
-            if value[:1] in "[{\"" or value.strip() in ("true", "false", "null"):
+            if value and value[:1] in "[{\"":
                 # meant as JSON but malformed: a plain string would be iterated char by char
                 raise SystemExit(f"error: --option {item!r}: the value is not valid JSON "
                                  f"({e.msg} at column {e.pos + 1}); quote strings as "

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import os
 import sys
 import sysconfig
@@ -727,11 +726,16 @@ def bits_per_byte(mean_loss_nats: float, num_tokens: int, num_bytes: int) -> flo
 
         bits_per_byte(2.0, 1000, 3500)  # 2 nats/token at 3.5 bytes/token -> 0.824
     """
-    if (isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral)
-            or num_tokens < 0):
-        raise ValueError(f"num_tokens={num_tokens!r}: expected an integer >= 0")
-    if (isinstance(num_bytes, bool) or not isinstance(num_bytes, numbers.Real)
-            or not num_bytes > 0):
+    def number(v: Any) -> float:  # any number, NumPy and 0-d tensors included
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return math.nan
+
+    n_tok, n_bytes = number(num_tokens), number(num_bytes)
+    if not n_tok >= 0:
+        raise ValueError(f"num_tokens={num_tokens!r}: expected a number >= 0")
+    if not n_bytes > 0:
         raise ValueError(f"num_bytes={num_bytes!r}: expected a number > 0")
     return float(mean_loss_nats) * num_tokens / (math.log(2) * num_bytes)
 

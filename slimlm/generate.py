@@ -80,6 +80,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimlm._checks import is_bool, is_int
 from slimlm.kernels import dense_decode as _dense_decode
 from slimlm.kernels import gemv as _gemv
 from slimlm.model import ModelConfig
@@ -219,7 +220,7 @@ def _check_kv(cache: KVCache, k: torch.Tensor, v: torch.Tensor, n_kv_heads: int,
 def _check_shape_args(owner: str, n_kv_heads: Any, head_dim: Any, dtype: Any) -> None:
     """A cache's head count, head size and dtype, checked before anything is allocated."""
     for name, value in (("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ValueError(f"{owner}: {name}={value!r}: expected a positive integer")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"{owner}: dtype={dtype!r}: expected a floating torch.dtype, e.g. "
@@ -864,7 +865,7 @@ def generate(model: nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
                         "slimlm Transformer (with a ModelConfig at .cfg)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens!r}: expected an integer >= 0")
-    if not isinstance(return_logits, bool):
+    if not is_bool(return_logits):
         raise ValueError(f"generate: return_logits={return_logits!r}: expected True or False")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     rows = _prompt_rows(prompts)

@@ -80,6 +80,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slimlm._checks import is_bool
 from slimlm.generate import KVCache, _check_kv, register_cache
 from slimlm.kernels.decode_attention import (
     SUPPORTED_BITS,
@@ -528,7 +529,7 @@ class SinkCache(KVCache):
         if (isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float))
                 or not math.isfinite(rope_theta) or rope_theta <= 0):
             raise ValueError(f"{name}: rope_theta={rope_theta!r}: expected a positive number")
-        if not isinstance(reposition, bool):
+        if not is_bool(reposition):
             raise ValueError(f"{name}: reposition={reposition!r}: expected True or False")
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.group_size, self.v_group_size = group_size, v_group_size

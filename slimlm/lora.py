@@ -998,11 +998,8 @@ class LoRALinear(nn.Module):
         DoRA (1 for LoRA), all relative to the same W, exactly what forward computes."""
         if isinstance(names, str):  # one name, not its characters
             names = [names]
-        if names is not None:
-            unknown = [n for n in names if n not in self.lora_A]
-            if unknown:
-                raise ValueError(f"merge: names={list(names)!r}: unknown adapter(s) "
-                                 f"{unknown}; this layer has {self.adapter_names}")
+        # names this layer lacks are skipped: merge_ passes the model's list to every layer
+        # (adapters may sit on different layers) and checks the names model-wide
         names = [n for n in (self.active_adapters if names is None else names)
                  if n in self.lora_A and n not in self.merged_adapters]
         if not names:
@@ -1662,7 +1659,7 @@ def load(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "defau
                 if dst.shape != t.shape:
                     raise ValueError(f"load: {fp!r} {kind}: shape {tuple(t.shape)} in the file, "
                                      f"expected {tuple(dst.shape)}")
-                dst.copy_(t)
+                dst.copy_(t.reshape(dst.shape))  # a DoRA magnitude may come as (out, 1)
     if not trainable:
         _refresh_trainable(model, [])
     return model

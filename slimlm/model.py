@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimlm._checks import is_real
 from slimlm.kernels import gemv as _gemv
 from slimlm.quant import linear as _qlin
 
@@ -80,9 +81,9 @@ class ModelConfig:
                              "integer or None")
         for name in ("rope_theta", "norm_eps", "init_std", "dropout"):
             value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not math.isfinite(value)):
+            if not is_real(value) or not math.isfinite(value):
                 raise ValueError(f"ModelConfig.{name}={value!r}: expected a finite number")
+            setattr(self, name, float(value))  # NumPy scalars too; JSON-safe when saved
         if self.head_dim_override is None and self.dim % self.n_heads != 0:
             raise ValueError(
                 f"ModelConfig.dim={self.dim}: expected a multiple of n_heads={self.n_heads}, "

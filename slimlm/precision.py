@@ -63,6 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimlm._checks import is_int, is_real
+
 POLICIES = ("fp32", "tf32", "bf16-mixed", "bf16-pure", "fp16-mixed", "fp8")
 BF16_ROUNDING = ("stochastic", "kahan", "nearest")
 FP8_SCALING = ("tensor", "row")
@@ -362,20 +364,25 @@ class BF16AdamW(torch.optim.Optimizer):
         if rounding not in BF16_ROUNDING:
             raise ValueError(f"rounding={rounding!r}: expected one of {BF16_ROUNDING}")
         def number(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            return is_real(v) and math.isfinite(v)
 
         if not (number(lr) and lr >= 0):
             raise ValueError(f"lr={lr!r}: expected a finite non-negative number")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-                and all(number(b) and 0 <= b < 1 for b in betas)):
+        try:
+            pair = tuple(betas)
+        except TypeError:
+            pair = ()
+        if not (len(pair) == 2 and all(number(b) and 0 <= b < 1 for b in pair)):
             raise ValueError(f"betas={betas!r}: expected two numbers in [0, 1)")
+        betas = (float(pair[0]), float(pair[1]))
         if not (number(eps) and eps >= 0):
             raise ValueError(f"eps={eps!r}: expected a finite non-negative number")
         if not (number(weight_decay) and weight_decay >= 0):
             raise ValueError(f"weight_decay={weight_decay!r}: expected a finite non-negative "
                              "number")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise ValueError(f"seed={seed!r}: expected an int")
+        seed = int(seed)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
         self.rounding = rounding
@@ -989,10 +996,12 @@ def convert_to_fp8_(model: nn.Module, *, scaling: str = "tensor", backend: str =
                                  ("fallback", fallback, FP8_FALLBACK)):
         if value not in choices:
             raise ValueError(f"{name}={value!r}: expected one of {choices}")
-    if not isinstance(skip, (tuple, list)) or not all(isinstance(n, str) for n in skip):
-        raise ValueError(f"skip={skip!r}: expected a tuple of module names, e.g. "
+    if isinstance(skip, str):  # iterating it would skip single characters
+        raise ValueError(f"skip={skip!r}: expected a collection of module names, e.g. "
                          "('lm_head',)")
     skip = tuple(skip)
+    if not all(isinstance(n, str) for n in skip):
+        raise ValueError(f"skip={skip!r}: expected module names (strings)")
     done = []
     for fqn, mod in model.named_modules():
         if type(mod) is not nn.Linear or _skipped(fqn, skip):

@@ -399,23 +399,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _unloadable(obj: Any, depth: int = 0) -> str | None:
-    """The type name of the first value in ``obj`` that ``torch.load(weights_only=True)``
-    would refuse, or None."""
-    if depth > 64:
-        return "structure nested over 64 levels"
-    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor, torch.dtype,
-                                       torch.device)):
-        return None
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            bad = _unloadable(k, depth + 1) or _unloadable(v, depth + 1)
-            if bad:
-                return bad
-        return None
-    if isinstance(obj, (list, tuple)):
-        return next((b for v in obj if (b := _unloadable(v, depth + 1))), None)
-    return type(obj).__name__
+def _unloadable(obj: Any) -> str | None:
+    """Why ``torch.load(weights_only=True)`` (how checkpoints are read back) would refuse
+    ``obj``, or None: tried on an in-memory copy (``extra`` is small by design)."""
+    import io
+
+    buf = io.BytesIO()
+    try:
+        torch.save(obj, buf)
+        buf.seek(0)
+        torch.load(buf, weights_only=True)
+    except Exception as e:
+        return str(e).splitlines()[0][:200] or type(e).__name__
+    return None
 
 
 def save_checkpoint(folder: str | os.PathLike, model: nn.Module, *,
@@ -442,11 +438,13 @@ def save_checkpoint(folder: str | os.PathLike, model: nn.Module, *,
         raise ValueError(f"train_config={train_config!r}: expected a TrainConfig, a dict or "
                          "None")
     if extra is not None:
+        if not isinstance(extra, dict):
+            raise ValueError(f"extra={type(extra).__name__}: expected a dict or None")
         bad = _unloadable(extra)
-        if bad is not None or not isinstance(extra, dict):
-            raise ValueError(f"extra: holds a {bad or type(extra).__name__}; expected a dict "
-                             "of tensors, numbers, strings, lists and dicts (what a checkpoint "
-                             "can be loaded back with, safely)")
+        if bad is not None:
+            raise ValueError(f"extra: could not be loaded back from the checkpoint "
+                             f"(torch.load(weights_only=True): {bad}); keep to tensors, "
+                             "numbers, strings and containers of them")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer={optimizer!r}: expected a torch.optim.Optimizer or None")
     if tokenizer is not None and not callable(getattr(tokenizer, "save", None)):

@@ -612,7 +612,7 @@ def run_suite(name: str, *, quick: bool = False, out_dir: str | os.PathLike | No
                "elapsed_s": round(time.perf_counter() - t0, 3), "env": env, "rows": rows}
         # A run that measured nothing leaves an earlier results file as it was (a failed
         # start must not replace committed figures with an empty error record).
-        if rows or not path.exists():
+        if rows or status == "ok" or not path.exists():
             write_json_atomic(path, doc)
         free_memory(dev)
     return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from slimlm._checks import is_int
 from slimlm.kernels.quant_matmul import dequantize_ref, pack_bits, unpack_bits
 
 __all__ = ["dequantize", "hqq_quantize", "pack_bits", "quantize_codes", "qparams_minmax",
@@ -32,8 +33,7 @@ def check_quant_args(fn: str, w: torch.Tensor, bits: object, group_size: object)
     if isinstance(bits, bool) or bits not in QUANT_BITS:
         raise ValueError(f"{fn}: bits={bits!r}: expected one of {QUANT_BITS}")
     k = w.shape[1]
-    if (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-            or k % group_size):
+    if not is_int(group_size) or group_size < 1 or k % group_size:
         raise ValueError(f"{fn}: group_size={group_size!r}: expected a positive divisor of "
                          f"K={k} (the weight's in_features)")
 

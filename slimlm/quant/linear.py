@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimlm._checks import is_bool, is_int
 from slimlm.kernels import triton_available
 from slimlm.kernels.quant_matmul import (
     dequantize_weight,
@@ -79,18 +80,21 @@ class QuantLinear(nn.Module):
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"QuantLinear: {name}={value!r}: expected a positive integer")
-        if isinstance(bits, bool) or bits not in (2, 3, 4, 8):
+        if not is_int(bits) or bits not in (2, 3, 4, 8):
             raise ValueError(f"QuantLinear: bits={bits!r}: expected one of (2, 3, 4, 8)")
-        if group_size is not None and (isinstance(group_size, bool)
-                                       or not isinstance(group_size, int) or group_size < 1):
+        if group_size is not None and (not is_int(group_size) or group_size < 1):
             raise ValueError(f"QuantLinear: group_size={group_size!r}: expected a positive "
                              "divisor of in_features, or None (one group per row)")
         for name, value in (("symmetric", symmetric), ("bias", bias),
                             ("input_scale", input_scale), ("w8a8", w8a8)):
-            if not isinstance(value, bool):
+            if not is_bool(value):
                 raise ValueError(f"QuantLinear: {name}={value!r}: expected True or False")
+        in_features, out_features, bits = int(in_features), int(out_features), int(bits)
+        group_size = None if group_size is None else int(group_size)
+        symmetric, bias, input_scale, w8a8 = (bool(symmetric), bool(bias), bool(input_scale),
+                                              bool(w8a8))
         gs = group_size or in_features
         if in_features % gs != 0:
             raise ValueError(f"group_size={group_size}: expected a divisor of "
