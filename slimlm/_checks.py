@@ -22,3 +22,19 @@ def is_int(v: Any) -> bool:
 def is_real(v: Any) -> bool:
     """A real number (Python or NumPy int or float), not a bool."""
     return isinstance(v, numbers.Real) and not is_bool(v)
+
+
+def parse_device(device: Any, owner: str = "", types: tuple[str, ...] = ("cpu", "cuda"),
+                 expected: str = "'cpu', 'cuda' or 'cuda:N'") -> Any:
+    """``device`` (a str or torch.device) as a ``torch.device`` of one of ``types``, or a
+    ValueError naming it (``owner``: the function to name in the message)."""
+    import torch
+
+    try:
+        dev = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in types:
+        raise ValueError(f"{owner + ': ' if owner else ''}device={device!r}: expected "
+                         f"{expected}")
+    return dev

@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -49,6 +50,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from slimlm._checks import parse_device
 from slimlm._io import atomic_write_bytes as _atomic_write_bytes
 
 __all__ = [
@@ -526,6 +528,11 @@ class TokenData:
         self.num_bytes = int(num_bytes)
         self.path = path
 
+    @functools.cached_property
+    def max_id(self) -> int:
+        """The largest token id in the file (-1 when empty): one pass, then remembered."""
+        return int(self.tokens.max()) if len(self.tokens) else -1
+
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
@@ -660,7 +667,7 @@ class TokenData:
         self._check_window(batch_size, seq_len)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator={generator!r}: expected a torch.Generator or None")
-        _check_device(device)
+        parse_device(device, types=("cpu", "cuda", "meta"))
         gen_device = generator.device if generator is not None else "cpu"
         starts = torch.randint(
             0, len(self) - seq_len, (batch_size,), generator=generator, device=gen_device
@@ -686,7 +693,7 @@ class TokenData:
         if max_batches is not None and (isinstance(max_batches, bool)
                                         or not isinstance(max_batches, int) or max_batches <= 0):
             raise ValueError(f"max_batches={max_batches!r}: expected a positive int or None")
-        _check_device(device)
+        parse_device(device, types=("cpu", "cuda", "meta"))
         n_windows = (len(self) - 1) // seq_len
         n_batches = math.ceil(n_windows / batch_size)
         if max_batches is not None:
@@ -701,16 +708,6 @@ class TokenData:
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def _check_device(device: object) -> None:
-    """A device batches can go to, checked on the call rather than at the first copy."""
-    try:
-        dev = torch.device(device) if isinstance(device, (str, torch.device)) else None
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "meta"):
-        raise ValueError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
 
 
 def bits_per_byte(mean_loss_nats: float, num_tokens: int, num_bytes: int) -> float:

@@ -66,6 +66,7 @@ from torch import nn
 
 from slimlm import checkpointing as _checkpointing
 from slimlm import precision as _precision
+from slimlm._checks import parse_device
 from slimlm._io import atomic_write_text as _atomic_write_text
 from slimlm._io import replace_dir
 from slimlm.model import ModelConfig, Transformer
@@ -259,12 +260,7 @@ def resolve_device(device: str) -> torch.device:
     """"auto" -> CUDA when present, else CPU. Asking for CUDA without a GPU is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device) if isinstance(device, (str, torch.device)) else None
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    dev = parse_device(device, expected="'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r}: no CUDA GPU is available on this machine; "
@@ -632,12 +628,10 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int, seq_len: int,
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: no CUDA GPU is available on this machine")
     mvocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
-    tokens = getattr(data, "tokens", None)
-    if isinstance(mvocab, int) and tokens is not None and len(tokens):
-        hi = int(tokens.max())
-        if hi >= mvocab:
-            raise ValueError(f"data: token id {hi} is outside the model's vocab_size={mvocab}: "
-                             "the data was tokenized for another model")
+    hi = getattr(data, "max_id", -1)  # TokenData computes it once
+    if isinstance(mvocab, int) and isinstance(hi, int) and hi >= mvocab:
+        raise ValueError(f"data: token id {hi} is outside the model's vocab_size={mvocab}: "
+                         "the data was tokenized for another model")
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0

@@ -362,3 +362,17 @@ def test_numpy_scalars_and_other_valid_forms_are_accepted(tmp_path):
     L.merge_(two, ["a", "b"])
     save_checkpoint(tmp_path / "c", _model(), extra={"v": {1, 2}, "b": b"raw"})
     generate(_model(), [[1, 2]], max_new_tokens=1, return_logits=np.bool_(False))
+
+
+def test_evaluate_refuses_ids_beyond_the_vocabulary_and_parse_device(tmp_path):
+    from slimlm._checks import parse_device
+    from slimlm.data import ByteTokenizer, TokenData
+    from slimlm.train import evaluate
+
+    split = TokenData.build(["hello world " * 20] * 4, ByteTokenizer(), tmp_path / "t.bin")
+    assert split.max_id == int(split.tokens.max())
+    with pytest.raises(ValueError, match="outside the model's vocab_size=64"):
+        evaluate(_model(), split, batch_size=1, seq_len=8)
+    with pytest.raises(ValueError, match=r"f: device='tpu'"):
+        parse_device("tpu", "f")
+    assert parse_device("cuda:1").index == 1
