@@ -11,7 +11,8 @@ ones must beat.
 GPTQ runs with activation ordering (``act_order``, static groups: no runtime cost; option
 ``act_order=False`` for plain GPTQ). Quality does not depend on the device, so this suite
 gives real figures on a CPU too
-(``tiny`` preset); on a GPU, ``--option preset='"llama-50m"'`` uses a larger reference.
+(``tiny`` preset); on a GPU, ``--option preset='"llama-400m"' --option steps=600`` trains
+a larger reference (about one epoch of its corpus: the committed H200 figures).
 ``plot`` draws size against bits per byte.
 """
 
