@@ -479,6 +479,30 @@ def test_bench_quick_sections_run():
     assert by[("decode", "kivi4")]["tokens_per_s"] > 0
 
 
+def test_bench_quality_plot_draws_size_against_bpb():
+    """The suite's plot: one labelled point per quality row (x = MiB per sequence), the
+    dense cache as a reference line; rows of other sections alone draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slimlm.bench.kvcache import plot
+
+    rows = [{"section": "quality", "cache": c, "bpb": b, "cache_bytes_per_seq": n,
+             "source": "tiny", "seq_len": 1024}
+            for c, b, n in (("dense", 1.60, 2**21), ("kivi4", 1.61, 2**19), ("h2o", 1.65, 2**18))]
+    fig, ax = plt.subplots()
+    try:
+        assert not plot([{"section": "bytes", "cache": "dense", "kv_bytes": 1}], ax)
+        assert plot(rows, ax)
+        xs = sorted(x for line in ax.lines for x in line.get_xdata() if len(line.get_xdata()) == 1)
+        assert xs == [0.25, 0.5, 2.0]
+        assert [t.get_text() for t in ax.texts] == ["dense", "kivi4", "h2o"]
+    finally:
+        plt.close(fig)
+
+
 def test_hf_kivi_cache_matches_slimlm_quantized_cache():
     # A Hugging Face LlamaForCausalLM generating with hf_kivi_cache stores and attends what
     # slimlm's own QuantizedCache does on the converted model: same logits per step.

@@ -461,3 +461,27 @@ def kvcache_suite(quick: bool, device: torch.device, **options: Any) -> Iterator
                                 budget, batches)
     if "quality" in sections:
         yield from _quality_rows(device, quick, options)
+
+
+def plot(rows: list[dict[str, Any]], ax: Any) -> bool:
+    """Quality section: bits per byte against cache bytes per sequence, one labelled point
+    per cache type (the dense cache as the reference line)."""
+    pts = [r for r in rows if r.get("section") == "quality"
+           and isinstance(r.get("bpb"), (int, float)) and r.get("cache_bytes_per_seq")]
+    if not pts:
+        return False
+    for r in pts:
+        mib = r["cache_bytes_per_seq"] / 2**20
+        ax.plot([mib], [r["bpb"]], "o" if r["cache"] != "dense" else "s")
+        ax.annotate(r["cache"], (mib, r["bpb"]), fontsize=7, textcoords="offset points",
+                    xytext=(3, 3))
+    dense = [r for r in pts if r["cache"] == "dense"]
+    if dense:
+        ax.axhline(dense[0]["bpb"], color="k", lw=0.8, ls="--", label="dense cache")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("KV cache per sequence (MiB, scales and windows included)")
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title(f"KV-cache compression: quality against size ({pts[0].get('source', '')}, "
+                 f"{pts[0].get('seq_len')} tokens)")
+    ax.grid(alpha=0.3)
+    return True
