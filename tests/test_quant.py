@@ -855,3 +855,58 @@ def test_bench_quant_decode_options_are_checked() -> None:
         list(suite(True, torch.device("cpu"), decode=True, decode_formats=["int5"]))
     with pytest.raises(ValueError, match="decode_batches"):
         list(suite(True, torch.device("cpu"), decode=True, decode_batches=[0]))
+
+
+_W8A8_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from slimlm.kernels import int8_matmul as im
+    from slimlm.kernels.quant_matmul import quantize_per_token_int8, w8a8_matmul_ref
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tile = im.Int8Config(block_m=16, block_n=16, block_k=32, group_m=2, num_warps=1,
+                         num_stages=1)
+    # M, N, K: one and several tiles, ragged M and N, K not a multiple of the step
+    for m, n, k in ((1, 8, 32), (5, 24, 64), (33, 40, 96), (17, 48, 160)):
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            x = (torch.randn(m, k) * 3).to(dt)
+            x[0, :4] = torch.tensor([0.5, 1.5, 2.5, -2.5]).to(dt)  # ties after division
+            if m > 1:
+                x[1] = 0  # an all-zero row: the scale clamps at 1e-8 / 127
+            wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+            ws = (torch.rand(n, 1) * 0.01).to(dt)
+            q, s = im.quantize_rows(x)
+            qr, sr = quantize_per_token_int8(x)
+            assert torch.equal(q, qr) and torch.equal(s, sr), (m, n, k, dt)
+            for bias in (None, torch.randn(n).to(dt)):
+                y = im.w8a8_linear(x, wq, ws, bias, tile)
+                yr = w8a8_matmul_ref(x, wq, ws, bias)
+                assert y.dtype == dt and y.shape == (m, n)
+                if dt is torch.bfloat16:
+                    # the interpreter converts fp32 to bf16 by truncation (the GPU rounds
+                    # to nearest): within one bf16 step of the reference
+                    assert ((y.float() - yr.float()).abs() <= yr.float().abs() * 2**-7).all()
+                else:
+                    assert torch.equal(y, yr), (m, n, k, dt, (y - yr).abs().max())
+    # the default tiles of the table are valid configs; bad tiles are refused
+    for m in (1, 16, 17, 64, 300, 2048):
+        im.config_for(m, 4096, 4096)
+    for bad in (dict(block_m=24), dict(block_k=16), dict(num_warps=0)):
+        try:
+            im.Int8Config(**bad)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(bad)
+    print("W8A8 OK")
+""")
+
+
+def test_w8a8_triton_kernels_match_reference_under_interpreter() -> None:
+    """The Triton W8A8 path (per-token quantization, int8 GEMM with the scales and bias in
+    its epilogue) gives the reference's bits: codes, scales, and fp32/fp16 outputs."""
+    pytest.importorskip("triton")
+    from _interp import run_interpreted_parallel
+
+    run_interpreted_parallel([_W8A8_SCRIPT], marker="W8A8 OK")

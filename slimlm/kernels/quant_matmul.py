@@ -1533,8 +1533,11 @@ def autotune_table(bits: int, n: int, k: int, group_size: int, ms: list[int] | t
 
 
 def quantize_per_token_int8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric dynamic int8 per row: x2 (M, K) -> (int8 (M, K), fp32 scale (M, 1))."""
-    scale = x2.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-8) / 127.0  # (M, 1)
+    """Symmetric dynamic int8 per row: x2 (M, K) -> (int8 (M, K), fp32 scale (M, 1)). The
+    scale is ``max(amax, 1e-8)`` times fp32(1/127) (a multiply, which is what CUDA
+    PyTorch computes for ``/ 127.0`` and the Triton kernel does: the same bits on every
+    device); codes round half to even."""
+    scale = x2.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-8) * (1.0 / 127.0)
     xq = torch.round(x2.float() / scale).clamp(-127, 127).to(torch.int8)
     return xq, scale
 
@@ -1553,19 +1556,44 @@ def w8a8_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)  # (..., N)
 
 
+#: Rows of x from which CUDA W8A8 runs slimlm's Triton int8 GEMM (scales fused into its
+#: epilogue, ``slimlm.kernels.int8_matmul``) rather than ``torch._int_mm`` plus PyTorch
+#: rescaling passes (measured by scripts/w8a8_probe.py).
+W8A8_TRITON_MIN_M = 1
+
+
 def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """W8A8 with ``torch._int_mm`` (int8 tensor cores) on CUDA, the reference elsewhere.
-    ``_int_mm`` needs M > 16 and K, N multiples of 8: M is padded with zero rows up to 32;
-    other shapes fall back to the reference."""
+    """W8A8 on int8 tensor cores on CUDA, the reference elsewhere: slimlm's Triton kernels
+    (per-token quantization, then an int8 GEMM that applies both scales and the bias in
+    its epilogue) when Triton is installed, else ``torch._int_mm``. ``_int_mm`` needs
+    M > 16 and K, N multiples of 8: M is padded with zero rows up to 32; other shapes fall
+    back to the reference."""
     if not x.is_cuda:
         return w8a8_matmul_ref(x, qweight, wscale, bias)
     k = x.shape[-1]
     n = qweight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    # Under torch.compile the _int_mm path stays: inductor fuses its rescaling itself.
+    if (triton_available() and x2.shape[0] >= W8A8_TRITON_MIN_M
+            and not torch.compiler.is_compiling()):
+        from slimlm.kernels.int8_matmul import w8a8_linear
+
+        y = w8a8_linear(x2, qweight, wscale, bias)
+        return y.reshape(*x.shape[:-1], n)
     if k % 8 != 0 or n % 8 != 0 or not hasattr(torch, "_int_mm"):
         warn_fallback("w8a8_matmul", f"K={k}, N={n} must be multiples of 8 for torch._int_mm")
         return w8a8_matmul_ref(x, qweight, wscale, bias)
-    xq, xs = quantize_per_token_int8(x.reshape(-1, k))  # (M, K), (M, 1)
+    return _w8a8_int_mm(x2, qweight, wscale, bias).reshape(*x.shape[:-1], n)
+
+
+def _w8a8_int_mm(x2: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 (M, K) on CUDA through ``torch._int_mm`` and PyTorch rescaling: (M, N)."""
+    k = x2.shape[1]
+    xq, xs = quantize_per_token_int8(x2)  # (M, K), (M, 1)
     m = xq.shape[0]
     if m <= 16:  # _int_mm's cuBLASLt path needs M > 16
         xq = torch.cat([xq, xq.new_zeros(32 - m, k)], dim=0)  # (32, K)
@@ -1573,4 +1601,4 @@ def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
     y = acc.float() * xs * wscale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)  # (..., N)
+    return y.to(x2.dtype)

@@ -1,0 +1,88 @@
+# ruff: noqa: B023  (the timed lambdas run before their loop variables change)
+"""Probe W8A8 on a GPU: bf16 ``F.linear`` (cuBLAS) against the ``torch._int_mm`` path
+(int32 products, then PyTorch rescaling) and slimlm's Triton int8 GEMM with its fused
+epilogue (``slimlm.kernels.int8_matmul``), at the table's tile and at candidate tiles,
+each checked bit for bit against the table tile's output. CUDA-graph replays, L2 flushed;
+Llama-3-8B layer shapes.
+
+    python scripts/w8a8_probe.py --out $OUT/w8a8_probe.json [--ms 1,16,64,2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from slimlm._io import atomic_write_text  # noqa: E402
+from slimlm.bench.harness import time_cuda  # noqa: E402
+from slimlm.kernels import int8_matmul as im  # noqa: E402
+from slimlm.kernels.quant_matmul import _w8a8_int_mm  # noqa: E402
+
+C = im.Int8Config
+CANDIDATES = {
+    "prefill": [C(128, 256, 128, 8, 8, 3), C(128, 128, 128, 8, 4, 4), C(128, 256, 64, 8, 8, 4),
+                C(256, 128, 128, 8, 8, 3), C(128, 128, 256, 8, 8, 3), C(64, 256, 128, 8, 4, 4),
+                C(128, 256, 128, 4, 8, 4)],
+    "small": [C(16, 128, 128, 1, 4, 4), C(16, 64, 256, 1, 4, 4), C(16, 256, 128, 1, 4, 3),
+              C(16, 64, 128, 1, 2, 4), C(32, 128, 128, 1, 4, 4)],
+    "mid": [C(64, 128, 128, 1, 4, 4), C(64, 64, 128, 1, 4, 4), C(64, 256, 128, 1, 8, 3),
+            C(64, 128, 256, 1, 4, 3)],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ms", default="1,16,64,2048")
+    ap.add_argument("--rep", type=int, default=20)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        atomic_write_text(args.out, json.dumps(rows, indent=1))
+
+    def t_us(fn) -> float:
+        return time_cuda(fn, rep=args.rep, flush_l2=True, graph=True)["median_ms"] * 1e3
+
+    for n, k in [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]:
+        g = torch.Generator(device=dev).manual_seed(0)
+        w = torch.randn(n, k, device=dev, generator=g) * 0.02
+        ws = w.abs().amax(1, keepdim=True) / 127
+        wq = torch.round(w / ws).clamp(-127, 127).to(torch.int8)
+        wb = w.to(torch.bfloat16)
+        for m in [int(v) for v in args.ms.split(",")]:
+            x = torch.randn(m, k, device=dev, generator=g).to(torch.bfloat16)
+            base = dict(n=n, k=k, m=m)
+            bf16 = t_us(lambda: F.linear(x, wb))
+            emit({**base, "impl": "bf16 F.linear", "us": bf16})
+            intmm = t_us(lambda: _w8a8_int_mm(x, wq, ws, None))
+            emit({**base, "impl": "torch._int_mm + rescale", "us": intmm, "x_bf16": bf16 / intmm})
+            table = im.config_for(m, n, k)
+            want = im.w8a8_linear(x, wq, ws, None, table)
+            quant = t_us(lambda: im.quantize_rows(x))
+            emit({**base, "impl": "quantize_rows alone", "us": quant})
+            kind = "small" if m <= 16 else "mid" if m <= 64 else "prefill"
+            for cfg in [table] + [c for c in CANDIDATES[kind] if c != table]:
+                row = {**base, "impl": "triton" + (" (table)" if cfg == table else ""),
+                       "config": str(cfg)}
+                try:
+                    y = im.w8a8_linear(x, wq, ws, None, cfg)
+                    us = t_us(lambda: im.w8a8_linear(x, wq, ws, None, cfg))
+                    emit({**row, "us": us, "x_bf16": bf16 / us, "x_int_mm": intmm / us,
+                          "same_bits": bool(torch.equal(y, want))})
+                except Exception as e:  # a tile that does not fit or compile
+                    emit({**row, "error": repr(e)[:300]})
+
+
+if __name__ == "__main__":
+    main()
