@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--ms", default="1,16,64,2048")
     ap.add_argument("--rep", type=int, default=20)
+    ap.add_argument("--table-only", action="store_true", help="time the table's tiles only")
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows: list[dict] = []
@@ -72,7 +73,8 @@ def main() -> None:
             quant = t_us(lambda: im.quantize_rows(x))
             emit({**base, "impl": "quantize_rows alone", "us": quant})
             kind = "small" if m <= 16 else "mid" if m <= 64 else "prefill"
-            for cfg in [table] + [c for c in CANDIDATES[kind] if c != table]:
+            others = [] if args.table_only else [c for c in CANDIDATES[kind] if c != table]
+            for cfg in [table] + others:
                 row = {**base, "impl": "triton" + (" (table)" if cfg == table else ""),
                        "config": str(cfg)}
                 try:

@@ -876,9 +876,12 @@ _W8A8_SCRIPT = textwrap.dedent("""
                 x[1] = 0  # an all-zero row: the scale clamps at 1e-8 / 127
             wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
             ws = (torch.rand(n, 1) * 0.01).to(dt)
-            q, s = im.quantize_rows(x)
             qr, sr = quantize_per_token_int8(x)
-            assert torch.equal(q, qr) and torch.equal(s, sr), (m, n, k, dt)
+            for limit in (16384, 64):  # the row in registers; and read twice, in chunks
+                im.ROW_REGISTER_MAX = limit
+                q, s = im.quantize_rows(x)
+                assert torch.equal(q, qr) and torch.equal(s, sr), (m, n, k, dt, limit)
+            im.ROW_REGISTER_MAX = 16384
             for bias in (None, torch.randn(n).to(dt)):
                 y = im.w8a8_linear(x, wq, ws, bias, tile)
                 yr = w8a8_matmul_ref(x, wq, ws, bias)

@@ -210,7 +210,7 @@ def test_w8a8_triton_bit_exact_with_reference_and_int_mm() -> None:
 
     torch.manual_seed(10)
     for m, n, k in ((1, 4096, 4096), (16, 1024, 4096), (48, 1000, 520), (300, 6144, 4096),
-                    (2048, 4096, 14336)):
+                    (2048, 4096, 14336), (3, 28672, 4096), (5, 256, 20000)):  # 20000: 2 reads
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
         ws = torch.rand(n, 1, device="cuda") * 1e-3

@@ -57,12 +57,20 @@ class Int8Config:
                 raise ValueError(f"Int8Config.{name}={v!r}: expected a positive int")
 
 
+#: Longest row quantize_rows keeps in registers (one read of x); longer rows are read twice.
+ROW_REGISTER_MAX = 16384
+
+
 def config_for(m: int, n: int, k: int) -> Int8Config:
-    """The tile for an (M, N, K) product: 128 x 256 tiles for prefill (the H200's best in
-    scripts/w8a8_probe.py), narrower ones when M or N is small."""
+    """The tile for an (M, N, K) product, from scripts/w8a8_probe.py on the H200
+    (benchmarks/probes/w8a8_probe-h200.json): 128 x 256 tiles for prefill; for M <= 64,
+    M-sized tiles, 64 columns and 256-value K steps unless N is large enough (>= 16k) to
+    fill the GPU with 128-column tiles."""
     if m <= 64:
-        return Int8Config(block_m=max(16, 1 << (max(m, 1) - 1).bit_length()), block_n=128,
-                          block_k=128, group_m=1, num_warps=4, num_stages=4)
+        wide = n >= 16384
+        return Int8Config(block_m=max(16, 1 << (max(m, 1) - 1).bit_length()),
+                          block_n=128 if wide else 64, block_k=128 if wide or m > 16 else 256,
+                          group_m=1, num_warps=4, num_stages=4)
     if m <= 512 or n < 1024:
         return Int8Config(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=4)
     return Int8Config()
@@ -73,29 +81,40 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _codes(x, scale):
+        """round_half_even(x / scale) clamped to +-127, as int8 (IEEE division)."""
+        y = tl.math.div_rn(x, scale)
+        r = tl.floor(y)
+        f = y - r  # exact: the fraction of a float is a float
+        half = r * 0.5
+        odd = half != tl.floor(half)
+        q = r + tl.where((f > 0.5) | ((f == 0.5) & odd), 1.0, 0.0)
+        return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+
+    @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
-                           BLOCK_K: tl.constexpr):
-        """One row per program: amax pass, then codes = round_half_even(x / scale)."""
+                           BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
+        """One row per program: its amax, then its codes. ``ONE_PASS`` (BLOCK_K >= K): the
+        row stays in registers between the two; else it is read twice, in BLOCK_K chunks."""
         row = tl.program_id(0)
         x_row = x_ptr + row * stride_xm
         q_row = q_ptr + row * stride_qm
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
+        if ONE_PASS:
+            rk = tl.arange(0, BLOCK_K)
             x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0), 1e-8) * (1.0 / 127.0)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
-            y = tl.math.div_rn(x, scale)
-            r = tl.floor(y)
-            f = y - r  # exact: the fraction of a float is a float
-            half = r * 0.5
-            odd = half != tl.floor(half)
-            q = r + tl.where((f > 0.5) | ((f == 0.5) & odd), 1.0, 0.0)
-            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-            tl.store(q_row + rk, q.to(tl.int8), mask=rk < K)
+            scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-8) * (1.0 / 127.0)
+            tl.store(q_row + rk, _codes(x, scale), mask=rk < K)
+        else:
+            amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
+            scale = tl.maximum(tl.max(amax, axis=0), 1e-8) * (1.0 / 127.0)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+                tl.store(q_row + rk, _codes(x, scale), mask=rk < K)
         tl.store(s_ptr + row, scale)
 
     @triton.jit
@@ -146,9 +165,11 @@ def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(m, k, dtype=torch.int8, device=x2.device)
     s = torch.empty(m, dtype=torch.float32, device=x2.device)
     if m:
-        block = min(1024, triton.next_power_of_2(max(k, 16)))
+        # rows up to 16k values stay in registers (64 per thread at 8 warps)
+        block = min(ROW_REGISTER_MAX, triton.next_power_of_2(max(k, 16)))
         _quant_rows_kernel[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), BLOCK_K=block,
-                                 num_warps=4 if block >= 512 else 1)
+                                 ONE_PASS=block >= k,
+                                 num_warps=8 if block >= 4096 else 4 if block >= 512 else 1)
     return q, s[:, None]
 
 
