@@ -23,7 +23,9 @@ calibrated methods:
   before quantization; instead of folding 1/s into the previous op (not possible in
   general) the module keeps ``input_scale = 1/s`` and multiplies x by it: exact and general.
 - W8A8 (LLM.int8()/SmoothQuant-style dynamic int8): int8 per-channel weights and int8
-  per-token activations, multiplied with ``torch._int_mm`` on CUDA.
+  per-token activations, multiplied on int8 tensor cores on CUDA (slimlm's Triton GEMM
+  with the scales fused into its epilogue, ``slimlm.kernels.int8_matmul``; ``torch._int_mm``
+  under torch.compile or without Triton).
 
 Storage and kernels are in ``slimlm.kernels.quant_matmul`` (packed layout documented
 there). Example::
