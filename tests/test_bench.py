@@ -446,3 +446,31 @@ def test_checkpointing_steps_offer_a_forward_for_the_saved_bytes():
     assert loss.requires_grad and loss.dim() == 0
     out = bc._measure(lambda: (step, keep), torch.device("cpu"), warmup=1, steps=1)
     assert "saved_act_gib" not in out and out["step_ms"] > 0  # no allocator stats on a CPU
+
+
+def test_checkpointing_plot_prefers_saved_bytes():
+    """The planner curve's x axis: bytes kept for backward when every point has them, else
+    the peak-based activation memory; rows of other parts draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slimlm.bench.checkpointing import plot
+
+    rows = [{"part": "planner", "policy": p, "time_vs_none": t, "act_mem_vs_none": a,
+             "saved_act_vs_none": s, "model": "llama-1b", "seq_len": 4096, "impl": "slimlm"}
+            for p, t, a, s in (("none", 1.0, 1.0, 1.0), ("full", 1.24, 0.6, 0.11),
+                               ("budget:0.5", 1.06, 0.58, 0.49))]
+    fig, ax = plt.subplots()
+    try:
+        assert not plot([{"part": "grid", "time_vs_none": 1.0, "act_mem_vs_none": 1.0}], ax)
+        assert plot(rows, ax)
+        assert list(ax.lines[0].get_xdata()) == [0.11, 0.49, 1.0]
+        assert "kept for backward" in ax.get_xlabel()
+        ax.clear()
+        rows[1].pop("saved_act_vs_none")
+        assert plot(rows, ax)
+        assert list(ax.lines[0].get_xdata()) == [0.58, 0.6, 1.0]
+    finally:
+        plt.close(fig)

@@ -449,19 +449,25 @@ bf16-mixed, 1 + 2 steps."""
 
 
 def plot(rows: list[dict[str, Any]], ax: Any) -> bool:
-    """The planner's curve: step time against activation memory, both relative to no
-    checkpointing, one point per policy. False when absent."""
-    pts = sorted((r for r in rows if r.get("part") == "planner"
-                  and isinstance(r.get("time_vs_none"), (int, float))
-                  and isinstance(r.get("act_mem_vs_none"), (int, float))),
-                 key=lambda r: r["act_mem_vs_none"])
+    """The planner's curve: step time against memory, both relative to no checkpointing,
+    one point per policy. Memory is the bytes one forward keeps for backward (what the
+    planner budgets) where every point has it, else the peak-based activation memory.
+    False when absent."""
+    pts = [r for r in rows if r.get("part") == "planner"
+           and isinstance(r.get("time_vs_none"), (int, float))]
+    saved = bool(pts) and all(isinstance(r.get("saved_act_vs_none"), (int, float)) for r in pts)
+    key = "saved_act_vs_none" if saved else "act_mem_vs_none"
+    pts = sorted((r for r in pts if isinstance(r.get(key), (int, float))), key=lambda r: r[key])
     if not pts:
         return False
-    ax.plot([r["act_mem_vs_none"] for r in pts], [r["time_vs_none"] for r in pts], "o-")
+    ax.plot([r[key] for r in pts], [r["time_vs_none"] for r in pts], "o-")
     for r in pts:
-        ax.annotate(r["policy"], (r["act_mem_vs_none"], r["time_vs_none"]), fontsize=8)
-    ax.set_xlabel("activation memory / no checkpointing")
+        ax.annotate(r["policy"], (r[key], r["time_vs_none"]), fontsize=8)
+    ax.set_xlabel("bytes kept for backward / no checkpointing" if saved
+                  else "activation memory / no checkpointing")
     ax.set_ylabel("step time / no checkpointing")
     ax.set_title(f"checkpointing budget planner, {pts[0].get('model')} seq "
-                 f"{pts[0].get('seq_len')}")
+                 f"{pts[0].get('seq_len')} ({pts[0].get('impl')}; full = "
+                 "torch.utils.checkpoint per block)")
+    ax.grid(alpha=0.3)
     return True
