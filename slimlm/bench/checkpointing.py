@@ -467,7 +467,7 @@ def plot(rows: list[dict[str, Any]], ax: Any) -> bool:
                   else "activation memory / no checkpointing")
     ax.set_ylabel("step time / no checkpointing")
     ax.set_title(f"checkpointing budget planner, {pts[0].get('model')} seq "
-                 f"{pts[0].get('seq_len')} ({pts[0].get('impl')}; full = "
-                 "torch.utils.checkpoint per block)")
+                 f"{pts[0].get('seq_len')} ({pts[0].get('impl')})\n"
+                 "full = torch.utils.checkpoint on every block", fontsize=10)
     ax.grid(alpha=0.3)
     return True
