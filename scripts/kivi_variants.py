@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -21,8 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from slimlm._io import atomic_write_text  # noqa: E402
-from slimlm.bench.harness import time_cuda  # noqa: E402
+from slimlm.bench.harness import ProbeLog, graph_us  # noqa: E402
 from slimlm.kernels import decode_attention as da  # noqa: E402
 from slimlm.kernels import kivi_cuda  # noqa: E402
 
@@ -59,16 +57,11 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=30)
     args = ap.parse_args()
     dev = torch.device("cuda")
-    rows: list[dict] = []
+    emit = ProbeLog(args.out)
     tmp = Path(tempfile.mkdtemp())
 
-    def emit(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        atomic_write_text(args.out, json.dumps(rows, indent=1))
-
     def t_us(fn) -> float:
-        return time_cuda(fn, rep=args.rep, flush_l2=True, graph=True)["median_ms"] * 1e3
+        return graph_us(fn, rep=args.rep)
 
     Hq, Hkv, D, ctx = 32, 8, 128, args.ctx
     for B in [int(b) for b in args.batches.split(",")]:

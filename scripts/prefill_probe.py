@@ -13,7 +13,6 @@ neither slab form beat the whole-weight path, so the library keeps it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,8 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from slimlm._io import atomic_write_text  # noqa: E402
-from slimlm.bench.harness import time_cuda  # noqa: E402
+from slimlm.bench.harness import ProbeLog, graph_us  # noqa: E402
 from slimlm.bench.quant import _quantized  # noqa: E402
 from slimlm.kernels import quant_matmul as qm  # noqa: E402
 from slimlm.quant import QuantConfig  # noqa: E402
@@ -89,15 +87,10 @@ def main() -> None:
     ap.add_argument("--slabs", default="1024,2048,4096,8192")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    rows: list[dict] = []
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        atomic_write_text(args.out, json.dumps(rows, indent=1))
+    emit = ProbeLog(args.out)
 
     def t_us(fn) -> float:
-        return time_cuda(fn, rep=args.rep, flush_l2=True, graph=True)["median_ms"] * 1e3
+        return graph_us(fn, rep=args.rep)
 
     side = torch.cuda.Stream()
     m = args.m

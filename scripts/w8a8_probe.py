@@ -11,7 +11,6 @@ Llama-3-8B layer shapes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -20,8 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from slimlm._io import atomic_write_text  # noqa: E402
-from slimlm.bench.harness import time_cuda  # noqa: E402
+from slimlm.bench.harness import ProbeLog, graph_us  # noqa: E402
 from slimlm.kernels import int8_matmul as im  # noqa: E402
 from slimlm.kernels.quant_matmul import _w8a8_int_mm  # noqa: E402
 
@@ -45,15 +43,10 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true", help="time the table's tiles only")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    rows: list[dict] = []
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        atomic_write_text(args.out, json.dumps(rows, indent=1))
+    emit = ProbeLog(args.out)
 
     def t_us(fn) -> float:
-        return time_cuda(fn, rep=args.rep, flush_l2=True, graph=True)["median_ms"] * 1e3
+        return graph_us(fn, rep=args.rep)
 
     for n, k in [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]:
         g = torch.Generator(device=dev).manual_seed(0)

@@ -474,3 +474,19 @@ def test_checkpointing_plot_prefers_saved_bytes():
         assert list(ax.lines[0].get_xdata()) == [0.58, 0.6, 1.0]
     finally:
         plt.close(fig)
+
+
+def test_probe_log_keeps_every_row_on_disk(tmp_path, capsys):
+    """ProbeLog prints each row as a JSON line and rewrites the whole list after each, so a
+    probe stopped at its time limit keeps what it measured; graph_us times on the CPU too."""
+    import json
+
+    from slimlm.bench.harness import ProbeLog, graph_us
+
+    log = ProbeLog(tmp_path / "probe.json")
+    log({"impl": "a", "us": 1.5})
+    assert json.loads((tmp_path / "probe.json").read_text()) == [{"impl": "a", "us": 1.5}]
+    log({"impl": "b", "us": torch.tensor(2.0)})  # tensors become numbers
+    assert [r["impl"] for r in json.loads((tmp_path / "probe.json").read_text())] == ["a", "b"]
+    assert [json.loads(line)["impl"] for line in capsys.readouterr().out.splitlines()] == ["a", "b"]
+    assert graph_us(lambda: torch.ones(4).sum(), rep=2) > 0

@@ -522,6 +522,27 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
+class ProbeLog:
+    """The rows of a probe script (``scripts/*_probe.py``): each row is printed as one JSON
+    line and the whole list rewritten atomically to ``path``, so a run stopped at its time
+    limit keeps what it measured. Call it with a dict."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        print(json.dumps(_jsonable(row)), flush=True)
+        write_json_atomic(self.path, self.rows)
+
+
+def graph_us(fn: Callable[[], Any], rep: int = 20) -> float:
+    """Median device time of ``fn`` in microseconds: CUDA-graph replays with the L2
+    flushed before each (:func:`time_cuda`), the probes' measure."""
+    return time_cuda(fn, rep=rep, flush_l2=True, graph=True)["median_ms"] * 1e3
+
+
 def default_out_dir(quick: bool) -> Path:
     """Committed results for real runs; a scratch folder for quick runs, so a smoke test
     never overwrites GPU figures."""
