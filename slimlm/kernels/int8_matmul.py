@@ -63,14 +63,14 @@ ROW_REGISTER_MAX = 16384
 
 def config_for(m: int, n: int, k: int) -> Int8Config:
     """The tile for an (M, N, K) product, from scripts/w8a8_probe.py on the H200
-    (benchmarks/probes/w8a8_probe-h200.json): 128 x 256 tiles for prefill; for M <= 64,
-    M-sized tiles, 64 columns and 256-value K steps unless N is large enough (>= 16k) to
-    fill the GPU with 128-column tiles."""
+    (benchmarks/probes/w8a8_probe*-h200.json): 128 x 256 tiles for prefill; for M <= 64,
+    M-sized tiles with 256-value K steps and 64 columns (M <= 16) or 32 (M <= 64), unless N
+    is large enough (>= 16k) to fill the GPU with 128-column tiles."""
     if m <= 64:
         wide = n >= 16384
         return Int8Config(block_m=max(16, 1 << (max(m, 1) - 1).bit_length()),
-                          block_n=128 if wide else 64, block_k=128 if wide or m > 16 else 256,
-                          group_m=1, num_warps=4, num_stages=4)
+                          block_n=128 if wide else 64 if m <= 16 else 32,
+                          block_k=128 if wide else 256, group_m=1, num_warps=4, num_stages=4)
     if m <= 512 or n < 1024:
         return Int8Config(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=4)
     return Int8Config()
