@@ -263,7 +263,14 @@ def test_w8a8_reference_close_to_fp(tiny) -> None:
     torch.testing.assert_close(y.reshape(-1, 48).double(), exact, rtol=1e-5, atol=1e-5)
     model, ids = tiny
     m = quantize_(copy.deepcopy(model), QuantConfig(w8a8=True))
-    assert m.layers[0].self_attn.q_proj.w8a8 and rel(m(ids), model(ids)) < 0.03
+    with torch.no_grad():
+        assert m.layers[0].self_attn.q_proj.w8a8 and rel(m(ids), model(ids)) < 0.03
+    # with autograd on, W8A8 says (once) that no gradient reaches its input
+    from slimlm.quant import linear as ql
+
+    ql._warn_w8a8_no_grad.cache_clear()
+    with pytest.warns(UserWarning, match="inference-only"):
+        m(ids)
 
 
 def test_dtype_casts_keep_scale_storage_dtype() -> None:
@@ -892,6 +899,20 @@ _W8A8_SCRIPT = textwrap.dedent("""
                     assert ((y.float() - yr.float()).abs() <= yr.float().abs() * 2**-7).all()
                 else:
                     assert torch.equal(y, yr), (m, n, k, dt, (y - yr).abs().max())
+    # a NaN activation makes its row's scale and output NaN (as in the reference), other
+    # rows untouched; a strided bias and a per-tensor weight scale as the reference reads them
+    x = torch.randn(4, 64)
+    x[1, 7] = float("nan")
+    wq = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
+    ws = torch.rand(24, 1) * 0.01
+    y, yr = im.w8a8_linear(x, wq, ws, None, tile), w8a8_matmul_ref(x, wq, ws)
+    assert torch.isnan(im.quantize_rows(x)[1][1]).all() and torch.isnan(y[1]).all()
+    assert torch.isnan(yr[1]).all() and torch.equal(y[[0, 2, 3]], yr[[0, 2, 3]])
+    bias = torch.randn(48)[::2]  # stride 2
+    x = torch.randn(4, 64)
+    assert torch.equal(im.w8a8_linear(x, wq, ws, bias, tile), w8a8_matmul_ref(x, wq, ws, bias))
+    one = torch.full((1, 1), 0.003)
+    assert torch.equal(im.w8a8_linear(x, wq, one, None, tile), w8a8_matmul_ref(x, wq, one))
     # the default tiles of the table are valid configs; bad tiles are refused
     for m in (1, 16, 17, 64, 300, 2048):
         im.config_for(m, 4096, 4096)

@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,17 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _nan_max(a, b):
+        """max that returns NaN if either side is NaN (tl.max and tl.maximum drop NaNs)."""
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _row_scale(amax):
+        """max(amax, 1e-8) * fp32(1/127), NaN kept: a row holding a NaN gets a NaN scale and
+        so a NaN output row, as in the reference."""
+        return _nan_max(amax, 1e-8) * (1.0 / 127.0)
+
+    @triton.jit
     def _codes(x, scale):
         """round_half_even(x / scale) clamped to +-127, as int8 (IEEE division)."""
         y = tl.math.div_rn(x, scale)
@@ -96,21 +108,21 @@ if triton_available():
                            BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
         """One row per program: its amax, then its codes. ``ONE_PASS`` (BLOCK_K >= K): the
         row stays in registers between the two; else it is read twice, in BLOCK_K chunks."""
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # row * stride passes 2**31 on large inputs
         x_row = x_ptr + row * stride_xm
         q_row = q_ptr + row * stride_qm
         if ONE_PASS:
             rk = tl.arange(0, BLOCK_K)
             x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-8) * (1.0 / 127.0)
+            scale = _row_scale(tl.reduce(tl.abs(x), 0, _nan_max))
             tl.store(q_row + rk, _codes(x, scale), mask=rk < K)
         else:
             amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.abs(x))
-            scale = tl.maximum(tl.max(amax, axis=0), 1e-8) * (1.0 / 127.0)
+                amax = _nan_max(amax, tl.abs(x))
+            scale = _row_scale(tl.reduce(amax, 0, _nan_max))
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
@@ -134,8 +146,10 @@ if triton_available():
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        am = tl.where(rm < M, rm, 0)  # rows past the end read row 0 and are not stored
-        bn = tl.where(rn < N, rn, 0)
+        # rows past the end read row 0 and are not stored; int64: M*K, M*N and N*K can pass
+        # 2**31 (a quantized LM head over a long prompt)
+        am = tl.where(rm < M, rm, 0).to(tl.int64)
+        bn = tl.where(rn < N, rn, 0).to(tl.int64)
         a_ptrs = a_ptr + am[:, None] * stride_am + rk[None, :]  # (BM, BK), K contiguous
         b_ptrs = b_ptr + bn[None, :] * stride_bn + rk[:, None]  # (BK, BN), K contiguous
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -154,7 +168,7 @@ if triton_available():
         y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + bn).to(tl.float32)[None, :]
-        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -167,9 +181,10 @@ def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if m:
         # rows up to 16k values stay in registers (64 per thread at 8 warps)
         block = min(ROW_REGISTER_MAX, triton.next_power_of_2(max(k, 16)))
-        _quant_rows_kernel[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), BLOCK_K=block,
-                                 ONE_PASS=block >= k,
-                                 num_warps=8 if block >= 4096 else 4 if block >= 512 else 1)
+        with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
+            _quant_rows_kernel[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), BLOCK_K=block,
+                                     ONE_PASS=block >= k,
+                                     num_warps=8 if block >= 4096 else 4 if block >= 512 else 1)
     return q, s[:, None]
 
 
@@ -188,14 +203,16 @@ def w8a8_linear(x2: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
     if m == 0 or n == 0:
         return out
     cfg = config or config_for(m, n, k)
-    ws = wscale.reshape(n)
-    if not ws.is_contiguous():
-        ws = ws.contiguous()
+    # per-channel (N, 1) or (N,), or one per-tensor scale broadcast like the reference
+    ws = (wscale.reshape(1).expand(n) if wscale.numel() == 1 else wscale.reshape(n)).contiguous()
+    b = bias.reshape(n).contiguous() if bias is not None else ws
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _w8a8_kernel[grid](xq, qweight, xs, ws, bias if bias is not None else ws, out, m, n, k,
-                       xq.stride(0), qweight.stride(0), out.stride(0),
-                       HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
-                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                       GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                       enable_fp_fusion=False)  # the epilogue rounds as the reference does
+    with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
+        _w8a8_kernel[grid](xq, qweight, xs, ws, b, out, m, n, k,
+                           xq.stride(0), qweight.stride(0), out.stride(0),
+                           HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                           GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages,
+                           enable_fp_fusion=False)  # the epilogue rounds as the reference does
     return out

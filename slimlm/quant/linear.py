@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 from torch import nn
 
@@ -17,6 +20,14 @@ from slimlm.kernels.quant_matmul import (
 )
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def _warn_w8a8_no_grad() -> None:
+    """Once per process: rounding activations to int8 has no useful gradient."""
+    warnings.warn("QuantLinear(w8a8=True) is inference-only: no gradient flows to its input "
+                  "(run it under torch.no_grad(), or quantize weights only for training, "
+                  "e.g. QLoRA on an int4 base)", UserWarning, stacklevel=3)
 
 
 # The packed matmul as one opaque PyTorch operator, so that torch.compile (e.g.
@@ -170,6 +181,8 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
         if self.w8a8:
+            if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                _warn_w8a8_no_grad()
             return w8a8_matmul(x, self.qweight, self.scales, self.bias)
         if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
             # The operator carries the backward (dx = dy @ dequant(W)); the Triton kernel
