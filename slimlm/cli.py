@@ -303,16 +303,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from slimlm import quant
     from slimlm._io import atomic_write_text, replace_dir
 
-    bits = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}.get(args.quant)
+    w8a8 = args.quant == "w8a8"
+    bits = {"int8": 8, "int4": 4, "int3": 3, "int2": 2, "w8a8": 8}.get(args.quant)
     if bits is None:
-        raise SystemExit(f"error: --quant {args.quant!r}: expected int8, int4, int3 or int2")
+        raise SystemExit(f"error: --quant {args.quant!r}: expected int8, int4, int3, int2 or "
+                         "w8a8")
+    # GPTQ by default for weight-only formats; W8A8 rounds its per-channel weights (RTN)
+    method = args.method or ("rtn" if w8a8 else "gptq")
     try:
         kw: dict[str, Any] = {}
         if args.group_size is not None:  # else QuantConfig's default
             kw["group_size"] = args.group_size or None  # 0: per channel
         if args.symmetric:
             kw["symmetric"] = True
-        qcfg = quant.QuantConfig(bits=bits, method=args.method, awq=args.awq,
+        qcfg = quant.QuantConfig(bits=bits, method=method, awq=args.awq, w8a8=w8a8,
                                  act_order=args.act_order, include_lm_head=args.lm_head, **kw)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -328,7 +332,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, tokenizer, ckpt = _load_run(args.run, device)
     calib = None
-    if args.method == "gptq" or args.awq:
+    if method == "gptq" or args.awq:
         seq = min(args.calib_seq_len, model.cfg.max_seq_len)
         calib = _calibration_tokens(args.run, ckpt, args.data, args.calib_samples, seq,
                                     args.max_bytes).to(device)
@@ -528,15 +532,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compress", help="quantize a trained run's weights (int8/int4/int3/"
-                                        "int2; RTN, GPTQ or HQQ) into a new run folder",
+                                        "int2; RTN, GPTQ or HQQ) or weights and activations "
+                                        "(w8a8) into a new run folder",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", help="run folder (or its checkpoint folder)")
-    p.add_argument("--quant", required=True, help="int8 | int4 | int3 | int2")
+    p.add_argument("--quant", required=True,
+                   help="int8 | int4 | int3 | int2 (weights) | w8a8 (int8 per-channel "
+                        "weights and dynamic int8 per-token activations)")
     p.add_argument("--group-size", type=int, default=None,
                    help="weights per scale along the input dim (32, 64, 128; default 128); "
                         "0 = per channel")
-    p.add_argument("--method", default="gptq", choices=("rtn", "gptq", "hqq"),
-                   help="round-to-nearest, GPTQ (calibrated) or HQQ (calibration-free)")
+    p.add_argument("--method", default=None, choices=("rtn", "gptq", "hqq"),
+                   help="round-to-nearest, GPTQ (calibrated) or HQQ (calibration-free); "
+                        "default gptq (rtn for w8a8, its only method)")
     p.add_argument("--symmetric", action="store_true", help="no zero points")
     p.add_argument("--awq", action="store_true", help="activation-aware input scaling")
     p.add_argument("--act-order", action="store_true", help="GPTQ activation ordering")

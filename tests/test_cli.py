@@ -104,6 +104,23 @@ def test_compress_then_eval_and_generate(run, tmp_path, capsys):
                  "--device", "cpu"]) == 0
 
 
+def test_compress_w8a8_then_eval_and_generate(run, tmp_path, capsys):
+    """--quant w8a8: int8 per-channel weights, int8 per-token activations (RTN, no
+    calibration); the result evaluates and generates; other methods are refused."""
+    out = tmp_path / "w8a8"
+    assert main(["compress", str(run), "--quant", "w8a8", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["bytes_after"] < stats["bytes_before"]
+    assert main(["eval", str(out), "--batches", "2", "--seq-len", "32", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["bpb"] > 0
+    assert main(["generate", str(out), "--prompt", "import", "--max-new-tokens", "3",
+                 "--device", "cpu"]) == 0
+    with pytest.raises(SystemExit, match="w8a8=True with method='gptq'"):
+        main(["compress", str(run), "--quant", "w8a8", "--method", "gptq", "--out",
+              str(tmp_path / "bad"), "--device", "cpu"])
+
+
 def test_finetune_lowers_loss_and_adapter_loads(run, corpus, tmp_path, capsys):
     out = tmp_path / "ft"
     assert main(["finetune", str(run), "--data", str(corpus), "--lora", "r=4,alpha=8",
@@ -131,6 +148,8 @@ def test_bench_list_and_quick(tmp_path, capsys):
     (["train", "--device", "cuda"], "no CUDA GPU"),
     (["eval", "/nonexistent/run"], "no checkpoint found"),
     (["compress", "/nonexistent/run", "--quant", "int5", "--out", "x"], "--quant 'int5'"),
+    (["compress", "/nonexistent/run", "--quant", "w8a8", "--group-size", "64", "--out", "x"],
+     "group_size=64 with w8a8=True"),
     (["bench", "nope"], "suite='nope'"),
     (["train", "--preset", "tiny", "--compile", "fastest"], "compile='fastest'"),
 ])
