@@ -254,15 +254,22 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                    mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """PyTorch's fused attention, with the same bottom-right causal alignment as eager."""
+    """PyTorch's fused attention, with the same bottom-right causal alignment as eager.
+
+    Without a mask, and where causality needs none (square, or one query row: a decode
+    step sees every key), grouped K/V go to SDPA as they are (``enable_gqa``: the
+    FlashAttention backend reads each KV head for its query heads) instead of repeated
+    into a copy of the whole cache per layer and step; masked calls repeat them, since
+    SDPA's backends that take masks do not take grouped K/V."""
     tq, tk = q.shape[-2], k.shape[-2]
-    if q.shape[1] != k.shape[1]:
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None and (not causal or tq == tk or tq == 1):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and tq == tk and tq > 1,
+                                              dropout_p=dropout_p, enable_gqa=gqa)
+    if gqa:
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, D)
         v = v.repeat_interleave(groups, dim=1)
-    if mask is None and (not causal or tq == tk):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and tq > 1,
-                                              dropout_p=dropout_p)
     keep = None
     if causal:
         keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)

@@ -75,6 +75,25 @@ def test_sdpa_equals_eager(causal, tq, tk):
     assert_close(sdpa_attention(q, k, v, causal=causal), eager_attention(q, k, v, causal=causal))
 
 
+def test_sdpa_decode_step_does_not_copy_grouped_kv():
+    """One query row (a decode step) or a square causal block: grouped K/V go to SDPA as
+    they are (enable_gqa), not repeated into a copy of the cache; masked calls repeat."""
+    from torch.profiler import profile
+
+    q = torch.randn(1, 8, 1, 16)
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+
+    def repeats(fn) -> int:
+        with profile() as prof:
+            fn()
+        return sum(e.name == "aten::repeat_interleave" for e in prof.events())
+
+    assert repeats(lambda: sdpa_attention(q, k, v, causal=True)) == 0
+    assert repeats(lambda: sdpa_attention(q.expand(1, 8, 40, 16), k, v, causal=True)) == 0
+    keep = torch.ones(1, 40, dtype=torch.bool)
+    assert repeats(lambda: sdpa_attention(q, k, v, causal=True, mask=keep)) > 0
+
+
 def test_causal_bottom_right_alignment():
     # The last query row sees every key; the first sees tk - tq + 1 keys.
     q = torch.randn(1, 1, 3, 8, dtype=torch.float64)
