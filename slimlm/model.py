@@ -256,17 +256,15 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
                    mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """PyTorch's fused attention, with the same bottom-right causal alignment as eager.
 
-    Without a mask, and where causality needs none (square, or one query row: a decode
-    step sees every key), grouped K/V go to SDPA as they are (``enable_gqa``: the
-    FlashAttention backend reads each KV head for its query heads) instead of repeated
-    into a copy of the whole cache per layer and step; masked calls repeat them, since
-    SDPA's backends that take masks do not take grouped K/V."""
+    A decode step (one query row, no mask: it sees every key) passes grouped K/V to SDPA
+    as they are (``enable_gqa``: the FlashAttention backend reads each KV head for its
+    query heads) instead of repeating them into a copy of the whole cache per layer and
+    step. Longer blocks keep the repeat: with it, SDPA may pick its cuDNN backend (the
+    fastest for training on the H200), which does not take grouped K/V."""
     tq, tk = q.shape[-2], k.shape[-2]
-    gqa = q.shape[1] != k.shape[1]
-    if mask is None and (not causal or tq == tk or tq == 1):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and tq == tk and tq > 1,
-                                              dropout_p=dropout_p, enable_gqa=gqa)
-    if gqa:
+    if q.shape[1] != k.shape[1]:
+        if tq == 1 and mask is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=True)
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, D)
         v = v.repeat_interleave(groups, dim=1)

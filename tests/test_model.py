@@ -76,8 +76,8 @@ def test_sdpa_equals_eager(causal, tq, tk):
 
 
 def test_sdpa_decode_step_does_not_copy_grouped_kv():
-    """One query row (a decode step) or a square causal block: grouped K/V go to SDPA as
-    they are (enable_gqa), not repeated into a copy of the cache; masked calls repeat."""
+    """One query row (a decode step): grouped K/V go to SDPA as they are (enable_gqa), not
+    repeated into a copy of the cache; longer blocks and masked calls repeat."""
     from torch.profiler import profile
 
     q = torch.randn(1, 8, 1, 16)
@@ -89,7 +89,7 @@ def test_sdpa_decode_step_does_not_copy_grouped_kv():
         return sum(e.name == "aten::repeat_interleave" for e in prof.events())
 
     assert repeats(lambda: sdpa_attention(q, k, v, causal=True)) == 0
-    assert repeats(lambda: sdpa_attention(q.expand(1, 8, 40, 16), k, v, causal=True)) == 0
+    assert repeats(lambda: sdpa_attention(q.expand(1, 8, 40, 16), k, v, causal=True)) > 0
     keep = torch.ones(1, 40, dtype=torch.bool)
     assert repeats(lambda: sdpa_attention(q, k, v, causal=True, mask=keep)) > 0
 
