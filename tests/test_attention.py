@@ -9,9 +9,16 @@ that at import. On a GPU machine the kernels are compiled instead and covered by
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
+# Triton decorates its own library functions when it is imported: if another test module
+# imported it before this one switched the interpreter on (e.g. `pytest tests/test_model.py
+# tests/test_attention.py`), the interpreted kernels here cannot call them, and the kernel
+# tests skip with that reason (run this file first or alone; the full suite imports it
+# before any other module imports Triton).
+_LATE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,8 +32,10 @@ from slimlm.kernels import SlimlmFallbackWarning, interpreting, triton_available
 from slimlm.kernels import flash_attention as fa  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(
-    not (triton_available() and interpreting()),
-    reason="Triton kernels run under TRITON_INTERPRET=1 only on a machine without CUDA "
+    _LATE or not (triton_available() and interpreting()),
+    reason="Triton was imported before this module switched its interpreter on: run "
+           "tests/test_attention.py first or alone" if _LATE else
+           "Triton kernels run under TRITON_INTERPRET=1 only on a machine without CUDA "
            "(GPU machines: tests/test_attention_gpu.py)")
 
 
