@@ -934,3 +934,27 @@ def test_w8a8_triton_kernels_match_reference_under_interpreter() -> None:
     from _interp import run_interpreted_parallel
 
     run_interpreted_parallel([_W8A8_SCRIPT], marker="W8A8 OK")
+
+
+def test_w8a8_kernels_refuse_bad_operands_before_launching() -> None:
+    pytest.importorskip("triton")
+    from slimlm.kernels import int8_matmul as im
+
+    x = torch.randn(3, 64)
+    wq = torch.zeros(8, 64, dtype=torch.int8)
+    ws = torch.ones(8, 1)
+    bad = [
+        (lambda: im.quantize_rows(torch.zeros(3, 64, dtype=torch.int8)), "x2=tensor"),
+        (lambda: im.quantize_rows(torch.randn(64)), "2-D floating"),
+        (lambda: im.quantize_rows(torch.randn(64, 3).t()), "unit stride"),
+        (lambda: im.w8a8_linear(x, wq.float(), ws), "qweight=.*expected int8"),
+        (lambda: im.w8a8_linear(x, wq[:, :32], ws), r"expected int8 \(N, 64\)"),
+        (lambda: im.w8a8_linear(x, wq, torch.ones(4, 1)), "wscale=.*8 per-channel"),
+        (lambda: im.w8a8_linear(x, wq, ws, torch.ones(5)), "bias=.*8 values"),
+        (lambda: im.w8a8_linear(x, wq, ws, None, "big"), "config='big'"),
+    ]
+    for call, msg in bad:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            call()
+    with pytest.raises(ValueError, match="block_m=True"):
+        im.Int8Config(block_m=True)

@@ -23,10 +23,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from slimlm._checks import is_int
 from slimlm.kernels import triton_available
 
 __all__ = ["Int8Config", "config_for", "quantize_rows", "w8a8_linear"]
@@ -48,13 +50,13 @@ class Int8Config:
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 16 or v & (v - 1):
+            if not is_int(v) or v < 16 or v & (v - 1):
                 raise ValueError(f"Int8Config.{name}={v!r}: expected a power of two >= 16")
         if self.block_k < 32:
             raise ValueError(f"Int8Config.block_k={self.block_k}: int8 dots need K steps >= 32")
         for name in ("group_m", "num_warps", "num_stages"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"Int8Config.{name}={v!r}: expected a positive int")
 
 
@@ -62,6 +64,7 @@ class Int8Config:
 ROW_REGISTER_MAX = 16384
 
 
+@functools.lru_cache(maxsize=1024)  # a decode step asks for the same few shapes every call
 def config_for(m: int, n: int, k: int) -> Int8Config:
     """The tile for an (M, N, K) product, from scripts/w8a8_probe.py on the H200
     (benchmarks/probes/w8a8_probe*-h200.json): 128 x 256 tiles for prefill; for M <= 64,
@@ -172,9 +175,24 @@ if triton_available():
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+def _check_x(who: str, x2: torch.Tensor) -> None:
+    if not isinstance(x2, torch.Tensor) or x2.dim() != 2 or not x2.is_floating_point():
+        raise ValueError(f"{who}: x2={_desc(x2)}: expected a 2-D floating tensor (M, K)")
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        raise ValueError(f"{who}: x2.stride()={tuple(x2.stride())}: expected unit stride "
+                         "along K (x2.contiguous())")
+
+
+def _desc(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor of shape {tuple(t.shape)} and dtype {t.dtype}"
+    return repr(t)
+
+
 def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 (M, K) float, unit stride along K -> (int8 codes (M, K), fp32 scales (M, 1)),
     as :func:`slimlm.kernels.quant_matmul.quantize_per_token_int8` computes them."""
+    _check_x("quantize_rows", x2)
     m, k = x2.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x2.device)
     s = torch.empty(m, dtype=torch.float32, device=x2.device)
@@ -194,8 +212,19 @@ def w8a8_linear(x2: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
     """W8A8 product of checked operands: x2 (M, K) float with unit stride along K, qweight
     int8 (N, K) contiguous, wscale (N, 1) or (N,), bias (N,) or None. Returns (M, N) in
     x2's dtype. ``config`` picks the GEMM tile (default :func:`config_for`)."""
+    _check_x("w8a8_linear", x2)
     m, k = x2.shape
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int8 \
+            or qweight.dim() != 2 or qweight.shape[1] != k:
+        raise ValueError(f"w8a8_linear: qweight={_desc(qweight)}: expected int8 (N, {k})")
     n = qweight.shape[0]
+    if not isinstance(wscale, torch.Tensor) or wscale.numel() not in (1, n):
+        raise ValueError(f"w8a8_linear: wscale={_desc(wscale)}: expected {n} per-channel "
+                         "scales ((N, 1) or (N,)) or one per-tensor scale")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.numel() != n):
+        raise ValueError(f"w8a8_linear: bias={_desc(bias)}: expected {n} values or None")
+    if config is not None and not isinstance(config, Int8Config):
+        raise TypeError(f"w8a8_linear: config={config!r}: expected an Int8Config or None")
     if qweight.stride(-1) != 1:
         qweight = qweight.contiguous()
     xq, xs = quantize_rows(x2)
