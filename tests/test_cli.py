@@ -91,11 +91,15 @@ def test_generate_compiled_equals_eager_and_refuses_bad_combinations(run, capsys
             main([*argv, "--compile", "cuda-graph"])
 
 
-def test_compress_then_eval_and_generate(run, tmp_path, capsys):
-    out = tmp_path / "int4"
-    assert main(["compress", str(run), "--quant", "int4", "--group-size", "32", "--method",
-                 "gptq", "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out),
-                 "--device", "cpu"]) == 0
+@pytest.mark.parametrize("quant", [
+    ["--quant", "int4", "--group-size", "32", "--method", "gptq", "--calib-samples", "4",
+     "--calib-seq-len", "32"],
+    # int8 per-channel weights, int8 per-token activations (RTN, no calibration)
+    ["--quant", "w8a8"],
+], ids=["int4-gptq", "w8a8"])
+def test_compress_then_eval_and_generate(run, tmp_path, capsys, quant):
+    out = tmp_path / quant[1]
+    assert main(["compress", str(run), *quant, "--out", str(out), "--device", "cpu"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["bytes_after"] < stats["bytes_before"]
     assert main(["eval", str(out), "--batches", "2", "--seq-len", "32", "--device", "cpu"]) == 0
@@ -104,18 +108,7 @@ def test_compress_then_eval_and_generate(run, tmp_path, capsys):
                  "--device", "cpu"]) == 0
 
 
-def test_compress_w8a8_then_eval_and_generate(run, tmp_path, capsys):
-    """--quant w8a8: int8 per-channel weights, int8 per-token activations (RTN, no
-    calibration); the result evaluates and generates; other methods are refused."""
-    out = tmp_path / "w8a8"
-    assert main(["compress", str(run), "--quant", "w8a8", "--out", str(out),
-                 "--device", "cpu"]) == 0
-    stats = json.loads(capsys.readouterr().out)
-    assert stats["bytes_after"] < stats["bytes_before"]
-    assert main(["eval", str(out), "--batches", "2", "--seq-len", "32", "--device", "cpu"]) == 0
-    assert json.loads(capsys.readouterr().out)["bpb"] > 0
-    assert main(["generate", str(out), "--prompt", "import", "--max-new-tokens", "3",
-                 "--device", "cpu"]) == 0
+def test_compress_w8a8_refuses_other_methods(run, tmp_path):
     with pytest.raises(SystemExit, match="w8a8=True with method='gptq'"):
         main(["compress", str(run), "--quant", "w8a8", "--method", "gptq", "--out",
               str(tmp_path / "bad"), "--device", "cpu"])
