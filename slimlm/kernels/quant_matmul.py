@@ -1556,12 +1556,6 @@ def w8a8_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)  # (..., N)
 
 
-#: Rows of x from which CUDA W8A8 runs slimlm's Triton int8 GEMM (scales fused into its
-#: epilogue, ``slimlm.kernels.int8_matmul``) rather than ``torch._int_mm`` plus PyTorch
-#: rescaling passes (measured by scripts/w8a8_probe.py).
-W8A8_TRITON_MIN_M = 1
-
-
 def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 on int8 tensor cores on CUDA, the reference elsewhere: slimlm's Triton kernels
@@ -1577,8 +1571,8 @@ def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     # Under torch.compile the _int_mm path stays: inductor fuses its rescaling itself.
-    if (triton_available() and x2.shape[0] >= W8A8_TRITON_MIN_M
-            and not torch.compiler.is_compiling()):
+    # (measured faster than torch._int_mm at every M: scripts/w8a8_probe.py)
+    if triton_available() and not torch.compiler.is_compiling():
         from slimlm.kernels.int8_matmul import w8a8_linear
 
         y = w8a8_linear(x2, qweight, wscale, bias)
