@@ -24,6 +24,9 @@ from slimlm.kernels import int8_matmul as im  # noqa: E402
 from slimlm.kernels.quant_matmul import _w8a8_int_mm  # noqa: E402
 
 C = im.Int8Config
+#: quantize_rows (BLOCK_K, num_warps) plans for --rows: two-pass chunks with more programs
+#: per SM, and whole rows in registers at 16 warps
+ROW_PLANS = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16), (2048, 8)]
 CANDIDATES = {
     "prefill": [C(128, 256, 128, 8, 8, 3), C(128, 128, 128, 8, 4, 4), C(128, 256, 64, 8, 8, 4),
                 C(256, 128, 128, 8, 8, 3), C(128, 128, 256, 8, 8, 3), C(64, 256, 128, 8, 4, 4),
@@ -42,12 +45,28 @@ def main() -> None:
     ap.add_argument("--ms", default="1,16,64,2048")
     ap.add_argument("--rep", type=int, default=20)
     ap.add_argument("--table-only", action="store_true", help="time the table's tiles only")
+    ap.add_argument("--rows", action="store_true",
+                    help="time quantize_rows' (BLOCK_K, num_warps) plans only")
     args = ap.parse_args()
     dev = torch.device("cuda")
     emit = ProbeLog(args.out)
 
     def t_us(fn) -> float:
         return graph_us(fn, rep=args.rep)
+
+    if args.rows:
+        for k in (4096, 14336):
+            for m in [int(v) for v in args.ms.split(",")]:
+                x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+                want_q, want_s = im.quantize_rows(x)
+                default = im.rows_plan(k)
+                for plan in [default] + [p for p in ROW_PLANS if p != default]:
+                    q, s = im.quantize_rows(x, plan)
+                    us = t_us(lambda: im.quantize_rows(x, plan))
+                    emit(dict(k=k, m=m, plan=list(plan), default=plan == default, us=us,
+                              gb_s=m * k * 3 / us / 1e3,
+                              same_bits=bool(torch.equal(q, want_q) and torch.equal(s, want_s))))
+        return
 
     for n, k in [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]:
         g = torch.Generator(device=dev).manual_seed(0)

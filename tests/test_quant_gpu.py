@@ -212,6 +212,8 @@ def test_w8a8_triton_bit_exact_with_reference_and_int_mm() -> None:
     for m, n, k in ((1, 4096, 4096), (16, 1024, 4096), (48, 1000, 520), (300, 6144, 4096),
                     (2048, 4096, 14336), (3, 28672, 4096), (5, 256, 20000)):  # 20000: 2 reads
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        # row 0: scale exactly 1 (amax 127), so x / scale lands on ties: half to even
+        x[0, :8] = torch.tensor([127.0, 0.5, 1.5, 2.5, -2.5, 3.5, -0.5, 126.5])
         wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
         ws = torch.rand(n, 1, device="cuda") * 1e-3
         b = torch.randn(n, device="cuda", dtype=torch.bfloat16)

@@ -160,6 +160,13 @@ def _time_quant(ql: QuantLinear, x: torch.Tensor, ref_out: torch.Tensor, bf16_ms
 
 
 DECODE_FORMATS = ["bf16", "int8-g128", "int4-g128", "int2-g64"]
+#: Decode formats run only when asked for (``decode_formats``): int4 with the LM head
+#: quantized too (``include_lm_head``; llama-8b's 128k x 4096 head is a fifth of its int4
+#: bytes otherwise), and W8A8.
+DECODE_EXTRA_FORMATS: dict[str, QuantConfig] = {
+    "int4-g128+head": QuantConfig(bits=4, group_size=128, include_lm_head=True),
+    "w8a8": FORMATS["w8a8"],
+}
 
 
 def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
@@ -167,7 +174,10 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
                  batches: list[int] | None = None, model_name: str | None = None
                  ) -> Iterator[dict[str, Any]]:
     """End-to-end greedy decode tokens/s: llama-1b (quick: tiny), random weights, static
-    cache, 16-token prompts, batch 1 and 16, bf16 vs each weight format, per mode:
+    cache, 16-token prompts, batch 1 and 16, bf16 vs each weight format. A step's time is
+    (time of ``new_tokens`` tokens - time of 1) / (new_tokens - 1), so the prompt's prefill
+    is not in it (``prefill_ms`` and ``total_ms`` report it); ``ms_per_token`` is the step
+    over the batch. Per mode:
     "eager" (``generate`` as a user calls it: per-layer host overhead counts) and, on
     CUDA, "cuda-graph" (``compile="cuda-graph"``: the decode step captured once into a
     CUDA graph and replayed, so the kernels' own speed shows); ``modes`` may add
@@ -200,7 +210,7 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
             model = base_model
         else:
             model = copy.deepcopy(base_model)
-            quantize_(model, FORMATS[fmt])
+            quantize_(model, FORMATS.get(fmt) or DECODE_EXTRA_FORMATS[fmt])
         for batch in batches or (1, 16):
             ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
             cache = StaticCache(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim,
@@ -215,13 +225,17 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
                         return generate(model, ids, n, cache=cache,
                                         compile=False if mode == "eager" else mode)
 
+                    rep = 3 if quick else 5
                     with torch.no_grad():
                         once(2)  # warm-up: compiles the Triton kernels, captures the graph
                         out = once(new_tokens)
-                        t = time_fn(lambda: once(new_tokens), device, warmup=1,
-                                    rep=3 if quick else 5)
-                    return {"ms_per_token": t["median_ms"] / new_tokens,
-                            "tokens_per_s": batch * new_tokens / (t["median_ms"] * 1e-3),
+                        full = time_fn(lambda: once(new_tokens), device, warmup=1, rep=rep)
+                        first = time_fn(lambda: once(1), device, warmup=1, rep=rep)
+                    # the decode steps alone: the prompt's prefill (eager, in first) is out
+                    step = max(full["median_ms"] - first["median_ms"], 1e-9) / (new_tokens - 1)
+                    return {"step_ms": step, "ms_per_token": step / batch,
+                            "tokens_per_s": batch / (step * 1e-3),
+                            "prefill_ms": first["median_ms"], "total_ms": full["median_ms"],
                             "tokens": out.tokens}
 
                 row = guarded({"suite": "quant", "kind": "decode", "model": preset,
@@ -254,7 +268,8 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
     ``formats`` [names of FORMATS], ``tune`` (bool: also time autotune_table's best),
     ``decode`` (bool: end-to-end decode tokens/s rows), ``decode_modes`` (generate's
     ``compile=`` values for those rows; default eager, plus cuda-graph on CUDA),
-    ``decode_formats`` (subset of bf16 and the formats: default all four),
+    ``decode_formats`` (names from DECODE_FORMATS, default all four, and
+    DECODE_EXTRA_FORMATS),
     ``decode_batches`` (default [1, 16]), ``decode_model`` (a model preset, default
     llama-1b; tiny when quick), ``linear`` (bool, default true: the per-shape
     linear rows; false runs the decode rows alone)."""
@@ -269,9 +284,10 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
     dtype = torch.bfloat16 if on_gpu else torch.float32
     dformats = options.get("decode_formats")
     if dformats is not None:
-        bad = [f for f in dformats if f not in DECODE_FORMATS]
+        known = DECODE_FORMATS + list(DECODE_EXTRA_FORMATS)
+        bad = [f for f in dformats if f not in known]
         if bad:
-            raise ValueError(f"decode_formats={bad}: expected names from {DECODE_FORMATS}")
+            raise ValueError(f"decode_formats={bad}: expected names from {known}")
     dbatches = options.get("decode_batches")
     if dbatches is not None and not all(isinstance(b, int) and b >= 1 for b in dbatches):
         raise ValueError(f"decode_batches={dbatches!r}: expected a list of positive integers")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from slimlm._checks import is_int
-from slimlm.kernels import triton_available
+from slimlm.kernels import interpreting, triton_available
 
 __all__ = ["Int8Config", "config_for", "quantize_rows", "w8a8_linear"]
 
@@ -83,6 +83,7 @@ def config_for(m: int, n: int, k: int) -> Int8Config:
 if triton_available():
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import libdevice
 
     @triton.jit
     def _nan_max(a, b):
@@ -96,19 +97,24 @@ if triton_available():
         return _nan_max(amax, 1e-8) * (1.0 / 127.0)
 
     @triton.jit
-    def _codes(x, scale):
-        """round_half_even(x / scale) clamped to +-127, as int8 (IEEE division)."""
+    def _codes(x, scale, RINT: tl.constexpr):
+        """round_half_even(x / scale) clamped to +-127, as int8 (IEEE division). ``RINT``:
+        one round-to-nearest-even instruction (libdevice rint, on GPUs); else the same
+        rounding spelled out with floor (the interpreter has no libdevice)."""
         y = tl.math.div_rn(x, scale)
-        r = tl.floor(y)
-        f = y - r  # exact: the fraction of a float is a float
-        half = r * 0.5
-        odd = half != tl.floor(half)
-        q = r + tl.where((f > 0.5) | ((f == 0.5) & odd), 1.0, 0.0)
+        if RINT:
+            q = libdevice.rint(y)
+        else:
+            r = tl.floor(y)
+            f = y - r  # exact: the fraction of a float is a float
+            half = r * 0.5
+            odd = half != tl.floor(half)
+            q = r + tl.where((f > 0.5) | ((f == 0.5) & odd), 1.0, 0.0)
         return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
-                           BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
+                           BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, RINT: tl.constexpr):
         """One row per program: its amax, then its codes. ``ONE_PASS`` (BLOCK_K >= K): the
         row stays in registers between the two; else it is read twice, in BLOCK_K chunks."""
         row = tl.program_id(0).to(tl.int64)  # row * stride passes 2**31 on large inputs
@@ -118,7 +124,7 @@ if triton_available():
             rk = tl.arange(0, BLOCK_K)
             x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
             scale = _row_scale(tl.reduce(tl.abs(x), 0, _nan_max))
-            tl.store(q_row + rk, _codes(x, scale), mask=rk < K)
+            tl.store(q_row + rk, _codes(x, scale, RINT), mask=rk < K)
         else:
             amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -129,7 +135,7 @@ if triton_available():
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
-                tl.store(q_row + rk, _codes(x, scale), mask=rk < K)
+                tl.store(q_row + rk, _codes(x, scale, RINT), mask=rk < K)
         tl.store(s_ptr + row, scale)
 
     @triton.jit
@@ -189,20 +195,36 @@ def _desc(t: object) -> str:
     return repr(t)
 
 
-def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rows_plan(k: int, m: int = 1) -> tuple[int, int]:
+    """(BLOCK_K, num_warps) of ``_quant_rows_kernel`` for ``m`` rows of ``k`` values.
+
+    Rows up to 4096 values, and up to 16k when there are few rows (M <= 64), stay in
+    registers between the amax and the codes (8 warps; 16 past 4096 values); many long
+    rows are read twice in 2048-value chunks by 8 warps, since a whole row per program
+    leaves the SM idle while it loads. H200, ``scripts/w8a8_probe.py --rows``
+    (benchmarks/probes/w8a8_rows_probe-h200.json), bf16: K=14336 at M=2048 62.1 -> 45.5
+    us, at M=1 9.8 -> 7.8 us; K=4096 keeps its one-pass plan (15.4 us at M=2048)."""
+    block = min(ROW_REGISTER_MAX, triton.next_power_of_2(max(k, 16)))
+    if block > 4096 and m > 64 and ROW_REGISTER_MAX > 2048:
+        return 2048, 8
+    return block, 16 if block > 4096 else 8 if block >= 4096 else 4 if block >= 512 else 1
+
+
+def quantize_rows(x2: torch.Tensor, plan: tuple[int, int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 (M, K) float, unit stride along K -> (int8 codes (M, K), fp32 scales (M, 1)),
-    as :func:`slimlm.kernels.quant_matmul.quantize_per_token_int8` computes them."""
+    as :func:`slimlm.kernels.quant_matmul.quantize_per_token_int8` computes them.
+    ``plan`` overrides :func:`rows_plan`'s (BLOCK_K, num_warps) (probes and tests)."""
     _check_x("quantize_rows", x2)
     m, k = x2.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x2.device)
     s = torch.empty(m, dtype=torch.float32, device=x2.device)
     if m:
-        # rows up to 16k values stay in registers (64 per thread at 8 warps)
-        block = min(ROW_REGISTER_MAX, triton.next_power_of_2(max(k, 16)))
+        block, warps = plan or rows_plan(k, m)
         with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
             _quant_rows_kernel[(m,)](x2, q, s, k, x2.stride(0), q.stride(0), BLOCK_K=block,
-                                     ONE_PASS=block >= k,
-                                     num_warps=8 if block >= 4096 else 4 if block >= 512 else 1)
+                                     ONE_PASS=block >= k, RINT=not interpreting(),
+                                     num_warps=warps)
     return q, s[:, None]
 
 
