@@ -4,7 +4,9 @@
         --commit 8a497ad --note "D=128 causal rows re-run"
 
 Rows of NEW replace rows of OLD with the same key (the listed fields); OLD's other rows are
-kept, NEW's rows come last. The environment header becomes NEW's, with ``git_commit`` set
+kept, NEW's rows come last. ``--drop FIELD=VALUE`` (VALUE as JSON, e.g. ``kind='"decode"'``)
+first removes every OLD row with that field value, for a re-run that measures those rows
+differently. The environment header becomes NEW's, with ``git_commit`` set
 to ``--commit`` (the GPU machine's copy has no usable .git) and ``merged_from`` listing both
 runs (commit, date, command). Written atomically over OLD.
 """
@@ -27,7 +29,15 @@ def main() -> int:
     ap.add_argument("--key", nargs="+", required=True, help="fields that identify a row")
     ap.add_argument("--commit", required=True, help="commit the NEW run's tree was at")
     ap.add_argument("--note", default="", help="what the NEW run re-measured")
+    ap.add_argument("--drop", action="append", default=[], metavar="FIELD=VALUE",
+                    help="remove OLD rows whose FIELD equals the JSON VALUE first")
     args = ap.parse_args()
+    drops = []
+    for d in args.drop:
+        field, sep, value = d.partition("=")
+        if not sep:
+            raise SystemExit(f"--drop {d!r}: expected FIELD=VALUE")
+        drops.append((field, json.loads(value)))
     old = json.loads(Path(args.old).read_text())
     new = json.loads(Path(args.new).read_text())
     if old.get("suite") != new.get("suite"):
@@ -37,7 +47,8 @@ def main() -> int:
         return tuple(json.dumps(row.get(k), sort_keys=True) for k in args.key)
 
     fresh = {key(r) for r in new["rows"]}
-    kept = [r for r in old["rows"] if key(r) not in fresh]
+    kept = [r for r in old["rows"] if key(r) not in fresh
+            and not any(r.get(f) == v for f, v in drops)]
     env = dict(new["env"])
     env["git_commit"] = args.commit
     env["git_dirty"] = False
