@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (the timed lambdas run before their loop variables change)
 """Probe: a software-pipelined flash-attention forward (the next block's Q K^T issued
 before this block's softmax), against slimlm's forward and SDPA's cuDNN / FLASH backends.
 
@@ -6,7 +7,10 @@ tensor-core work, so a loop that waits for each Q K^T before its softmax runs th
 after the other and tops out near half the tensor-core peak (~490 TFLOP/s here, which is
 where ``_attn_fwd`` sits). Issuing the next block's wgmma first lets the softmax run
 while it computes (FlashAttention-3's intra-warpgroup overlap), if Triton keeps that
-wgmma in flight.
+wgmma in flight. It does not: ``--compile-only`` shows a ``wgmma.wait_group 0`` right
+after the early Q K^T, before the softmax, and on the H200 the variant ran 0-15% slower
+than the plain loop (benchmarks/probes/flash_fwd_probe-h200.json, whose "slimlm tma" rows
+are the since-removed TMA forward).
 
     python scripts/flash_fwd_probe.py --compile-only      # CPU: PTX wait placement
     python scripts/flash_fwd_probe.py --out probe.json    # GPU: correctness + TFLOP/s
@@ -14,7 +18,6 @@ wgmma in flight.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -188,10 +191,10 @@ def main() -> None:
     if args.compile_only:
         compile_only(args.head_dim)
         return
-    from slimlm.bench.harness import ProbeLog, graph_us
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from slimlm.bench.harness import ProbeLog, graph_us
     from slimlm.kernels import flash_attention as fa
 
     log = ProbeLog(args.out or "flash_fwd_probe.json")
@@ -218,14 +221,6 @@ def main() -> None:
                         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
                 cands[name] = f
             cands["slimlm"] = lambda: fa.flash_attn_forward(q, k, v, causal=causal)[0]
-            if not causal:  # the opt-in TMA / warp-specialized forward (non-causal only)
-                def tma():
-                    os.environ[fa.TMA_ENV] = "1"
-                    try:
-                        return fa.flash_attn_forward(q, k, v, causal=causal)[0]
-                    finally:
-                        os.environ.pop(fa.TMA_ENV, None)
-                cands["slimlm tma"] = tma
             for var in VARIANTS:
                 pipe, bm, bn, nw, ns = var
                 cands[f"probe pipe={int(pipe)} {bm}x{bn} w{nw} s{ns}"] = (

@@ -30,25 +30,16 @@ Semantics (shared by the kernels and both references):
 - ``lse`` is the natural-log log-sum-exp of the scaled scores: (B, H, Tq) fp32, or
   (H, total_q) for varlen input.
 
-Two forward kernels:
-
-- ``_attn_fwd`` (pointer loads, any head dim <= 256, fp16/bf16/fp32, varlen, windows):
-  the general path, and the only one on GPUs before Hopper.
-- ``_attn_fwd_tma`` (Hopper and later): K/V (and Q, O) move through TMA tensor
-  descriptors built in the kernel (``tl.make_tensor_descriptor``; slimlm sets a
-  ``triton.set_allocator`` for their scratch unless one is set), and the autotuner may pick
-  a warp-specialized key loop (a TMA producer warp group, two wgmma consumer warp groups,
-  setmaxnreg) or a software-pipelined one. Same online softmax in exp2 with fp32
-  accumulators, same O and LSE, so the backward is shared. Opt-in and experimental:
-  ``SLIMLM_FLASH_TMA=1`` takes it for dense (not varlen), window-free fp16/bf16 inputs
-  with head dim 64 or 128, unit last stride and 16-byte aligned strides on a device of
-  compute capability >= 9.0, non-causal only on GPUs (and under the interpreter, causal
-  too, for tests); :func:`tma_forward_reason` says why it is not taken. Status: correct
-  under the interpreter and compiled for sm_90 on the CPU (TMA, wgmma, setmaxnreg
-  present), but on the H200 (Triton 3.6, session 4) its causal outputs were wrong (max
-  error 0.21 against SDPA's 0.002 at B4 x H32 x 4096, D=128; the GPU tests of the
-  causal cases are marked xfail) and its non-causal forward was no faster than
-  ``_attn_fwd`` (484 against 491 TFLOP/s at 4k, 495 at 16k = 0.81x cuDNN).
+The forward kernel, ``_attn_fwd`` (pointer loads, any head dim <= 256, fp16/bf16/fp32,
+varlen, windows), runs on every GPU. At D=128 on the H200 it reaches 440-495 TFLOP/s,
+0.72-0.86x cuDNN: Triton 3.6 waits for each Q K^T wgmma before the softmax that reads it
+(its wgmma pipeliner lets a dot result be read before a wait only by another dot), so
+the exp2 work (MUFU, 16 per clock per SM) and the two GEMMs of a tile run one after the
+other; cuDNN and FlashAttention-3 overlap them across warp groups. Issuing block j+1's
+Q K^T before block j's softmax compiles to the same waits and ran no faster
+(``scripts/flash_fwd_probe.py``). A TMA / warp-specialized Hopper forward was tried
+(sessions 4-16) and removed: causal outputs wrong, one non-causal shape NaN, speed within
++-5% of ``_attn_fwd``.
 
 Example::
 
@@ -61,8 +52,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import warnings
 
 import torch
 
@@ -74,7 +63,6 @@ __all__ = [
     "flash_attn_backward",
     "flash_attn_forward",
     "kernel_supports",
-    "tma_forward_reason",
 ]
 
 _LOG2E = 1.4426950408889634
@@ -344,106 +332,6 @@ if triton_available():
                  acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
         l_base = LSE + b64 * slb + h.to(tl.int64) * slh + q_start.to(tl.int64)
         tl.store(l_base + offs_m, lse, mask=m_ok)
-
-    # -----------------------------------------------------------------------------------
-    # Hopper forward: TMA tensor descriptors and a warp-specialized key loop
-    # -----------------------------------------------------------------------------------
-
-    @triton.jit
-    def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, last_key, qk_scale, lo, hi,
-                       MASKED: tl.constexpr, WARP_SPEC: tl.constexpr, BLOCK_N: tl.constexpr):
-        """``_fwd_inner`` with K/V tiles fetched by TMA (``desc.load``): the same online
-        softmax, the same arithmetic per score. ``last_key`` (M,) is the last key index
-        each query row may see (causal diagonal and ``seqlen_k - 1`` folded together);
-        key rows past the end of K/V come back from the descriptor as zeros.
-
-        ``WARP_SPEC`` asks Triton to warp-specialize this loop (on Hopper: a TMA producer
-        warp group and two wgmma/softmax consumer warp groups with 64 rows each). Triton
-        3.6's Hopper pass handles one such loop per kernel and no other loop, so that
-        variant runs every key block through here with the mask on (one compare and one
-        select per score); the other variant splits off the masked blocks as
-        ``_attn_fwd`` does."""
-        offs_n0 = tl.arange(0, BLOCK_N)
-        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            k = k_desc.load([start_n, 0])  # (N, D)
-            qk = tl.dot(q, tl.trans(k))  # (M, N) fp32
-            if MASKED:
-                keep = offs_n0[None, :] <= (last_key - start_n)[:, None]
-                qk = tl.where(keep, qk * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
-                p = tl.math.exp2(qk - m_sub[:, None])
-            else:
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-                m_sub = m_new
-                p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            v = v_desc.load([start_n, 0])  # (N, D)
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
-        return acc, l_i, m_i
-
-    @triton.jit
-    def _attn_fwd_tma(Q, K, V, O, LSE,
-                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
-                      H, GROUP, seqlen_q, seqlen_k, qk_scale, SEQ_BUCKET_Q, SEQ_BUCKET_K,
-                      HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                      WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The forward for Hopper: dense (not varlen), no window, HEAD_DIM in {64, 128},
-        fp16/bf16, unit last-dim stride; same outputs as ``_attn_fwd`` (O, natural-log
-        LSE, zeros / -inf for rows that see no key). Each program builds 2-D tensor
-        descriptors over its own (batch, head) slice - shape (seqlen, HEAD_DIM), row stride
-        as given - so any 16-byte-aligned strides work (e.g. (B, T, H, D) storage) and the
-        descriptor's bounds do the row masking: loads past seqlen read zeros, the store of
-        O stops at seqlen_q. ``WARP_SPEC`` picks one warp-specialized loop over every key
-        block (mask always on) or ``_attn_fwd``'s split into unmasked and masked loops
-        (software-pipelined by ``num_stages``); see ``_fwd_inner_tma``."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // GROUP
-        if IS_CAUSAL:
-            pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first
-        m0 = pid_m * BLOCK_M
-        b64 = b.to(tl.int64)
-        h64 = h.to(tl.int64)
-        hk64 = hk.to(tl.int64)
-        q_desc = tl.make_tensor_descriptor(Q + b64 * sqb + h64 * sqh, shape=[seqlen_q, HEAD_DIM],
-                                           strides=[sqt, 1], block_shape=[BLOCK_M, HEAD_DIM])
-        k_desc = tl.make_tensor_descriptor(K + b64 * skb + hk64 * skh, shape=[seqlen_k, HEAD_DIM],
-                                           strides=[skt, 1], block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(V + b64 * svb + hk64 * svh, shape=[seqlen_k, HEAD_DIM],
-                                           strides=[svt, 1], block_shape=[BLOCK_N, HEAD_DIM])
-        o_desc = tl.make_tensor_descriptor(O + b64 * sob + h64 * soh, shape=[seqlen_q, HEAD_DIM],
-                                           strides=[sot, 1], block_shape=[BLOCK_M, HEAD_DIM])
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = q_desc.load([m0, 0])  # (M, D); rows >= seqlen_q are zeros
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        last_key = tl.full([BLOCK_M], seqlen_k - 1, dtype=tl.int32)
-        if IS_CAUSAL:
-            last_key = tl.minimum(last_key, offs_m + (seqlen_k - seqlen_q))
-        lo, a, bb, hi = _key_ranges(m0, seqlen_q, seqlen_k, 0, BLOCK_M, BLOCK_N, IS_CAUSAL,
-                                    False)  # lo = a = 0 without a window
-        if WARP_SPEC:
-            acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, last_key,
-                                           qk_scale, 0, hi, True, True, BLOCK_N)
-        else:
-            acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, last_key,
-                                           qk_scale, 0, bb, False, False, BLOCK_N)
-            acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, last_key,
-                                           qk_scale, bb, hi, True, False, BLOCK_N)
-        empty = l_i == 0.0  # rows that saw no key: output 0, lse -inf (as _attn_fwd)
-        l_safe = tl.where(empty, 1.0, l_i)
-        acc = acc / l_safe[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        o_desc.store([m0, 0], acc.to(O.dtype.element_ty))
-        tl.store(LSE + b64 * slb + h64 * slh + offs_m, lse, mask=offs_m < seqlen_q)
 
     @triton.jit
     def _bwd_preprocess(O, DO, DELTA, CU_Q,
@@ -784,145 +672,6 @@ def _launch(kind: str, grid_fn, block_d: int, *args, **kwargs) -> None:
         _tuned(kind, block_d)[grid_fn](*args, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------
-# Hopper forward (TMA descriptors, warp specialization): configs, selection, launch
-# ---------------------------------------------------------------------------------------
-
-#: Environment switch for the TMA forward: "0" never, "1" wherever its shape/dtype/layout
-#: conditions hold (also under TRITON_INTERPRET=1, for tests), unset/"auto": on CUDA devices
-#: of compute capability >= 9.0. Read at every call, so a benchmark can flip it.
-TMA_ENV = "SLIMLM_FLASH_TMA"
-_TMA_DTYPES = (torch.float16, torch.bfloat16)
-_TMA_TUNE_KEY = ["SEQ_BUCKET_Q", "SEQ_BUCKET_K", "HEAD_DIM", "IS_CAUSAL"]
-# Under the interpreter: small blocks so test shapes cross the diagonal and ragged ends.
-_INTERP_TMA = dict(BLOCK_M=16, BLOCK_N=16, WARP_SPEC=False)
-#: Set (to the error's text) when the TMA forward failed on this process's GPU; every later
-#: call then takes the pointer kernel (see flash_attn_forward).
-_tma_failed: str | None = None
-
-
-def _tma_configs(head_dim: int) -> list:
-    """Autotune candidates of ``_attn_fwd_tma`` for Hopper, BLOCK_M = 128 throughout.
-
-    WARP_SPEC=True configs use num_warps=4: Triton 3.6's Hopper pass then builds a
-    producer warp group (TMA) and two consumer warp groups (64 rows each), 12 warps in
-    all, and redistributes registers with setmaxnreg; at num_warps=8 it leaves the loop
-    alone. The others are the software-pipelined loop (num_stages buffers of K/V). Every
-    config compiles for sm_90 within 227 KiB of shared memory
-    (tests/test_attention.py::test_tma_forward_compiles_for_sm90); which one wins is
-    unmeasured here and left to the autotuner."""
-    C = triton.Config
-
-    def c(bn, ws, nw, ns):
-        return C(dict(BLOCK_M=128, BLOCK_N=bn, WARP_SPEC=ws), num_warps=nw, num_stages=ns)
-
-    if head_dim == 64:
-        return [c(128, True, 4, 2), c(128, True, 4, 3), c(64, True, 4, 4),
-                c(128, False, 8, 3), c(64, False, 4, 3), c(64, False, 4, 4)]
-    return [c(128, True, 4, 2), c(64, True, 4, 3), c(64, True, 4, 2),
-            c(128, False, 8, 2), c(64, False, 8, 3), c(64, False, 8, 2)]
-
-
-@functools.cache
-def _tuned_tma(head_dim: int):
-    return triton.autotune(configs=_tma_configs(head_dim), key=_TMA_TUNE_KEY)(_attn_fwd_tma)
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def _tma_aligned(x: torch.Tensor) -> bool:
-    """A tensor descriptor's needs: unit last-dim stride, 16-byte aligned base and strides
-    (strides of size-1 dims never move the base, so they do not count)."""
-    size = x.element_size()
-    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-            and all(st * size % 16 == 0 for st, n in zip(x.stride()[:-1], x.shape[:-1])
-                    if n > 1))
-
-
-def tma_forward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                       window_size: int | None = None, varlen: bool = False,
-                       out: torch.Tensor | None = None) -> str | None:
-    """None when :func:`flash_attn_forward` takes the TMA / warp-specialized kernel for
-    these inputs, else the reason it takes the pointer kernel (``_attn_fwd``) instead."""
-    mode = os.environ.get(TMA_ENV, "0").strip().lower()
-    if mode not in ("1", "on", "true", "yes"):
-        # Off unless asked for: on the H200 (Triton 3.6) its causal outputs were wrong
-        # (max error 0.21 against SDPA's 0.002, session 4) and its non-causal forward no
-        # faster than the pointer kernel (484 against 491 TFLOP/s at D=128, 4k).
-        return f"{TMA_ENV} is not 1 (the TMA forward is opt-in: experimental)"
-    if not triton_available() or not hasattr(tl, "make_tensor_descriptor"):
-        return "this triton has no tl.make_tensor_descriptor"
-    if _tma_failed is not None:
-        return f"it failed earlier in this process: {_tma_failed}"
-    if varlen:
-        return "varlen input"
-    if window_size is not None:
-        return "sliding window"
-    if q.dtype not in _TMA_DTYPES or not (q.dtype == k.dtype == v.dtype):
-        return f"dtype {q.dtype} (it takes float16 or bfloat16)"
-    if q.shape[-1] not in (64, 128):
-        return f"head dim {q.shape[-1]} (it takes 64 or 128)"
-    if k.shape[-2] == 0:
-        return "no keys (a descriptor needs a non-empty shape)"
-    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
-        if x is not None and not _tma_aligned(x):
-            return f"{name} strides {tuple(x.stride())} (needs unit last stride, 16-byte alignment)"
-    if interpreting():
-        return None if mode in ("1", "on", "true", "yes") else (
-            f"the interpreter takes it only with {TMA_ENV}=1")
-    if not q.is_cuda:
-        return "the tensors are not on a CUDA device"
-    if causal:
-        return "causal (the TMA forward's causal results were wrong on the H200: opt-in " \
-            "covers non-causal attention only until that is fixed)"
-    if _capability(q.device.index if q.device.index is not None
-                   else torch.cuda.current_device()) < (9, 0):
-        return "compute capability below 9.0 (no TMA)"
-    return None
-
-
-def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global scratch for the in-kernel tensor descriptors (128 bytes per descriptor and
-    program), from PyTorch's caching allocator."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator() -> None:
-    """``tl.make_tensor_descriptor`` needs ``triton.set_allocator``; set slimlm's only when
-    none is set in this context (Triton keeps it in a ContextVar: per thread), so a
-    caller's own allocator is left alone."""
-    try:
-        from triton.runtime import _allocation
-
-        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-            return
-    except (ImportError, AttributeError):  # another triton layout: just set ours
-        pass
-    triton.set_allocator(_tma_scratch)
-
-
-def _forward_tma(q, k, v, out, lse, n_batch, H, hkv, tq, tk, D, scale, causal,
-                 config: dict | None = None) -> None:
-    """Launch ``_attn_fwd_tma`` (autotuned; or with ``config``'s BLOCK_M/BLOCK_N/WARP_SPEC
-    and optional num_warps/num_stages, as the interpreter and tests do)."""
-    args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], lse.stride(0), lse.stride(1), H, H // hkv, tq, tk,
-            scale * _LOG2E, _bucket(tq), _bucket(tk))
-    meta = dict(HEAD_DIM=D, IS_CAUSAL=bool(causal))
-    if config is None and interpreting():
-        config = _INTERP_TMA
-    if not interpreting():
-        _ensure_allocator()
-    if config is not None:
-        _attn_fwd_tma[(triton.cdiv(tq, config["BLOCK_M"]), n_batch * H)](*args, **meta,
-                                                                           **config)
-    else:
-        _tuned_tma(D)[lambda m: (triton.cdiv(tq, m["BLOCK_M"]), n_batch * H)](*args, **meta)
-
-
 def _bucket(n: int) -> int:
     """Sequence-length bucket for the autotune key: powers of two from 64 on."""
     return max(64, 1 << max(0, int(n) - 1).bit_length())
@@ -976,9 +725,7 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
                        cu_seqlens_k: torch.Tensor | None = None,
                        max_seqlen_q: int | None = None, max_seqlen_k: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel: ``_attn_fwd_tma`` when :func:`tma_forward_reason` is None
-    (if it raises, slimlm warns once and keeps ``_attn_fwd`` for the rest of the process),
-    else ``_attn_fwd``. Inputs are validated by ``slimlm.attention``.
+    """Launch the forward kernel ``_attn_fwd``. Inputs are validated by ``slimlm.attention``.
     Returns (out like q, lse fp32 (B, H, Tq) or (H, total_q))."""
     varlen, n_batch, H, hkv, tq, tk, D, scale, block_d, meta = _common(
         q, k, causal, softmax_scale, window_size, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
@@ -994,20 +741,6 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     if out.numel() == 0:
         lse.fill_(-math.inf)
         return out, lse
-
-    global _tma_failed
-    if tma_forward_reason(q, k, v, causal=causal, window_size=window_size, varlen=varlen,
-                          out=out) is None:
-        if interpreting():
-            _forward_tma(q, k, v, out, lse, n_batch, H, hkv, tq, tk, D, scale, causal)
-            return out, lse
-        try:
-            _forward_tma(q, k, v, out, lse, n_batch, H, hkv, tq, tk, D, scale, causal)
-            return out, lse
-        except Exception as e:  # e.g. a compiler that rejects it: keep the pointer kernel
-            _tma_failed = f"{type(e).__name__}: {e}"[:500]
-            warnings.warn(f"slimlm: the TMA flash-attention forward failed ({_tma_failed}); "
-                          "using the pointer kernel from now on", RuntimeWarning, stacklevel=2)
 
     def grid(m):
         return (triton.cdiv(tq, m["BLOCK_M"]), n_batch * H)
