@@ -37,7 +37,11 @@ def main() -> int:
         field, sep, value = d.partition("=")
         if not sep:
             raise SystemExit(f"--drop {d!r}: expected FIELD=VALUE")
-        drops.append((field, json.loads(value)))
+        try:
+            drops.append((field, json.loads(value)))
+        except json.JSONDecodeError:
+            raise SystemExit(f"--drop {d!r}: VALUE must be JSON (a string needs quotes: "
+                             f"{field}='\"{value}\"')") from None
     old = json.loads(Path(args.old).read_text())
     new = json.loads(Path(args.new).read_text())
     if old.get("suite") != new.get("suite"):

@@ -59,7 +59,7 @@ def main() -> None:
             for m in [int(v) for v in args.ms.split(",")]:
                 x = torch.randn(m, k, device=dev).to(torch.bfloat16)
                 want_q, want_s = im.quantize_rows(x)
-                default = im.rows_plan(k)
+                default = im.rows_plan(k, m)
                 for plan in [default] + [p for p in ROW_PLANS if p != default]:
                     q, s = im.quantize_rows(x, plan)
                     us = t_us(lambda: im.quantize_rows(x, plan))

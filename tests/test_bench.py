@@ -373,6 +373,13 @@ def test_quant_quality_plot_and_reference_cache(tmp_path, monkeypatch):
     mtime = ckpt.stat().st_mtime
     model, _ = reference.reference_model("tiny", steps=3, progress=False, max_bytes=100_000)
     assert ckpt.stat().st_mtime == mtime and not model.training
+    # lm_head=True quantizes the head too, marked in the rows; tiny ties its head to the
+    # embedding, which keeps its fp32 weight, so the int4 head adds bytes here
+    head = list(quant_quality.quant_quality_suite(True, torch.device("cpu"), steps=3, bits=[4],
+                                                  methods=["rtn"], eval_batches=2,
+                                                  max_bytes=100_000, lm_head=True))
+    assert head[1]["lm_head"] is True and rows[1]["lm_head"] is False
+    assert head[1]["size_mib"] > rows[1]["size_mib"] and head[1]["bpb"] > 0
     fig, ax = plt.subplots()
     assert quant_quality.plot(rows, ax)
     plt.close(fig)

@@ -232,7 +232,11 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
                         full = time_fn(lambda: once(new_tokens), device, warmup=1, rep=rep)
                         first = time_fn(lambda: once(1), device, warmup=1, rep=rep)
                     # the decode steps alone: the prompt's prefill (eager, in first) is out
-                    step = max(full["median_ms"] - first["median_ms"], 1e-9) / (new_tokens - 1)
+                    if full["median_ms"] <= first["median_ms"]:
+                        raise RuntimeError(
+                            f"{new_tokens} tokens timed {full['median_ms']:.3f} ms, no more "
+                            f"than 1 token's {first['median_ms']:.3f} ms: timing noise")
+                    step = (full["median_ms"] - first["median_ms"]) / (new_tokens - 1)
                     return {"step_ms": step, "ms_per_token": step / batch,
                             "tokens_per_s": batch / (step * 1e-3),
                             "prefill_ms": first["median_ms"], "total_ms": full["median_ms"],

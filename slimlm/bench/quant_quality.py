@@ -26,7 +26,7 @@ import torch
 
 from slimlm.bench.harness import register
 
-REPORT_COLUMNS = ("preset", "method", "bits", "group_size", "bpb", "bpb_increase_pct",
+REPORT_COLUMNS = ("preset", "method", "bits", "group_size", "lm_head", "bpb", "bpb_increase_pct",
                   "size_mib", "size_ratio", "bits_per_weight", "gptq_cuts_rtn_loss_pct",
                   "seconds")
 
@@ -37,8 +37,11 @@ def quant_quality_suite(quick: bool, device: torch.device, *, preset: str = "tin
                         bits: list[int] | None = None, group_size: int | None = None,
                         eval_batches: int | None = None, calib_samples: int = 32,
                         awq: bool = False, act_order: bool = True,
-                        max_bytes: int | None = None
+                        max_bytes: int | None = None, lm_head: bool = False
                         ) -> Iterator[dict[str, Any]]:
+    """Rows: the unquantized reference, then one per (bits, method): bits per byte on
+    held-out data, its increase, size. ``lm_head=True`` quantizes the LM head too
+    (``QuantConfig.include_lm_head``; the rows then say ``"lm_head": true``)."""
     import time
 
     from slimlm import quant
@@ -79,7 +82,8 @@ def quant_quality_suite(quick: bool, device: torch.device, *, preset: str = "tin
             q = copy.deepcopy(model)
             t0 = time.perf_counter()
             cfg = quant.QuantConfig(bits=b, group_size=gs, method=method, awq=awq,
-                                    act_order=act_order and method == "gptq")
+                                    act_order=act_order and method == "gptq",
+                                    include_lm_head=bool(lm_head))
             quant.quantize_(q, cfg, calib=calib if (method == "gptq" or awq) else None)
             seconds = time.perf_counter() - t0
             value = bpb(q)
@@ -90,7 +94,7 @@ def quant_quality_suite(quick: bool, device: torch.device, *, preset: str = "tin
                    "size_mib": quant.model_size_bytes(q) / 2**20,
                    "size_ratio": quant.model_size_bytes(q) / base_bytes,
                    "bits_per_weight": stats.get("bits_per_weight"), "seconds": seconds,
-                   "baseline": "unquantized"}
+                   "baseline": "unquantized", "lm_head": bool(lm_head)}
             if method == "rtn":
                 rtn_loss[b] = loss
             elif b in rtn_loss and rtn_loss[b] > 0:
