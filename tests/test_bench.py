@@ -89,9 +89,18 @@ def _check_train(rows):
     assert all(r["tokens_per_s"] > 0 and r["loss_finite"] for r in rows if "tokens_per_s" in r)
 
 
+def _check_attention_train(rows):
+    final = {r["attention"]: r for r in rows if r["kind"] == "final"}
+    assert set(final) == {"sdpa", "flash"} and final["sdpa"]["speedup_vs_sdpa"] == 1.0
+    # on the CPU "flash" falls back to SDPA: the same training, step for step
+    assert final["flash"]["curve_max_abs_diff"] == 0.0
+    assert final["flash"]["val_bpb"] == final["sdpa"]["val_bpb"] > 0
+    assert len([r for r in rows if r["kind"] == "curve"]) >= 4
+
+
 _SUITE_CHECKS = {"lora": _check_lora, "decode": _check_decode,
                  "quant_quality": _check_quant_quality, "lora_quality": _check_lora_quality,
-                 "train": _check_train}
+                 "train": _check_train, "attention_train": _check_attention_train}
 
 
 def test_train_quick_rows(tmp_path, one_thread):
@@ -123,6 +132,17 @@ def test_train_options_are_validated_before_work(tmp_path):
     with pytest.raises(ValueError, match="sdpa_backends"):
         bench.run_suite("train", quick=True, out_dir=tmp_path, echo=False,
                         options={"sdpa_backends": ["fastest"]})
+
+
+def test_attention_train_options_are_validated_before_work(tmp_path):
+    for opts, match in (({"model": "gpt-9"}, "model='gpt-9'"),
+                        ({"seq_lens": [48]}, "do not divide"),
+                        ({"seq_lens": [0]}, "seq_lens=\\[0\\]"),
+                        ({"attentions": ["flash", "sdpa"]}, "starting with 'sdpa'"),
+                        ({"attentions": ["sdpa", "xformers"]}, "attentions=")):
+        with pytest.raises(ValueError, match=match):
+            bench.run_suite("attention_train", quick=True, out_dir=tmp_path, echo=False,
+                            options=opts)
 
 
 def test_failing_suite_keeps_partial_rows(tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ SUITE_MODULES: tuple[str, ...] = (
     "ceiling",
     "train",
     "attention",
+    "attention_train",
     "quant",
     "quant_quality",
     "lora",
