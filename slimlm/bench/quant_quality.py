@@ -110,8 +110,16 @@ def plot(rows: list[dict[str, Any]], ax: Any) -> bool:
     if not pts:
         return False
     base = [r for r in pts if r["bits"] == 32]
-    for method in sorted({r["method"] for r in pts if r["bits"] != 32}):
-        sel = sorted((r for r in pts if r["method"] == method), key=lambda r: r["size_mib"])
+
+    groups = {r.get("group_size") for r in pts if r["bits"] != 32}
+
+    def label(r: dict[str, Any]) -> str:  # one line per method, group size and head choice
+        g = f" g{r.get('group_size')}" if len(groups) > 1 else ""
+        return r["method"] + g + (" +head" if r.get("lm_head") else "")
+
+    for method in sorted({label(r) for r in pts if r["bits"] != 32}):
+        sel = sorted((r for r in pts if r["bits"] != 32 and label(r) == method),
+                     key=lambda r: r["size_mib"])
         ax.plot([r["size_mib"] for r in sel], [r["bpb"] for r in sel], "o-", label=method)
         for r in sel:
             ax.annotate(f"int{r['bits']}", (r["size_mib"], r["bpb"]), fontsize=7,
