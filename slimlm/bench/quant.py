@@ -179,11 +179,12 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
     is not in it (``prefill_ms`` and ``total_ms`` report it); ``ms_per_token`` is the step
     over the batch. Per mode:
     "eager" (``generate`` as a user calls it: per-layer host overhead counts) and, on
-    CUDA, "cuda-graph" (``compile="cuda-graph"``: the decode step captured once into a
-    CUDA graph and replayed, so the kernels' own speed shows); ``modes`` may add
-    "reduce-overhead" (``compile="reduce-overhead"``: torch.compile fuses the elementwise
-    ops around each QuantLinear, which stays one opaque operator, then CUDA graphs; a
-    compile per format). One StaticCache per
+    CUDA, "inductor-graph" (``compile="inductor-graph"``: the step compiled by inductor,
+    which fuses the elementwise ops around each QuantLinear, then captured once into a CUDA
+    graph and replayed: the kernels' own speed, and the mode of the committed rows);
+    ``modes`` may add "cuda-graph" (the eager step captured, unfused) or
+    "reduce-overhead" (torch.compile's own CUDA graphs, with its guards on the host each
+    step). A compile per format and batch. One StaticCache per
     (format, batch), reset and reused across runs, so the graph is captured once, outside
     the timing. ``speedup_vs_bf16`` compares with the bf16 row of the same mode and batch;
     ``same_tokens_as_eager`` is the share of greedy tokens equal to the eager row's (bf16
@@ -197,7 +198,7 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
     new_tokens = 4 if quick else 64
     prompt = 16
     if modes is None:
-        modes = ("eager", "cuda-graph") if device.type == "cuda" else ("eager",)
+        modes = ("eager", "inductor-graph") if device.type == "cuda" else ("eager",)
     torch.manual_seed(0)
     with torch.device(device):  # built on the device (llama-8b: 32 GB of fp32 otherwise)
         base_model = Transformer(ModelConfig.from_preset(preset))
@@ -271,7 +272,7 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
     """Rows: one per (shape, M, format). Options: ``shapes`` [(N, K)], ``ms`` [M],
     ``formats`` [names of FORMATS], ``tune`` (bool: also time autotune_table's best),
     ``decode`` (bool: end-to-end decode tokens/s rows), ``decode_modes`` (generate's
-    ``compile=`` values for those rows; default eager, plus cuda-graph on CUDA),
+    ``compile=`` values for those rows; default eager, plus inductor-graph on CUDA),
     ``decode_formats`` (names from DECODE_FORMATS, default all four, and
     DECODE_EXTRA_FORMATS),
     ``decode_batches`` (default [1, 16]), ``decode_model`` (a model preset, default
