@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slimlm.bench.harness import values_of as _as_tuple
 from slimlm.kernels import flash_attention as fa
 
 try:
@@ -99,12 +100,6 @@ def _extra_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | No
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def _as_tuple(name: str, value: Any, typ: type) -> tuple:
-    vals = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-    if not vals or not all(isinstance(v, typ) and not (typ is int and isinstance(v, bool))
-                           for v in vals):
-        raise ValueError(f"{name}={value!r}: expected one or more {typ.__name__} values")
-    return vals
 
 
 @register("attention")

@@ -32,21 +32,13 @@ from typing import Any
 
 import torch
 
-from slimlm.bench.harness import fraction, guarded, register
+from slimlm.bench.harness import fraction, guarded, positive_int, register, values_of
 from slimlm.model import PRESETS, ModelConfig, Transformer
 
 REPORT_COLUMNS = ("model", "seq_len", "batch", "attention", "steps", "val_bpb", "val_loss",
                   "loss", "tokens_per_s", "speedup_vs_sdpa", "curve_max_abs_diff",
                   "peak_mem_gib", "seconds", "baseline")
 ATTENTIONS = ("sdpa", "flash", "eager")
-
-
-def _positive_ints(name: str, value: Any) -> tuple[int, ...]:
-    vals = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(vals, (list, tuple)) or not vals or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
-        raise ValueError(f"{name}={value!r}: expected one or more positive integers")
-    return tuple(vals)
 
 
 @register("attention_train")
@@ -66,15 +58,17 @@ def attention_train_suite(quick: bool, device: torch.device, *, model: str | Non
     name = model or ("tiny" if small else "llama-160m")
     if name not in PRESETS:
         raise ValueError(f"model={name!r}: expected a preset from {sorted(PRESETS)}")
-    seq_lens = _positive_ints("seq_lens", seq_lens if seq_lens is not None
-                              else ((64,) if small else (1024, 4096, 8192)))
+    seq_lens = values_of("seq_lens", seq_lens if seq_lens is not None
+                         else ((64,) if small else (1024, 4096, 8192)), int)
+    if min(seq_lens) < 1:
+        raise ValueError(f"seq_lens={list(seq_lens)}: expected positive integers")
     tokens_per_step = tokens_per_step or (128 if small else 16384)
     bad = [t for t in seq_lens if tokens_per_step % t]
     if bad:
         raise ValueError(f"seq_lens={list(seq_lens)}: {bad} do not divide "
                          f"tokens_per_step={tokens_per_step}")
     steps = steps or (6 if small else 150)
-    _positive_ints("steps", steps)
+    positive_int("steps", steps)
     attentions = tuple(attentions or ("sdpa", "flash"))
     unknown = [a for a in attentions if a not in ATTENTIONS]
     if unknown or attentions[0] != "sdpa":

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from slimlm.bench.harness import fraction, free_memory, gbps, guarded, register, time_fn
+from slimlm.bench.harness import positive_int as _positive
 from slimlm.generate import (
     COMPILE_BACKENDS,
     COMPILE_MODES,
@@ -88,12 +89,6 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple:
         raise TypeError(f"{name}={value!r}: expected a {kind.__name__} or a non-empty "
                         "sequence of them")
     return tuple(value)
-
-
-def _positive(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive integer")
-    return value
 
 
 def step_bytes(cfg: ModelConfig, batch: int, context: float, itemsize: int) -> float:

@@ -361,6 +361,23 @@ def fraction(value: float | None, ceiling: float | None) -> float | None:
     return value / ceiling
 
 
+def positive_int(name: str, value: Any) -> int:
+    """A suite option that must be a positive integer (bools refused), else ValueError."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive integer")
+    return value
+
+
+def values_of(name: str, value: Any, typ: type) -> tuple:
+    """A suite option given as one value or a non-empty list of them, all of type ``typ``
+    (bools refused where ``typ`` is int), as a tuple; else ValueError."""
+    vals = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not vals or not all(isinstance(v, typ) and not (typ is int and isinstance(v, bool))
+                           for v in vals):
+        raise ValueError(f"{name}={value!r}: expected one or more {typ.__name__} values")
+    return vals
+
+
 def free_memory(device: torch.device | str | None = None) -> None:
     """Memory hygiene between configurations: collect garbage and return cached CUDA blocks,
     so one configuration's leftovers neither inflate the next one's peak nor OOM it.

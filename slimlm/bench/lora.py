@@ -65,6 +65,7 @@ from typing import Any
 import torch
 
 from slimlm.bench.harness import fraction, free_memory, guarded, register, time_steps
+from slimlm.bench.harness import positive_int as _positive
 from slimlm.model import PRESETS, ModelConfig, Transformer
 
 METHODS = ("full-ft", "peft-lora", "slimlm-lora", "slimlm-compiled-lora", "peft-dora",
@@ -271,12 +272,6 @@ def _as_tuple(name: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
         raise TypeError(f"{name}={value!r}: expected a str or a sequence of str")
     return tuple(value)
-
-
-def _positive(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive integer")
-    return value
 
 
 @register("lora")

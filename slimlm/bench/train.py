@@ -47,6 +47,7 @@ from slimlm.bench.harness import (
     register,
     time_steps,
 )
+from slimlm.bench.harness import positive_int as _positive
 from slimlm.model import PRESETS, ModelConfig, Transformer
 
 GPU_MODELS = ("llama-160m", "llama-400m", "llama-1b")
@@ -186,12 +187,6 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple:
     if not all(isinstance(v, kind) for v in value):
         raise TypeError(f"{name}={value!r}: expected a {kind.__name__} or a sequence of them")
     return tuple(value)
-
-
-def _positive(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive integer")
-    return value
 
 
 @register("train")
