@@ -400,6 +400,8 @@ def test_quant_quality_plot_and_reference_cache(tmp_path, monkeypatch):
                                                   max_bytes=100_000, lm_head=True))
     assert head[1]["lm_head"] is True and rows[1]["lm_head"] is False
     assert head[1]["size_mib"] > rows[1]["size_mib"] and head[1]["bpb"] > 0
+    with pytest.raises(ValueError, match="lm_head='yes'"):
+        list(quant_quality.quant_quality_suite(True, torch.device("cpu"), lm_head="yes"))
     fig, ax = plt.subplots()
     assert quant_quality.plot(rows, ax)
     plt.close(fig)

@@ -947,6 +947,8 @@ def test_w8a8_kernels_refuse_bad_operands_before_launching() -> None:
         (lambda: im.quantize_rows(torch.zeros(3, 64, dtype=torch.int8)), "x2=tensor"),
         (lambda: im.quantize_rows(torch.randn(64)), "2-D floating"),
         (lambda: im.quantize_rows(torch.randn(64, 3).t()), "unit stride"),
+        (lambda: im.quantize_rows(torch.randn(3, 64), (24, 4)), "plan=\\(24, 4\\)"),
+        (lambda: im.quantize_rows(torch.randn(3, 64), (64, 3)), "num_warps in"),
         (lambda: im.w8a8_linear(x, wq.float(), ws), "qweight=.*expected int8"),
         (lambda: im.w8a8_linear(x, wq[:, :32], ws), r"expected int8 \(N, 64\)"),
         (lambda: im.w8a8_linear(x, wq, torch.ones(4, 1)), "wscale=.*8 per-channel"),

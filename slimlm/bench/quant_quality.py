@@ -48,6 +48,8 @@ def quant_quality_suite(quick: bool, device: torch.device, *, preset: str = "tin
     from slimlm.bench.reference import reference_model, reference_seq_len
     from slimlm.train import evaluate
 
+    if not isinstance(lm_head, bool):
+        raise ValueError(f"lm_head={lm_head!r}: expected true or false")
     methods = methods or ["rtn", "hqq", "gptq"]
     bits = bits or ([8, 4, 2] if quick else [8, 4, 3, 2])
     steps = steps or (30 if quick else 400)
@@ -83,7 +85,7 @@ def quant_quality_suite(quick: bool, device: torch.device, *, preset: str = "tin
             t0 = time.perf_counter()
             cfg = quant.QuantConfig(bits=b, group_size=gs, method=method, awq=awq,
                                     act_order=act_order and method == "gptq",
-                                    include_lm_head=bool(lm_head))
+                                    include_lm_head=lm_head)
             quant.quantize_(q, cfg, calib=calib if (method == "gptq" or awq) else None)
             seconds = time.perf_counter() - t0
             value = bpb(q)
@@ -94,7 +96,7 @@ def quant_quality_suite(quick: bool, device: torch.device, *, preset: str = "tin
                    "size_mib": quant.model_size_bytes(q) / 2**20,
                    "size_ratio": quant.model_size_bytes(q) / base_bytes,
                    "bits_per_weight": stats.get("bits_per_weight"), "seconds": seconds,
-                   "baseline": "unquantized", "lm_head": bool(lm_head)}
+                   "baseline": "unquantized", "lm_head": lm_head}
             if method == "rtn":
                 rtn_loss[b] = loss
             elif b in rtn_loss and rtn_loss[b] > 0:

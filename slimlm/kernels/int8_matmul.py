@@ -219,6 +219,11 @@ def quantize_rows(x2: torch.Tensor, plan: tuple[int, int] | None = None
     m, k = x2.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x2.device)
     s = torch.empty(m, dtype=torch.float32, device=x2.device)
+    if plan is not None and not (
+            isinstance(plan, tuple) and len(plan) == 2 and all(is_int(v) for v in plan)
+            and plan[0] >= 16 and not plan[0] & (plan[0] - 1) and plan[1] in (1, 2, 4, 8, 16)):
+        raise ValueError(f"quantize_rows: plan={plan!r}: expected (BLOCK_K, num_warps) with "
+                         "BLOCK_K a power of two >= 16 and num_warps in 1, 2, 4, 8, 16")
     if m:
         block, warps = plan or rows_plan(k, m)
         with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
