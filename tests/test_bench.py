@@ -93,7 +93,8 @@ def _check_attention_train(rows):
     final = {r["attention"]: r for r in rows if r["kind"] == "final"}
     assert set(final) == {"sdpa", "flash"} and final["sdpa"]["speedup_vs_sdpa"] == 1.0
     # on the CPU "flash" falls back to SDPA: the same training, step for step
-    assert final["flash"]["curve_max_abs_diff"] == 0.0
+    assert final["flash"]["curve_max_abs_diff"] == final["flash"]["curve_mean_abs_diff"] == 0.0
+    assert final["flash"]["val_bpb_diff"] == 0.0
     assert final["flash"]["val_bpb"] == final["sdpa"]["val_bpb"] > 0
     assert len([r for r in rows if r["kind"] == "curve"]) >= 4
 
@@ -134,12 +135,34 @@ def test_train_options_are_validated_before_work(tmp_path):
                         options={"sdpa_backends": ["fastest"]})
 
 
+def test_attention_train_seeds_give_paired_summaries(tmp_path, one_thread):
+    path = bench.run_suite("attention_train", quick=True, out_dir=tmp_path, device="cpu",
+                           echo=False, options={"seeds": [0, 1], "steps": 3})
+    rows = json.loads(path.read_text())["rows"]
+    finals = [r for r in rows if r["kind"] == "final"]
+    assert sorted((r["seed"], r["attention"]) for r in finals) == [
+        (0, "flash"), (0, "sdpa"), (1, "flash"), (1, "sdpa")]
+    by = {(r["seed"], r["attention"]): r for r in finals}
+    assert by[(0, "sdpa")]["val_bpb"] != by[(1, "sdpa")]["val_bpb"]  # seeds differ
+    summary = {r["attention"]: r for r in rows if r["kind"] == "summary"}
+    assert set(summary) == {"sdpa", "flash"}
+    sdpa = summary["sdpa"]
+    vals = [by[(s, "sdpa")]["val_bpb"] for s in (0, 1)]
+    assert sdpa["seeds"] == 2 and sdpa["val_bpb"] == pytest.approx(sum(vals) / 2)
+    assert sdpa["val_bpb_sd"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+    # CPU flash falls back to SDPA: zero paired difference, no standard error to give
+    assert summary["flash"]["val_bpb_diff"] == 0.0 and summary["flash"]["val_bpb_diff_se"] is None
+    assert {r["seed"] for r in rows if r["kind"] == "curve"} == {0, 1}
+
+
 def test_attention_train_options_are_validated_before_work(tmp_path):
     for opts, match in (({"model": "gpt-9"}, "model='gpt-9'"),
                         ({"seq_lens": [48]}, "do not divide"),
                         ({"seq_lens": [0]}, "seq_lens=\\[0\\]"),
                         ({"attentions": ["flash", "sdpa"]}, "starting with 'sdpa'"),
-                        ({"attentions": ["sdpa", "xformers"]}, "attentions=")):
+                        ({"attentions": ["sdpa", "xformers"]}, "attentions="),
+                        ({"attentions": ["sdpa", "sdpa-efficient"]}, "CUDA-only"),
+                        ({"seeds": [1, 1]}, "distinct seeds")):
         with pytest.raises(ValueError, match=match):
             bench.run_suite("attention_train", quick=True, out_dir=tmp_path, echo=False,
                             options=opts)

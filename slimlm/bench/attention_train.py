@@ -7,9 +7,20 @@ Rows (``kind``):
 
 - ``final``: one per (seq_len, attention): validation bits per byte and loss at the end,
   the last logged training loss, median tokens/s over the logged steps, peak memory,
-  ``speedup_vs_sdpa`` (tokens/s against the sdpa run of the same seq_len) and
-  ``curve_max_abs_diff`` (largest gap between its logged losses and sdpa's, same steps);
+  ``speedup_vs_sdpa`` (tokens/s against the sdpa run of the same seq_len),
+  ``curve_max_abs_diff`` / ``curve_mean_abs_diff`` (largest and mean gap between its
+  logged losses and sdpa's, same steps, same batches) and ``val_bpb_diff`` (its
+  validation bits per byte minus sdpa's);
+- ``summary`` (with several ``seeds``): per (seq_len, attention), val_bpb's mean and
+  standard deviation over the seeds and the mean paired difference to sdpa (same seed)
+  with its standard error: "the same curve" tested against seed-to-seed noise;
 - ``curve``: the logged training losses (the plot's data).
+
+What "the same curve" means: two exact attention implementations round differently in
+bf16, and 150 steps of training amplify that into step-to-step gaps of tenths of a nat
+on the same batch. ``sdpa-efficient`` (the same model on SDPA's memory-efficient backend,
+another exact kernel) measures that floor in the same run: flash matches sdpa when its
+gaps are of the floor's size.
 
 GPU defaults: ``llama-160m`` (context raised to the longest sequence), 16,384 tokens per
 step at 1024 / 4096 / 8192 tokens per sequence, 150 steps, bf16 autocast, eager, the
@@ -19,11 +30,14 @@ says so: the rows check the plumbing, not the kernel).
 
     slimlm bench attention_train
     slimlm bench attention_train --option 'seq_lens=[2048]' --option steps=300
+    slimlm bench attention_train --option 'seq_lens=[1024,4096]' --option 'seeds=[0,1,2]'
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import math
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -35,10 +49,16 @@ import torch
 from slimlm.bench.harness import fraction, guarded, positive_int, register, values_of
 from slimlm.model import PRESETS, ModelConfig, Transformer
 
-REPORT_COLUMNS = ("model", "seq_len", "batch", "attention", "steps", "val_bpb", "val_loss",
+REPORT_COLUMNS = ("kind", "model", "seq_len", "batch", "seed", "seeds", "attention", "steps",
+                  "val_bpb", "val_bpb_sd", "val_bpb_diff", "val_bpb_diff_se", "val_loss",
                   "loss", "tokens_per_s", "speedup_vs_sdpa", "curve_max_abs_diff",
+                  "curve_mean_abs_diff",
                   "peak_mem_gib", "seconds", "baseline")
-ATTENTIONS = ("sdpa", "flash", "eager")
+ATTENTIONS = ("sdpa", "flash", "eager", "sdpa-efficient", "sdpa-cudnn")
+# suite names -> (the model's attention, the SDPA backend it is pinned to or None)
+_IMPL = {"sdpa": ("sdpa", None), "flash": ("flash", None), "eager": ("eager", None),
+         "sdpa-efficient": ("sdpa", "EFFICIENT_ATTENTION"),
+         "sdpa-cudnn": ("sdpa", "CUDNN_ATTENTION")}
 
 
 @register("attention_train")
@@ -47,9 +67,10 @@ def attention_train_suite(quick: bool, device: torch.device, *, model: str | Non
                           tokens_per_step: int | None = None, steps: int | None = None,
                           attentions: Sequence[str] | None = None, lr: float | None = None,
                           max_bytes: int | None = None, data_dir: str | None = None,
-                          seed: int = 0) -> Iterator[dict[str, Any]]:
-    """Rows per (seq_len, attention); see the module docstring. ``attentions`` must start
-    with "sdpa" (the baseline). Bad options raise ValueError before any work."""
+                          seeds: Sequence[int] | int | None = None
+                          ) -> Iterator[dict[str, Any]]:
+    """Rows per (seq_len, seed, attention); see the module docstring. ``attentions`` must
+    start with "sdpa" (the baseline). Bad options raise ValueError before any work."""
     from slimlm.data import prepare_data
     from slimlm.train import TrainConfig, train
 
@@ -68,12 +89,20 @@ def attention_train_suite(quick: bool, device: torch.device, *, model: str | Non
         raise ValueError(f"seq_lens={list(seq_lens)}: {bad} do not divide "
                          f"tokens_per_step={tokens_per_step}")
     steps = steps or (6 if small else 150)
+    seeds = values_of("seeds", seeds if seeds is not None else (0,), int)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={list(seeds)}: expected distinct seeds")
     positive_int("steps", steps)
-    attentions = tuple(attentions or ("sdpa", "flash"))
+    attentions = tuple(attentions or (("sdpa", "flash") if small
+                                      else ("sdpa", "flash", "sdpa-efficient")))
     unknown = [a for a in attentions if a not in ATTENTIONS]
     if unknown or attentions[0] != "sdpa":
         raise ValueError(f"attentions={list(attentions)}: expected names from {ATTENTIONS}, "
                          "starting with 'sdpa' (the baseline)")
+    pinned = [a for a in attentions if _IMPL[a][1] is not None]
+    if pinned and device.type != "cuda":
+        raise ValueError(f"attentions={list(attentions)}: {pinned} pin a CUDA-only SDPA "
+                         f"backend; device={device.type!r} has none")
 
     cfg0 = ModelConfig.from_preset(name)
     folder = Path(data_dir) if data_dir else Path(tempfile.gettempdir()) / (
@@ -88,15 +117,19 @@ def attention_train_suite(quick: bool, device: torch.device, *, model: str | Non
         cfg = ModelConfig.from_preset(name, vocab_size=max(cfg0.vocab_size,
                                                            data.tokenizer.vocab_size),
                                       max_seq_len=max(cfg0.max_seq_len, T), attention="sdpa")
-        ref: dict[str, Any] = {}
-        for attn in attentions:
+        finals: list[dict[str, Any]] = []
+        for seed, attn in itertools.product(seeds, attentions):
+            if attn == attentions[0]:
+                ref: dict[str, Any] = {}
             base = {"kind": "final", "model": name, "seq_len": T, "batch": batch,
-                    "attention": attn, "steps": steps, "baseline": "sdpa, same run"}
+                    "seed": seed, "attention": attn, "steps": steps,
+                    "baseline": "sdpa, same run and seed"}
 
             def one(attn: str = attn, T: int = T, batch: int = batch,
-                    cfg: ModelConfig = cfg) -> dict[str, Any]:
+                    cfg: ModelConfig = cfg, seed: int = seed) -> dict[str, Any]:
                 torch.manual_seed(seed)
-                net = Transformer(dataclasses.replace(cfg, attention=attn))
+                impl, backend = _IMPL[attn]
+                net = Transformer(dataclasses.replace(cfg, attention=impl))
                 tcfg = TrainConfig(batch_size=batch, seq_len=T, steps=steps,
                                    lr=lr or (3e-3 if name in ("tiny", "small") else 1e-3),
                                    warmup_steps=max(1, steps // 10), eval_every=0,
@@ -106,7 +139,12 @@ def attention_train_suite(quick: bool, device: torch.device, *, model: str | Non
                                    device=device.type, seed=seed)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                res = train(net, data, tcfg, progress=False)
+                pin = contextlib.nullcontext()
+                if backend is not None:
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+                    pin = sdpa_kernel([getattr(SDPBackend, backend)])
+                with pin:
+                    res = train(net, data, tcfg, progress=False)
                 logs = [r for r in res.history if "loss" in r]
                 tps = sorted(r["tokens_per_s"] for r in logs[1:] or logs)
                 return {"val_bpb": res.final_eval["bpb"], "val_loss": res.final_eval["loss"],
@@ -119,25 +157,74 @@ def attention_train_suite(quick: bool, device: torch.device, *, model: str | Non
             row = guarded(base, one, device, errors=device.type == "cuda")
             curve = row.pop("curve", [])
             if attn == "sdpa":
-                ref = {"tps": row.get("tokens_per_s"), "curve": dict(curve)}
+                ref = {"tps": row.get("tokens_per_s"), "curve": dict(curve),
+                       "bpb": row.get("val_bpb")}
             row["speedup_vs_sdpa"] = fraction(row.get("tokens_per_s"), ref.get("tps"))
             gaps = [abs(loss - ref["curve"][s]) for s, loss in curve
                     if s in ref.get("curve", {}) and math.isfinite(loss)]
             row["curve_max_abs_diff"] = max(gaps) if gaps else None
+            row["curve_mean_abs_diff"] = sum(gaps) / len(gaps) if gaps else None
+            bpb, ref_bpb = row.get("val_bpb"), ref.get("bpb")
+            row["val_bpb_diff"] = (bpb - ref_bpb if isinstance(bpb, float)
+                                   and isinstance(ref_bpb, float) else None)
+            finals.append(row)
             yield row
             for s, loss in curve:
-                yield {"kind": "curve", "model": name, "seq_len": T, "attention": attn,
-                       "step": s, "loss": loss}
+                yield {"kind": "curve", "model": name, "seq_len": T, "seed": seed,
+                       "attention": attn, "step": s, "loss": loss}
+        if len(seeds) > 1:
+            yield from _summaries(finals)
+
+
+def _mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    mean = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return mean, sd
+
+
+def _summaries(finals: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """One ``summary`` row per attention over the seeds of one seq_len: the mean and
+    standard deviation of val_bpb, and the mean paired difference to sdpa (same seed) with
+    its standard error, so that "the same curve" is a test against seed-to-seed noise."""
+    for attn in dict.fromkeys(r["attention"] for r in finals):
+        mine = [r for r in finals if r["attention"] == attn
+                and isinstance(r.get("val_bpb"), float)]
+        if not mine:
+            continue
+        bpb_mean, bpb_sd = _mean_sd([r["val_bpb"] for r in mine])
+        diffs = [r["val_bpb_diff"] for r in mine if isinstance(r.get("val_bpb_diff"), float)]
+        diff_mean, diff_sd = _mean_sd(diffs)
+        speed, _ = _mean_sd([r["speedup_vs_sdpa"] for r in mine
+                             if isinstance(r.get("speedup_vs_sdpa"), float)])
+        gap, _ = _mean_sd([r["curve_mean_abs_diff"] for r in mine
+                           if isinstance(r.get("curve_mean_abs_diff"), float)])
+        yield {"kind": "summary", "model": mine[0]["model"], "seq_len": mine[0]["seq_len"],
+               "batch": mine[0]["batch"], "attention": attn, "steps": mine[0]["steps"],
+               "seeds": len(mine), "val_bpb": bpb_mean, "val_bpb_sd": bpb_sd,
+               "val_bpb_diff": diff_mean,
+               "val_bpb_diff_se": diff_sd / math.sqrt(len(diffs)) if diff_sd else None,
+               "curve_mean_abs_diff": gap, "speedup_vs_sdpa": speed,
+               "baseline": "sdpa, paired by seed"}
 
 
 def plot(rows: list[dict[str, Any]], ax: Any) -> bool:
-    """Training loss against step, one colour per sequence length, solid sdpa and dashed
-    flash; the legend gives each run's tokens/s ratio to sdpa."""
+    """Training loss against step, one colour per sequence length (its first seed), solid
+    sdpa, dashed flash, dotted the floor (sdpa-efficient); the legend gives each run's
+    tokens/s ratio to sdpa."""
     curves = [r for r in rows if r.get("kind") == "curve"]
     if not curves:
         return False
-    finals = {(r["seq_len"], r["attention"]): r for r in rows if r.get("kind") == "final"}
-    styles = {"sdpa": "-", "flash": "--", "eager": ":"}
+    # one seed per sequence length (the first seen): several seeds would crowd the plot
+    seed_of: dict[int, Any] = {}
+    for r in curves:
+        seed_of.setdefault(r["seq_len"], r.get("seed"))
+    curves = [r for r in curves if r.get("seed") == seed_of[r["seq_len"]]]
+    finals = {(r["seq_len"], r["attention"]): r for r in rows if r.get("kind") == "final"
+              and r.get("seed") == seed_of.get(r["seq_len"])}
+    styles = {"sdpa": "-", "flash": "--", "eager": ":", "sdpa-efficient": ":",
+              "sdpa-cudnn": "-."}
     for i, T in enumerate(sorted({r["seq_len"] for r in curves})):
         for attn in dict.fromkeys(r["attention"] for r in curves):
             pts = sorted((r["step"], r["loss"]) for r in curves
