@@ -199,8 +199,19 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
     why = fa.kernel_supports(q)
     if why is None:
-        return _flash_apply(q, k, v, causal, softmax_scale, window_size, cu_q, cu_k, max_q,
-                            max_k)
+        if torch.compiler.is_compiling():  # a graph break around the kernels (see above)
+            return _flash_apply(q, k, v, causal, softmax_scale, window_size, cu_q, cu_k,
+                                max_q, max_k)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                        or v.requires_grad):
+            return _FlashAttention.apply(q, k, v, causal, softmax_scale, window_size, cu_q,
+                                         cu_k, max_q, max_k)
+        # nothing to differentiate (inference, no_grad): the kernel without autograd's
+        # bookkeeping, whose host time a short call (~0.2 ms of GPU work) would otherwise see
+        return fa.flash_attn_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                     window_size=window_size, cu_seqlens_q=cu_q,
+                                     cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                                     max_seqlen_k=max_k)[0]
     warn_fallback("flash_attention", why)
     varlen = cu_q is not None
     empty_rows = causal and not varlen and q.shape[-2] > k.shape[-2]

@@ -207,6 +207,73 @@ def test_kernel_fp16():
 
 
 @needs_interpreter
+def test_inference_call_skips_autograd_same_output():
+    q, k, v = _qkv(1, 2, 1, 21, 21, 16, torch.float32)
+    with torch.no_grad():
+        plain = attention.flash_attention(q, k, v, causal=True)
+    assert plain.grad_fn is None
+    # inputs that need no grad take the same path with grad mode on
+    assert attention.flash_attention(q, k, v, causal=True).grad_fn is None
+    qg = q.clone().requires_grad_()
+    tracked = attention.flash_attention(qg, k, v, causal=True)
+    assert tracked.grad_fn is not None
+    assert torch.equal(plain, tracked.detach())
+    tracked.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+
+
+class _FakeTuner:
+    """Stands in for triton's Autotuner (and its kernel) to test ``_launch``'s reuse."""
+
+    def __init__(self):
+        self.tuned, self.direct = [], []
+        self.best_config = None
+        tuner = self
+
+        class _Kernel:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: tuner.direct.append((a, kw))
+
+        self.fn = _Kernel()
+
+    def __getitem__(self, grid):
+        def run(*a, **kw):
+            self.tuned.append((a, kw))
+            import triton
+
+            self.best_config = triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4,
+                                             num_stages=2)
+        return run
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton (for triton.Config)")
+def test_launch_reuses_the_autotuned_choice(monkeypatch):
+    tuner = _FakeTuner()
+    monkeypatch.setattr(fa, "interpreting", lambda: False)
+    monkeypatch.setattr(fa, "_tuned", lambda kind, block_d: tuner)
+    monkeypatch.setattr(fa, "_CHOSEN", {})
+    x16, x32 = torch.zeros(2, dtype=torch.float16), torch.zeros(2)
+    grid = lambda m: (1, 1)  # noqa: E731
+    fa._launch("fwd", grid, 64, x16, 7, 512, HEAD_DIM=64, IS_CAUSAL=True)
+    fa._launch("fwd", grid, 64, x16, 7, 512, HEAD_DIM=64, IS_CAUSAL=True)
+    assert len(tuner.tuned) == 1 and len(tuner.direct) == 1
+    args, kw = tuner.direct[0]
+    assert args == (x16, 7, 512)
+    assert kw == dict(HEAD_DIM=64, IS_CAUSAL=True, **tuner.best_config.all_kwargs())
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) == (64, 32, 4, 2)
+    # any other scalar, dtype, flag or kernel goes back through the autotuner
+    fa._launch("fwd", grid, 64, x16, 8, 512, HEAD_DIM=64, IS_CAUSAL=True)
+    fa._launch("fwd", grid, 64, x32, 7, 512, HEAD_DIM=64, IS_CAUSAL=True)
+    fa._launch("fwd", grid, 64, x16, 7, 512, HEAD_DIM=64, IS_CAUSAL=False)
+    fa._launch("dq", grid, 64, x16, 7, 512, HEAD_DIM=64, IS_CAUSAL=True)
+    assert len(tuner.tuned) == 5 and len(tuner.direct) == 1
+    # a full table starts over rather than growing without bound
+    monkeypatch.setattr(fa, "_CHOSEN_MAX", 5)
+    fa._launch("fwd", grid, 64, x16, 9, 512, HEAD_DIM=64, IS_CAUSAL=True)
+    assert len(fa._CHOSEN) == 1
+
+
+@needs_interpreter
 def test_model_flash_matches_eager():
     from slimlm import ModelConfig, Transformer
 

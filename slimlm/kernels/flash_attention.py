@@ -613,13 +613,15 @@ def _fwd_configs(block_d: int) -> list:
     C = triton.Config
     if block_d <= 64:
         # the five best of 26 candidates at 512-2048 tokens on the H200
-        # (scripts/flash_short_probe.py, benchmarks/probes/flash_short_probe-h200.json):
-        # BLOCK_N=128 and 8 warps at BLOCK_M=64 ran 20-60% slower
+        # (scripts/flash_short_probe.py, benchmarks/probes/flash_short_probe-h200.json;
+        # BLOCK_N=128 and 8 warps at BLOCK_M=64 ran 20-60% slower there), and the earlier
+        # list's 128x128 tile, which the probe did not rule out at 4k-16k tokens
         return [C(dict(BLOCK_M=128, BLOCK_N=64), num_warps=4, num_stages=3),
                 C(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
                 C(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=4),
                 C(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
-                C(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=2)]
+                C(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=2),
+                C(dict(BLOCK_M=128, BLOCK_N=128), num_warps=8, num_stages=3)]
     if block_d <= 128:
         return [C(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
                 C(dict(BLOCK_M=128, BLOCK_N=128), num_warps=8, num_stages=2),
@@ -666,18 +668,51 @@ def _tuned(kind: str, block_d: int):
     return triton.autotune(configs=configs(block_d), key=_TUNE_KEY)(kernel)
 
 
+# Launch configurations already chosen, by the exact launch (kind, head-dim class, meta
+# flags, every scalar argument, every tensor's dtype): a repeated launch skips triton's
+# Autotuner.run, which rebuilds dicts of all ~40 arguments and formats each tensor's dtype
+# on every call (~30 us of host time, ~0.1 ms on a slower host: at 512 tokens that exceeds
+# the kernel's ~0.2 ms of GPU work when calls run back to back). A new key goes through
+# the autotuner (whose own per-bucket cache still decides) and records its choice.
+_CHOSEN: dict[tuple, dict] = {}
+_CHOSEN_MAX = 4096  # varlen batches vary max_seqlen: bound the table, start over when full
+
+
 def _launch(kind: str, grid_fn, block_d: int, *args, **kwargs) -> None:
     if interpreting():
         fixed = _INTERP[kind]
         kernel = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind]
         kernel[grid_fn(fixed)](*args, **kwargs, **fixed)
+        return
+    tuner = _tuned(kind, block_d)
+    key = (kind, block_d, *kwargs.values(),
+           *(a.dtype if isinstance(a, torch.Tensor) else a for a in args))
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        tuner[grid_fn](*args, **kwargs)
+        if len(_CHOSEN) >= _CHOSEN_MAX:
+            _CHOSEN.clear()
+        _CHOSEN[key] = tuner.best_config.all_kwargs()
     else:
-        _tuned(kind, block_d)[grid_fn](*args, **kwargs)
+        tuner.fn[grid_fn](*args, **kwargs, **chosen)
 
 
 def _bucket(n: int) -> int:
     """Sequence-length bucket for the autotune key: powers of two from 64 on."""
     return max(64, 1 << max(0, int(n) - 1).bit_length())
+
+
+_UNUSED: dict[torch.device, torch.Tensor] = {}
+
+
+def _unused_i32(device: torch.device) -> torch.Tensor:
+    """A one-element int32 tensor for the cu_seqlens pointers of a non-varlen launch, made
+    once per device (a fresh ``torch.zeros(1)`` cost an allocation and a fill kernel on
+    every call)."""
+    t = _UNUSED.get(device)
+    if t is None:
+        t = _UNUSED[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
 
 
 def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
@@ -740,7 +775,7 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     else:
         lse = torch.empty(n_batch, H, tq, device=q.device, dtype=torch.float32)  # (B, H, Tq)
         slb, slh = lse.stride(0), lse.stride(1)
-        cu_q = cu_k = torch.zeros(1, dtype=torch.int32, device=q.device)  # unused
+        cu_q = cu_k = _unused_i32(q.device)  # VARLEN=False compiles its loads out
     if out.numel() == 0:
         lse.fill_(-math.inf)
         return out, lse
@@ -775,7 +810,7 @@ def flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     if varlen:
         cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
     else:
-        cu_q = cu_k = torch.zeros(1, dtype=torch.int32, device=q.device)  # unused
+        cu_q = cu_k = _unused_i32(q.device)  # VARLEN=False compiles its loads out
     pre_m = 64
     _bwd_preprocess[(triton.cdiv(tq, pre_m), n_batch * H)](
         out, do, delta, cu_q, *_strides(out, varlen), *_strides(do, varlen), slb, slh, H, tq,
