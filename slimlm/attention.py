@@ -202,8 +202,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         if torch.compiler.is_compiling():  # a graph break around the kernels (see above)
             return _flash_apply(q, k, v, causal, softmax_scale, window_size, cu_q, cu_k,
                                 max_q, max_k)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                        or v.requires_grad):
+        # forward-mode AD (dual tensors, which do not set requires_grad) must reach the
+        # autograd Function, which refuses it, rather than get an output with no tangent
+        forward_ad = getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
+        if forward_ad or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                      or v.requires_grad):
             return _FlashAttention.apply(q, k, v, causal, softmax_scale, window_size, cu_q,
                                          cu_k, max_q, max_k)
         # nothing to differentiate (inference, no_grad): the kernel without autograd's

@@ -220,6 +220,11 @@ def test_inference_call_skips_autograd_same_output():
     assert torch.equal(plain, tracked.detach())
     tracked.sum().backward()
     assert qg.grad is not None and torch.isfinite(qg.grad).all()
+    # forward-mode AD is refused (no jvp), not answered with an output lacking a tangent
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp"):
+        attention.flash_attention(fwAD.make_dual(q, torch.ones_like(q)), k, v, causal=True)
 
 
 class _FakeTuner:
@@ -251,7 +256,6 @@ def test_launch_reuses_the_autotuned_choice(monkeypatch):
     tuner = _FakeTuner()
     monkeypatch.setattr(fa, "interpreting", lambda: False)
     monkeypatch.setattr(fa, "_tuned", lambda kind, block_d: tuner)
-    monkeypatch.setattr(fa, "_CHOSEN", {})
     x16, x32 = torch.zeros(2, dtype=torch.float16), torch.zeros(2)
     grid = lambda m: (1, 1)  # noqa: E731
     fa._launch("fwd", grid, 64, x16, 7, 512, HEAD_DIM=64, IS_CAUSAL=True)
@@ -270,7 +274,12 @@ def test_launch_reuses_the_autotuned_choice(monkeypatch):
     # a full table starts over rather than growing without bound
     monkeypatch.setattr(fa, "_CHOSEN_MAX", 5)
     fa._launch("fwd", grid, 64, x16, 9, 512, HEAD_DIM=64, IS_CAUSAL=True)
-    assert len(fa._CHOSEN) == 1
+    assert len(tuner._slimlm_chosen) == 1
+    # a rebuilt autotuner (the config probes clear _tuned) does not inherit the choices
+    fresh = _FakeTuner()
+    monkeypatch.setattr(fa, "_tuned", lambda kind, block_d: fresh)
+    fa._launch("fwd", grid, 64, x16, 9, 512, HEAD_DIM=64, IS_CAUSAL=True)
+    assert len(fresh.tuned) == 1 and not fresh.direct
 
 
 @needs_interpreter

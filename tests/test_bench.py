@@ -135,7 +135,10 @@ def test_train_options_are_validated_before_work(tmp_path):
                         options={"sdpa_backends": ["fastest"]})
 
 
-def test_attention_train_seeds_give_paired_summaries(tmp_path, one_thread):
+def test_attention_train_seeds_give_paired_summaries(tmp_path, one_thread, monkeypatch):
+    # test_attention.py switches the Triton interpreter on for the process: "flash" must
+    # fall back to SDPA here, as on any CPU without it
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     path = bench.run_suite("attention_train", quick=True, out_dir=tmp_path, device="cpu",
                            echo=False, options={"seeds": [0, 1], "steps": 3})
     rows = json.loads(path.read_text())["rows"]
@@ -150,8 +153,9 @@ def test_attention_train_seeds_give_paired_summaries(tmp_path, one_thread):
     vals = [by[(s, "sdpa")]["val_bpb"] for s in (0, 1)]
     assert sdpa["seeds"] == 2 and sdpa["val_bpb"] == pytest.approx(sum(vals) / 2)
     assert sdpa["val_bpb_sd"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
-    # CPU flash falls back to SDPA: zero paired difference, no standard error to give
-    assert summary["flash"]["val_bpb_diff"] == 0.0 and summary["flash"]["val_bpb_diff_se"] is None
+    # CPU flash falls back to SDPA: the same run per seed, zero difference and spread
+    assert summary["flash"]["paired_seeds"] == 2
+    assert summary["flash"]["val_bpb_diff"] == 0.0 == summary["flash"]["val_bpb_diff_se"]
     assert {r["seed"] for r in rows if r["kind"] == "curve"} == {0, 1}
 
 
@@ -162,7 +166,10 @@ def test_attention_train_options_are_validated_before_work(tmp_path):
                         ({"attentions": ["flash", "sdpa"]}, "starting with 'sdpa'"),
                         ({"attentions": ["sdpa", "xformers"]}, "attentions="),
                         ({"attentions": ["sdpa", "sdpa-efficient"]}, "CUDA-only"),
-                        ({"seeds": [1, 1]}, "distinct seeds")):
+                        ({"seeds": [1, 1]}, "distinct seeds"),
+                        ({"seeds": [-1]}, "seeds >= 0"),
+                        ({"seeds": [0], "seed": 1}, "one of the two"),
+                        ({"attentions": ["sdpa", "flash", "sdpa"]}, "each once")):
         with pytest.raises(ValueError, match=match):
             bench.run_suite("attention_train", quick=True, out_dir=tmp_path, echo=False,
                             options=opts)

@@ -13,7 +13,8 @@ Rows (``kind``):
   validation bits per byte minus sdpa's);
 - ``summary`` (with several ``seeds``): per (seq_len, attention), val_bpb's mean and
   standard deviation over the seeds and the mean paired difference to sdpa (same seed)
-  with its standard error: "the same curve" tested against seed-to-seed noise;
+  with its standard error (over ``paired_seeds``, the seeds whose sdpa run also
+  finished): "the same curve" tested against seed-to-seed noise;
 - ``curve``: the logged training losses (the plot's data).
 
 What "the same curve" means: two exact attention implementations round differently in
@@ -50,7 +51,8 @@ from slimlm.bench.harness import fraction, guarded, positive_int, register, valu
 from slimlm.model import PRESETS, ModelConfig, Transformer
 
 REPORT_COLUMNS = ("kind", "model", "seq_len", "batch", "seed", "seeds", "attention", "steps",
-                  "val_bpb", "val_bpb_sd", "val_bpb_diff", "val_bpb_diff_se", "val_loss",
+                  "val_bpb", "val_bpb_sd", "paired_seeds", "val_bpb_diff", "val_bpb_diff_se",
+                  "val_loss",
                   "loss", "tokens_per_s", "speedup_vs_sdpa", "curve_max_abs_diff",
                   "curve_mean_abs_diff",
                   "peak_mem_gib", "seconds", "baseline")
@@ -67,10 +69,11 @@ def attention_train_suite(quick: bool, device: torch.device, *, model: str | Non
                           tokens_per_step: int | None = None, steps: int | None = None,
                           attentions: Sequence[str] | None = None, lr: float | None = None,
                           max_bytes: int | None = None, data_dir: str | None = None,
-                          seeds: Sequence[int] | int | None = None
+                          seeds: Sequence[int] | int | None = None, seed: int | None = None
                           ) -> Iterator[dict[str, Any]]:
     """Rows per (seq_len, seed, attention); see the module docstring. ``attentions`` must
-    start with "sdpa" (the baseline). Bad options raise ValueError before any work."""
+    start with "sdpa" (the baseline); ``seed=S`` is ``seeds=[S]``. Bad options raise
+    ValueError before any work."""
     from slimlm.data import prepare_data
     from slimlm.train import TrainConfig, train
 
@@ -89,16 +92,19 @@ def attention_train_suite(quick: bool, device: torch.device, *, model: str | Non
         raise ValueError(f"seq_lens={list(seq_lens)}: {bad} do not divide "
                          f"tokens_per_step={tokens_per_step}")
     steps = steps or (6 if small else 150)
-    seeds = values_of("seeds", seeds if seeds is not None else (0,), int)
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds={list(seeds)}: expected distinct seeds")
+    if seed is not None and seeds is not None:
+        raise ValueError(f"seed={seed!r} and seeds={seeds!r}: expected one of the two")
+    seeds = values_of("seeds", seeds if seeds is not None
+                      else (seed if seed is not None else 0,), int)
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"seeds={list(seeds)}: expected distinct seeds >= 0")
     positive_int("steps", steps)
     attentions = tuple(attentions or (("sdpa", "flash") if small
                                       else ("sdpa", "flash", "sdpa-efficient")))
     unknown = [a for a in attentions if a not in ATTENTIONS]
-    if unknown or attentions[0] != "sdpa":
+    if unknown or attentions[0] != "sdpa" or len(set(attentions)) != len(attentions):
         raise ValueError(f"attentions={list(attentions)}: expected names from {ATTENTIONS}, "
-                         "starting with 'sdpa' (the baseline)")
+                         "starting with 'sdpa' (the baseline), each once")
     pinned = [a for a in attentions if _IMPL[a][1] is not None]
     if pinned and device.type != "cuda":
         raise ValueError(f"attentions={list(attentions)}: {pinned} pin a CUDA-only SDPA "
@@ -203,8 +209,9 @@ def _summaries(finals: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield {"kind": "summary", "model": mine[0]["model"], "seq_len": mine[0]["seq_len"],
                "batch": mine[0]["batch"], "attention": attn, "steps": mine[0]["steps"],
                "seeds": len(mine), "val_bpb": bpb_mean, "val_bpb_sd": bpb_sd,
-               "val_bpb_diff": diff_mean,
-               "val_bpb_diff_se": diff_sd / math.sqrt(len(diffs)) if diff_sd else None,
+               "paired_seeds": len(diffs), "val_bpb_diff": diff_mean,
+               "val_bpb_diff_se": (diff_sd / math.sqrt(len(diffs)) if diff_sd is not None
+                                   else None),
                "curve_mean_abs_diff": gap, "speedup_vs_sdpa": speed,
                "baseline": "sdpa, paired by seed"}
 

@@ -673,8 +673,9 @@ def _tuned(kind: str, block_d: int):
 # Autotuner.run, which rebuilds dicts of all ~40 arguments and formats each tensor's dtype
 # on every call (~30 us of host time, ~0.1 ms on a slower host: at 512 tokens that exceeds
 # the kernel's ~0.2 ms of GPU work when calls run back to back). A new key goes through
-# the autotuner (whose own per-bucket cache still decides) and records its choice.
-_CHOSEN: dict[tuple, dict] = {}
+# the autotuner (whose own per-bucket cache still decides) and records its choice. The
+# table lives on the autotuner object, so a rebuilt autotuner (``_tuned.cache_clear()``,
+# as the config probes do) starts with an empty one.
 _CHOSEN_MAX = 4096  # varlen batches vary max_seqlen: bound the table, start over when full
 
 
@@ -685,14 +686,15 @@ def _launch(kind: str, grid_fn, block_d: int, *args, **kwargs) -> None:
         kernel[grid_fn(fixed)](*args, **kwargs, **fixed)
         return
     tuner = _tuned(kind, block_d)
+    table = tuner.__dict__.setdefault("_slimlm_chosen", {})
     key = (kind, block_d, *kwargs.values(),
            *(a.dtype if isinstance(a, torch.Tensor) else a for a in args))
-    chosen = _CHOSEN.get(key)
+    chosen = table.get(key)
     if chosen is None:
         tuner[grid_fn](*args, **kwargs)
-        if len(_CHOSEN) >= _CHOSEN_MAX:
-            _CHOSEN.clear()
-        _CHOSEN[key] = tuner.best_config.all_kwargs()
+        if len(table) >= _CHOSEN_MAX:
+            table.clear()
+        table[key] = tuner.best_config.all_kwargs()
     else:
         tuner.fn[grid_fn](*args, **kwargs, **chosen)
 
