@@ -549,3 +549,27 @@ def test_probe_log_keeps_every_row_on_disk(tmp_path, capsys):
     assert [r["impl"] for r in json.loads((tmp_path / "probe.json").read_text())] == ["a", "b"]
     assert [json.loads(line)["impl"] for line in capsys.readouterr().out.splitlines()] == ["a", "b"]
     assert graph_us(lambda: torch.ones(4).sum(), rep=2) > 0
+
+
+def test_time_decode_steps_pairs_out_the_prefill(monkeypatch):
+    """A fake generation on a fake clock: 1 ms per decode step after a prefill that drifts
+    by up to 50 ms between pairs of calls (a slow host). Each pair's difference holds the
+    steps alone, so the estimate is exact; bad n is refused before any call."""
+    clock = [0.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock[0])
+    drift = [0.030, 0.080, 0.010, 0.055, 0.020]  # prefill seconds, one per pair of calls
+    calls = []
+
+    def run(k):
+        pair = max(len(calls) - 2, 0) // 2  # the two untimed calls come first
+        calls.append(k)
+        clock[0] += drift[pair % len(drift)] + 0.001 * (k - 1)
+
+    t = harness.time_decode_steps(run, 9, "cpu", rep=5)
+    assert calls[:2] == [9, 1] and len(calls) == 2 + 2 * 5
+    assert calls[2:6] == [9, 1, 1, 9]  # order alternates within pairs
+    assert t["n"] == 5
+    assert t["step_ms"] == pytest.approx(1.0) == t["step_p10"] == pytest.approx(t["step_p90"])
+    assert t["full_ms"] == pytest.approx(30 + 8) and t["first_ms"] == pytest.approx(30)
+    with pytest.raises(ValueError, match="n=1"):
+        harness.time_decode_steps(run, 1, "cpu")

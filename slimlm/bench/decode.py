@@ -12,7 +12,8 @@ and the same preallocated :class:`~slimlm.generate.StaticCache` (reused across r
 captured graphs are reused too).
 
 Per (batch, mode) row: ms per decode step (``(time(prompt + N new) - time(prompt + 1 new))
-/ (N - 1)``, so the eager prefill cancels out), tokens/s, bytes per step (weights + KV
+/ (N - 1)``, the median over adjacent pairs of the two timings, so the eager prefill and
+its call-to-call noise cancel out; ``step_p10_ms`` / ``step_p90_ms`` the spread), tokens/s, bytes per step (weights + KV
 cache at the mean context, the issue's roofline definition), achieved GB/s, its fraction
 of the copy ceiling measured on this machine (``measured_ceilings(device)["copy_gbps"]``),
 the speed-up over eager decode, and the share of greedy tokens equal to eager's (bf16
@@ -44,7 +45,7 @@ from typing import Any
 
 import torch
 
-from slimlm.bench.harness import fraction, free_memory, gbps, guarded, register, time_fn
+from slimlm.bench.harness import fraction, free_memory, gbps, guarded, register, time_decode_steps
 from slimlm.bench.harness import positive_int as _positive
 from slimlm.generate import (
     COMPILE_BACKENDS,
@@ -189,13 +190,15 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
                         fused: bool = fused) -> dict[str, Any]:
                 with _decode_kernels(fused):
                     out = run(new_tokens)  # compiles (and records CUDA graphs) untimed
-                    full = time_fn(lambda: run(new_tokens), device, warmup=1, rep=rep)
-                    first = time_fn(lambda: run(1), device, warmup=1, rep=rep)
-                ms = max(full["median_ms"] - first["median_ms"], 1e-9) / (new_tokens - 1)
+                    # paired: the prefill's call-to-call noise stays out of the step
+                    t = time_decode_steps(run, new_tokens, device, rep=rep)
+                ms = max(t["step_ms"], 1e-9)
                 achieved = gbps(useful, ms)
-                return {"step_ms": ms, "ms_per_token": ms / B, "tokens_per_s": B / ms * 1e3,
-                        "prefill_ms": first["median_ms"], "total_ms": full["median_ms"],
-                        "total_p10_ms": full["p10"], "total_p90_ms": full["p90"],
+                return {"step_ms": ms, "step_p10_ms": t["step_p10"],
+                        "step_p90_ms": t["step_p90"], "ms_per_token": ms / B,
+                        "tokens_per_s": B / ms * 1e3,
+                        "prefill_ms": t["first_ms"], "total_ms": t["full_ms"],
+                        "total_p10_ms": t["full_p10"], "total_p90_ms": t["full_p90"],
                         "achieved_gbps": achieved, "copy_ceiling_gbps": copy_gbps,
                         "frac_of_copy_ceiling": fraction(achieved, copy_gbps),
                         "roofline_step_ms": useful / (copy_gbps * 1e9) * 1e3,

@@ -249,6 +249,49 @@ def time_cuda(fn: Callable[[], Any], *, warmup: int = 3, rep: int = 10,
     return _summary(times)
 
 
+def time_decode_steps(run: Callable[[int], Any], n: int, device: torch.device | str, *,
+                      rep: int = 10) -> dict[str, float | int]:
+    """Milliseconds per decode step of ``run(k)`` (a whole generation of ``k`` tokens that
+    ends synchronised with the host, as ``generate`` does), without its prefill: ``run(n)``
+    and ``run(1)`` are timed in ``rep`` adjacent pairs (their order alternating), and each
+    pair gives (t(n) - t(1)) / (n - 1). The median over pairs is ``step_ms`` (``step_p10``,
+    ``step_p90`` its spread); ``full_ms`` / ``first_ms`` are the medians of the two
+    timings. Pairing matters when the prefill is host-bound: eager prefills on the GPU
+    machine vary by tens of milliseconds from call to call, and a difference of two
+    separately taken medians let that noise into the step (over 63 steps, 10 ms of it is
+    0.16 ms a step). One untimed call of each first."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"time_decode_steps: n={n!r}: expected an int >= 2 (n - 1 steps)")
+    _check_counts(1, rep)
+    dev = torch.device(device)
+
+    def timed(k: int) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        run(k)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return (time.perf_counter() - t0) * 1e3
+
+    run(n)
+    run(1)
+    fulls, firsts, steps = [], [], []
+    for i in range(rep):
+        if i % 2:
+            first, full = timed(1), timed(n)
+        else:
+            full, first = timed(n), timed(1)
+        fulls.append(full)
+        firsts.append(first)
+        steps.append((full - first) / (n - 1))
+    st = _summary(steps)
+    return {"step_ms": st["median_ms"], "step_p10": st["p10"], "step_p90": st["p90"],
+            "full_ms": statistics.median(fulls), "full_p10": _summary(fulls)["p10"],
+            "full_p90": _summary(fulls)["p90"], "first_ms": statistics.median(firsts),
+            "n": rep}
+
+
 def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 3,
             rep: int = 10, flush_l2: bool | str = False, graph: bool = False
             ) -> dict[str, float | int]:

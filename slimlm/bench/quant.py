@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimlm.bench.harness import guarded, register, time_fn
+from slimlm.bench.harness import guarded, register, time_decode_steps, time_fn
 from slimlm.kernels.quant_matmul import (
     _pick_config,
     autotune_table,
@@ -175,8 +175,10 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
                  ) -> Iterator[dict[str, Any]]:
     """End-to-end greedy decode tokens/s: llama-1b (quick: tiny), random weights, static
     cache, 16-token prompts, batch 1 and 16, bf16 vs each weight format. A step's time is
-    (time of ``new_tokens`` tokens - time of 1) / (new_tokens - 1), so the prompt's prefill
-    is not in it (``prefill_ms`` and ``total_ms`` report it); ``ms_per_token`` is the step
+    (time of ``new_tokens`` tokens - time of 1) / (new_tokens - 1), the median over 10
+    adjacent pairs of the two (:func:`~slimlm.bench.harness.time_decode_steps`), so the
+    prompt's prefill is not in it (``prefill_ms`` and ``total_ms`` report it;
+    ``step_p10_ms`` / ``step_p90_ms`` the spread over pairs); ``ms_per_token`` is the step
     over the batch. Per mode:
     "eager" (``generate`` as a user calls it: per-layer host overhead counts) and, on
     CUDA, "inductor-graph" (``compile="inductor-graph"``: the step compiled by inductor,
@@ -226,21 +228,21 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
                         return generate(model, ids, n, cache=cache,
                                         compile=False if mode == "eager" else mode)
 
-                    rep = 3 if quick else 5
+                    rep = 3 if quick else 10
                     with torch.no_grad():
                         once(2)  # warm-up: compiles the Triton kernels, captures the graph
                         out = once(new_tokens)
-                        full = time_fn(lambda: once(new_tokens), device, warmup=1, rep=rep)
-                        first = time_fn(lambda: once(1), device, warmup=1, rep=rep)
-                    # the decode steps alone: the prompt's prefill (eager, in first) is out
-                    if full["median_ms"] <= first["median_ms"]:
+                        # the decode steps alone: the prompt's prefill (eager) is out
+                        t = time_decode_steps(once, new_tokens, device, rep=rep)
+                    step = t["step_ms"]
+                    if step <= 0:
                         raise RuntimeError(
-                            f"{new_tokens} tokens timed {full['median_ms']:.3f} ms, no more "
-                            f"than 1 token's {first['median_ms']:.3f} ms: timing noise")
-                    step = (full["median_ms"] - first["median_ms"]) / (new_tokens - 1)
-                    return {"step_ms": step, "ms_per_token": step / batch,
+                            f"{new_tokens} tokens timed {t['full_ms']:.3f} ms, no more than "
+                            f"1 token's {t['first_ms']:.3f} ms: timing noise")
+                    return {"step_ms": step, "step_p10_ms": t["step_p10"],
+                            "step_p90_ms": t["step_p90"], "ms_per_token": step / batch,
                             "tokens_per_s": batch / (step * 1e-3),
-                            "prefill_ms": first["median_ms"], "total_ms": full["median_ms"],
+                            "prefill_ms": t["first_ms"], "total_ms": t["full_ms"],
                             "tokens": out.tokens}
 
                 row = guarded({"suite": "quant", "kind": "decode", "model": preset,
