@@ -202,3 +202,64 @@ def test_llama_shapes_on_gpu(bits, group, m):
     check(x, [make(n, 2048) for n in (2048, 512, 512)], False)
     check(x, [make(8192, 2048) for _ in range(2)], True)
     check(torch.randn(m, 8192, device=dev, dtype=torch.bfloat16), [make(2048, 8192)], False)
+
+
+def test_pdl_is_opt_in_and_off_on_the_cpu(monkeypatch):
+    from slimlm.kernels import quant_gemv as QG
+
+    x = torch.zeros(1, 8)
+    monkeypatch.delenv("SLIMLM_PDL", raising=False)
+    assert not QG.pdl_enabled(x)
+    monkeypatch.setenv("SLIMLM_PDL", "1")
+    assert not QG.pdl_enabled(x)  # a CPU tensor: no programmatic dependent launch
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_pdl_launch_same_result_eager_and_in_a_graph(monkeypatch, swiglu):
+    """SLIMLM_PDL=1 (programmatic dependent launch, weights prefetched into L2 before the
+    wait) gives the bits of the plain launch, eagerly and captured in a CUDA graph right
+    after the kernel that writes x."""
+    from slimlm.kernels import quant_gemv as QG
+    from slimlm.kernels.quant_matmul import pack_bits
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    torch.manual_seed(0)
+    dev, bits, group = "cuda", 4, 128
+    ws = []
+    for n in ((4096, 4096) if swiglu else (4096, 1024, 1024)):
+        q = torch.randint(0, 16, (n, 4096), dtype=torch.uint8, device=dev)
+        s = (torch.rand(n, 4096 // group, device=dev) * 0.02 + 0.005).bfloat16()
+        ws.append((pack_bits(q, bits).view(torch.int32), s))
+    w32, ss = [w for w, _ in ws], [s for _, s in ws]
+    h = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16)
+
+    def step():
+        x = h * 1.5 + 0.25  # a kernel that writes x just before the GEMV reads it
+        # one launch configuration for both modes (each would otherwise tune its own, and
+        # another tile sums in another order)
+        return QG.quant_gemv(QG.gemv_x(x, bits), w32, ss, [], bits, group, swiglu=swiglu,
+                             config=(4, 256, 2))
+
+    monkeypatch.setenv("SLIMLM_PDL", "0")
+    plain = step()
+    monkeypatch.setenv("SLIMLM_PDL", "1")
+    assert QG.pdl_enabled(h)
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = step()
+    h.copy_(torch.randn_like(h))  # new x through the whole captured chain
+    g.replay()
+    monkeypatch.setenv("SLIMLM_PDL", "0")
+    want = step()
+    torch.cuda.synchronize()
+    assert torch.equal(eager, plain)
+    assert torch.equal(captured, want)
