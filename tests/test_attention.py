@@ -395,4 +395,7 @@ def test_bench_suite_quick_rows():
     assert [r["impl"] for r in rows] == ["sdpa-default", "slimlm-ref"]
     for r in rows:
         assert r["fwd_ms"] > 0 and r["fwdbwd_tflops"] > 0 and r["err_rel"] < 1e-5
+        # the CUDA-graph forward (on the CPU timed as it is, plainly) and its ratios
+        assert r["fwd_graph_ms"] > 0 and "fwd_graph_error" not in r
+        assert "fwd_graph_vs_flash" in r  # None here: no sdpa-flash row on the CPU
 

@@ -9,7 +9,9 @@ EFFICIENT_ATTENTION, and MATH (eager, the O(T^2)-memory baseline, only up to
 Shapes follow the FlashAttention papers: batch x seq_len = 16k tokens, seq_len 512..16k,
 32 heads, head dim 64 and 128, causal and not. Per row: forward and forward+backward
 median time and TFLOP/s (forward FLOPs = 4 B H Tq Tk D, halved when causal; backward =
-2.5x forward, so forward+backward = 3.5x), the memory the forward+backward allocates on
+2.5x forward, so forward+backward = 3.5x), the forward again as CUDA-graph replays
+(``fwd_graph_*``: the kernels without the host's time per call, which short sequences
+otherwise see: a Python launch path can take longer than 0.2 ms of GPU work), the memory the forward+backward allocates on
 top of its inputs, and ratios against the FLASH and cuDNN rows and the eager memory of
 the same shape. Quality sits beside speed: the output's error against an fp32 tiled
 reference (batch 0, first two heads) for every row.
@@ -50,7 +52,9 @@ _BACKEND_NAMES = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTIO
 #: Columns of the report's table (the JSON keeps every field).
 REPORT_COLUMNS = ("seq_len", "batch", "head_dim", "causal", "impl", "fwd_tflops",
                   "fwdbwd_tflops", "fwd_vs_flash", "fwd_vs_cudnn", "fwdbwd_vs_flash",
-                  "fwdbwd_vs_cudnn", "mem_mib", "mem_vs_eager", "err_rel", "skipped", "error")
+                  "fwdbwd_vs_cudnn", "fwd_graph_tflops", "fwd_graph_vs_flash",
+                  "fwd_graph_vs_cudnn", "mem_mib", "mem_vs_eager", "err_rel", "skipped",
+                  "error")
 
 
 def attention_flops(batch: int, heads: int, tq: int, tk: int, head_dim: int, causal: bool,
@@ -182,6 +186,12 @@ def attention_suite(quick: bool, device: torch.device, *,
 
                         t_f = time_fn(fwd, device, warmup=warmup, rep=rep)
                         t_fb = time_fn(fwdbwd, device, warmup=warmup, rep=rep)
+                        try:  # the kernels alone, without the host's time per call
+                            t_g = time_fn(fwd, device, warmup=warmup, rep=rep, graph=True)
+                            result.update(fwd_graph_ms=t_g["median_ms"],
+                                          fwd_graph_tflops=fwd_flops / t_g["median_ms"] / 1e9)
+                        except RuntimeError as e:  # a backend that cannot be captured
+                            result["fwd_graph_error"] = f"{type(e).__name__}: {str(e)[:120]}"
                         result.update(
                             fwd_ms=t_f["median_ms"],
                             fwd_tflops=fwd_flops / t_f["median_ms"] / 1e9,
@@ -202,7 +212,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
     eager (>1 = faster / uses more memory than that baseline)."""
     by = {r["impl"]: r for r in rows}
     for r in rows:
-        for col in ("fwd", "fwdbwd"):
+        for col in ("fwd", "fwdbwd", "fwd_graph"):
             for ref_name, tag in (("sdpa-flash", "flash"), ("sdpa-cudnn", "cudnn")):
                 base = by.get(ref_name, {}).get(f"{col}_tflops")
                 r[f"{col}_vs_{tag}"] = fraction(r.get(f"{col}_tflops"), base)
