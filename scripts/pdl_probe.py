@@ -9,8 +9,11 @@ writes x finishes, send the first lines of their weight rows to L2, and wait
 (``griddepcontrol.wait``) before they read x or anything else.
 
 Part "chain": each llama-8b decode GEMV shape, 32 layers' worth (distinct weights, more
-than L2), each launch right after a kernel that writes its x, captured in one CUDA graph;
-PDL off and on, alternating, three times each. Part "decode": the llama-8b int4-g128
+than L2; asymmetric, with zero points, as int4-g128 is), each launch right after a kernel
+that writes its x, captured in one CUDA graph; PDL off and on, alternating, three times
+each. ``us_per_layer`` includes that producer kernel and x's layout copy (both as in the
+model, where inductor fuses them into one), so it is not the GEMV's own time; each mode
+tunes its own tile, recorded as ``config``. Part "decode": the llama-8b int4-g128
 decode step (``generate(compile="inductor-graph")``, batch 1), PDL off and on, alternating,
 with ``slimlm.bench.harness.time_decode_steps``; greedy tokens must match.
 
@@ -44,24 +47,27 @@ def chain(rows: list, layers: int = 32, rounds: int = 3) -> None:
                     for n in ns] for _ in range(layers)]
         scales = [[(torch.rand(n, k // group, device="cuda") * 0.02).bfloat16() for n in ns]
                   for _ in range(layers)]
+        zeros = [[(torch.rand(n, k // group, device="cuda") * 15).bfloat16() for n in ns]
+                 for _ in range(layers)]
         h = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
 
-        def run(weights: list = weights, scales: list = scales, h: torch.Tensor = h,
-                swiglu: bool = swiglu) -> None:
-            for w32, ss in zip(weights, scales):
+        def run(weights: list = weights, scales: list = scales, zeros: list = zeros,
+                h: torch.Tensor = h, swiglu: bool = swiglu) -> None:
+            for w32, ss, zs in zip(weights, scales, zeros):
                 x = h * 1.5 + 0.25  # the kernel that writes x (an RMSNorm in the model)
-                QG.quant_gemv(QG.gemv_x(x, bits), w32, ss, [], bits, group, swiglu=swiglu)
+                QG.quant_gemv(QG.gemv_x(x, bits), w32, ss, zs, bits, group, swiglu=swiglu)
 
         for r in range(rounds):
             for pdl in ("0", "1"):
                 os.environ["SLIMLM_PDL"] = pdl
                 t = time_fn(run, "cuda", warmup=2, rep=20, graph=True)
                 us = t["median_ms"] * 1e3 / layers
-                nbytes = sum(n * kw * 4 + n * (k // group) * 2 for n in ns)
+                xp = QG.gemv_x(h, bits)
+                key = QG._key(xp, weights[0], scales[0], zeros[0], bits, group, swiglu)
                 rows.append(dict(part="chain", shape=name, pdl=pdl == "1", round=r,
-                                 us_per_launch=us, tb_s=nbytes / us / 1e6))
+                                 us_per_layer=us, config=QG._TUNED.get(key)))
                 print(rows[-1], flush=True)
-        del weights, scales
+        del run, weights, scales, zeros
         torch.cuda.empty_cache()
     os.environ["SLIMLM_PDL"] = "0"
 

@@ -147,12 +147,26 @@ def _sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+@functools.cache
+def _triton_has_pdl() -> bool:
+    """triton >= 3.4: the launch_pdl option and tl.extra.cuda.gdc_wait."""
+    try:
+        import triton.language as tl
+
+        return hasattr(tl.extra.cuda, "gdc_wait")
+    except Exception:  # no triton, or a build without the CUDA extras
+        return False
+
+
 def pdl_enabled(x: torch.Tensor) -> bool:
     """Whether the grouped GEMV launches with programmatic dependent launch: opt-in with
-    ``SLIMLM_PDL=1`` (read at each launch; an experiment, off by default until measured),
-    on a Hopper-or-newer GPU, never under the interpreter. Each launch then starts while
+    ``SLIMLM_PDL=1`` (read at each launch, so eagerly at each call, and at capture for a
+    CUDA graph, which keeps it: ``generate`` captures anew when it changes; an
+    experiment, off by default until measured), on a Hopper-or-newer GPU with triton >=
+    3.4, never under the interpreter. Each launch then starts while
     the kernel before it finishes, prefetching its weights into L2 (see ``qmm_gemv_group``)."""
     return (os.environ.get("SLIMLM_PDL", "0") == "1" and x.is_cuda and not interpreting()
+            and _triton_has_pdl()
             and _sm90(x.device.index if x.device.index is not None
                       else torch.cuda.current_device()))
 
@@ -197,7 +211,9 @@ def _launch(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[tor
             BITS=bits, GROUP=group_size, HAS_ZERO=bool(zeros), SWIGLU=swiglu,
             EVEN_K=kw % bkw == 0, ONE_GROUP=one_group, BLOCK_N=bn, BLOCK_KW=bkw,
             CHUNK_SCALES=(not one_group and bkw >= 4 and group_size % (4 * per) == 0),
-            ASM=not interpreting(), PACKED=packed, PDL=pdl, launch_pdl=pdl, num_warps=warps)
+            ASM=not interpreting(), PACKED=packed, PDL=pdl, num_warps=warps,
+            # triton < 3.4 has no launch_pdl option: name it only when it is on
+            **({"launch_pdl": True} if pdl else {}))
 
 
 def _key(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
@@ -230,8 +246,10 @@ def tune(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.
                         lambda cfg, ops: _launch(xp, *ops, out, bits, group_size, swiglu, cfg),
                         copies, rep)
     del copies
-    if rows:
-        _TUNED[_key(xp, w32s, scales, zeros, bits, group_size, swiglu)] = rows[0][0]
+    # no candidate ran (each failed to compile or launch here): the static guess, so that
+    # later calls do not tune again
+    _TUNED[_key(xp, w32s, scales, zeros, bits, group_size, swiglu)] = (
+        rows[0][0] if rows else _static_config(n_rows, kw))
     return rows
 
 
