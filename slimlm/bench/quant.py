@@ -176,8 +176,8 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
     """End-to-end greedy decode tokens/s: llama-1b (quick: tiny), random weights, static
     cache, 16-token prompts, batch 1 and 16, bf16 vs each weight format. A step's time is
     (time of ``new_tokens`` tokens - time of 1) / (new_tokens - 1), the median over 10
-    adjacent pairs of the two (5 in eager mode) (:func:`~slimlm.bench.harness.time_decode_steps`), so the
-    prompt's prefill is not in it (``prefill_ms`` and ``total_ms`` report it;
+    adjacent pairs of the two, 5 in eager mode
+    (:func:`~slimlm.bench.harness.time_decode_steps`), so the prompt's prefill is not in it (``prefill_ms`` and ``total_ms`` report it;
     ``step_p10_ms`` / ``step_p90_ms`` the spread over pairs); ``ms_per_token`` is the step
     over the batch. Per mode:
     "eager" (``generate`` as a user calls it: per-layer host overhead counts) and, on
