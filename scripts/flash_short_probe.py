@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 
@@ -34,12 +33,14 @@ def main() -> None:
     from triton.testing import do_bench
 
     import slimlm.kernels.flash_attention as fa
+    from slimlm.bench.harness import ProbeLog
 
     C = triton.Config
     grid = [C(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
             for bm, bn, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))]
     grid += [C(dict(BLOCK_M=128, BLOCK_N=32), num_warps=4, num_stages=s) for s in (3, 4)]
-    rows = []
+    log = ProbeLog(args.out)  # each row printed and the file rewritten atomically
+    rows = log.rows
     orig = fa._fwd_configs
     for D in map(int, args.head_dims.split(",")):
         for S, causal in itertools.product(map(int, args.seq_lens.split(",")), (False, True)):
@@ -51,10 +52,8 @@ def main() -> None:
             ref = fa.flash_attn_forward(q, k, v, causal=causal)[0]
 
             def rec(impl, ms, **kw):
-                rows.append(dict(head_dim=D, seq_len=S, causal=causal, impl=impl, ms=ms,
-                                 tflops=flops / ms / 1e9, **kw))
-                print(f"D={D} S={S} causal={causal} {impl} {kw} {ms * 1e3:.1f} us "
-                      f"{flops / ms / 1e9:.1f} TFLOP/s", flush=True)
+                log(dict(head_dim=D, seq_len=S, causal=causal, impl=impl, ms=ms,
+                         tflops=flops / ms / 1e9, **kw))
 
             fa._fwd_configs = orig
             fa._tuned.cache_clear()
@@ -75,8 +74,8 @@ def main() -> None:
                     rec("slimlm config", do_bench(
                         lambda: fa.flash_attn_forward(q, k, v, causal=causal)), err=err, **kw)
                 except Exception as e:  # out of shared memory etc.
-                    rows.append(dict(head_dim=D, seq_len=S, causal=causal, impl="slimlm config",
-                                     error=f"{type(e).__name__}: {str(e)[:200]}", **kw))
+                    log(dict(head_dim=D, seq_len=S, causal=causal, impl="slimlm config",
+                             error=f"{type(e).__name__}: {str(e)[:200]}", **kw))
             fa._fwd_configs = orig
             fa._tuned.cache_clear()
     for key in sorted({(r["head_dim"], r["seq_len"], r["causal"]) for r in rows}):
@@ -87,8 +86,6 @@ def main() -> None:
         print(f"best D={key[0]} S={key[1]} causal={key[2]}: {best['tflops']:.1f} TFLOP/s "
               f"{ {k: best[k] for k in ('BLOCK_M', 'BLOCK_N', 'num_warps', 'num_stages')} } "
               f"(autotuned {auto['tflops']:.1f})")
-    with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

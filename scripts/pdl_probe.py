@@ -23,9 +23,9 @@ with ``slimlm.bench.harness.time_decode_steps``; greedy tokens must match.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from typing import Any
 
 import torch
 
@@ -36,7 +36,7 @@ SHAPES = [("qkv", (4096, 1024, 1024), 4096, False), ("o", (4096,), 4096, False),
           ("gate_up", (14336, 14336), 4096, True), ("down", (4096,), 14336, False)]
 
 
-def chain(rows: list, layers: int = 32, rounds: int = 3) -> None:
+def chain(rows: Any, layers: int = 32, rounds: int = 3) -> None:
     from slimlm.bench.harness import time_fn
     from slimlm.kernels import quant_gemv as QG
 
@@ -64,15 +64,14 @@ def chain(rows: list, layers: int = 32, rounds: int = 3) -> None:
                 us = t["median_ms"] * 1e3 / layers
                 xp = QG.gemv_x(h, bits)
                 key = QG._key(xp, weights[0], scales[0], zeros[0], bits, group, swiglu)
-                rows.append(dict(part="chain", shape=name, pdl=pdl == "1", round=r,
-                                 us_per_layer=us, config=QG._TUNED.get(key)))
-                print(rows[-1], flush=True)
+                rows(dict(part="chain", shape=name, pdl=pdl == "1", round=r,
+                          us_per_layer=us, config=QG._TUNED.get(key)))
         del run, weights, scales, zeros
         torch.cuda.empty_cache()
     os.environ["SLIMLM_PDL"] = "0"
 
 
-def decode(rows: list, model_name: str, rounds: int = 2) -> None:
+def decode(rows: Any, model_name: str, rounds: int = 2) -> None:
     from slimlm.bench.harness import time_decode_steps
     from slimlm.generate import StaticCache, generate
     from slimlm.model import ModelConfig, Transformer
@@ -102,11 +101,10 @@ def decode(rows: list, model_name: str, rounds: int = 2) -> None:
                 out = once(64)
                 t = time_decode_steps(once, 64, "cuda", rep=10)
             tokens.setdefault(pdl, out.tokens)
-            rows.append(dict(part="decode", model=model_name, pdl=pdl == "1", round=r,
-                             step_ms=t["step_ms"], step_p10_ms=t["step_p10"],
-                             step_p90_ms=t["step_p90"], prefill_ms=t["first_ms"],
-                             same_tokens=out.tokens == tokens["0"]))
-            print(rows[-1], flush=True)
+            rows(dict(part="decode", model=model_name, pdl=pdl == "1", round=r,
+                      step_ms=t["step_ms"], step_p10_ms=t["step_p10"],
+                      step_p90_ms=t["step_p90"], prefill_ms=t["first_ms"],
+                      same_tokens=out.tokens == tokens["0"]))
             del cache
     os.environ["SLIMLM_PDL"] = "0"
 
@@ -123,15 +121,13 @@ def main() -> None:
     unknown = set(parts) - {"chain", "decode"}
     if unknown:
         raise SystemExit(f"--parts {args.parts!r}: expected 'chain' and/or 'decode'")
-    rows: list = []
-    try:
-        if "chain" in parts:
-            chain(rows)
-        if "decode" in parts:
-            decode(rows, args.model)
-    finally:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    from slimlm.bench.harness import ProbeLog
+
+    rows = ProbeLog(args.out)  # each row printed and the file rewritten atomically
+    if "chain" in parts:
+        chain(rows)
+    if "decode" in parts:
+        decode(rows, args.model)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ captured graphs are reused too).
 
 Per (batch, mode) row: ms per decode step (``(time(prompt + N new) - time(prompt + 1 new))
 / (N - 1)``, the median over adjacent pairs of the two timings, so the eager prefill and
-its call-to-call noise cancel out; ``step_p10_ms`` / ``step_p90_ms`` the spread), tokens/s, bytes per step (weights + KV
-cache at the mean context, the issue's roofline definition), achieved GB/s, its fraction
+its call-to-call noise cancel out; ``step_p10_ms`` / ``step_p90_ms`` the spread),
+tokens/s, bytes per step (weights + KV cache at the mean context, the issue's roofline definition), achieved GB/s, its fraction
 of the copy ceiling measured on this machine (``measured_ceilings(device)["copy_gbps"]``),
 the speed-up over eager decode, and the share of greedy tokens equal to eager's (bf16
 rounding differs between compiled and eager kernels, so long greedy runs may diverge after

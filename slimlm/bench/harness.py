@@ -285,11 +285,10 @@ def time_decode_steps(run: Callable[[int], Any], n: int, device: torch.device | 
         fulls.append(full)
         firsts.append(first)
         steps.append((full - first) / (n - 1))
-    st = _summary(steps)
+    st, fu = _summary(steps), _summary(fulls)
     return {"step_ms": st["median_ms"], "step_p10": st["p10"], "step_p90": st["p90"],
-            "full_ms": statistics.median(fulls), "full_p10": _summary(fulls)["p10"],
-            "full_p90": _summary(fulls)["p90"], "first_ms": statistics.median(firsts),
-            "n": rep}
+            "full_ms": fu["median_ms"], "full_p10": fu["p10"], "full_p90": fu["p90"],
+            "first_ms": statistics.median(firsts), "n": rep}
 
 
 def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 3,

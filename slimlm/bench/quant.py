@@ -177,9 +177,9 @@ def _decode_rows(quick: bool, device: torch.device, dtype: torch.dtype,
     cache, 16-token prompts, batch 1 and 16, bf16 vs each weight format. A step's time is
     (time of ``new_tokens`` tokens - time of 1) / (new_tokens - 1), the median over 10
     adjacent pairs of the two, 5 in eager mode
-    (:func:`~slimlm.bench.harness.time_decode_steps`), so the prompt's prefill is not in it (``prefill_ms`` and ``total_ms`` report it;
-    ``step_p10_ms`` / ``step_p90_ms`` the spread over pairs); ``ms_per_token`` is the step
-    over the batch. Per mode:
+    (:func:`~slimlm.bench.harness.time_decode_steps`), so the prompt's prefill is not in
+    it (``prefill_ms`` and ``total_ms`` report it; ``step_p10_ms`` / ``step_p90_ms`` the
+    spread over pairs); ``ms_per_token`` is the step over the batch. Per mode:
     "eager" (``generate`` as a user calls it: per-layer host overhead counts) and, on
     CUDA, "inductor-graph" (``compile="inductor-graph"``: the step compiled by inductor,
     which fuses the elementwise ops around each QuantLinear, then captured once into a CUDA

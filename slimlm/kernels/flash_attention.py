@@ -704,17 +704,12 @@ def _bucket(n: int) -> int:
     return max(64, 1 << max(0, int(n) - 1).bit_length())
 
 
-_UNUSED: dict[torch.device, torch.Tensor] = {}
-
-
+@functools.cache
 def _unused_i32(device: torch.device) -> torch.Tensor:
     """A one-element int32 tensor for the cu_seqlens pointers of a non-varlen launch, made
     once per device (a fresh ``torch.zeros(1)`` cost an allocation and a fill kernel on
     every call)."""
-    t = _UNUSED.get(device)
-    if t is None:
-        t = _UNUSED[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return t
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
