@@ -212,6 +212,8 @@ def test_pdl_is_opt_in_and_off_on_the_cpu(monkeypatch):
     assert not QG.pdl_enabled(x)
     monkeypatch.setenv("SLIMLM_PDL", "1")
     assert not QG.pdl_enabled(x)  # a CPU tensor: no programmatic dependent launch
+    with pytest.raises(TypeError, match="pdl_enabled: x=str"):
+        QG.pdl_enabled("cuda")
 
 
 @gpu

@@ -165,6 +165,8 @@ def pdl_enabled(x: torch.Tensor) -> bool:
     experiment, off by default until measured), on a Hopper-or-newer GPU with triton >=
     3.4, never under the interpreter. Each launch then starts while
     the kernel before it finishes, prefetching its weights into L2 (see ``qmm_gemv_group``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"pdl_enabled: x={type(x).__name__}: expected the GEMV's input tensor")
     return (os.environ.get("SLIMLM_PDL", "0") == "1" and x.is_cuda and not interpreting()
             and _triton_has_pdl()
             and _sm90(x.device.index if x.device.index is not None
