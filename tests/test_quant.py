@@ -862,6 +862,11 @@ def test_bench_quant_decode_options_are_checked() -> None:
         list(suite(True, torch.device("cpu"), decode=True, decode_formats=["int5"]))
     with pytest.raises(ValueError, match="decode_batches"):
         list(suite(True, torch.device("cpu"), decode=True, decode_batches=[0]))
+    with pytest.raises(ValueError, match="flush='clean'"):
+        list(suite(True, torch.device("cpu"), flush="clean"))
+    rows = list(suite(True, torch.device("cpu"), shapes=[(32, 128)], ms=[1], flush="read",
+                      formats=["int4-g128"]))
+    assert rows and all(r["flush"] == "read" and r["ms"] > 0 for r in rows)
 
 
 _W8A8_SCRIPT = textwrap.dedent("""

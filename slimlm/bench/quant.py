@@ -85,8 +85,10 @@ def _reference(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return quant_matmul_ref(x, ql.qweight, ql.scales, ql.zeros, ql.bits, ql.group_size)
 
 
-def _time_dense(x: torch.Tensor, w: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    t = time_fn(lambda: F.linear(x, w), device, flush_l2=device.type == "cuda", graph=True)
+def _time_dense(x: torch.Tensor, w: torch.Tensor, device: torch.device,
+                flush: str = "write") -> dict[str, Any]:
+    t = time_fn(lambda: F.linear(x, w), device, flush_l2=flush if device.type == "cuda" else False,
+                graph=True)
     nbytes = (w.numel() + x.numel() + x.shape[0] * w.shape[0]) * w.element_size()
     return {"bf16_ms": t["median_ms"], "bf16_tb_s": nbytes / (t["median_ms"] * 1e-3) / 1e12}
 
@@ -126,11 +128,13 @@ def _config_name(ql: QuantLinear, x: torch.Tensor) -> str | None:
 
 
 def _time_quant(ql: QuantLinear, x: torch.Tensor, ref_out: torch.Tensor, bf16_ms: float,
-                device: torch.device, copy_tb_s: float | None, tune: bool) -> dict[str, Any]:
+                device: torch.device, copy_tb_s: float | None, tune: bool,
+                flush: str = "write") -> dict[str, Any]:
     m, n = x.shape[0], ql.out_features
     with torch.no_grad():
         y = ql(x)
-        t = time_fn(lambda: ql(x), device, flush_l2=device.type == "cuda", graph=True)
+        t = time_fn(lambda: ql(x), device, flush_l2=flush if device.type == "cuda" else False,
+                    graph=True)
         host_us = _host_us(lambda: ql(x), device)
     nbytes = ql.storage_bytes() + (x.numel() + m * n) * x.element_size()
     tb_s = nbytes / (t["median_ms"] * 1e-3) / 1e12
@@ -153,7 +157,7 @@ def _time_quant(ql: QuantLinear, x: torch.Tensor, ref_out: torch.Tensor, bf16_ms
             with torch.no_grad():
                 tt = time_fn(lambda: quant_matmul(x, ql.qweight, s, z, ql.bits,
                                                   ql.group_size, config=cfg),
-                             device, flush_l2=True, graph=True)
+                             device, flush_l2=flush, graph=True)
             row.update(tuned_ms=tt["median_ms"], tuned_speedup_vs_bf16=bf16_ms / tt["median_ms"],
                        tuned_config=",".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     return row
@@ -281,7 +285,12 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
     DECODE_EXTRA_FORMATS),
     ``decode_batches`` (default [1, 16]), ``decode_model`` (a model preset, default
     llama-1b; tiny when quick), ``linear`` (bool, default true: the per-shape
-    linear rows; false runs the decode rows alone)."""
+    linear rows; false runs the decode rows alone), ``flush`` (how the linear rows empty
+    the L2 before each timed call, for both sides: "write", the default and the protocol
+    of the committed rows and of ``triton.testing.do_bench``, leaves ~50 MB of dirty
+    lines that every timed kernel pays to write back, about 9 us on the H200; "read"
+    leaves clean lines, closer to a decode step, where the L2 holds the previous layer's
+    weights. Rows timed with "read" carry ``flush="read"``)."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     shapes = options.get("shapes") or ([(96, 128), (64, 256)] if quick else LLAMA3_8B_SHAPES)
@@ -306,6 +315,9 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
 
         if dmodel not in PRESETS:
             raise ValueError(f"decode_model={dmodel!r}: expected a preset from {sorted(PRESETS)}")
+    flush = options.get("flush", "write")
+    if flush not in ("write", "read"):
+        raise ValueError(f"flush={flush!r}: expected 'write' or 'read'")
     if not options.get("linear", True):
         shapes = []
     w8a8_min_m = 32 if quick else 64
@@ -322,8 +334,10 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
         for m in ms:
             x = torch.randn(m, k, generator=gen, device=device).to(dtype)  # (M, K)
             base = {"N": n, "K": k, "M": m, "dtype": str(dtype).removeprefix("torch.")}
+            if flush != "write":
+                base["flush"] = flush
 
-            dense = guarded(base, partial(_time_dense, x, w, device), device)
+            dense = guarded(base, partial(_time_dense, x, w, device, flush), device)
             if dense.get("oom"):
                 yield {**dense, "format": "bf16"}
                 continue
@@ -335,7 +349,7 @@ def quant_suite(quick: bool, device: torch.device, **options: Any) -> Iterator[d
                 yield guarded({**base, "format": name, "baseline": baseline,
                                "bf16_ms": dense["bf16_ms"], "bf16_tb_s": dense["bf16_tb_s"]},
                               partial(_time_quant, ql, x, ref_out, dense["bf16_ms"], device,
-                                      copy_tb_s, tune),
+                                      copy_tb_s, tune, flush),
                               device, errors=on_gpu)
     if options.get("decode", False):
         dm = options.get("decode_modes")
