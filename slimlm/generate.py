@@ -70,7 +70,6 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-import os
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -682,8 +681,7 @@ def _graph_key(model: nn.Module, kv: StaticCache) -> tuple:
     capture means a new capture), plus the Python-side state that changes what the step
     computes without moving a tensor: each module's ``_graph_state()`` where it has one
     (LoRA layers: active, merged, disabled and per-row adapters, scalings), the model's
-    ``cfg``, the autocast state and ``SLIMLM_PDL`` (the grouped GEMVs' launch mode, fixed
-    at capture). No device work; one walk over the modules (a few
+    ``cfg`` and the autocast state. No device work; one walk over the modules (a few
     hundred microseconds for a 16-layer model), paid once per generate call."""
     mods = list(model.modules())
     model_tensors = [t for mod in mods for d in (mod._parameters, mod._buffers)
@@ -694,7 +692,7 @@ def _graph_key(model: nn.Module, kv: StaticCache) -> tuple:
     autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
                 if torch.is_autocast_enabled(dev) else None)
     return (kv.batch_size, kv.max_len, kv.dtype, str(kv.device), _gemv.ENABLED,
-            _dense_decode.ENABLED, os.environ.get("SLIMLM_PDL", "0"),
+            _dense_decode.ENABLED,
             tuple((t.data_ptr(), t.dtype, t.shape)
                   for t in (*kv.k_buffers, *kv.v_buffers, *model_tensors)),
             states, repr(getattr(model, "cfg", None)), autocast)

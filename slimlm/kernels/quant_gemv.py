@@ -36,8 +36,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 from collections.abc import Sequence
 
 import torch
@@ -47,7 +45,7 @@ from slimlm.kernels import interpreting, triton_available
 from slimlm.kernels.gemv import _block_n, _pow2_floor, l2_copies, time_configs
 from slimlm.kernels.quant_matmul import KERNEL_BITS, dequantize_ref
 
-__all__ = ["CONFIG_CANDIDATES", "MAX_M", "gemv_x", "packed_x", "pdl_enabled", "quant_gemv",
+__all__ = ["CONFIG_CANDIDATES", "MAX_M", "gemv_x", "packed_x", "quant_gemv",
            "quant_gemv_ref", "tune"]
 
 #: The largest M the fused path takes (one program per row of x and row block).
@@ -142,37 +140,6 @@ def _check(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torc
                          f"{tuple(w32s[1].shape)}: expected equal shapes")
 
 
-@functools.cache
-def _sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-@functools.cache
-def _triton_has_pdl() -> bool:
-    """triton >= 3.4: the launch_pdl option and tl.extra.cuda.gdc_wait."""
-    try:
-        import triton.language as tl
-
-        return hasattr(tl.extra.cuda, "gdc_wait")
-    except Exception:  # no triton, or a build without the CUDA extras
-        return False
-
-
-def pdl_enabled(x: torch.Tensor) -> bool:
-    """Whether the grouped GEMV launches with programmatic dependent launch: opt-in with
-    ``SLIMLM_PDL=1`` (read at each launch, so eagerly at each call, and at capture for a
-    CUDA graph, which keeps it: ``generate`` captures anew when it changes; an
-    experiment, off by default until measured), on a Hopper-or-newer GPU with triton >=
-    3.4, never under the interpreter. Each launch then starts while
-    the kernel before it finishes, prefetching its weights into L2 (see ``qmm_gemv_group``)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"pdl_enabled: x={type(x).__name__}: expected the GEMV's input tensor")
-    return (os.environ.get("SLIMLM_PDL", "0") == "1" and x.is_cuda and not interpreting()
-            and _triton_has_pdl()
-            and _sm90(x.device.index if x.device.index is not None
-                      else torch.cuda.current_device()))
-
-
 def _static_config(n_rows: Sequence[int], kw: int) -> tuple[int, int, int]:
     """A guess for shapes not tuned yet (the static table's gemv tile: 4 rows x 256 words
     x 2 warps), and the interpreter's choice."""
@@ -204,7 +171,6 @@ def _launch(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[tor
     s = list(scales) + [scales[-1]] * (3 - len(scales))
     z = (list(zeros) + [zeros[-1]] * (3 - len(zeros))) if zeros else s
     grid = ((n_rows[0] if swiglu else sum(n_rows)) // bn, m)
-    pdl = pdl_enabled(xp)
     with torch.cuda.device(xp.device) if xp.is_cuda else contextlib.nullcontext():
         qmm_gemv_group[grid](
             x, w[0], w[1], w[2], s[0], s[1], s[2], z[0], z[1], z[2], out,
@@ -213,16 +179,13 @@ def _launch(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[tor
             BITS=bits, GROUP=group_size, HAS_ZERO=bool(zeros), SWIGLU=swiglu,
             EVEN_K=kw % bkw == 0, ONE_GROUP=one_group, BLOCK_N=bn, BLOCK_KW=bkw,
             CHUNK_SCALES=(not one_group and bkw >= 4 and group_size % (4 * per) == 0),
-            ASM=not interpreting(), PACKED=packed, PDL=pdl, num_warps=warps,
-            # triton < 3.4 has no launch_pdl option: name it only when it is on
-            **({"launch_pdl": True} if pdl else {}))
+            ASM=not interpreting(), PACKED=packed, num_warps=warps)
 
 
 def _key(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
          zeros: Sequence[torch.Tensor], bits: int, group_size: int, swiglu: bool) -> tuple:
     return (tuple(xp.shape), xp.dtype, tuple(w.shape[0] for w in w32s), w32s[0].shape[1],
-            bits, group_size, bool(zeros), scales[0].dtype, swiglu, xp.device.index,
-            pdl_enabled(xp))
+            bits, group_size, bool(zeros), scales[0].dtype, swiglu, xp.device.index)
 
 
 def tune(xp: torch.Tensor, w32s: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],

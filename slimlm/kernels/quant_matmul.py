@@ -709,29 +709,13 @@ if triton_available():
         return y
 
     @triton.jit
-    def _prefetch_rows_l2(w_ptr, rows, KW, BLOCK_KW: tl.constexpr):
-        """``prefetch.global.L2`` of the first BLOCK_KW words of each weight row in
-        ``rows`` (int32 words, one prefetch per 128-byte line; GPU only)."""
-        LINES: tl.constexpr = max(BLOCK_KW // 32, 1)
-        cols = tl.minimum(tl.arange(0, LINES) * 32, KW - 1)
-        ptrs = w_ptr + rows[:, None].to(tl.int64) * KW + cols[None, :]
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def qmm_gemv_group(x_ptr, w0_ptr, w1_ptr, w2_ptr, s0_ptr, s1_ptr, s2_ptr, z0_ptr, z1_ptr,
                        z2_ptr, out_ptr, N0, N1, KW, NG, stride_xm, stride_om,
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                        SWIGLU: tl.constexpr, EVEN_K: tl.constexpr, ONE_GROUP: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                       CHUNK_SCALES: tl.constexpr, ASM: tl.constexpr, PACKED: tl.constexpr,
-                       PDL: tl.constexpr):
+                       CHUNK_SCALES: tl.constexpr, ASM: tl.constexpr, PACKED: tl.constexpr):
         """``qmm_gemv`` for a group of weights sharing x, in one launch (decode).
-
-        ``PDL`` (launched with programmatic dependent launch, sm_90+): the program may
-        start before the kernel that produced x has finished; it sends the first lines of
-        its weight rows to L2 (weights are written by no kernel), then waits
-        (``griddepcontrol.wait``) before it reads anything else.
 
         Grouped (SWIGLU False): the output's columns are the rows of w0, then w1, then the
         rest (N0, N1, N2 rows; BLOCK_N divides each, so a program's rows lie in one weight,
@@ -762,11 +746,6 @@ if triton_available():
             z_ptr = z2_ptr
             local = n0 - N0 - N1
         rows = local + tl.arange(0, BLOCK_N)
-        if PDL:
-            _prefetch_rows_l2(w_ptr, rows, KW, BLOCK_KW)
-            if SWIGLU:
-                _prefetch_rows_l2(w1_ptr, rows, KW, BLOCK_KW)
-            tl.extra.cuda.gdc_wait()
         x_row = x_ptr + row * stride_xm
         y = _gemv_rows(x_row, w_ptr, s_ptr, z_ptr, rows, 0, KW, KW, NG, BITS, GROUP,
                        HAS_ZERO, EVEN_K, ONE_GROUP, BLOCK_N, BLOCK_KW, CHUNK_SCALES, ASM,
