@@ -39,13 +39,11 @@ def _device(name: str) -> str:
 
 def _checkpoint_dir(run: str | os.PathLike) -> Path:
     """Accept either a run folder (holding checkpoint/) or a checkpoint folder itself."""
-    p = Path(run)
-    if (p / "checkpoint" / "config.json").exists():
-        return p / "checkpoint"
-    if (p / "config.json").exists():
-        return p
-    raise SystemExit(f"error: RUN={str(run)!r}: no checkpoint found (expected {p}/checkpoint/"
-                     f"config.json or {p}/config.json); train one with `slimlm train --out RUN`")
+    strain = importlib.import_module("slimlm.train")
+    try:
+        return strain.checkpoint_dir(run)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,12 +185,7 @@ def _load_run(run: str, device: str, adapter: str | None = None):
 
     ckpt = _checkpoint_dir(run)
     try:
-        if (ckpt / "quant_config.json").exists():
-            from slimlm import quant
-
-            model = quant.load_quantized(ckpt, device=device)
-        else:
-            model = strain.load_model(ckpt, device=device)
+        model = strain.load_run(ckpt, device=device)
         if adapter:
             from slimlm import lora
 
@@ -462,6 +455,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  f"({e.msg} at column {e.pos + 1}); quote strings as "
                                  "'\"text\"' and close lists") from e
             options[key] = value
+    if args.run:
+        if names != ["decode"]:
+            raise SystemExit(f"error: --run {args.run[0]!r} with suite {args.suite!r}: runs are "
+                             "timed by the decode suite (`slimlm bench decode --run RUN`)")
+        if "run" in options:
+            raise SystemExit("error: --run and --option run=...: give the runs once")
+        strain = importlib.import_module("slimlm.train")
+        for r in args.run:  # before any work: every folder must hold a checkpoint
+            try:
+                strain.checkpoint_dir(r)
+            except ValueError as e:
+                raise SystemExit(f"error: --run: {e}") from None
+        options["run"] = list(args.run)
     for name in names:
         path = bench.run_suite(name, quick=args.quick, out_dir=args.out, options=options or None)
         print(f"wrote {path}")
@@ -592,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="suite option, repeatable; VALUE is parsed as JSON when it can be "
                         "(e.g. --option models='[\"llama-1b\"]' --option batch=4)")
+    p.add_argument("--run", action="append", default=[], metavar="RUN",
+                   help="decode suite: time this run folder's model (trained, or written by "
+                        "`slimlm compress`, then against its source run), repeatable")
     p.add_argument("--list", action="store_true", help="list the suites")
     p.add_argument("--report", action="store_true",
                    help="render benchmarks/RESULTS.md (tables, plots) from the results")

@@ -556,6 +556,52 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     return model
 
 
+def checkpoint_dir(run: str | os.PathLike) -> Path:
+    """The checkpoint folder of ``run``: a run folder (holding ``checkpoint/``, as
+    ``slimlm train`` and ``slimlm compress`` write) or a checkpoint folder itself."""
+    p = Path(run)
+    if (p / "checkpoint" / "config.json").exists():
+        return p / "checkpoint"
+    if (p / "config.json").exists():
+        return p
+    raise ValueError(f"RUN={str(run)!r}: no checkpoint found (expected {p}/checkpoint/"
+                     f"config.json or {p}/config.json); train one with `slimlm train --out RUN`")
+
+
+def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a run folder or checkpoint: a trained one (:func:`load_model`) or one
+    written by ``slimlm compress`` (:func:`slimlm.quant.load_quantized`: quantized layers
+    come back packed, without materialising full-precision weights)."""
+    ckpt = checkpoint_dir(run)
+    if (ckpt / "quant_config.json").exists():
+        from slimlm import quant
+
+        return quant.load_quantized(ckpt, device=device)
+    return load_model(ckpt, device=device)
+
+
+def run_source(run: str | os.PathLike) -> Path | None:
+    """The run a ``slimlm compress`` output was made from (its ``compress.json``), if
+    that folder still holds a checkpoint; None for a trained run or a missing source."""
+    p = Path(run)
+    meta = p / "compress.json"
+    if not meta.is_file() and p.name == "checkpoint":
+        meta = p.parent / "compress.json"
+    if not meta.is_file():
+        return None
+    try:
+        src = json.loads(meta.read_text()).get("source_run")
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not src:
+        return None
+    try:
+        checkpoint_dir(src)
+    except ValueError:
+        return None
+    return Path(src)
+
+
 def _read_state(folder: Path) -> dict[str, Any]:
     path = folder / STATE_FILE
     if not path.is_file():

@@ -215,6 +215,21 @@ def test_decode_suite_refuses_cuda_graph_modes_on_cpu(tmp_path):
                         options={"modes": ["eager", "aot_eager+cublas"]})
 
 
+def test_decode_suite_run_options_are_checked(tmp_path):
+    def suite(**options):
+        return bench.run_suite("decode", quick=True, out_dir=tmp_path, device="cpu",
+                               echo=False, options=options)
+
+    with pytest.raises(ValueError, match="model='tiny' and run="):
+        suite(model="tiny", run=str(tmp_path))
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        suite(run=str(tmp_path), dtype="int8")
+    with pytest.raises(ValueError, match="dtype='bfloat16': applies to run= models only"):
+        suite(dtype="bfloat16")
+    with pytest.raises(ValueError, match="no checkpoint found"):
+        suite(run=str(tmp_path / "missing"))
+
+
 def test_decode_suite_compares_with_torch_compile_alone(tmp_path, one_thread):
     """A "+torch" mode runs the same compiled step with slimlm's decode kernels off; the
     slimlm row of that mode carries ratio_vs_torch from the same run."""

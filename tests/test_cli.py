@@ -108,6 +108,28 @@ def test_compress_then_eval_and_generate(run, tmp_path, capsys, quant):
                  "--device", "cpu"]) == 0
 
 
+def test_bench_decode_times_a_compressed_run_against_its_source(run, tmp_path, capsys):
+    out = tmp_path / "tiny-int4"
+    assert main(["compress", str(run), "--quant", "int4", "--group-size", "32", "--method",
+                 "rtn", "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "decode", "--run", str(out), "--quick", "--out", str(tmp_path / "res"),
+                 "--option", 'modes=["eager"]', "--option", "new_tokens=4",
+                 "--option", "prompt_len=8"]) == 0
+    rows = json.loads(next((tmp_path / "res").glob("decode-*.json")).read_text())["rows"]
+    by_run = {Path(r["run"]).resolve(): r for r in rows}
+    src, comp = by_run[run.resolve()], by_run[out.resolve()]
+    assert rows[0] is not comp  # the source is timed first, as the baseline
+    assert comp["weight_bytes"] < 0.5 * src["weight_bytes"]  # int4 codes + scales vs fp32
+    assert comp["bytes_per_step"] < src["bytes_per_step"]
+    assert comp["speedup_vs_source"] == pytest.approx(src["step_ms"] / comp["step_ms"])
+    assert src["speedup_vs_source"] is None and comp["step_ms"] > 0
+    with pytest.raises(SystemExit, match="--run .* with suite 'quant'"):
+        main(["bench", "quant", "--run", str(out), "--quick"])
+    with pytest.raises(SystemExit, match="--run: RUN='/nonexistent/run'"):
+        main(["bench", "decode", "--run", "/nonexistent/run", "--quick"])
+
+
 def test_compress_w8a8_refuses_other_methods(run, tmp_path):
     with pytest.raises(SystemExit, match="w8a8=True with method='gptq'"):
         main(["compress", str(run), "--quant", "w8a8", "--method", "gptq", "--out",

@@ -30,11 +30,23 @@ fused decode GEMVs and attention as its dense decode kernel; a mode with the suf
 the rows carry ``ratio_vs_torch``: slimlm's step against what torch.compile alone makes of
 it, in the same run.
 
+Runs: ``run`` (``slimlm bench decode --run RUN``, repeatable) times the model of a run folder
+instead of a random-init preset: a trained run, or one written by ``slimlm compress``, whose
+quantized layers decode through slimlm's kernels. A compressed run's source (its
+``compress.json``), when that folder is still there, is timed first in the same process as
+the baseline: rows carry ``run``, ``weight_bytes`` (what the model holds, scales and zero
+points included) and ``speedup_vs_source`` (same mode and batch). ``bytes_per_step`` then
+counts the weights as stored, not as bf16. The prompt and new-token defaults shrink to fit
+the run's context; ``dtype`` casts the loaded floating-point tensors (e.g. "bfloat16" for a
+CPU-trained fp32 run on the GPU; default: as saved).
+
 Example::
 
     slimlm bench decode                      # GPU: llama-1b, batch 1 and 16, 512 + 256,
                                              # eager, cuda-graph, reduce-overhead(+torch)
     slimlm bench decode --quick              # CPU, tiny preset, seconds
+    slimlm compress runs/tiny --quant int4 --out runs/tiny-int4
+    slimlm bench decode --run runs/tiny-int4 # runs/tiny-int4 against runs/tiny
 """
 
 from __future__ import annotations
@@ -92,6 +104,19 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple:
     return tuple(value)
 
 
+def run_step_weight_bytes(net: torch.nn.Module, batch: int) -> float:
+    """Weight bytes a decode step of a loaded model reads, as stored: every parameter and
+    buffer once (packed codes, scales and zero points of quantized layers as they are),
+    except the embedding table, of which a step reads one row per sequence (the whole table
+    when it is also the LM head)."""
+    from slimlm.quant import model_size_bytes
+
+    emb = net.embed_tokens.weight
+    tied = getattr(getattr(net, "lm_head", None), "weight", None) is emb
+    table = 0 if tied else emb.numel() * emb.element_size()
+    return float(model_size_bytes(net) - table + batch * emb.shape[1] * emb.element_size())
+
+
 def step_bytes(cfg: ModelConfig, batch: int, context: float, itemsize: int) -> float:
     """Bytes a decode step must read: every matmul weight once (LM head included), the
     norms, one embedding row per sequence, and the keys/values of ``context`` positions
@@ -101,8 +126,37 @@ def step_bytes(cfg: ModelConfig, batch: int, context: float, itemsize: int) -> f
     return float((weights + kv) * itemsize)
 
 
+def _load_runs(runs: tuple[str, ...], device: torch.device, dtype: torch.dtype | None
+               ) -> list[tuple[str, torch.nn.Module, dict[str, Any]]]:
+    """(label, model, row fields) per model to time: each run, preceded by its source run
+    (the baseline of ``speedup_vs_source``) when it is a ``slimlm compress`` output whose
+    source is still there. Every path is checked before any model is loaded."""
+    from slimlm.train import checkpoint_dir, load_run, run_source
+
+    order: list[tuple[str, str | None]] = []  # (run, its source)
+    for r in runs:
+        checkpoint_dir(r)  # ValueError naming the run
+        src = run_source(r)
+        src_s = str(src) if src is not None else None
+        if src_s is not None and src_s not in [o for o, _ in order]:
+            order.append((src_s, None))
+        if r not in [o for o, _ in order]:
+            order.append((r, src_s))
+    out = []
+    for r, src in order:
+        net = load_run(r, device=device)
+        if dtype is not None:
+            net = net.to(dtype)
+        fields: dict[str, Any] = {"run": r, "weight_bytes": None}
+        if src is not None:
+            fields["source_run"] = src
+        out.append((r, net.eval(), fields))
+    return out
+
+
 @register("decode")
 def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
+                 run: Sequence[str] | str | None = None, dtype: str | None = None,
                  batches: Sequence[int] | int | None = None, prompt_len: int | None = None,
                  new_tokens: int | None = None, modes: Sequence[str] | str | None = None,
                  rep: int | None = None, seed: int = 0) -> Iterator[dict[str, Any]]:
@@ -112,16 +166,32 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
     GPU defaults: model "llama-1b" (random init, bf16), batches (1, 16), a 512-token
     prompt and 256 new tokens, modes ("eager", "cuda-graph", "reduce-overhead+torch",
     "reduce-overhead"), 10 timed runs. CPU or quick: "tiny" in fp32, batch 1, 32 + 16 tokens, modes ("eager",
-    "aot_eager", and "cuda-graph" on a GPU), 3 runs.
+    "aot_eager", and "cuda-graph" on a GPU), 3 runs. ``run``: run folders to time instead
+    of a preset (see the module docstring); ``dtype``: a torch dtype name the loaded runs
+    are cast to.
     """
     small = quick or device.type != "cuda"
+    runs = _as_tuple("run", run, str) if run is not None else ()
+    if runs and model is not None:
+        raise ValueError(f"model={model!r} and run={list(runs)!r}: give a preset or runs, "
+                         "not both")
+    cast: torch.dtype | None = None
+    if dtype is not None:
+        cast = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+        if not isinstance(cast, torch.dtype) or not cast.is_floating_point:
+            raise ValueError(f"dtype={dtype!r}: expected a floating torch dtype name, e.g. "
+                             "'bfloat16'")
+        if not runs:
+            raise ValueError(f"dtype={dtype!r}: applies to run= models only (presets run in "
+                             "bf16 on the GPU, fp32 on the CPU)")
     name = model if model is not None else ("tiny" if small else "llama-1b")
-    if name not in PRESETS:
+    if not runs and name not in PRESETS:
         raise ValueError(f"model={name!r}: expected a preset from {sorted(PRESETS)}")
     batches = _as_tuple("batches", batches if batches is not None
                         else ((1,) if small else (1, 16)), int)
     for b in batches:
         _positive("batches", b)
+    given_lengths = prompt_len is not None or new_tokens is not None
     prompt_len = _positive("prompt_len", prompt_len if prompt_len is not None
                            else (32 if small else 512))
     new_tokens = _positive("new_tokens", new_tokens if new_tokens is not None
@@ -141,21 +211,53 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
         raise ValueError(f"modes={modes!r}: {[m for m in modes if m in CUDA_ONLY_MODES]} "
                          f"record CUDA graphs, but device={device}; use them on a GPU")
     rep = _positive("rep", rep if rep is not None else (3 if small else 10))
-    cfg = ModelConfig.from_preset(name)
-    max_len = prompt_len + new_tokens - 1
-    if prompt_len + new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt_len={prompt_len} + new_tokens={new_tokens}: exceeds "
-                         f"max_seq_len={cfg.max_seq_len} of preset {name!r}")
-    dtype = torch.float32 if small else torch.bfloat16
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    if runs:
+        models = _load_runs(runs, device, cast)
+    else:
+        cfg = ModelConfig.from_preset(name)
+        if prompt_len + new_tokens > cfg.max_seq_len:
+            raise ValueError(f"prompt_len={prompt_len} + new_tokens={new_tokens}: exceeds "
+                             f"max_seq_len={cfg.max_seq_len} of preset {name!r}")
+        torch.manual_seed(seed)
+        with torch.device(device):
+            net = Transformer(cfg)
+        models = [(name, net.to(torch.float32 if small else torch.bfloat16).eval(), {})]
 
     from slimlm.bench.ceiling import measured_ceilings
 
     copy_gbps = measured_ceilings(device)["copy_gbps"]
-    torch.manual_seed(seed)
-    with torch.device(device):
-        net = Transformer(cfg)
-    net = net.to(dtype).eval()
+    source_ms: dict[tuple[str, str, int], float] = {}  # (run, mode, batch) -> step ms
+    while models:  # popped, so each model is freed before the next one's rows
+        label, net, fields = models.pop(0)
+        p_len, n_new = prompt_len, new_tokens
+        ctx = net.cfg.max_seq_len
+        if p_len + n_new > ctx:
+            if given_lengths:
+                raise ValueError(f"prompt_len={p_len} + new_tokens={n_new}: exceeds "
+                                 f"max_seq_len={ctx} of {label!r}")
+            p_len = max(1, min(p_len, ctx // 2))  # defaults shrink to the run's context
+            n_new = ctx - p_len
+        yield from _model_rows(label, net, fields, device, batches, p_len, n_new, modes, rep,
+                               seed, copy_gbps, source_ms)
+        del net
+        free_memory(device)
+
+
+def _model_rows(name: str, net: torch.nn.Module, fields: dict[str, Any], device: torch.device,
+                batches: tuple[int, ...], prompt_len: int, new_tokens: int,
+                modes: tuple[str, ...], rep: int, seed: int, copy_gbps: float,
+                source_ms: dict[tuple[str, str, int], float]) -> Iterator[dict[str, Any]]:
+    """The rows of one model (see :func:`decode_suite`); records its step times in
+    ``source_ms`` for the runs compressed from it."""
+    cfg = net.cfg
+    max_len = prompt_len + new_tokens - 1
+    dtype = next((t.dtype for t in net.parameters() if t.is_floating_point()), torch.float32)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    is_run = "run" in fields
+    if is_run:
+        from slimlm.quant import model_size_bytes
+
+        fields = {**fields, "weight_bytes": model_size_bytes(net)}
     mean_ctx = prompt_len + (new_tokens - 1) / 2  # keys attended per step, on average
     for B in batches:
         gen = torch.Generator(device="cpu").manual_seed(seed + B)
@@ -163,6 +265,8 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
         cache = StaticCache(cfg.n_layers, B, cfg.n_kv_heads, cfg.head_dim, max_len,
                             device=device, dtype=dtype)
         useful = step_bytes(cfg, B, mean_ctx, itemsize)
+        if is_run:  # the weights as stored (packed, with their scales), not as `dtype`
+            useful += run_step_weight_bytes(net, B) - step_bytes(cfg, B, 0, itemsize)
         eager_ms: float | None = None
         row_by_mode: dict[str, dict[str, Any]] = {}
         eager_tokens: list[list[int]] | None = None
@@ -170,7 +274,7 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
             compile_arg: bool | str = False if mode == "eager" else mode.removesuffix(UNFUSED)
             fused = not mode.endswith(UNFUSED)
             base: dict[str, Any] = {
-                "model": name, "mode": mode, "batch": B, "prompt_len": prompt_len,
+                "model": name, **fields, "mode": mode, "batch": B, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "dtype": str(dtype).replace("torch.", ""),
                 "decode_kernels": ("none" if mode == "eager" else "slimlm" if fused
                                    else "torch"),
@@ -220,6 +324,12 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
             row["ratio_vs_torch"] = (fraction(other.get("step_ms"), row.get("step_ms"))
                                      if other and other.get("step_ms") and row.get("step_ms")
                                      else None)
+            if is_run:
+                if row.get("step_ms"):
+                    source_ms[name, mode, B] = row["step_ms"]
+                src = source_ms.get((fields.get("source_run"), mode, B))
+                row["speedup_vs_source"] = (fraction(src, row.get("step_ms"))
+                                            if src and row.get("step_ms") else None)
             yield row
         del cache
         free_memory(device)
