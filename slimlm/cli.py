@@ -310,7 +310,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if args.symmetric:
             kw["symmetric"] = True
         qcfg = quant.QuantConfig(bits=bits, method=method, awq=args.awq, w8a8=w8a8,
-                                 act_order=args.act_order, include_lm_head=args.lm_head, **kw)
+                                 act_order=args.act_order, include_lm_head=args.lm_head,
+                                 include_embeddings=args.embeddings, **kw)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(args.out)
@@ -555,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--awq", action="store_true", help="activation-aware input scaling")
     p.add_argument("--act-order", action="store_true", help="GPTQ activation ordering")
     p.add_argument("--lm-head", action="store_true", help="also quantize the LM head")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also quantize the token embedding (RTN, or HQQ with --method hqq; "
+                        "a tied embedding needs --lm-head and then shares its codes)")
     p.add_argument("--data", default=None, help="calibration text (default: the run's data)")
     p.add_argument("--max-bytes", type=int, default=None, help="cap the calibration corpus")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")

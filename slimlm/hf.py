@@ -296,11 +296,24 @@ def _clone_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _refuse_quantized(model: Transformer, caller: str) -> None:
+    """Hugging Face's Llama takes full-precision weights: a slimlm-quantized model is saved
+    with :func:`slimlm.quant.save_quantized` instead."""
+    from slimlm.quant import QuantEmbedding, QuantLinear
+
+    q = [fqn for fqn, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    if q:
+        raise ValueError(f"{caller}: model has {len(q)} quantized module(s) ({q[0]!r}, ...): "
+                         "expected full-precision weights; save it with "
+                         "slimlm.quant.save_quantized (or convert before quantizing)")
+
+
 def to_hf(model: Transformer) -> transformers.LlamaForCausalLM:
     """A new ``LlamaForCausalLM`` holding copies of ``model``'s weights, on the same device,
     in the same dtype and train/eval mode. Example: ``hf_model = to_hf(model).eval()``."""
     if not isinstance(model, Transformer):
         raise TypeError(f"model: expected a slimlm Transformer, got {type(model).__name__}")
+    _refuse_quantized(model, "to_hf")
     hf_config = config_to_hf(model.cfg)
     transformers = _require_transformers()
     weight = model.embed_tokens.weight
@@ -396,6 +409,7 @@ def save_hf_checkpoint(model: Transformer, folder: str | os.PathLike[str]) -> No
     written to a temp name and renamed. The folder is created if needed."""
     if not isinstance(model, Transformer):
         raise TypeError(f"model: expected a slimlm Transformer, got {type(model).__name__}")
+    _refuse_quantized(model, "save_hf_checkpoint")
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise ValueError(f"folder={str(folder)!r}: exists and is not a directory")

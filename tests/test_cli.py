@@ -93,7 +93,7 @@ def test_generate_compiled_equals_eager_and_refuses_bad_combinations(run, capsys
 
 @pytest.mark.parametrize("quant", [
     ["--quant", "int4", "--group-size", "32", "--method", "gptq", "--calib-samples", "4",
-     "--calib-seq-len", "32"],
+     "--calib-seq-len", "32", "--lm-head", "--embeddings"],
     # int8 per-channel weights, int8 per-token activations (RTN, no calibration)
     ["--quant", "w8a8"],
 ], ids=["int4-gptq", "w8a8"])

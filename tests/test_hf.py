@@ -319,6 +319,14 @@ def test_checkpoint_bad_input(transformers, tmp_path):
     with pytest.raises(ValueError, match="moe"):
         hf.save_hf_checkpoint(moe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    from slimlm.quant import QuantConfig, quantize_
+
+    q = quantize_(Transformer(ModelConfig.from_preset("tiny", n_layers=1)),
+                  QuantConfig(bits=4, group_size=32))
+    for call in (lambda: hf.to_hf(q), lambda: hf.save_hf_checkpoint(q, tmp_path / "out")):
+        with pytest.raises(ValueError, match="quantized module.*save_quantized"):
+            call()
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------

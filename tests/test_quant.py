@@ -363,6 +363,137 @@ def test_quantize_hf_llama(tmp_path) -> None:
     torch.testing.assert_close(loaded(ids).logits, out, rtol=0, atol=0)
 
 
+def test_quantize_hf_llama_tied_embedding(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from slimlm.quant import QuantEmbedding
+
+    torch.manual_seed(7)
+    hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    ref = model(ids).logits
+    quantize_(model, QuantConfig(bits=8, group_size=32, include_lm_head=True,
+                                 include_embeddings=True))
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, QuantEmbedding) and emb.qweight is model.lm_head.qweight
+    out = model(ids).logits
+    assert rel(out, ref) < 0.02
+    save_quantized(model, tmp_path / "hf")
+    loaded = load_quantized(tmp_path / "hf",
+                            model=lambda: transformers.LlamaForCausalLM(hf_cfg), device="cpu")
+    assert loaded.get_input_embeddings().qweight is loaded.lm_head.qweight
+    torch.testing.assert_close(loaded(ids).logits, out, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quant_embedding_rows_match_reference_and_error_falls_with_bits(bits: int) -> None:
+    from slimlm.kernels.quant_matmul import dequantize_ref
+    from slimlm.quant import QuantEmbedding
+
+    torch.manual_seed(bits)
+    cfg = ModelConfig.from_preset("tiny", n_layers=1, tie_embeddings=False)
+    model = Transformer(cfg).eval()
+    table = model.embed_tokens.weight.detach().clone()
+    ids = torch.randint(0, cfg.vocab_size, (3, 7))
+    q = quantize_(copy.deepcopy(model), QuantConfig(bits=bits, group_size=32,
+                                                    include_embeddings=True))
+    qe = q.embed_tokens
+    assert isinstance(qe, QuantEmbedding) and isinstance(q.lm_head, nn.Linear)  # head kept
+    full = dequantize_ref(qe.qweight, qe.scales, qe.zeros, bits, 32, cfg.dim)  # (V, D)
+    torch.testing.assert_close(qe(ids), full[ids], rtol=0, atol=0)  # only the looked-up rows
+    err = rel(full, table)
+    assert err < {2: 0.6, 3: 0.25, 4: 0.12, 8: 0.01}[bits], err
+    assert qe.bits_per_weight() == pytest.approx(bits + 2 * 16 / 32)  # fp16 scale + zero / 32
+    assert model_size_bytes(q) < model_size_bytes(model)
+
+
+def test_quant_embedding_hqq_beats_rtn_on_the_table() -> None:
+    torch.manual_seed(1)
+    cfg = ModelConfig.from_preset("tiny", n_layers=1, tie_embeddings=False)
+    model = Transformer(cfg).eval()
+    table = model.embed_tokens.weight.detach()
+    errs = {}
+    for method in ("rtn", "hqq"):
+        q = quantize_(copy.deepcopy(model), QuantConfig(bits=3, group_size=32, method=method,
+                                                        include_embeddings=True))
+        errs[method] = rel(q.embed_tokens.dequantize(), table)
+    assert errs["hqq"] < errs["rtn"], errs
+
+
+def test_tied_embedding_shares_the_quantized_head_and_round_trips(tmp_path, tiny) -> None:
+    from slimlm.quant import QuantEmbedding
+
+    model, ids = tiny
+    assert model.lm_head.weight is model.embed_tokens.weight
+    with pytest.raises(ValueError, match="'embed_tokens' is tied to 'lm_head'.*include_lm_head"):
+        quantize_(copy.deepcopy(model), QuantConfig(include_embeddings=True, group_size=32))
+    with pytest.raises(ValueError, match="awq=True"):
+        quantize_(copy.deepcopy(model), QuantConfig(include_embeddings=True, group_size=32,
+                                                    include_lm_head=True, awq=True), calib=ids)
+    with pytest.raises(ValueError, match="include_embeddings=True with w8a8=True"):
+        QuantConfig(w8a8=True, include_embeddings=True)
+    with pytest.raises(ValueError, match="group_size=32 does not divide embedding_dim=48 of '0'"):
+        quantize_(nn.Sequential(nn.Embedding(10, 48), nn.Linear(48, 8)),
+                  QuantConfig(include_embeddings=True, group_size=32),
+                  filter_fn=lambda m, f: isinstance(m, nn.Embedding))
+    head_only = quantize_(copy.deepcopy(model), QuantConfig(bits=4, group_size=32,
+                                                            include_lm_head=True))
+    q = quantize_(copy.deepcopy(model), QuantConfig(bits=4, group_size=32, include_lm_head=True,
+                                                    include_embeddings=True))
+    assert isinstance(q.embed_tokens, QuantEmbedding)
+    assert q.embed_tokens.qweight is q.lm_head.qweight  # one packed table serves both
+    # the fp table is gone: smaller than quantizing the head alone (which keeps it)
+    table_bytes = model.embed_tokens.weight.numel() * 4
+    assert model_size_bytes(q) < model_size_bytes(head_only) - 0.8 * table_bytes
+    stats = quant_stats(q)
+    assert stats["quantized_bytes"] == sum(m.storage_bytes() for m in q.modules()
+                                           if isinstance(m, QuantLinear))  # shared: once
+    out = q(ids)
+    assert rel(out, model(ids)) < 0.25
+    save_quantized(q, tmp_path / "t")
+    loaded = load_quantized(tmp_path / "t")
+    assert loaded.embed_tokens.qweight is loaded.lm_head.qweight
+    torch.testing.assert_close(loaded(ids), out, rtol=0, atol=0)
+    assert model_size_bytes(loaded) == model_size_bytes(q)
+
+
+def test_quant_embedding_casts_its_output_not_its_scales() -> None:
+    torch.manual_seed(2)
+    cfg = ModelConfig.from_preset("tiny", n_layers=1, tie_embeddings=False)
+    q = quantize_(Transformer(cfg).eval(), QuantConfig(bits=4, group_size=32,
+                                                       include_embeddings=True))
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    want = q.embed_tokens(ids)
+    q = q.to(torch.bfloat16)
+    got = q.embed_tokens(ids)
+    assert got.dtype == torch.bfloat16 and q.embed_tokens.scales.dtype == torch.float16
+    torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ids.dtype=torch.float32"):
+        q.embed_tokens(ids.float())
+
+
+def test_only_embeddings_can_be_quantized(tmp_path) -> None:
+    from slimlm.quant import QuantEmbedding
+
+    cfg = ModelConfig.from_preset("tiny", n_layers=1, tie_embeddings=False)
+    model = Transformer(cfg).eval()
+    q = quantize_(model, QuantConfig(bits=8, group_size=32, include_embeddings=True),
+                  filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    assert isinstance(q.embed_tokens, QuantEmbedding)
+    assert not any(isinstance(m, QuantLinear) for m in q.modules())
+    save_quantized(q, tmp_path / "e")
+    ids = torch.randint(0, cfg.vocab_size, (1, 4))
+    torch.testing.assert_close(load_quantized(tmp_path / "e")(ids), q(ids), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------
 # Kernels under the Triton interpreter (a subprocess, so TRITON_INTERPRET is set before
 # triton is imported whatever other tests imported first)

@@ -109,12 +109,18 @@ def run_step_weight_bytes(net: torch.nn.Module, batch: int) -> float:
     buffer once (packed codes, scales and zero points of quantized layers as they are),
     except the embedding table, of which a step reads one row per sequence (the whole table
     when it is also the LM head)."""
-    from slimlm.quant import model_size_bytes
+    from slimlm.quant import QuantEmbedding, model_size_bytes
 
-    emb = net.embed_tokens.weight
-    tied = getattr(getattr(net, "lm_head", None), "weight", None) is emb
-    table = 0 if tied else emb.numel() * emb.element_size()
-    return float(model_size_bytes(net) - table + batch * emb.shape[1] * emb.element_size())
+    emb, head = net.embed_tokens, getattr(net, "lm_head", None)
+    if isinstance(emb, QuantEmbedding):  # packed rows; tied: the head holds the same codes
+        table = emb.storage_bytes()
+        tied = getattr(head, "qweight", None) is emb.qweight
+        row = table / emb.num_embeddings
+    else:
+        table = emb.weight.numel() * emb.weight.element_size()
+        tied = getattr(head, "weight", None) is emb.weight
+        row = emb.weight.shape[1] * emb.weight.element_size()
+    return float(model_size_bytes(net) - (0 if tied else table) + batch * row)
 
 
 def step_bytes(cfg: ModelConfig, batch: int, context: float, itemsize: int) -> float:

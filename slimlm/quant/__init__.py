@@ -49,6 +49,7 @@ from slimlm.quant.api import (
 )
 from slimlm.quant.calibrated import awq_search, gptq_quantize
 from slimlm.quant.config import ALLOWED_BITS, ALLOWED_GROUP_SIZES, ALLOWED_METHODS, QuantConfig
+from slimlm.quant.embedding import QuantEmbedding
 from slimlm.quant.formats import dequantize, hqq_quantize, quantize_codes, rtn_quantize
 from slimlm.quant.linear import QuantLinear
 
@@ -57,6 +58,7 @@ __all__ = [
     "ALLOWED_GROUP_SIZES",
     "ALLOWED_METHODS",
     "QuantConfig",
+    "QuantEmbedding",
     "QuantLinear",
     "awq_search",
     "dequantize",

@@ -17,6 +17,7 @@ from slimlm._io import atomic_write_many as _atomic_write_many
 from slimlm.kernels.quant_matmul import pack_bits
 from slimlm.quant.calibrated import awq_search, gptq_quantize, rtn_dequant_fn
 from slimlm.quant.config import QuantConfig
+from slimlm.quant.embedding import QuantEmbedding
 from slimlm.quant.formats import hqq_quantize, rtn_quantize
 from slimlm.quant.linear import QuantLinear
 
@@ -66,6 +67,21 @@ def select_targets(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | 
 
     TypeError when an explicit target is a leaf that is not ``nn.Linear``; ValueError when
     nothing matches."""
+    picked = _select_linears(model, config, filter_fn)
+    if not picked:
+        raise ValueError(_nothing_matched(config, filter_fn))
+    return picked
+
+
+def _nothing_matched(config: QuantConfig, filter_fn: FilterFn | None) -> str:
+    return (f"quantize_: no module matched (targets={config.targets!r}, "
+            f"include_lm_head={config.include_lm_head}, include_embeddings="
+            f"{config.include_embeddings}, filter_fn={'set' if filter_fn is not None else None}"
+            "); expected at least one nn.Linear (or, with include_embeddings, nn.Embedding)")
+
+
+def _select_linears(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None
+                    ) -> list[tuple[str, nn.Linear]]:
     modules = [(fqn, m) for fqn, m in model.named_modules() if fqn]
     chosen: dict[str, nn.Linear] = {}
     if config.targets is None:
@@ -95,12 +111,67 @@ def select_targets(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | 
     picked = sorted(chosen.items(), key=lambda kv: order[kv[0]])
     if filter_fn is not None:
         picked = [(f, m) for f, m in picked if filter_fn(m, f)]
-    if not picked:
-        raise ValueError(f"quantize_: no module matched (targets={config.targets!r}, "
-                         f"include_lm_head={config.include_lm_head}, filter_fn="
-                         f"{'set' if filter_fn is not None else None}); expected at least one "
-                         "nn.Linear")
     return picked
+
+
+def _select_embeddings(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None,
+                       linears: list[tuple[str, nn.Linear]]
+                       ) -> list[tuple[str, nn.Embedding, str | None]]:
+    """``(path, nn.Embedding, tied head path or None)`` for ``include_embeddings``: every
+    embedding ``filter_fn`` accepts. An embedding whose weight is also a Linear's (a tied
+    LM head) is quantized through that Linear, which must then be a target too, without
+    AWQ (its stored rows would be scaled by the head's input scales)."""
+    if not config.include_embeddings:
+        return []
+    chosen = {fqn for fqn, _ in linears}
+    out = []
+    for fqn, m in model.named_modules():
+        if not isinstance(m, nn.Embedding) or (filter_fn is not None and not filter_fn(m, fqn)):
+            continue
+        heads = [h for h, lin in model.named_modules()
+                 if isinstance(lin, nn.Linear) and lin.weight is m.weight]
+        head = heads[0] if heads else None
+        if head is not None and head not in chosen:
+            raise ValueError(f"include_embeddings=True: {fqn!r} is tied to {head!r}, which is "
+                             "not quantized; pass include_lm_head=True (one packed table then "
+                             "serves both) or keep the embedding in full precision")
+        if head is not None and config.awq:
+            raise ValueError(f"include_embeddings=True with awq=True: {fqn!r} is tied to "
+                             f"{head!r}, whose AWQ input scales would be folded into the "
+                             "shared rows; untie them, or quantize without awq")
+        if m.weight.is_meta:
+            raise ValueError(f"{fqn!r}: weight is on the meta device; quantize_ needs real "
+                             "weights")
+        d = m.embedding_dim
+        if config.group_size is not None and d % config.group_size:
+            raise ValueError(f"group_size={config.group_size} does not divide embedding_dim={d} "
+                             f"of {fqn!r}; use a group size that divides it, group_size=None, "
+                             "or exclude it with filter_fn")
+        if (d * config.bits) % 8:
+            raise ValueError(f"{fqn!r}: embedding_dim={d} at bits={config.bits} does not pack "
+                             "into whole bytes")
+        out.append((fqn, m, head))
+    return out
+
+
+def _quantize_embedding(emb: nn.Embedding, config: QuantConfig) -> QuantEmbedding:
+    w = emb.weight.detach().float()  # (V, D)
+    sdt = config.torch_scale_dtype
+    gs = config.group_size or w.shape[1]
+    qe = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, bits=config.bits,
+                        group_size=config.group_size, symmetric=bool(config.symmetric),
+                        scale_dtype=sdt, compute_dtype=emb.weight.dtype,
+                        padding_idx=emb.padding_idx, device=w.device)
+    if config.method == "hqq":
+        q, scale, zero = hqq_quantize(w, config.bits, gs, sdt)
+    else:  # rtn, and gptq (a lookup has no input activations for its Hessian)
+        q, scale, zero = rtn_quantize(w, config.bits, gs, bool(config.symmetric), sdt)
+    qe.qweight.copy_(pack_bits(q, config.bits))
+    qe.scales.copy_(scale.to(sdt))
+    if qe.zeros is not None:
+        qe.zeros.copy_(zero.to(sdt))
+    qe.quant_config = config.to_dict()
+    return qe
 
 
 def _check_shapes(targets: list[tuple[str, nn.Linear]], config: QuantConfig) -> None:
@@ -310,7 +381,10 @@ def quantize_(model: nn.Module, config: QuantConfig, calib: Any = None,
         raise TypeError(f"filter_fn={filter_fn!r}: expected a callable (module, fqn) -> bool")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
-    targets = select_targets(model, config, filter_fn)
+    targets = _select_linears(model, config, filter_fn)
+    embeddings = _select_embeddings(model, config, filter_fn, targets)
+    if not targets and not embeddings:
+        raise ValueError(_nothing_matched(config, filter_fn))
     _check_shapes(targets, config)
     _check_calib(calib, config, model)
 
@@ -327,6 +401,18 @@ def quantize_(model: nn.Module, config: QuantConfig, calib: Any = None,
         for fqn, lin in group:
             _set_module(model, fqn, _quantize_linear(lin, config, stats.get(fqn)))
             stats.pop(fqn, None)  # free this layer's Hessian before the next one
+    for fqn, emb, head in embeddings:  # after the Linears: a tied head is quantized by now
+        if head is None:
+            qe = _quantize_embedding(emb, config)
+        else:
+            ql = model.get_submodule(head)
+            qe = QuantEmbedding.from_buffers(ql.qweight, ql.scales, ql.zeros, bits=ql.bits,
+                                             group_size=ql.group_size,
+                                             embedding_dim=emb.embedding_dim,
+                                             compute_dtype=emb.weight.dtype,
+                                             padding_idx=emb.padding_idx)
+            qe.quant_config = config.to_dict()
+        _set_module(model, fqn, qe)
     return model
 
 
@@ -355,12 +441,19 @@ def model_size_bytes(model: nn.Module) -> int:
 def quant_stats(model: nn.Module) -> dict[str, Any]:
     """Summary for the CLI and demos: quantized module count, their bits per weight
     (metadata included), and the whole model's bytes and bits per parameter."""
-    qmods = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    qweights = sum(m.in_features * m.out_features for m in qmods)
+    qmods: list[Any] = []
+    shared = set()  # a tied embedding over its head's codes counts once
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and id(m.qweight) not in shared:
+            shared.add(id(m.qweight))
+            qmods.append(m)
+    qweights = sum(m.qweight.shape[0] * (m.in_features if isinstance(m, QuantLinear)
+                                         else m.embedding_dim) for m in qmods)
     qbytes = sum(m.storage_bytes() for m in qmods)
     total = model_size_bytes(model)
     # logical parameter count: a quantized module counts its N*K weights, not its codes
-    q_ids = {id(t) for m in qmods for t in (m.qweight, m.scales, m.zeros, m.input_scale)
+    q_ids = {id(t) for m in qmods for t in (m.qweight, m.scales, m.zeros,
+                                             getattr(m, "input_scale", None))
              if t is not None}
     params = qweights + sum(t.numel() for t in _unique_tensors(model) if id(t) not in q_ids)
     return {
@@ -388,8 +481,10 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     qmods = {fqn: m for fqn, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not qmods:
-        raise ValueError("save_quantized: model has no QuantLinear module; call quantize_ first")
+    qembs = {fqn: m for fqn, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+    if not qmods and not qembs:
+        raise ValueError("save_quantized: model has no QuantLinear or QuantEmbedding module; "
+                         "call quantize_ first")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"folder={str(folder)!r}: exists and is not a folder")
@@ -413,8 +508,9 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike) -> Path:
     cfg = getattr(model, "cfg", None)
     meta = {
         "format": FORMAT_NAME, "version": 1, "model_class": type(model).__name__,
-        "quant_config": next(iter(qmods.values())).__dict__.get("quant_config"),
+        "quant_config": next(iter({**qmods, **qembs}.values())).__dict__.get("quant_config"),
         "modules": {fqn: m.spec() for fqn, m in qmods.items()},
+        "embeddings": {fqn: m.spec() for fqn, m in qembs.items()},
         "aliases": aliases,
         "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") and
         type(cfg).__name__ == "ModelConfig" else None,
@@ -482,6 +578,14 @@ def load_quantized(folder: str | os.PathLike,
         if meta.get("quant_config") is not None:
             ql.quant_config = meta["quant_config"]
         _set_module(model, fqn, ql)
+    for fqn, spec in meta.get("embeddings", {}).items():
+        spec = dict(spec)
+        spec["scale_dtype"] = _dtype(spec["scale_dtype"])
+        spec["compute_dtype"] = _dtype(spec["compute_dtype"])
+        qe = QuantEmbedding(device="meta", **spec)
+        if meta.get("quant_config") is not None:
+            qe.quant_config = meta["quant_config"]
+        _set_module(model, fqn, qe)
     tensors = load_file(str(w_path), device=str(device))
     extra = {k[len(_NONPERSISTENT):]: tensors.pop(k) for k in list(tensors)
              if k.startswith(_NONPERSISTENT)}

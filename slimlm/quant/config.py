@@ -40,6 +40,10 @@ class QuantConfig:
       globs (``"layers.*.mlp.*"``) or regexes prefixed ``"re:"``. A matched container selects
       the ``nn.Linear`` modules inside it. None: every ``nn.Linear`` except the LM head.
     - ``include_lm_head``: also quantize the LM head when ``targets`` is None.
+    - ``include_embeddings``: also quantize every ``nn.Embedding`` (with ``filter_fn``, those
+      it accepts) into a :class:`~slimlm.quant.QuantEmbedding`: round-to-nearest, or HQQ
+      when ``method="hqq"`` (a lookup has no input activations to calibrate on). An
+      embedding tied to a quantized LM head shares the head's packed codes instead.
     - ``w8a8``: int8 per-channel weights and dynamic int8 per-token activations.
     - ``scale_dtype``: storage dtype of scales and zero points ("float16", "bfloat16", "float32").
     """
@@ -55,6 +59,7 @@ class QuantConfig:
     sequential: bool = False
     targets: list[str] | None = None
     include_lm_head: bool = False
+    include_embeddings: bool = False
     w8a8: bool = False
     scale_dtype: str = "float16"
 
@@ -75,7 +80,8 @@ class QuantConfig:
                              f"{ALLOWED_METHODS}")
         if self.symmetric is None:
             self.symmetric = self.w8a8
-        for name in ("symmetric", "awq", "act_order", "sequential", "include_lm_head"):
+        for name in ("symmetric", "awq", "act_order", "sequential", "include_lm_head",
+                     "include_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"QuantConfig.{name}={getattr(self, name)!r}: expected a bool")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) \
@@ -122,6 +128,10 @@ class QuantConfig:
             if self.method != "rtn" or self.awq:
                 raise ValueError(f"QuantConfig.w8a8=True with method={self.method!r}, "
                                  f"awq={self.awq}: W8A8 supports method='rtn' without awq")
+            if self.include_embeddings:
+                raise ValueError("QuantConfig.include_embeddings=True with w8a8=True: an "
+                                 "embedding has no activations to quantize; use a weight-only "
+                                 "config (e.g. bits=8, group_size=128) for the table")
 
     @property
     def needs_calibration(self) -> bool:
