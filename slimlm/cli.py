@@ -558,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-head", action="store_true", help="also quantize the LM head")
     p.add_argument("--embeddings", action="store_true",
                    help="also quantize the token embedding (RTN, or HQQ with --method hqq; "
-                        "a tied embedding needs --lm-head and then shares its codes)")
+                        "a tied embedding needs --lm-head and then reads the head's codes, "
+                        "made by the head's method)")
     p.add_argument("--data", default=None, help="calibration text (default: the run's data)")
     p.add_argument("--max-bytes", type=int, default=None, help="cap the calibration corpus")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")

@@ -590,16 +590,20 @@ def run_source(run: str | os.PathLike) -> Path | None:
     if not meta.is_file():
         return None
     try:
-        src = json.loads(meta.read_text()).get("source_run")
+        doc = json.loads(meta.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if not src:
+    src = doc.get("source_run") if isinstance(doc, dict) else None
+    if not isinstance(src, str) or not src:
         return None
+    path = Path(src)
+    if not path.is_absolute():  # relative to the compressed run's folder
+        path = meta.parent / path
     try:
-        checkpoint_dir(src)
+        checkpoint_dir(path)
     except ValueError:
         return None
-    return Path(src)
+    return path
 
 
 def _read_state(folder: Path) -> dict[str, Any]:

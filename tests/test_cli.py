@@ -124,6 +124,14 @@ def test_bench_decode_times_a_compressed_run_against_its_source(run, tmp_path, c
     assert comp["bytes_per_step"] < src["bytes_per_step"]
     assert comp["speedup_vs_source"] == pytest.approx(src["step_ms"] / comp["step_ms"])
     assert src["speedup_vs_source"] is None and comp["step_ms"] > 0
+    # the source named too, another way (its checkpoint folder): timed once; only the
+    # unspecified length shrinks to the context (256): 250 + 6
+    assert main(["bench", "decode", "--run", str(out), "--run", str(run / "checkpoint"),
+                 "--quick", "--out", str(tmp_path / "res2"), "--option", 'modes=["eager"]',
+                 "--option", "prompt_len=250"]) == 0
+    rows = json.loads(next((tmp_path / "res2").glob("decode-*.json")).read_text())["rows"]
+    assert len(rows) == 2 and {r["new_tokens"] for r in rows} == {6}
+    assert [r.get("speedup_vs_source") is None for r in rows] == [True, False]
     with pytest.raises(SystemExit, match="--run .* with suite 'quant'"):
         main(["bench", "quant", "--run", str(out), "--quick"])
     with pytest.raises(SystemExit, match="--run: RUN='/nonexistent/run'"):

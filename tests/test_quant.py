@@ -456,6 +456,12 @@ def test_tied_embedding_shares_the_quantized_head_and_round_trips(tmp_path, tiny
     stats = quant_stats(q)
     assert stats["quantized_bytes"] == sum(m.storage_bytes() for m in q.modules()
                                            if isinstance(m, QuantLinear))  # shared: once
+    assert stats["quantized_modules"] == 1 + sum(isinstance(m, QuantLinear) for m in q.modules())
+    size = model_size_bytes(q)
+    q._apply(lambda t: t.clone())  # what a device move does to every buffer
+    q = copy.deepcopy(q)
+    assert q.embed_tokens.qweight is q.lm_head.qweight and model_size_bytes(q) == size
+    assert "embed_tokens.qweight" not in q.state_dict()  # stored once, under the head
     out = q(ids)
     assert rel(out, model(ids)) < 0.25
     save_quantized(q, tmp_path / "t")

@@ -52,6 +52,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -132,32 +133,31 @@ def step_bytes(cfg: ModelConfig, batch: int, context: float, itemsize: int) -> f
     return float((weights + kv) * itemsize)
 
 
-def _load_runs(runs: tuple[str, ...], device: torch.device, dtype: torch.dtype | None
-               ) -> list[tuple[str, torch.nn.Module, dict[str, Any]]]:
-    """(label, model, row fields) per model to time: each run, preceded by its source run
-    (the baseline of ``speedup_vs_source``) when it is a ``slimlm compress`` output whose
-    source is still there. Every path is checked before any model is loaded."""
-    from slimlm.train import checkpoint_dir, load_run, run_source
+def _run_order(runs: tuple[str, ...]) -> list[tuple[str, str, str | None]]:
+    """(label, key, key of its source or None) per run folder to time, each compressed run
+    preceded by its source (the baseline of ``speedup_vs_source``) when ``compress.json``
+    names one that is still there. Keys are resolved checkpoint folders, so a run named
+    twice, or a source given both ways, is timed once. Checks every path, loads nothing."""
+    from slimlm.train import checkpoint_dir, run_source
 
-    order: list[tuple[str, str | None]] = []  # (run, its source)
+    def key(r: Any) -> str:
+        try:
+            return str(checkpoint_dir(r).resolve())
+        except ValueError as e:
+            raise ValueError(str(e).replace("RUN=", "run=", 1)) from None
+
+    order: list[tuple[str, str, str | None]] = []
     for r in runs:
-        checkpoint_dir(r)  # ValueError naming the run
+        k = key(r)
         src = run_source(r)
-        src_s = str(src) if src is not None else None
-        if src_s is not None and src_s not in [o for o, _ in order]:
-            order.append((src_s, None))
-        if r not in [o for o, _ in order]:
-            order.append((r, src_s))
-    out = []
-    for r, src in order:
-        net = load_run(r, device=device)
-        if dtype is not None:
-            net = net.to(dtype)
-        fields: dict[str, Any] = {"run": r, "weight_bytes": None}
-        if src is not None:
-            fields["source_run"] = src
-        out.append((r, net.eval(), fields))
-    return out
+        src_k = key(src) if src is not None else None
+        if src_k is not None and src_k not in [o[1] for o in order]:
+            order.append((str(src), src_k, None))
+        if k not in [o[1] for o in order]:
+            order.append((str(r), k, src_k))
+        else:  # named after (or as) a source already listed: it keeps that place
+            order = [(lab, kk, s if kk != k else s or src_k) for lab, kk, s in order]
+    return order
 
 
 @register("decode")
@@ -177,6 +177,10 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
     are cast to.
     """
     small = quick or device.type != "cuda"
+    if isinstance(run, os.PathLike):
+        run = os.fspath(run)
+    elif isinstance(run, (list, tuple)):
+        run = [os.fspath(r) if isinstance(r, os.PathLike) else r for r in run]
     runs = _as_tuple("run", run, str) if run is not None else ()
     if runs and model is not None:
         raise ValueError(f"model={model!r} and run={list(runs)!r}: give a preset or runs, "
@@ -197,7 +201,7 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
                         else ((1,) if small else (1, 16)), int)
     for b in batches:
         _positive("batches", b)
-    given_lengths = prompt_len is not None or new_tokens is not None
+    given = {"prompt_len": prompt_len is not None, "new_tokens": new_tokens is not None}
     prompt_len = _positive("prompt_len", prompt_len if prompt_len is not None
                            else (32 if small else 512))
     new_tokens = _positive("new_tokens", new_tokens if new_tokens is not None
@@ -218,7 +222,9 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
                          f"record CUDA graphs, but device={device}; use them on a GPU")
     rep = _positive("rep", rep if rep is not None else (3 if small else 10))
     if runs:
-        models = _load_runs(runs, device, cast)
+        models: list[tuple[str, Any, dict[str, Any]]] = [
+            (label, k, {"run": label, **({"source_run": src} if src else {})})
+            for label, k, src in _run_order(runs)]
     else:
         cfg = ModelConfig.from_preset(name)
         if prompt_len + new_tokens > cfg.max_seq_len:
@@ -233,19 +239,33 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
 
     copy_gbps = measured_ceilings(device)["copy_gbps"]
     source_ms: dict[tuple[str, str, int], float] = {}  # (run, mode, batch) -> step ms
-    while models:  # popped, so each model is freed before the next one's rows
+    while models:  # one model in memory at a time: loaded here, freed before the next
         label, net, fields = models.pop(0)
+        if isinstance(net, str):  # a run's checkpoint folder
+            from slimlm.train import load_run
+
+            fields = {**fields, "key": net}
+            net = load_run(net, device=device)
+            if cast is not None:
+                net = net.to(cast)
+            net.eval()
         p_len, n_new = prompt_len, new_tokens
         ctx = net.cfg.max_seq_len
-        if p_len + n_new > ctx:
-            if given_lengths:
+        if p_len + n_new > ctx:  # the defaults shrink to the run's context; given ones not
+            if given["prompt_len"] and given["new_tokens"]:
                 raise ValueError(f"prompt_len={p_len} + new_tokens={n_new}: exceeds "
                                  f"max_seq_len={ctx} of {label!r}")
-            p_len = max(1, min(p_len, ctx // 2))  # defaults shrink to the run's context
-            n_new = ctx - p_len
+            if not given["prompt_len"]:
+                p_len = max(1, min(p_len, ctx - n_new if given["new_tokens"] else ctx // 2))
+            if not given["new_tokens"]:
+                n_new = min(n_new, ctx - p_len)
+            if p_len + n_new > ctx or n_new < 2:
+                raise ValueError(f"prompt_len={prompt_len} / new_tokens={new_tokens}: do not "
+                                 f"fit max_seq_len={ctx} of {label!r} (at least 1 + 2 tokens)")
         yield from _model_rows(label, net, fields, device, batches, p_len, n_new, modes, rep,
                                seed, copy_gbps, source_ms)
         del net
+        torch.compiler.reset()  # the next model's compiled steps start clean
         free_memory(device)
 
 
@@ -260,9 +280,11 @@ def _model_rows(name: str, net: torch.nn.Module, fields: dict[str, Any], device:
     dtype = next((t.dtype for t in net.parameters() if t.is_floating_point()), torch.float32)
     itemsize = torch.empty((), dtype=dtype).element_size()
     is_run = "run" in fields
+    key = None
     if is_run:
         from slimlm.quant import model_size_bytes
 
+        key = fields.pop("key")
         fields = {**fields, "weight_bytes": model_size_bytes(net)}
     mean_ctx = prompt_len + (new_tokens - 1) / 2  # keys attended per step, on average
     for B in batches:
@@ -332,7 +354,7 @@ def _model_rows(name: str, net: torch.nn.Module, fields: dict[str, Any], device:
                                      else None)
             if is_run:
                 if row.get("step_ms"):
-                    source_ms[name, mode, B] = row["step_ms"]
+                    source_ms[key, mode, B] = row["step_ms"]
                 src = source_ms.get((fields.get("source_run"), mode, B))
                 row["speedup_vs_source"] = (fraction(src, row.get("step_ms"))
                                             if src and row.get("step_ms") else None)

@@ -132,9 +132,11 @@ def _select_embeddings(model: nn.Module, config: QuantConfig, filter_fn: FilterF
                  if isinstance(lin, nn.Linear) and lin.weight is m.weight]
         head = heads[0] if heads else None
         if head is not None and head not in chosen:
+            how = (f"add {head!r} to targets" if config.targets is not None
+                   else "pass include_lm_head=True (slimlm compress --lm-head)")
             raise ValueError(f"include_embeddings=True: {fqn!r} is tied to {head!r}, which is "
-                             "not quantized; pass include_lm_head=True (one packed table then "
-                             "serves both) or keep the embedding in full precision")
+                             f"not quantized; {how} (one packed table then serves both) or "
+                             "keep the embedding in full precision")
         if head is not None and config.awq:
             raise ValueError(f"include_embeddings=True with awq=True: {fqn!r} is tied to "
                              f"{head!r}, whose AWQ input scales would be folded into the "
@@ -363,11 +365,19 @@ def quantize_(model: nn.Module, config: QuantConfig, calib: Any = None,
     """Replace the selected ``nn.Linear`` modules of ``model`` with :class:`QuantLinear`, in
     place, at the same paths. Returns ``model``.
 
+    With ``config.include_embeddings`` the ``nn.Embedding`` modules become
+    :class:`QuantEmbedding` too: round-to-nearest, or HQQ with ``method="hqq"``; an
+    embedding tied to a quantized LM head reads that head's codes, so it has whatever method
+    the head had (GPTQ's codes for a GPTQ head, which minimise the head's output error, not
+    the rows' own).
+
     ``calib`` (GPTQ and AWQ): token ids (N, T), run in batches of ``batch_size``, or an
     iterable of batches (tensors, tuples of positional args, or dicts of keyword args).
     Layers are calibrated on the original model's activations in one pass, or block by
     block when ``config.sequential``. ``filter_fn(module, path) -> bool`` narrows the
-    selection. All checks (types, shapes, calibration) run before any module changes.
+    selection; with ``include_embeddings`` it is also asked about each ``nn.Embedding``
+    (check the module's type before reading Linear-only attributes such as
+    ``in_features``). All checks (types, shapes, calibration) run before any module changes.
 
     Example::
 
@@ -404,13 +414,10 @@ def quantize_(model: nn.Module, config: QuantConfig, calib: Any = None,
     for fqn, emb, head in embeddings:  # after the Linears: a tied head is quantized by now
         if head is None:
             qe = _quantize_embedding(emb, config)
-        else:
-            ql = model.get_submodule(head)
-            qe = QuantEmbedding.from_buffers(ql.qweight, ql.scales, ql.zeros, bits=ql.bits,
-                                             group_size=ql.group_size,
-                                             embedding_dim=emb.embedding_dim,
-                                             compute_dtype=emb.weight.dtype,
-                                             padding_idx=emb.padding_idx)
+        else:  # reads the quantized head's packed rows: one table, whatever moves follow
+            qe = QuantEmbedding.tied_to(model.get_submodule(head),
+                                        compute_dtype=emb.weight.dtype,
+                                        padding_idx=emb.padding_idx)
             qe.quant_config = config.to_dict()
         _set_module(model, fqn, qe)
     return model
@@ -441,12 +448,10 @@ def model_size_bytes(model: nn.Module) -> int:
 def quant_stats(model: nn.Module) -> dict[str, Any]:
     """Summary for the CLI and demos: quantized module count, their bits per weight
     (metadata included), and the whole model's bytes and bits per parameter."""
-    qmods: list[Any] = []
-    shared = set()  # a tied embedding over its head's codes counts once
-    for m in model.modules():
-        if isinstance(m, (QuantLinear, QuantEmbedding)) and id(m.qweight) not in shared:
-            shared.add(id(m.qweight))
-            qmods.append(m)
+    all_q = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    # a tied embedding reads its head's codes: their weights and bytes count once
+    qmods: list[Any] = [m for m in all_q
+                        if not (isinstance(m, QuantEmbedding) and m.tied_head is not None)]
     qweights = sum(m.qweight.shape[0] * (m.in_features if isinstance(m, QuantLinear)
                                          else m.embedding_dim) for m in qmods)
     qbytes = sum(m.storage_bytes() for m in qmods)
@@ -457,7 +462,7 @@ def quant_stats(model: nn.Module) -> dict[str, Any]:
              if t is not None}
     params = qweights + sum(t.numel() for t in _unique_tensors(model) if id(t) not in q_ids)
     return {
-        "quantized_modules": len(qmods),
+        "quantized_modules": len(all_q),
         "quantized_weights": qweights,
         "quantized_bytes": qbytes,
         "bits_per_weight": 8.0 * qbytes / qweights if qweights else None,
@@ -482,6 +487,7 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike) -> Path:
 
     qmods = {fqn: m for fqn, m in model.named_modules() if isinstance(m, QuantLinear)}
     qembs = {fqn: m for fqn, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+    paths = {id(m): fqn for fqn, m in model.named_modules()}
     if not qmods and not qembs:
         raise ValueError("save_quantized: model has no QuantLinear or QuantEmbedding module; "
                          "call quantize_ first")
@@ -510,7 +516,8 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike) -> Path:
         "format": FORMAT_NAME, "version": 1, "model_class": type(model).__name__,
         "quant_config": next(iter({**qmods, **qembs}.values())).__dict__.get("quant_config"),
         "modules": {fqn: m.spec() for fqn, m in qmods.items()},
-        "embeddings": {fqn: m.spec() for fqn, m in qembs.items()},
+        "embeddings": {fqn: {**m.spec(), "tied_to": paths.get(id(m.tied_head))}
+                       for fqn, m in qembs.items()},
         "aliases": aliases,
         "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") and
         type(cfg).__name__ == "ModelConfig" else None,
@@ -582,7 +589,13 @@ def load_quantized(folder: str | os.PathLike,
         spec = dict(spec)
         spec["scale_dtype"] = _dtype(spec["scale_dtype"])
         spec["compute_dtype"] = _dtype(spec["compute_dtype"])
-        qe = QuantEmbedding(device="meta", **spec)
+        tied_to = spec.pop("tied_to", None)
+        if tied_to is not None:  # reads the head's buffers, which load into that module
+            qe = QuantEmbedding.tied_to(model.get_submodule(tied_to),
+                                        compute_dtype=spec["compute_dtype"],
+                                        padding_idx=spec["padding_idx"])
+        else:
+            qe = QuantEmbedding(device="meta", **spec)
         if meta.get("quant_config") is not None:
             qe.quant_config = meta["quant_config"]
         _set_module(model, fqn, qe)

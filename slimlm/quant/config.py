@@ -43,7 +43,8 @@ class QuantConfig:
     - ``include_embeddings``: also quantize every ``nn.Embedding`` (with ``filter_fn``, those
       it accepts) into a :class:`~slimlm.quant.QuantEmbedding`: round-to-nearest, or HQQ
       when ``method="hqq"`` (a lookup has no input activations to calibrate on). An
-      embedding tied to a quantized LM head shares the head's packed codes instead.
+      embedding tied to a quantized LM head reads the head's packed codes instead (so they
+      come from the head's method, GPTQ included).
     - ``w8a8``: int8 per-channel weights and dynamic int8 per-token activations.
     - ``scale_dtype``: storage dtype of scales and zero points ("float16", "bfloat16", "float32").
     """

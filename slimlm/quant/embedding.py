@@ -20,8 +20,10 @@ class QuantEmbedding(nn.Module):
     4096 is 1 GiB in bf16, 0.27 GiB at int4 with group 128).
 
     Buffers ``qweight`` (V, D*bits/8) uint8, ``scales`` (V, D/group_size) and ``zeros``
-    (absent when symmetric) use the layout of :class:`~slimlm.quant.QuantLinear`, so a
-    tied LM head and embedding share one set of them (see :func:`slimlm.quant.quantize_`).
+    (absent when symmetric) use the layout of :class:`~slimlm.quant.QuantLinear`. An
+    embedding tied to a quantized LM head (:meth:`tied_to`) has no buffers of its own: it
+    reads the head's, whatever device or dtype moves the model goes through (buffers, unlike
+    tied parameters, would be copied apart by a move), and the state dict holds them once.
     The output is in ``compute_dtype`` (the original table's dtype). Inference only: the
     table has no gradient. ``padding_idx`` is kept for ``repr`` and export only (as in
     ``nn.Embedding`` it affects training, which a packed table does not do).
@@ -61,16 +63,36 @@ class QuantEmbedding(nn.Module):
             v, d // gs, dtype=scale_dtype, device=device))
 
     @classmethod
-    def from_buffers(cls, qweight: torch.Tensor, scales: torch.Tensor,
-                     zeros: torch.Tensor | None, *, bits: int, group_size: int,
-                     embedding_dim: int, compute_dtype: torch.dtype,
-                     padding_idx: int | None = None) -> QuantEmbedding:
-        """An embedding over existing packed buffers (not copied): e.g. the tied LM head's."""
-        emb = cls(qweight.shape[0], embedding_dim, bits=bits, group_size=group_size,
-                  symmetric=zeros is None, scale_dtype=scales.dtype,
-                  compute_dtype=compute_dtype, padding_idx=padding_idx, device="meta")
-        emb.qweight, emb.scales, emb.zeros = qweight, scales, zeros
+    def tied_to(cls, head: nn.Module, *, compute_dtype: torch.dtype,
+                padding_idx: int | None = None) -> QuantEmbedding:
+        """An embedding that reads the packed rows of ``head``, a weight-only
+        :class:`~slimlm.quant.QuantLinear` (V, D) (the tied LM head), instead of its own."""
+        from slimlm.quant.linear import QuantLinear
+
+        if not isinstance(head, QuantLinear) or head.w8a8 or head.input_scale is not None:
+            raise ValueError(f"QuantEmbedding.tied_to: head={type(head).__name__}"
+                             f"{'(w8a8)' if getattr(head, 'w8a8', False) else ''}: expected a "
+                             "weight-only QuantLinear without AWQ input scales")
+        emb = cls(head.out_features, head.in_features, bits=head.bits,
+                  group_size=head.group_size, symmetric=head.zeros is None,
+                  scale_dtype=head.scales.dtype, compute_dtype=compute_dtype,
+                  padding_idx=padding_idx, device="meta")
+        for name in ("qweight", "scales", "zeros"):
+            del emb._buffers[name]
+        object.__setattr__(emb, "_tied_head", head)  # a reference, not a submodule
         return emb
+
+    @property
+    def tied_head(self) -> nn.Module | None:
+        """The QuantLinear whose packed rows this embedding reads, or None."""
+        return self.__dict__.get("_tied_head")
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        if name in ("qweight", "scales", "zeros"):
+            head = self.__dict__.get("_tied_head")
+            if head is not None:
+                return getattr(head, name)
+        return super().__getattr__(name)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """Device moves apply to every buffer; ``.to(dtype)`` / ``.half()`` change the output
@@ -92,6 +114,10 @@ class QuantEmbedding(nn.Module):
                 "scale_dtype": str(self.scales.dtype).removeprefix("torch."),
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
                 "padding_idx": self.padding_idx}
+
+    def storage_owner(self) -> nn.Module:
+        """The module holding the packed rows: the tied head, or this embedding."""
+        return self.tied_head if self.tied_head is not None else self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -122,4 +148,5 @@ class QuantEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits}, "
                 f"group_size={self.group_size}, symmetric={self.symmetric}"
-                + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""))
+                + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
+                + (", tied to the LM head's codes" if self.tied_head is not None else ""))
