@@ -342,16 +342,21 @@ def test_save_load_round_trip_without_fp_weights(tiny, tmp_path) -> None:
     torch.testing.assert_close(loaded(ids), out, rtol=0, atol=0)
 
 
-def test_quantize_hf_llama(tmp_path) -> None:
+def _hf_llama(seed: int, layers: int, tied: bool) -> tuple:
+    """(transformers, config, model, ids, reference logits) of a small random HF Llama."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(6)
+    torch.manual_seed(seed)
     hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_hidden_layers=layers, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False)
+                                      tie_word_embeddings=tied)
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
     ids = torch.randint(0, 256, (2, 16))
-    ref = model(ids).logits
+    return transformers, hf_cfg, model, ids, model(ids).logits
+
+
+def test_quantize_hf_llama(tmp_path) -> None:
+    transformers, hf_cfg, model, ids, ref = _hf_llama(6, 2, tied=False)
     quantize_(model, QuantConfig(bits=4, group_size=32, method="gptq"), calib=ids)
     assert isinstance(model.model.layers[0].mlp.gate_proj, QuantLinear)
     assert isinstance(model.lm_head, nn.Linear)
@@ -364,17 +369,9 @@ def test_quantize_hf_llama(tmp_path) -> None:
 
 
 def test_quantize_hf_llama_tied_embedding(tmp_path) -> None:
-    transformers = pytest.importorskip("transformers")
     from slimlm.quant import QuantEmbedding
 
-    torch.manual_seed(7)
-    hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=1, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    ids = torch.randint(0, 256, (2, 16))
-    ref = model(ids).logits
+    transformers, hf_cfg, model, ids, ref = _hf_llama(7, 1, tied=True)
     quantize_(model, QuantConfig(bits=8, group_size=32, include_lm_head=True,
                                  include_embeddings=True))
     emb = model.get_input_embeddings()
