@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -105,7 +106,7 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple:
     return tuple(value)
 
 
-def run_step_weight_bytes(net: torch.nn.Module, batch: int) -> float:
+def _run_weight_bytes(net: torch.nn.Module, batch: int) -> float:
     """Weight bytes a decode step of a loaded model reads, as stored: every parameter and
     buffer once (packed codes, scales and zero points of quantized layers as they are),
     except the embedding table, of which a step reads one row per sequence (the whole table
@@ -146,18 +147,16 @@ def _run_order(runs: tuple[str, ...]) -> list[tuple[str, str, str | None]]:
         except ValueError as e:
             raise ValueError(str(e).replace("RUN=", "run=", 1)) from None
 
-    order: list[tuple[str, str, str | None]] = []
+    order: dict[str, tuple[str, str | None]] = {}  # key -> (label, source key), in order
     for r in runs:
         k = key(r)
         src = run_source(r)
         src_k = key(src) if src is not None else None
-        if src_k is not None and src_k not in [o[1] for o in order]:
-            order.append((str(src), src_k, None))
-        if k not in [o[1] for o in order]:
-            order.append((str(r), k, src_k))
-        else:  # named after (or as) a source already listed: it keeps that place
-            order = [(lab, kk, s if kk != k else s or src_k) for lab, kk, s in order]
-    return order
+        if src_k is not None:
+            order.setdefault(src_k, (str(src), None))
+        label, known_src = order.get(k, (str(r), None))  # listed already: keeps its place
+        order[k] = (label, known_src or src_k)
+    return [(label, k, src_k) for k, (label, src_k) in order.items()]
 
 
 @register("decode")
@@ -221,34 +220,27 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
         raise ValueError(f"modes={modes!r}: {[m for m in modes if m in CUDA_ONLY_MODES]} "
                          f"record CUDA graphs, but device={device}; use them on a GPU")
     rep = _positive("rep", rep if rep is not None else (3 if small else 10))
+    # (label, a function building the model, row fields): each model is built in the loop
+    # below and freed before the next one
+    models: list[tuple[str, Any, dict[str, Any]]]
     if runs:
-        models: list[tuple[str, Any, dict[str, Any]]] = [
-            (label, k, {"run": label, **({"source_run": src} if src else {})})
-            for label, k, src in _run_order(runs)]
+        models = [(label, partial(_load_run, k, device, cast),
+                   {"run": label, "key": k, **({"source_run": src} if src else {})})
+                  for label, k, src in _run_order(runs)]
     else:
         cfg = ModelConfig.from_preset(name)
         if prompt_len + new_tokens > cfg.max_seq_len:
             raise ValueError(f"prompt_len={prompt_len} + new_tokens={new_tokens}: exceeds "
                              f"max_seq_len={cfg.max_seq_len} of preset {name!r}")
-        torch.manual_seed(seed)
-        with torch.device(device):
-            net = Transformer(cfg)
-        models = [(name, net.to(torch.float32 if small else torch.bfloat16).eval(), {})]
+        models = [(name, partial(_preset_model, cfg, device,
+                                 torch.float32 if small else torch.bfloat16, seed), {})]
 
     from slimlm.bench.ceiling import measured_ceilings
 
     copy_gbps = measured_ceilings(device)["copy_gbps"]
-    source_ms: dict[tuple[str, str, int], float] = {}  # (run, mode, batch) -> step ms
-    while models:  # one model in memory at a time: loaded here, freed before the next
-        label, net, fields = models.pop(0)
-        if isinstance(net, str):  # a run's checkpoint folder
-            from slimlm.train import load_run
-
-            fields = {**fields, "key": net}
-            net = load_run(net, device=device)
-            if cast is not None:
-                net = net.to(cast)
-            net.eval()
+    source_ms: dict[tuple[str, str, int], float] = {}  # (run key, mode, batch) -> step ms
+    for label, build, fields in models:
+        net = build()
         p_len, n_new = prompt_len, new_tokens
         ctx = net.cfg.max_seq_len
         if p_len + n_new > ctx:  # the defaults shrink to the run's context; given ones not
@@ -269,6 +261,21 @@ def decode_suite(quick: bool, device: torch.device, *, model: str | None = None,
         free_memory(device)
 
 
+def _load_run(key: str, device: torch.device, cast: torch.dtype | None) -> torch.nn.Module:
+    from slimlm.train import load_run
+
+    net = load_run(key, device=device)
+    return (net.to(cast) if cast is not None else net).eval()
+
+
+def _preset_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                  seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with torch.device(device):
+        net = Transformer(cfg)
+    return net.to(dtype).eval()
+
+
 def _model_rows(name: str, net: torch.nn.Module, fields: dict[str, Any], device: torch.device,
                 batches: tuple[int, ...], prompt_len: int, new_tokens: int,
                 modes: tuple[str, ...], rep: int, seed: int, copy_gbps: float,
@@ -284,8 +291,9 @@ def _model_rows(name: str, net: torch.nn.Module, fields: dict[str, Any], device:
     if is_run:
         from slimlm.quant import model_size_bytes
 
-        key = fields.pop("key")
-        fields = {**fields, "weight_bytes": model_size_bytes(net)}
+        key = fields["key"]
+        fields = {k: v for k, v in fields.items() if k != "key"}
+        fields["weight_bytes"] = model_size_bytes(net)
     mean_ctx = prompt_len + (new_tokens - 1) / 2  # keys attended per step, on average
     for B in batches:
         gen = torch.Generator(device="cpu").manual_seed(seed + B)
@@ -294,7 +302,7 @@ def _model_rows(name: str, net: torch.nn.Module, fields: dict[str, Any], device:
                             device=device, dtype=dtype)
         useful = step_bytes(cfg, B, mean_ctx, itemsize)
         if is_run:  # the weights as stored (packed, with their scales), not as `dtype`
-            useful += run_step_weight_bytes(net, B) - step_bytes(cfg, B, 0, itemsize)
+            useful += _run_weight_bytes(net, B) - step_bytes(cfg, B, 0, itemsize)
         eager_ms: float | None = None
         row_by_mode: dict[str, dict[str, Any]] = {}
         eager_tokens: list[list[int]] | None = None

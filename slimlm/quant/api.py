@@ -168,12 +168,20 @@ def _quantize_embedding(emb: nn.Embedding, config: QuantConfig) -> QuantEmbeddin
         q, scale, zero = hqq_quantize(w, config.bits, gs, sdt)
     else:  # rtn, and gptq (a lookup has no input activations for its Hessian)
         q, scale, zero = rtn_quantize(w, config.bits, gs, bool(config.symmetric), sdt)
-    qe.qweight.copy_(pack_bits(q, config.bits))
-    qe.scales.copy_(scale.to(sdt))
-    if qe.zeros is not None:
-        qe.zeros.copy_(zero.to(sdt))
+    _fill_packed(qe, q, scale, zero, config)
     qe.quant_config = config.to_dict()
     return qe
+
+
+def _fill_packed(mod: nn.Module, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 config: QuantConfig) -> None:
+    """Codes packed into ``mod.qweight``; scales (and zero points, when it has them) in the
+    storage dtype: the buffers a QuantLinear and a QuantEmbedding share in layout."""
+    sdt = config.torch_scale_dtype
+    mod.qweight.copy_(pack_bits(q, config.bits))
+    mod.scales.copy_(scale.to(sdt))
+    if mod.zeros is not None:
+        mod.zeros.copy_(zero.to(sdt))
 
 
 def _check_shapes(targets: list[tuple[str, nn.Linear]], config: QuantConfig) -> None:
@@ -334,10 +342,7 @@ def _quantize_linear(lin: nn.Linear, config: QuantConfig, stats: _Stats | None) 
             q, scale, zero = gptq_quantize(w, hessian, config.bits, gs, bool(config.symmetric),
                                            block_size=config.block_size, damp=config.damp,
                                            act_order=config.act_order, scale_dtype=sdt)
-        ql.qweight.copy_(pack_bits(q, config.bits))
-        ql.scales.copy_(scale.to(sdt))
-        if ql.zeros is not None:
-            ql.zeros.copy_(zero.to(sdt))
+        _fill_packed(ql, q, scale, zero, config)
     if lin.bias is not None:
         ql.bias.copy_(lin.bias.detach())
     ql.quant_config = config.to_dict()  # plain attribute: recorded by save_quantized
@@ -536,6 +541,12 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
+def _spec_dtypes(spec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a saved module spec with its dtype names as torch dtypes."""
+    return {**spec, "scale_dtype": _dtype(spec["scale_dtype"]),
+            "compute_dtype": _dtype(spec["compute_dtype"])}
+
+
 def load_quantized(folder: str | os.PathLike,
                    model: nn.Module | Callable[[], nn.Module] | None = None,
                    device: torch.device | str = "cpu") -> nn.Module:
@@ -577,18 +588,14 @@ def load_quantized(folder: str | os.PathLike,
         if not isinstance(model, nn.Module):
             raise TypeError(f"model(): returned {type(model).__name__}, expected an nn.Module")
     for fqn, spec in meta["modules"].items():
-        spec = dict(spec)
-        spec["scale_dtype"] = _dtype(spec["scale_dtype"])
-        spec["compute_dtype"] = _dtype(spec["compute_dtype"])
+        spec = _spec_dtypes(spec)
         gs = spec.pop("group_size")
         ql = QuantLinear(group_size=gs, device="meta", **spec)
         if meta.get("quant_config") is not None:
             ql.quant_config = meta["quant_config"]
         _set_module(model, fqn, ql)
     for fqn, spec in meta.get("embeddings", {}).items():
-        spec = dict(spec)
-        spec["scale_dtype"] = _dtype(spec["scale_dtype"])
-        spec["compute_dtype"] = _dtype(spec["compute_dtype"])
+        spec = _spec_dtypes(spec)
         tied_to = spec.pop("tied_to", None)
         if tied_to is not None:  # reads the head's buffers, which load into that module
             qe = QuantEmbedding.tied_to(model.get_submodule(tied_to),
