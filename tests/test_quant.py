@@ -483,6 +483,26 @@ def test_quant_embedding_casts_its_output_not_its_scales() -> None:
         q.embed_tokens(ids.float())
 
 
+def test_quant_embedding_refuses_bad_arguments() -> None:
+    from slimlm.quant import QuantEmbedding
+
+    with pytest.raises(ValueError, match="bits=5"):
+        QuantEmbedding(10, 64, bits=5)
+    with pytest.raises(ValueError, match="group_size=48: expected a divisor of embedding_dim=64"):
+        QuantEmbedding(10, 64, group_size=48)
+    with pytest.raises(ValueError, match="embedding_dim=0"):
+        QuantEmbedding(10, 0)
+    with pytest.raises(ValueError, match="embedding_dim=6 at bits=3"):
+        QuantEmbedding(10, 6, bits=3)
+    with pytest.raises(ValueError, match="symmetric='yes'"):
+        QuantEmbedding(10, 64, symmetric="yes")
+    with pytest.raises(ValueError, match="tied_to: head=Linear"):
+        QuantEmbedding.tied_to(nn.Linear(64, 10), compute_dtype=torch.float32)
+    w8 = quantize_(nn.Sequential(nn.Linear(64, 10)), QuantConfig(w8a8=True))[0]
+    with pytest.raises(ValueError, match=r"head=QuantLinear\(w8a8\)"):
+        QuantEmbedding.tied_to(w8, compute_dtype=torch.float32)
+
+
 def test_only_embeddings_can_be_quantized(tmp_path) -> None:
     from slimlm.quant import QuantEmbedding
 
